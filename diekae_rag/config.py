@@ -1,0 +1,111 @@
+"""DiekaeConfig: everything needed to rebuild a set of DIEKÆ encoders, stored as JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+FORMAT_VERSION = 1
+
+
+def decoder_fingerprint(decoder_config: Any) -> str:
+    """A short hash of the decoder properties the encoders depend on (shape and vocabulary)."""
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size",
+            "num_attention_heads", "num_key_value_heads", "vocab_size", "tie_word_embeddings")
+    src = decoder_config.to_dict() if hasattr(decoder_config, "to_dict") else dict(decoder_config)
+    blob = json.dumps({k: src.get(k) for k in keys}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class DiekaeConfig:
+    """Shape and behaviour of one set of DIEKÆ encoders attached to one decoder.
+
+    The default is the paper's form: encoders for layers 3-8 whose rows are added to
+    the MLP outputs at the question's positions only (``per_step=False``, no pointer).
+    """
+
+    decoder_name: str = "embedded:SmolLM2-135M-Instruct"
+    decoder_fingerprint: str = ""
+    hidden_size: int = 576
+    vocab_size: int = 49152
+    layers: list[int] = field(default_factory=lambda: [3, 4, 5, 6, 7, 8])
+    d_enc: int = 128
+    n_blocks: int = 4
+    n_heads: int = 4
+    max_knowledge_tokens: int = 1024
+    knowledge_prefix: str = "Imagine that {"
+    knowledge_suffix: str = "} "
+    passage_separator: str = "\n"
+    # Per-step injection: the encoder also reads the answer so far, every position gets a row.
+    per_step: bool = False
+    # Pointer readout: copy-attention over knowledge tokens into this layer's MLP output.
+    pointer_layer: Optional[int] = None
+    pointer_heads: int = 1
+    pointer_key_dim: int = 64
+    pointer_gain_scale: float = 100.0
+    # Question-aware encoding: the encoder reads x + K + x instead of K + x.
+    question_first: bool = False
+    system_prompt: str = "Answer the question in a few words."
+    rope_theta: float = 10000.0
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def n_injection(self) -> int:
+        return len(self.layers)
+
+    @property
+    def n_trunks(self) -> int:
+        """Encoder trunks: one per injected layer, plus one for the pointer readout."""
+        return len(self.layers) + (1 if self.pointer_layer is not None else 0)
+
+    @property
+    def hooked_layers(self) -> list[int]:
+        extra = [] if self.pointer_layer is None else [self.pointer_layer]
+        return sorted(set(self.layers) | set(extra))
+
+    def validate(self, num_decoder_layers: Optional[int] = None) -> None:
+        """Raise ValueError with a fix for any inconsistent setting."""
+        if not self.layers and self.pointer_layer is None:
+            raise ValueError("DiekaeConfig needs at least one injection layer or a pointer_layer.")
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"Duplicate layers in {self.layers}; list each decoder layer once.")
+        if self.d_enc % self.n_heads or (self.d_enc // self.n_heads) % 2:
+            raise ValueError(f"d_enc={self.d_enc} must split into n_heads={self.n_heads} even-sized heads.")
+        if num_decoder_layers is not None:
+            bad = [l for l in self.hooked_layers if not 0 <= l < num_decoder_layers]
+            if bad:
+                raise ValueError(f"Layers {bad} do not exist: the decoder has {num_decoder_layers} layers "
+                                 f"(valid: 0..{num_decoder_layers - 1}).")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DiekaeConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown DiekaeConfig keys {unknown}; this checkpoint needs a newer diekae-rag.")
+        if data.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+            raise ValueError(f"Checkpoint format {data['format_version']} is newer than supported "
+                             f"({FORMAT_VERSION}); upgrade diekae-rag.")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> "DiekaeConfig":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"Cannot read encoder config {path}: {exc}. Re-save the checkpoint.") from exc
+        if not isinstance(data, dict):
+            raise ValueError(f"Encoder config {path} is not a JSON object. Re-save the checkpoint.")
+        return cls.from_dict(data)

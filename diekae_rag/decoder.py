@@ -1,0 +1,58 @@
+"""Loading the frozen decoder and choosing its device and dtype."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .defaults import DEFAULT_DECODER, default_decoder_path
+
+_LOADED: dict[tuple, tuple[PreTrainedModel, PreTrainedTokenizerBase]] = {}
+_LOCK = threading.Lock()
+
+
+def pick_device(device: Optional[Union[str, torch.device]] = None,
+                dtype: Optional[torch.dtype] = None) -> tuple[torch.device, torch.dtype]:
+    """CUDA with bf16 when available, otherwise CPU with fp32; arguments override."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return device, dtype
+
+
+def resolve_decoder_path(name: str) -> str:
+    """Turn a decoder name (``embedded:...``, a folder or a hub id) into something to load."""
+    if name == DEFAULT_DECODER or name.startswith("embedded:"):
+        return str(default_decoder_path())
+    return name
+
+
+def load_decoder(name: str = DEFAULT_DECODER, device: Optional[Union[str, torch.device]] = None,
+                 dtype: Optional[torch.dtype] = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a frozen decoder and its tokenizer once per process (later calls share it)."""
+    device, dtype = pick_device(device, dtype)
+    key = (name, str(device), str(dtype))
+    with _LOCK:
+        if key not in _LOADED:
+            path = resolve_decoder_path(name)
+            if not Path(path).exists() and "/" not in path:
+                raise FileNotFoundError(f"Decoder {name!r} is neither a folder nor a hub id; "
+                                        "pass a local transformers folder or a loaded model.")
+            tok = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+            _LOADED[key] = (freeze(model), tok)
+        return _LOADED[key]
+
+
+def freeze(model: PreTrainedModel) -> PreTrainedModel:
+    """Eval mode, no gradients: the decoder's weights never change."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model

@@ -1,0 +1,216 @@
+"""The DIEKÆ encoders: one small causal transformer per injected decoder layer.
+
+All encoders run as one stacked module (weights carry a leading ``n`` dimension and every
+matmul is a single ``bmm``), so adding layers adds no Python loop. Each encoder is
+
+    frozen decoder embedding -> down-projection (hidden -> d_enc) -> causal blocks
+    -> RMSNorm -> up-projection (d_enc -> hidden, no bias, zero-initialised)
+
+and an optional extra trunk feeds the *pointer readout*: a copy-attention over the
+knowledge tokens whose values are the decoder's own (frozen) output-embedding rows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import DiekaeConfig
+
+
+class StackedLinear(nn.Module):
+    """``n`` independent bias-free linear maps applied to ``n`` stacked inputs in one bmm."""
+
+    def __init__(self, n: int, d_in: int, d_out: int, zero_init: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(n, d_in, d_out))
+        if not zero_init:
+            nn.init.normal_(self.weight, std=1.0 / math.sqrt(d_in))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (n, ..., d_in)
+        shape = x.shape
+        y = torch.bmm(x.reshape(shape[0], -1, shape[-1]), self.weight.to(x.dtype))
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+
+class StackedRMSNorm(nn.Module):
+    def __init__(self, n: int, d: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n, d))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (n, B, T, d)
+        w = self.weight.to(x.dtype)[:, None, None, :]
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * w
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Apply rotary embeddings. x: (n, B, h, T, hd); positions: (B, T)."""
+    hd = x.shape[-1]
+    inv = 1.0 / (theta ** (torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd))
+    ang = positions.to(torch.float32)[..., None] * inv  # (B, T, hd/2)
+    cos = torch.cat([ang.cos(), ang.cos()], -1)[None, :, None].to(x.dtype)
+    sin = torch.cat([ang.sin(), ang.sin()], -1)[None, :, None].to(x.dtype)
+    x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+class Block(nn.Module):
+    """A pre-norm causal transformer block (attention + SwiGLU), stacked over ``n`` encoders."""
+
+    def __init__(self, n: int, d: int, heads: int, theta: float) -> None:
+        super().__init__()
+        ff = 32 * math.ceil(8 * d / 3 / 32)
+        self.heads, self.theta, self.ff = heads, theta, ff
+        self.norm1 = StackedRMSNorm(n, d)
+        self.qkv = StackedLinear(n, d, 3 * d)
+        self.proj = StackedLinear(n, d, d)
+        self.norm2 = StackedRMSNorm(n, d)
+        self.gate_up = StackedLinear(n, d, 2 * ff)
+        self.down = StackedLinear(n, ff, d)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                past: Optional[tuple[torch.Tensor, torch.Tensor]]
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        n, B, T, d = x.shape
+        h, hd = self.heads, d // self.heads
+        q, k, v = (t.reshape(n, B, T, h, hd).transpose(2, 3) for t in self.qkv(self.norm1(x)).split(d, -1))
+        q, k = rotary(q, positions, self.theta), rotary(k, positions, self.theta)
+        if past is not None:
+            k, v = torch.cat([past[0], k], 3), torch.cat([past[1], v], 3)
+        Tk = k.shape[3]
+        y = F.scaled_dot_product_attention(
+            q.reshape(n * B, h, T, hd), k.reshape(n * B, h, Tk, hd), v.reshape(n * B, h, Tk, hd),
+            attn_mask=mask.unsqueeze(0).expand(n, B, 1, T, Tk).reshape(n * B, 1, T, Tk))
+        x = x + self.proj(y.reshape(n, B, h, T, hd).transpose(2, 3).reshape(n, B, T, d))
+        gate, up = self.gate_up(self.norm2(x)).split(self.ff, -1)
+        x = x + self.down(F.silu(gate) * up)
+        return x, (k, v)
+
+
+@dataclass
+class EncoderCache:
+    """What a decode step needs from earlier positions: block KV, positions, pointer memory."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    key_valid: torch.Tensor                       # (B, T_past) bool
+    next_position: torch.Tensor                   # (B,)
+    pointer_keys: Optional[torch.Tensor] = None   # (B, heads, T_k, dk)
+    pointer_values: Optional[torch.Tensor] = None  # (B, T_k, hidden)
+    pointer_valid: Optional[torch.Tensor] = None  # (B, T_k) bool
+
+
+@dataclass
+class EncoderOutput:
+    rows: Optional[torch.Tensor]      # (n_inj, B, T, hidden): added to layers[i]'s MLP output
+    pointer: Optional[torch.Tensor]   # (B, T, hidden): added to pointer_layer's MLP output
+    cache: Optional[EncoderCache] = None
+    extras: dict = field(default_factory=dict)
+
+
+class DiekaeEncoder(nn.Module):
+    """All encoders of one checkpoint, run as one stacked module.
+
+    The decoder's input embedding and output embedding are used frozen and are *not*
+    part of this module's state: call :meth:`attach` with the decoder before use.
+    """
+
+    def __init__(self, config: DiekaeConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        n, d, H = config.n_trunks, config.d_enc, config.hidden_size
+        self.down = nn.Linear(H, n * d, bias=False)
+        self.blocks = nn.ModuleList(Block(n, d, config.n_heads, config.rope_theta) for _ in range(config.n_blocks))
+        self.norm = StackedRMSNorm(n, d)
+        self.up = StackedLinear(config.n_injection, d, H, zero_init=True) if config.n_injection else None
+        if config.pointer_layer is not None:
+            ph, dk = config.pointer_heads, config.pointer_key_dim
+            self.pointer_q = nn.Linear(d, ph * dk, bias=False)
+            self.pointer_k = nn.Linear(d, ph * dk, bias=False)
+            self.pointer_null = nn.Parameter(torch.zeros(ph, dk))
+            self.pointer_gain = nn.Parameter(torch.zeros(ph))  # zero: an untrained pointer adds nothing
+        self._frozen: list[nn.Module] = []  # [input embedding, output embedding], not saved
+
+    def attach(self, decoder: nn.Module) -> "DiekaeEncoder":
+        """Use ``decoder``'s frozen input and output embeddings."""
+        self._frozen = [decoder.get_input_embeddings(), decoder.get_output_embeddings()]
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.down.weight.dtype
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                knowledge_mask: Optional[torch.Tensor] = None,
+                cache: Optional[EncoderCache] = None, use_cache: bool = False) -> EncoderOutput:
+        """Encode ``input_ids`` (B, T), continuing from ``cache`` when given.
+
+        ``knowledge_mask`` (B, T) marks the knowledge tokens the pointer may copy from; it is
+        only read on the first call (the prefill), later steps reuse the cached pointer memory.
+        """
+        if not self._frozen:
+            raise RuntimeError("DiekaeEncoder.attach(decoder) must be called before encoding.")
+        embed, lm_head = self._frozen
+        cfg = self.config
+        B, T = input_ids.shape
+        valid = attention_mask.bool()
+        if cache is None:
+            positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+            key_valid, past_len = valid, 0
+        else:
+            positions = cache.next_position[:, None] + (valid.long().cumsum(1) - 1).clamp(min=0)
+            key_valid, past_len = torch.cat([cache.key_valid, valid], 1), cache.key_valid.shape[1]
+        # Causal mask over valid keys; each query always sees itself (so padded rows stay finite).
+        q_idx = torch.arange(T, device=input_ids.device)[:, None] + past_len
+        k_idx = torch.arange(past_len + T, device=input_ids.device)[None, :]
+        mask = ((k_idx <= q_idx)[None] & key_valid[:, None, :]) | (k_idx == q_idx)[None]
+        mask = mask[:, None]  # (B, 1, T, Tk)
+
+        with torch.no_grad():
+            e = embed(input_ids).to(self.dtype)
+        n, d = cfg.n_trunks, cfg.d_enc
+        x = self.down(e).reshape(B, T, n, d).permute(2, 0, 1, 3)
+        new_kv = []
+        for i, block in enumerate(self.blocks):
+            x, kv = block(x, positions, mask, None if cache is None else cache.kv[i])
+            new_kv.append(kv)
+        x = self.norm(x)
+
+        rows = self.up(x[: cfg.n_injection]) if self.up is not None else None
+        pointer = None
+        p_keys = p_values = p_valid = None
+        if cfg.pointer_layer is not None:
+            hp = x[-1]  # (B, T, d)
+            ph, dk = cfg.pointer_heads, cfg.pointer_key_dim
+            if cache is None or cache.pointer_keys is None:
+                if knowledge_mask is None:
+                    knowledge_mask = torch.zeros_like(valid)
+                # The key of position s comes from the state at s-1 (the induction pattern).
+                k_all = self.pointer_k(hp).reshape(B, T, ph, dk).transpose(1, 2)
+                p_keys = torch.cat([torch.zeros_like(k_all[:, :, :1]), k_all[:, :, :-1]], 2)
+                with torch.no_grad():
+                    p_values = lm_head.weight[input_ids].to(self.dtype)
+                p_valid = knowledge_mask.bool() & valid
+                p_valid[:, 0] = False
+            else:
+                p_keys, p_values, p_valid = cache.pointer_keys, cache.pointer_values, cache.pointer_valid
+            q = self.pointer_q(hp).reshape(B, T, ph, dk).transpose(1, 2)  # (B, ph, T, dk)
+            scores = q @ p_keys.transpose(-1, -2) / math.sqrt(dk)       # (B, ph, T, Tk)
+            scores = scores.masked_fill(~p_valid[:, None, None, :], float("-inf"))
+            null = (q @ self.pointer_null.to(q.dtype)[None, :, :, None]) / math.sqrt(dk)  # (B, ph, T, 1)
+            attn = torch.softmax(torch.cat([scores, null], -1), -1)[..., :-1]
+            gain = self.pointer_gain.to(q.dtype) * cfg.pointer_gain_scale
+            pointer = torch.einsum("bhts,bsd,h->btd", attn, p_values, gain)
+
+        new_cache = None
+        if use_cache:
+            new_cache = EncoderCache(kv=new_kv, key_valid=key_valid,
+                                     next_position=positions[:, -1] + 1,
+                                     pointer_keys=p_keys, pointer_values=p_values, pointer_valid=p_valid)
+        return EncoderOutput(rows=rows, pointer=pointer, cache=new_cache)

@@ -1,0 +1,202 @@
+"""Injection through forward hooks on a frozen decoder's MLP modules.
+
+The hooks are installed once per decoder and are inert unless an :class:`Injection` is
+active *in the calling context* (a ``ContextVar``), so concurrent calls in different threads
+never see each other's rows, and an exception inside a call leaves nothing behind.
+
+A pre-hook on the decoder's ``forward`` tells the injection which step it is at: the first
+forward of a call is the prefill (rows aligned to the prompt's positions); later forwards are
+KV-cached decode steps, which get rows only in per-step mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .encoder import DiekaeEncoder, EncoderCache
+
+_ACTIVE: ContextVar[Optional["Injection"]] = ContextVar("diekae_active_injection", default=None)
+
+
+def decoder_layers(decoder: nn.Module) -> nn.ModuleList:
+    """The transformer layers of an HF LLaMA-family causal LM (Llama, Mistral, Qwen2, ...)."""
+    base = decoder.get_decoder() if hasattr(decoder, "get_decoder") else getattr(decoder, "model", None)
+    layers = getattr(base, "layers", None)
+    if layers is None or len(layers) == 0 or not hasattr(layers[0], "mlp"):
+        raise TypeError(f"{type(decoder).__name__} is not a LLaMA-family decoder with `.model.layers[i].mlp`; "
+                        "diekae-rag supports Llama, Mistral, Qwen2 and similar architectures.")
+    return layers
+
+
+@dataclass
+class EncoderSession:
+    """One encoder's state for one call: its cache and how its rows map onto decoder positions."""
+
+    encoder: DiekaeEncoder
+    cache: Optional[EncoderCache]
+    layer_rows: dict[int, torch.Tensor]   # decoder layer -> (B, T_dec, hidden) for the prefill
+    per_step: bool
+    active: Optional[torch.Tensor] = None  # (B,) bool: items that have knowledge
+
+    def step(self, input_ids: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Rows for one KV-cached decode step (only in per-step mode)."""
+        if not self.per_step or self.cache is None:
+            return {}
+        out = self.encoder(input_ids, torch.ones_like(input_ids, dtype=torch.bool), cache=self.cache, use_cache=True)
+        self.cache = out.cache
+        rows = layer_rows_from(self.encoder, out.rows, out.pointer)
+        if self.active is not None:
+            keep = self.active[:, None, None]
+            rows = {layer: r * keep.to(r.dtype) for layer, r in rows.items()}
+        return rows
+
+
+def layer_rows_from(encoder: DiekaeEncoder, rows: Optional[torch.Tensor],
+                    pointer: Optional[torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Map the encoder's stacked outputs to ``{decoder layer: (B, T, hidden)}``."""
+    cfg = encoder.config
+    out: dict[int, torch.Tensor] = {}
+    if rows is not None:
+        for i, layer in enumerate(cfg.layers):
+            out[layer] = rows[i]
+    if pointer is not None:
+        layer = cfg.pointer_layer
+        out[layer] = out[layer] + pointer if layer in out else pointer
+    return out
+
+
+def align_rows(rows: dict[int, torch.Tensor], enc_offset: torch.Tensor, n_rows: torch.Tensor,
+               decoder_mask: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Gather encoder rows onto decoder positions.
+
+    Item b's k-th real decoder token (whatever the padding side) takes encoder row
+    ``enc_offset[b] + k`` if ``k < n_rows[b]``, and nothing otherwise.
+    """
+    k = decoder_mask.long().cumsum(1) - 1                                   # (B, T_dec)
+    valid = decoder_mask.bool() & (k < n_rows[:, None]) & (k >= 0)
+    out = {}
+    for layer, r in rows.items():
+        idx = (enc_offset[:, None] + k).clamp(0, r.shape[1] - 1)
+        g = torch.gather(r, 1, idx[..., None].expand(-1, -1, r.shape[-1]))
+        out[layer] = g * valid[..., None].to(g.dtype)
+    return out
+
+
+class Injection:
+    """What to add to which MLP outputs during one call (prefill, then decode steps)."""
+
+    def __init__(self, decoder: nn.Module, sessions: Sequence[EncoderSession]) -> None:
+        self.decoder = decoder
+        self.sessions = list(sessions)
+        self.forwards = 0
+        self.current: dict[int, torch.Tensor] = {}
+
+    def on_forward(self, input_ids: Optional[torch.Tensor]) -> None:
+        self.forwards += 1
+        if self.forwards == 1:
+            self.current = _sum_rows([s.layer_rows for s in self.sessions])
+            T = input_ids.shape[1] if input_ids is not None else None
+            for r in self.current.values():
+                if T is not None and r.shape[1] != T:
+                    raise RuntimeError(f"Injection rows cover {r.shape[1]} positions but the decoder got {T}; "
+                                       "build the injection from the same prompt the decoder reads.")
+        else:
+            if input_ids is None:
+                raise RuntimeError("Per-step injection needs `input_ids` in decode steps.")
+            self.current = _sum_rows([s.step(input_ids) for s in self.sessions])
+
+    def delta(self, layer: int, like: torch.Tensor) -> Optional[torch.Tensor]:
+        r = self.current.get(layer)
+        if r is None or r.shape[:2] != like.shape[:2]:
+            return None if r is None else _shape_error(r, like)
+        return r.to(like.dtype)
+
+
+def _shape_error(r: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    raise RuntimeError(f"Injection rows {tuple(r.shape)} do not fit MLP output {tuple(like.shape)} "
+                       "(beam search and multiple return sequences are not supported with injection).")
+
+
+def _sum_rows(parts: list[dict[int, torch.Tensor]]) -> dict[int, torch.Tensor]:
+    out: dict[int, torch.Tensor] = {}
+    for p in parts:
+        for layer, r in p.items():
+            out[layer] = out[layer] + r if layer in out else r
+    return out
+
+
+class _Hooks:
+    def __init__(self, decoder: nn.Module) -> None:
+        self.handles = []
+        for i, layer in enumerate(decoder_layers(decoder)):
+            self.handles.append(layer.mlp.register_forward_hook(self._mlp_hook(decoder, i)))
+        self.handles.append(decoder.register_forward_pre_hook(self._pre_hook(decoder), with_kwargs=True))
+
+    @staticmethod
+    def _mlp_hook(decoder: nn.Module, index: int):
+        def hook(module, args, output):
+            inj = _ACTIVE.get()
+            if inj is None or inj.decoder is not decoder:
+                return None
+            delta = inj.delta(index, output)
+            return None if delta is None else output + delta
+        return hook
+
+    @staticmethod
+    def _pre_hook(decoder: nn.Module):
+        def hook(module, args, kwargs):
+            inj = _ACTIVE.get()
+            if inj is not None and inj.decoder is decoder:
+                ids = kwargs.get("input_ids", args[0] if args else None)
+                inj.on_forward(ids)
+            return None
+        return hook
+
+
+def install_hooks(decoder: nn.Module) -> None:
+    """Install the (inert) injection hooks on ``decoder`` once; safe to call repeatedly."""
+    if getattr(decoder, "_diekae_hooks", None) is None:
+        decoder._diekae_hooks = _Hooks(decoder)
+
+
+def remove_hooks(decoder: nn.Module) -> None:
+    hooks = getattr(decoder, "_diekae_hooks", None)
+    if hooks is not None:
+        for h in hooks.handles:
+            h.remove()
+        decoder._diekae_hooks = None
+
+
+@contextlib.contextmanager
+def injecting(injection: Optional[Injection]) -> Iterator[Optional[Injection]]:
+    """Make ``injection`` active for decoder calls in this context only."""
+    if injection is not None:
+        install_hooks(injection.decoder)
+    token = _ACTIVE.set(injection)
+    try:
+        yield injection
+    finally:
+        _ACTIVE.reset(token)
+
+
+@contextlib.contextmanager
+def capturing_mlp_outputs(decoder: nn.Module, layers: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """Record the MLP outputs (after any injection) of ``layers`` during the block's calls."""
+    store: dict[int, torch.Tensor] = {}
+    mods = decoder_layers(decoder)
+    handles = []
+    for layer in layers:
+        def hook(module, args, output, layer=layer):
+            store[layer] = output.detach()
+        handles.append(mods[layer].mlp.register_forward_hook(hook))
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()

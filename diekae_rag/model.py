@@ -1,0 +1,261 @@
+"""DiekaeModel: a frozen decoder plus DIEKÆ encoders, with generate / stream / score."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextIteratorStreamer
+
+from .checkpoint import DecoderMismatchError, load_encoder, read_config, save_encoder
+from .config import DiekaeConfig, decoder_fingerprint
+from .decoder import freeze, load_decoder, pick_device
+from .defaults import DEFAULT_DECODER
+from .encoder import DiekaeEncoder
+from .injection import EncoderSession, Injection, align_rows, decoder_layers, injecting, install_hooks, layer_rows_from
+from .prompts import Prompter, check_mode, check_question, clean_passages
+
+log = logging.getLogger(__name__)
+
+SHIPPED_WEIGHTS = Path(__file__).parent / "weights" / "smollm2-135m"
+
+Knowledge = Optional[Sequence[str]]
+
+
+class DiekaeModel:
+    """A frozen HF decoder that receives retrieved passages through DIEKÆ encoders.
+
+    ``mode="diekae"``: the decoder reads the bare question, the encoders read the passages.
+    ``mode="in_context"``: classic RAG, passages in the user turn. ``mode="none"``: no passages.
+    """
+
+    def __init__(self, decoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                 encoder: DiekaeEncoder, *, source: str = "") -> None:
+        cfg = encoder.config
+        fp = decoder_fingerprint(decoder.config)
+        if cfg.decoder_fingerprint and cfg.decoder_fingerprint != fp:
+            raise DecoderMismatchError(
+                f"The encoders{(' in ' + source) if source else ''} were trained for decoder "
+                f"{cfg.decoder_name!r} (fingerprint {cfg.decoder_fingerprint}), but the decoder given has "
+                f"fingerprint {fp} ({decoder.config.model_type}, hidden {decoder.config.hidden_size}, "
+                f"{decoder.config.num_hidden_layers} layers). Load the matching decoder or train new encoders.")
+        cfg.validate(len(decoder_layers(decoder)))
+        self.decoder = freeze(decoder)
+        self.tokenizer = tokenizer
+        self.encoder = encoder.to(device=decoder.device).attach(decoder).eval()
+        self.config = cfg
+        self.prompter = Prompter(tokenizer, cfg)
+        self.edit_encoders: list[DiekaeEncoder] = []
+        install_hooks(decoder)
+
+    # ------------------------------------------------------------------ loading / saving
+    @classmethod
+    def from_pretrained(cls, path: Optional[Union[str, Path]] = None, *,
+                        decoder: Optional[Union[str, PreTrainedModel]] = None,
+                        tokenizer: Optional[PreTrainedTokenizerBase] = None,
+                        device: Optional[Union[str, torch.device]] = None,
+                        dtype: Optional[torch.dtype] = None,
+                        config: Optional[DiekaeConfig] = None) -> "DiekaeModel":
+        """Load encoders from ``path`` (default: the shipped ones) onto their decoder.
+
+        ``decoder`` may be a loaded model (shared, never copied) or a name/folder; by default
+        the decoder named in the checkpoint (the embedded SmolLM2) is loaded once per process.
+        With no shipped encoders, fresh zero-output encoders (``config`` or the paper's form)
+        are used and a warning is logged.
+        """
+        source = ""
+        if path is None and (SHIPPED_WEIGHTS / "model.safetensors").exists():
+            path = SHIPPED_WEIGHTS
+        cfg = read_config(path) if path is not None else None
+        if isinstance(decoder, PreTrainedModel):
+            dec = decoder
+            tok = tokenizer
+            if tok is None:
+                from transformers import AutoTokenizer
+                tok = AutoTokenizer.from_pretrained(decoder.name_or_path)
+        else:
+            name = decoder or (cfg.decoder_name if cfg else DEFAULT_DECODER)
+            dec, tok = load_decoder(name, device, dtype)
+            tok = tokenizer or tok
+        dev, dt = dec.device, dec.dtype
+        if path is not None:
+            source = str(path)
+            enc, _ = load_encoder(path, dev, dt)
+        else:
+            cfg = config or DiekaeConfig()
+            cfg = fresh_config(cfg, dec, decoder if isinstance(decoder, str) else DEFAULT_DECODER)
+            log.warning("!!! No trained DIEKÆ encoders found: using freshly initialised encoders, which inject "
+                        "NOTHING (mode='diekae' answers like mode='none'). Train some with `diekae-rag train`.")
+            enc = DiekaeEncoder(cfg).to(device=dev, dtype=dt)
+        return cls(dec, tok, enc, source=source)
+
+    def save_pretrained(self, path: Union[str, Path]) -> Path:
+        """Save the encoders (safetensors + config.json); the decoder is referenced, not copied."""
+        return save_encoder(self.encoder, path)
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.device
+
+    # ------------------------------------------------------------------ public API
+    def generate(self, question: str, knowledge: Knowledge = None, *, mode: str = "diekae",
+                 max_new_tokens: int = 128, **gen_kwargs) -> str:
+        """Answer ``question``; ``knowledge`` is a list of passages."""
+        return self.generate_batch([question], [knowledge], mode=mode, max_new_tokens=max_new_tokens, **gen_kwargs)[0]
+
+    def generate_batch(self, questions: Sequence[str], knowledges: Optional[Sequence[Knowledge]] = None, *,
+                       mode: str = "diekae", max_new_tokens: int = 128, **gen_kwargs) -> list[str]:
+        """Answer several questions in one padded batch; equals calling :meth:`generate` on each."""
+        out = self._generate_ids(questions, knowledges, mode, max_new_tokens, **gen_kwargs)
+        return [self.tokenizer.decode(o, skip_special_tokens=True).strip() for o in out]
+
+    def stream(self, question: str, knowledge: Knowledge = None, *, mode: str = "diekae",
+               max_new_tokens: int = 128, **gen_kwargs) -> Iterator[str]:
+        """Yield the answer's text as it is generated."""
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self._generate_ids([question], [knowledge], mode, max_new_tokens, streamer=streamer, **gen_kwargs)
+            except BaseException as exc:  # re-raised in the caller's thread
+                errors.append(exc)
+                streamer.end()
+
+        self._validate([question], [knowledge], mode)  # fail fast, in the caller's thread
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        for text in streamer:
+            if text:
+                yield text
+        thread.join()
+        if errors:
+            raise errors[0]
+
+    def score(self, question: str, answer: str, knowledge: Knowledge = None, *, mode: str = "diekae") -> float:
+        """Mean negative log-likelihood of ``answer``'s tokens (lower is better)."""
+        return self.score_batch([question], [answer], [knowledge], mode=mode)[0]
+
+    def score_batch(self, questions: Sequence[str], answers: Sequence[str],
+                    knowledges: Optional[Sequence[Knowledge]] = None, *, mode: str = "diekae",
+                    with_eos: bool = False) -> list[float]:
+        """Mean answer-token NLL for each (question, answer, knowledge)."""
+        if len(answers) != len(questions):
+            raise ValueError(f"Got {len(questions)} questions but {len(answers)} answers.")
+        for a in answers:
+            if not isinstance(a, str) or not a.strip():
+                raise ValueError("Every answer to score must be a non-empty string.")
+        prompts, passages = self._validate(questions, knowledges, mode)
+        ans = [self.prompter.answer_ids(a, with_eos) for a in answers]
+        with torch.inference_mode():
+            ids, mask, inj = self.teacher_forcing_inputs(prompts, passages, ans, mode)
+            with injecting(inj):
+                logits = self.decoder(input_ids=ids, attention_mask=mask).logits
+            return answer_nll(logits, ids, [len(p) for p in prompts], [len(a) for a in ans]).tolist()
+
+    # ------------------------------------------------------------------ internals shared with training
+    def _validate(self, questions: Sequence[str], knowledges: Optional[Sequence[Knowledge]], mode: str
+                  ) -> tuple[list[list[int]], list[list[str]]]:
+        """Check inputs and build each item's decoder prompt ids and passages."""
+        check_mode(mode)
+        if isinstance(questions, str):
+            raise TypeError("questions must be a list of strings; use generate() for one question.")
+        if len(questions) == 0:
+            raise ValueError("No questions given.")
+        knowledges = [None] * len(questions) if knowledges is None else list(knowledges)
+        if len(knowledges) != len(questions):
+            raise ValueError(f"Got {len(questions)} questions but {len(knowledges)} knowledge lists.")
+        passages = [clean_passages(k) for k in knowledges]
+        prompts = [self.prompter.prompt_ids(check_question(q), p if mode == "in_context" else ())
+                   for q, p in zip(questions, passages)]
+        return prompts, passages
+
+    def build_injection(self, prompts: Sequence[list[int]], passages: Sequence[list[str]],
+                        decoder_mask: torch.Tensor, answers: Optional[Sequence[list[int]]] = None
+                        ) -> Optional[Injection]:
+        """Encode the passages and align the rows with the decoder's (padded) prompts.
+
+        Items with no passages get no rows. ``answers`` (teacher forcing) are read by the
+        encoders in per-step mode. Edit encoders, when applied, are added on top.
+        """
+        sessions = []
+        has_k = [bool(p) for p in passages]
+        if any(has_k):
+            sessions.append(self._session(self.encoder, prompts, passages, decoder_mask, answers, has_k))
+        for enc in self.edit_encoders:
+            sessions.append(self._session(enc, prompts, [[] for _ in prompts], decoder_mask, answers,
+                                          [True] * len(prompts)))
+        return Injection(self.decoder, sessions) if sessions else None
+
+    def _session(self, encoder: DiekaeEncoder, prompts, passages, decoder_mask, answers, active
+                 ) -> EncoderSession:
+        prompter = self.prompter if encoder is self.encoder else Prompter(self.tokenizer, encoder.config)
+        items = [prompter.encoder_item(p, x, None if answers is None else answers[i])
+                 for i, (x, p) in enumerate(zip(prompts, passages))]
+        batch = prompter.encoder_batch(items, self.device)
+        per_step = encoder.config.per_step
+        out = encoder(batch.input_ids, batch.attention_mask, batch.knowledge_mask, use_cache=per_step)
+        active_t = torch.tensor(active, device=self.device)
+        rows = align_rows(layer_rows_from(encoder, out.rows, out.pointer), batch.x_offset,
+                          batch.n_rows * active_t, decoder_mask)
+        return EncoderSession(encoder, out.cache, rows, per_step, active_t)
+
+    def teacher_forcing_inputs(self, prompts: Sequence[list[int]], passages: Sequence[list[str]],
+                               answers: Sequence[list[int]], mode: str
+                               ) -> tuple[torch.Tensor, torch.Tensor, Optional[Injection]]:
+        """Right-padded prompt+answer ids, their mask, and the injection (diekae mode)."""
+        ids, mask = self.prompter.pad([p + a for p, a in zip(prompts, answers)], self.device, side="right")
+        inj = self.build_injection(prompts, passages, mask, answers) if mode == "diekae" else self._edits_only(
+            prompts, mask, answers)
+        return ids, mask, inj
+
+    def _edits_only(self, prompts, mask, answers=None) -> Optional[Injection]:
+        if not self.edit_encoders:
+            return None
+        return self.build_injection(prompts, [[] for _ in prompts], mask, answers)
+
+    def _generate_ids(self, questions, knowledges, mode, max_new_tokens, **gen_kwargs) -> list[torch.Tensor]:
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1.")
+        prompts, passages = self._validate(questions, knowledges, mode)
+        if gen_kwargs.get("num_beams", 1) != 1 or gen_kwargs.get("num_return_sequences", 1) != 1:
+            raise ValueError("Beam search and num_return_sequences>1 are not supported with injection.")
+        ids, mask = self.prompter.pad(prompts, self.device, side="left")
+        gen_kwargs.setdefault("do_sample", False)
+        with torch.inference_mode():
+            inj = self.build_injection(prompts, passages, mask) if mode == "diekae" else self._edits_only(prompts, mask)
+            with injecting(inj):
+                out = self.decoder.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                            pad_token_id=self.prompter.pad_id, eos_token_id=self.prompter.eos_id,
+                                            **gen_kwargs)
+        return [o[ids.shape[1]:] for o in out]
+
+
+def answer_nll(logits: torch.Tensor, ids: torch.Tensor, prompt_lens: Sequence[int],
+               answer_lens: Sequence[int]) -> torch.Tensor:
+    """Per-item mean NLL of the answer tokens in right-padded ``prompt + answer`` sequences."""
+    logp = torch.log_softmax(logits[:, :-1].float(), -1)
+    tok_nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)  # position t predicts token t+1
+    pos = torch.arange(ids.shape[1] - 1, device=ids.device)[None]
+    start = torch.tensor(prompt_lens, device=ids.device)[:, None] - 1
+    n = torch.tensor(answer_lens, device=ids.device)[:, None]
+    sel = ((pos >= start) & (pos < start + n)).float()
+    return (tok_nll * sel).sum(1) / sel.sum(1).clamp(min=1)
+
+
+def fresh_config(config: DiekaeConfig, decoder: PreTrainedModel, name: str) -> DiekaeConfig:
+    """Fill a config's decoder-dependent fields from ``decoder``."""
+    c = DiekaeConfig.from_dict(config.to_dict())
+    c.decoder_name = name
+    c.decoder_fingerprint = decoder_fingerprint(decoder.config)
+    c.hidden_size = decoder.config.hidden_size
+    c.vocab_size = decoder.config.vocab_size
+    n = decoder.config.num_hidden_layers
+    c.layers = [l for l in c.layers if l < n] or [min(1, n - 1)]
+    if c.pointer_layer is not None and c.pointer_layer >= n:
+        c.pointer_layer = n - 1
+    c.validate(n)
+    return c

@@ -1,0 +1,181 @@
+"""Token layout of the decoder's prompt and of the encoders' input.
+
+decoder (none / diekae):  chat(question)
+decoder (in_context):     chat(passages + question)
+encoder:                  "Imagine that {" K "} " [eos] chat(question) [answer so far]
+encoder (question_first): chat(question) "Imagine that {" K "} " [eos] chat(question) [...]
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from .config import DiekaeConfig
+
+MODES = ("diekae", "in_context", "none")
+
+
+class KnowledgeTruncatedWarning(UserWarning):
+    """Knowledge was longer than the encoders read; the warning says what was cut."""
+
+
+def check_question(question: object) -> str:
+    if not isinstance(question, str):
+        raise TypeError(f"question must be a str, got {type(question).__name__}.")
+    if not question.strip():
+        raise ValueError("The question is empty; pass the text you want answered.")
+    return question
+
+
+def clean_passages(knowledge: object) -> list[str]:
+    """Normalise ``knowledge`` to a list of non-blank passages.
+
+    ``None`` and ``[]`` mean no knowledge. A single string is one passage. Blank passages
+    are dropped with a warning; anything that is not text raises ``TypeError``.
+    """
+    if knowledge is None:
+        return []
+    if isinstance(knowledge, str):
+        knowledge = [knowledge]
+    if not isinstance(knowledge, (list, tuple)):
+        raise TypeError(f"knowledge must be a list of passage strings, got {type(knowledge).__name__}.")
+    bad = [type(p).__name__ for p in knowledge if not isinstance(p, str)]
+    if bad:
+        raise TypeError(f"Every passage must be a str; got {', '.join(sorted(set(bad)))}. "
+                        "Pass each passage's text (e.g. node.get_content() or doc.page_content).")
+    kept = [p for p in knowledge if p.strip()]
+    if len(kept) < len(knowledge):
+        warnings.warn(f"Dropped {len(knowledge) - len(kept)} empty or whitespace-only passage(s).", stacklevel=3)
+    return kept
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+    return mode
+
+
+@dataclass
+class EncoderBatch:
+    """Left-padded encoder input for a batch, and where each item's decoder tokens start."""
+
+    input_ids: torch.Tensor       # (B, T)
+    attention_mask: torch.Tensor  # (B, T) bool
+    knowledge_mask: torch.Tensor  # (B, T) bool: the passage tokens the pointer may copy
+    x_offset: torch.Tensor        # (B,) encoder position of the first decoder token
+    n_rows: torch.Tensor          # (B,) how many decoder tokens get a row (prefill)
+
+
+class Prompter:
+    """Builds token ids for the decoder and the encoders from one tokenizer and one config."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, config: DiekaeConfig) -> None:
+        self.tok = tokenizer
+        self.config = config
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        self._encode = functools.lru_cache(maxsize=4096)(self._encode_uncached)
+
+    def _encode_uncached(self, text: str) -> tuple[int, ...]:
+        return tuple(self.tok(text, add_special_tokens=False)["input_ids"])
+
+    def ids(self, text: str) -> list[int]:
+        return list(self._encode(text))
+
+    def prompt_text(self, question: str, passages: Sequence[str] = ()) -> str:
+        """The decoder's prompt: chat template, passages in the user turn only when given."""
+        user = question
+        if passages:
+            user = "Passages:\n" + "\n\n".join(passages) + "\n\nQuestion: " + question
+        if getattr(self.tok, "chat_template", None):
+            msgs = [{"role": "user", "content": user}]
+            if self.config.system_prompt:
+                msgs.insert(0, {"role": "system", "content": self.config.system_prompt})
+            return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        prefix = f"{self.config.system_prompt}\n" if self.config.system_prompt else ""
+        return f"{prefix}{user}\nAnswer:"
+
+    def prompt_ids(self, question: str, passages: Sequence[str] = ()) -> list[int]:
+        return self.ids(self.prompt_text(question, passages))
+
+    def answer_ids(self, answer: str, with_eos: bool = False) -> list[int]:
+        return self.ids(answer) + ([self.eos_id] if with_eos else [])
+
+    def knowledge_ids(self, passages: Sequence[str]) -> tuple[list[int], list[bool]]:
+        """``prefix + passages + suffix + [eos]``, and which tokens are passage text.
+
+        Passages beyond ``max_knowledge_tokens`` are cut with a warning that says how much.
+        """
+        cfg = self.config
+        budget = cfg.max_knowledge_tokens
+        sep = self.ids(cfg.passage_separator) if cfg.passage_separator else []
+        ids, mask = self.ids(cfg.knowledge_prefix), [False] * len(self.ids(cfg.knowledge_prefix))
+        used, cut_tokens, cut_passages = 0, 0, 0
+        for i, p in enumerate(passages):
+            p_ids = self.ids(p)
+            if i:
+                ids += sep
+                mask += [False] * len(sep)
+            room = budget - used
+            if len(p_ids) > room:
+                cut_tokens += len(p_ids) - max(room, 0)
+                cut_passages += 1
+                p_ids = p_ids[: max(room, 0)]
+            ids += p_ids
+            mask += [True] * len(p_ids)
+            used += len(p_ids)
+        if cut_tokens:
+            warnings.warn(
+                f"Knowledge has {used + cut_tokens} tokens but the encoders read at most {budget} "
+                f"(max_knowledge_tokens): cut {cut_tokens} tokens from {cut_passages} of {len(passages)} "
+                "passage(s), keeping the first ones. Pass fewer or shorter passages, or raise "
+                "max_knowledge_tokens.", KnowledgeTruncatedWarning, stacklevel=4)
+        suffix = self.ids(cfg.knowledge_suffix) + [self.eos_id]
+        return ids + suffix, mask + [False] * len(suffix)
+
+    def encoder_item(self, passages: Sequence[str], x_ids: list[int], answer_ids: Optional[list[int]] = None
+                     ) -> tuple[list[int], list[bool], int, int]:
+        """One item's encoder ids, knowledge mask, offset of x and number of rows."""
+        k_ids, k_mask = self.knowledge_ids(passages)
+        head, head_mask = k_ids, k_mask
+        if self.config.question_first:
+            head, head_mask = x_ids + k_ids, [False] * len(x_ids) + k_mask
+        tail = x_ids + (list(answer_ids) if (answer_ids and self.config.per_step) else [])
+        return head + tail, head_mask + [False] * len(tail), len(head), len(tail)
+
+    def encoder_batch(self, items: Sequence[tuple[list[int], list[bool], int, int]],
+                      device: torch.device) -> EncoderBatch:
+        T = max(len(ids) for ids, *_ in items)
+        B = len(items)
+        input_ids = torch.full((B, T), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((B, T), dtype=torch.bool)
+        kmask = torch.zeros((B, T), dtype=torch.bool)
+        offs, rows = [], []
+        for b, (ids, km, off, n) in enumerate(items):
+            pad = T - len(ids)
+            input_ids[b, pad:] = torch.tensor(ids)
+            attn[b, pad:] = True
+            kmask[b, pad:] = torch.tensor(km)
+            offs.append(pad + off)
+            rows.append(n)
+        return EncoderBatch(input_ids.to(device), attn.to(device), kmask.to(device),
+                            torch.tensor(offs, device=device), torch.tensor(rows, device=device))
+
+    def pad(self, seqs: Sequence[list[int]], device: torch.device, side: str = "left"
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pad decoder token lists to (ids, attention_mask)."""
+        T = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), T), dtype=torch.long)
+        for b, s in enumerate(seqs):
+            if side == "left":
+                ids[b, T - len(s):], mask[b, T - len(s):] = torch.tensor(s), 1
+            else:
+                ids[b, : len(s)], mask[b, : len(s)] = torch.tensor(s), 1
+        return ids.to(device), mask.to(device)
