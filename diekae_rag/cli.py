@@ -1,7 +1,100 @@
-"""The `diekae-rag` command line."""
+"""The ``diekae-rag`` command line: train, eval, data, bench, edit, ask."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
 import sys
+from typing import Optional, Sequence
 
 
-def main(argv=None) -> int:
-    print("diekae-rag: subcommands coming", file=sys.stderr)
+def _train(args: argparse.Namespace) -> int:
+    from .training.trainer import TrainConfig, train
+    cfg = TrainConfig.from_file(args.config)
+    if args.out:
+        cfg.out = args.out
+    if args.max_minutes is not None:
+        cfg.max_minutes = args.max_minutes
+    print(json.dumps({k: v for k, v in train(cfg).items() if k != "history"}, indent=2))
     return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluation import run_eval
+    res = run_eval(args.checkpoint, n=args.n, ks=args.k, out=args.out, sets=args.sets)
+    print(json.dumps(res["summary"], indent=2))
+    return 0
+
+
+def _data(args: argparse.Namespace) -> int:
+    from .data.bigbench import fetch_squad_shifts
+    print(fetch_squad_shifts(args.out))
+    return 0
+
+
+def _ask(args: argparse.Namespace) -> int:
+    from .model import DiekaeModel
+    model = DiekaeModel.from_pretrained(args.checkpoint)
+    print(model.generate(args.question, args.passage or None, mode=args.mode, max_new_tokens=args.max_new_tokens))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import main as bench_main
+    return bench_main(args.rest)
+
+
+def _edit(args: argparse.Namespace) -> int:
+    from .editing import edit_command
+    return edit_command(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="diekae-rag", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train encoders from a JSON config (resumable)")
+    t.add_argument("config")
+    t.add_argument("--out")
+    t.add_argument("--max-minutes", type=float)
+    t.set_defaults(func=_train)
+    e = sub.add_parser("eval", help="none / in_context / diekae on held-out sets, JSON + PNG")
+    e.add_argument("checkpoint", nargs="?", default=None, help="encoder folder (default: shipped)")
+    e.add_argument("--n", type=int, default=60)
+    e.add_argument("--k", type=int, nargs="+", default=[1, 5])
+    e.add_argument("--sets", nargs="+", default=["fictional_seen", "fictional_unseen", "squad_dev"])
+    e.add_argument("--out", default="runs/eval")
+    e.set_defaults(func=_eval)
+    d = sub.add_parser("data", help="build the SQuAD-Shifts files from the bigbench==1.0.0 sdist")
+    d.add_argument("--out", default=None)
+    d.set_defaults(func=_data)
+    a = sub.add_parser("ask", help="answer one question from passages given on the command line")
+    a.add_argument("question")
+    a.add_argument("--passage", action="append")
+    a.add_argument("--mode", default="diekae", choices=["diekae", "in_context", "none"])
+    a.add_argument("--checkpoint", default=None)
+    a.add_argument("--max-new-tokens", type=int, default=64)
+    a.set_defaults(func=_ask)
+    b = sub.add_parser("bench", help="latency / memory benchmark (see benchmarks/)")
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    b.set_defaults(func=_bench)
+    ed = sub.add_parser("edit", help="train editing encoders from an edits JSONL")
+    ed.add_argument("edits")
+    ed.add_argument("-o", "--out", required=True)
+    ed.add_argument("--steps", type=int, default=300)
+    ed.set_defaults(func=_edit)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"diekae-rag {args.cmd}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

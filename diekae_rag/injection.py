@@ -136,7 +136,8 @@ class _Hooks:
         self.handles = []
         for i, layer in enumerate(decoder_layers(decoder)):
             self.handles.append(layer.mlp.register_forward_hook(self._mlp_hook(decoder, i)))
-        self.handles.append(decoder.register_forward_pre_hook(self._pre_hook(decoder), with_kwargs=True))
+        base = decoder.get_decoder() if hasattr(decoder, "get_decoder") else decoder
+        self.handles.append(base.register_forward_pre_hook(self._pre_hook(decoder), with_kwargs=True))
 
     @staticmethod
     def _mlp_hook(decoder: nn.Module, index: int):

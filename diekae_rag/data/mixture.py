@@ -1,0 +1,74 @@
+"""Assemble training / evaluation examples: (question, passages, answer, wrong answer)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .fictional import Fact, make_facts
+from .squad import DEV_FILE, TRAIN_FILES, load_squad_items
+
+
+@dataclass
+class Example:
+    question: str
+    passages: list[str]
+    answer: str
+    distractor: str
+    relation: str = ""
+
+
+def retrieval_style(items: list[Fact], k: int, seed: int = 0, pool: Optional[list[str]] = None) -> list[Example]:
+    """Put each gold passage among ``k-1`` distractor passages from other items, shuffled."""
+    rng = random.Random(seed)
+    pool = pool or sorted({it.passage for it in items})
+    out = []
+    for it in items:
+        others = []
+        while len(others) < k - 1 and len(pool) > k:
+            p = rng.choice(pool)
+            if p != it.passage and p not in others:
+                others.append(p)
+        passages = others + [it.passage]
+        rng.shuffle(passages)
+        out.append(Example(it.question, passages, it.answer, it.distractor, it.relation))
+    return out
+
+
+@dataclass
+class DataSpec:
+    """What to train or evaluate on. Counts of 0 leave a source out."""
+
+    fictional: int = 4000
+    other_facts: tuple[int, int] = (0, 0)
+    squad: int = 0
+    k: int = 1
+    seed: int = 0
+    squad_files: list[str] = field(default_factory=lambda: list(TRAIN_FILES))
+
+    def build(self, data_dir=None) -> list[Example]:
+        if DEV_FILE in self.squad_files:
+            raise ValueError(f"{DEV_FILE} is for evaluation only; never train on it.")
+        items: list[Fact] = []
+        if self.fictional:
+            items += make_facts(self.fictional, seed=self.seed, relations="train", other_facts=tuple(self.other_facts))
+        if self.squad:
+            items += load_squad_items(self.squad_files, data_dir, n=self.squad, seed=self.seed)
+        rng = random.Random(self.seed)
+        rng.shuffle(items)
+        return retrieval_style(items, self.k, seed=self.seed)
+
+
+def eval_sets(n: int = 100, k: int = 1, seed: int = 1234, data_dir=None, other_facts=(0, 0),
+              squad: bool = True) -> dict[str, list[Example]]:
+    """The held-out evaluation sets: fictional (unseen names, seen / unseen relations) and SQuAD dev A."""
+    sets = {
+        "fictional_seen": retrieval_style(make_facts(n, seed=seed, relations="train", other_facts=other_facts), k, seed),
+        "fictional_unseen": retrieval_style(make_facts(n, seed=seed + 1, relations="held_out",
+                                                       other_facts=other_facts), k, seed),
+    }
+    if squad:
+        items = load_squad_items([DEV_FILE], data_dir, seed=seed)
+        sets["squad_dev"] = retrieval_style(items[:n], k, seed, pool=sorted({it.passage for it in items[:2000]}))
+    return sets

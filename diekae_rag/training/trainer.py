@@ -1,0 +1,217 @@
+"""The training loop behind ``diekae-rag train``: config file in, encoder checkpoint out.
+
+Checkpoints hold the encoders plus the optimiser state (safetensors + JSON), so a run can be
+resumed; the best checkpoint on the dev split is kept in ``out/best`` and training stops
+early when the dev loss stops improving.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from ..atomic import atomic_directory, atomic_write_text
+from ..checkpoint import read_config, save_encoder
+from ..config import DiekaeConfig
+from ..data.mixture import DataSpec, Example
+from ..model import DiekaeModel
+from .phase1 import DeltaCache, difference_loss
+from .phase2 import lm_loss
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """One training run. ``phase`` is 1 (difference, cached Δ) or 2 (LM loss)."""
+
+    out: str = "runs/default"
+    encoder: dict = field(default_factory=dict)   # DiekaeConfig fields
+    data: dict = field(default_factory=dict)      # DataSpec fields
+    phase: int = 2
+    init_from: Optional[str] = None                # start from this encoder checkpoint
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 20
+    batch_size: int = 32
+    epochs: float = 1.0
+    max_minutes: Optional[float] = None
+    dev_size: int = 64
+    eval_every: int = 50
+    patience: int = 4
+    seed: int = 0
+    decoder: Optional[str] = None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "TrainConfig":
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"Unknown keys in {path}: {sorted(unknown)}")
+        return cls(**data)
+
+
+def _optimizer_state(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, meta = {}, {"param_groups": opt.state_dict()["param_groups"], "state": {}}
+    for pid, st in opt.state_dict()["state"].items():
+        meta["state"][str(pid)] = {}
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
+                meta["state"][str(pid)][k] = "tensor"
+            else:
+                meta["state"][str(pid)][k] = v
+    return tensors, meta
+
+
+def _load_optimizer_state(opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    state = {}
+    for pid, st in meta["state"].items():
+        state[int(pid)] = {k: (tensors[f"{pid}.{k}"] if v == "tensor" else v) for k, v in st.items()}
+    opt.load_state_dict({"param_groups": meta["param_groups"], "state": state})
+
+
+def save_training_state(model: DiekaeModel, opt, step: int, best: float, folder: Path) -> None:
+    tensors, meta = _optimizer_state(opt)
+    with atomic_directory(folder) as tmp:
+        save_encoder(model.encoder, tmp)
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "best_dev": best, "optimizer": meta}))
+
+
+def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def build_model(cfg: TrainConfig) -> DiekaeModel:
+    if cfg.init_from:
+        model = DiekaeModel.from_pretrained(cfg.init_from, decoder=cfg.decoder)
+    else:
+        model = DiekaeModel.from_pretrained(Path(cfg.out) / "last" if (Path(cfg.out) / "last").exists() else None,
+                                            decoder=cfg.decoder, config=DiekaeConfig(**cfg.encoder))
+    # Train in fp32 master weights; bf16 autocast on CUDA.
+    model.encoder.float().train()
+    return model
+
+
+def train(cfg: TrainConfig, model: Optional[DiekaeModel] = None) -> dict:
+    """Run (or resume) a training run; returns a summary dict also written to ``out/summary.json``."""
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "train_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+    if model is None:
+        model = build_model(cfg)
+    model.encoder.float().train()
+    spec = DataSpec(**cfg.data)
+    examples = spec.build()
+    dev, train_set = examples[: cfg.dev_size], examples[cfg.dev_size:]
+    if not train_set:
+        raise ValueError("No training examples left after the dev split; raise the data counts.")
+    params = [p for p in model.encoder.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    step, best = 0, float("inf")
+    resume = out / "last"
+    if (resume / "trainer_state.json").exists():
+        st = json.loads((resume / "trainer_state.json").read_text())
+        _load_optimizer_state(opt, load_file(str(resume / "optimizer.safetensors")), st["optimizer"])
+        step, best = st["step"], st["best_dev"]
+        log.warning("Resuming %s at step %d (best dev %.4f).", out, step, best)
+
+    deltas = dev_deltas = None
+    if cfg.phase == 1:
+        cache = DeltaCache(out / "delta_cache")
+        cache.build(model, examples)
+        all_d = cache.load(len(examples))
+        dev_deltas, deltas = all_d[: cfg.dev_size], all_d[cfg.dev_size:]
+
+    def loss_fn(batch_idx, split):
+        batch = [split[i] for i in batch_idx]
+        if cfg.phase == 1:
+            d = dev_deltas if split is dev else deltas
+            return difference_loss(model, batch, [d[i] for i in batch_idx])
+        return lm_loss(model, batch)
+
+    def dev_loss() -> float:
+        model.encoder.eval()
+        with torch.no_grad():
+            losses = [float(loss_fn(list(range(i, min(i + cfg.batch_size, len(dev)))), dev))
+                      for i in range(0, len(dev), cfg.batch_size)]
+        model.encoder.train()
+        return sum(losses) / max(len(losses), 1)
+
+    steps_per_epoch = max(1, len(train_set) // cfg.batch_size)
+    total = int(steps_per_epoch * cfg.epochs)
+    rng = random.Random(cfg.seed)
+    order: list[int] = []
+    t0, bad, history = time.time(), 0, []
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if model.device.type == "cuda" else _null()
+    bar = tqdm(total=total, initial=step, desc=f"phase {cfg.phase}")
+    while step < total:
+        if len(order) < cfg.batch_size:
+            order += rng.sample(range(len(train_set)), len(train_set))
+        idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, total, cfg.lr, cfg.warmup_steps)
+        with amp:
+            loss = loss_fn(idx, train_set)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        timed_out = cfg.max_minutes is not None and time.time() - t0 > cfg.max_minutes * 60
+        if step % cfg.eval_every == 0 or step == total or timed_out:
+            dl = dev_loss()
+            history.append({"step": step, "train_loss": loss.item(), "dev_loss": dl, "minutes": (time.time() - t0) / 60})
+            log.info("step %d dev %.4f", step, dl)
+            if dl < best:
+                best, bad = dl, 0
+                with atomic_directory(out / "best") as tmp:
+                    save_encoder(model.encoder, tmp)
+            else:
+                bad += 1
+            save_training_state(model, opt, step, best, out / "last")
+            if bad >= cfg.patience:
+                log.warning("Early stop at step %d: dev loss has not improved for %d evaluations.", step, bad)
+                break
+        if timed_out:
+            break
+    bar.close()
+    summary = {"steps": step, "best_dev": best, "minutes": (time.time() - t0) / 60, "history": history,
+               "device": str(model.device), "n_train": len(train_set)}
+    prev = out / "summary.json"
+    if prev.exists():
+        summary["history"] = json.loads(prev.read_text()).get("history", []) + history
+    atomic_write_text(prev, json.dumps(summary, indent=2))
+    return summary
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def best_checkpoint(out: str | Path) -> Path:
+    p = Path(out) / "best"
+    read_config(p)
+    return p

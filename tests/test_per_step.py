@@ -1,0 +1,95 @@
+"""Per-step injection and the pointer readout: cached decode rows equal a full re-encode."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from conftest import tiny_model
+from test_engine import K, Q, _record_deltas
+
+N_NEW = 5
+
+
+def _per_step_model(pointer: bool = True):
+    return tiny_model("llama", layers=[1, 2], per_step=True, pointer_layer=3 if pointer else None, pointer_heads=2)
+
+
+def _generate_and_record(model, questions, knowledges):
+    calls, handles = _record_deltas(model)
+    try:
+        texts = model.generate_batch(questions, knowledges, max_new_tokens=N_NEW, min_new_tokens=N_NEW)
+    finally:
+        for h in handles:
+            h.remove()
+    return texts, calls
+
+
+def _reencoded_rows(model, questions, knowledges, texts_ids):
+    prompts, passages = model._validate(questions, knowledges, "diekae")
+    answers = [g[:-1] for g in texts_ids]  # the last token is never fed back
+    _, mask = model.prompter.pad([p + a for p, a in zip(prompts, answers)], model.device, side="right")
+    with torch.no_grad():
+        inj = model.build_injection(prompts, passages, mask, answers)
+    return prompts, inj.sessions[0].layer_rows
+
+
+@pytest.mark.parametrize("pointer", [False, True])
+def test_decode_step_rows_equal_full_reencode(pointer):
+    model = _per_step_model(pointer)
+    gen = model._generate_ids(Q, K, "diekae", N_NEW, min_new_tokens=N_NEW)
+    gen = [g.tolist() for g in gen]
+    _, calls = _generate_and_record(model, Q, K)
+    prompts, rows = _reencoded_rows(model, Q, K, gen)
+    hooked = model.config.hooked_layers
+    assert len(calls) == N_NEW
+    for j in range(N_NEW - 1):
+        step = calls[j + 1]
+        for layer in hooked:
+            for b, p in enumerate(prompts):
+                got, want = step[layer][b, 0], rows[layer][b, len(p) + j]
+                assert want.abs().sum() > 0
+                torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-3)
+        for layer, d in step.items():
+            if layer not in hooked:
+                assert (d == 0).all()
+
+
+def test_per_step_streaming_and_threads_match_generate():
+    model = _per_step_model()
+    want = [model.generate(q, k, max_new_tokens=N_NEW) for q, k in zip(Q, K)]
+    assert "".join(model.stream(Q[0], K[0], max_new_tokens=N_NEW)).strip() == want[0]
+    got = [None, None]
+
+    def run(i):
+        got[i] = model.generate(Q[i], K[i], max_new_tokens=N_NEW)
+
+    ts = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert got == want
+    assert model.generate_batch(Q, K, max_new_tokens=N_NEW) == want
+
+
+def test_pointer_raises_the_logit_of_a_knowledge_token():
+    """With a large gain and a sharp query, the pointer's output is the copied token's lm_head row."""
+    model = tiny_model("llama", layers=[], per_step=True, pointer_layer=3, pointer_heads=1)
+    enc = model.encoder
+    with torch.no_grad():
+        enc.pointer_gain.fill_(0.01)
+    prompts, passages = model._validate([Q[0]], [K[0]], "diekae")
+    items = [model.prompter.encoder_item(passages[0], prompts[0])]
+    batch = model.prompter.encoder_batch(items, model.device)
+    with torch.no_grad():
+        out = enc(batch.input_ids, batch.attention_mask, batch.knowledge_mask)
+    # The output is a convex mix (times the gain) of lm_head rows of knowledge tokens only.
+    lm = model.decoder.get_output_embeddings().weight
+    k_ids = batch.input_ids[0][batch.knowledge_mask[0]].unique()
+    basis = lm[k_ids]                                  # (n_k, H)
+    last = out.pointer[0, -1] / (0.01 * enc.config.pointer_gain_scale)
+    coef = torch.linalg.lstsq(basis.T, last[:, None]).solution
+    torch.testing.assert_close(basis.T @ coef, last[:, None], atol=1e-4, rtol=1e-3)
+    assert 0 <= float(coef.sum()) <= 1 + 1e-4
