@@ -1,0 +1,37 @@
+"""What the framework integrations share: one default model per process."""
+
+from __future__ import annotations
+
+import threading
+
+from diekae_rag.model import DiekaeModel
+
+_DEFAULT: list[DiekaeModel] = []
+_LOCK = threading.Lock()
+
+
+def default_model() -> DiekaeModel:
+    """The default DiekaeModel (embedded decoder + shipped encoders), loaded once and shared."""
+    with _LOCK:
+        if not _DEFAULT:
+            _DEFAULT.append(DiekaeModel.from_pretrained())
+        return _DEFAULT[0]
+
+
+def passage_texts(passages) -> list[str]:
+    """Strings, LangChain Documents or LlamaIndex nodes -> passage strings."""
+    if passages is None:
+        return []
+    if isinstance(passages, str):
+        return [passages]
+    out = []
+    for p in passages:
+        if isinstance(p, str):
+            out.append(p)
+        elif hasattr(p, "page_content"):
+            out.append(p.page_content)
+        elif hasattr(p, "get_content"):
+            out.append(p.get_content())
+        else:
+            raise TypeError(f"Cannot use {type(p).__name__} as a passage; pass str, Document or a node.")
+    return out

@@ -1,0 +1,200 @@
+"""LlamaIndex components: an LLM, a synthesizer, a retriever and an embedding, all thin.
+
+``DiekaeLLM`` is a drop-in for ``VectorStoreIndex.as_query_engine(llm=DiekaeLLM())``: when a
+prompt template carries retrieved text (``context_str`` / ``context_msg``), that text goes to
+the encoders and only ``query_str`` (plus ``existing_answer`` when refining) reaches the
+decoder. How the stock response modes behave:
+
+- ``compact`` (default) / ``simple_summarize``: all retrieved chunks packed into one
+  ``context_str`` -> one DIEKÆ call with that text as knowledge.
+- ``refine``: the first chunk answers the question; each later chunk is knowledge for a call
+  whose decoder question is the query plus the existing answer.
+- ``tree_summarize``: each packed chunk is answered with DIEKÆ; the answers then become the
+  knowledge for the final call.
+
+For exact per-passage input (one node = one passage) use :class:`DiekaeSynthesizer`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, AsyncGenerator, Optional, Sequence
+
+from llama_index.core.base.embeddings.base import BaseEmbedding
+from llama_index.core.base.llms.types import CompletionResponse, CompletionResponseGen, LLMMetadata
+from llama_index.core.base.response.schema import RESPONSE_TYPE
+from llama_index.core.callbacks import CallbackManager
+from llama_index.core.llms.callbacks import llm_completion_callback
+from llama_index.core.llms.custom import CustomLLM
+from llama_index.core.prompts import BasePromptTemplate
+from llama_index.core.response_synthesizers import BaseSynthesizer
+from llama_index.core.retrievers import BaseRetriever
+from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
+from pydantic import PrivateAttr
+
+from diekae_rag.model import DiekaeModel
+
+from ._shared import default_model
+
+_CONTEXT_KEYS = ("context_str", "context_msg")
+
+
+def split_prompt_args(prompt: BasePromptTemplate, prompt_args: dict) -> tuple[Optional[str], list[str]]:
+    """(decoder question, knowledge passages) from a template's partial and call arguments.
+
+    Returns ``(None, [])`` when the template carries no retrieved context.
+    """
+    args = {**getattr(prompt, "kwargs", {}), **prompt_args}
+    context = [args[k] for k in _CONTEXT_KEYS if isinstance(args.get(k), str) and args[k].strip()]
+    if not any(k in args for k in _CONTEXT_KEYS):
+        return None, []
+    question = args.get("query_str")
+    if not question:
+        question = prompt.format(**{**prompt_args, **{k: "" for k in _CONTEXT_KEYS}})
+    if args.get("existing_answer"):
+        question = f"{question}\n(An earlier answer was: {args['existing_answer'].strip()})"
+    return question, context
+
+
+class DiekaeLLM(CustomLLM):
+    """A LlamaIndex LLM whose retrieved context goes to DIEKÆ encoders, not into the prompt."""
+
+    max_new_tokens: int = 128
+    mode: str = "diekae"
+    context_window: int = 100_000
+    _model: DiekaeModel = PrivateAttr()
+
+    def __init__(self, *, model: Optional[DiekaeModel] = None, callback_manager: Optional[CallbackManager] = None,
+                 **kwargs: Any) -> None:
+        super().__init__(callback_manager=callback_manager, **kwargs)
+        self._model = model if model is not None else default_model()
+
+    @property
+    def model(self) -> DiekaeModel:
+        return self._model
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "DiekaeLLM"
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        # Passages never fill the decoder's prompt, so the context window is large.
+        return LLMMetadata(context_window=self.context_window, num_output=self.max_new_tokens,
+                           is_chat_model=False, model_name="diekae:" + self._model.config.decoder_name)
+
+    # -- plain completion: an ordinary LLM over the prompt, no knowledge ------------------------
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        text = self._model.generate(prompt, kwargs.pop("knowledge", None), mode=self._mode_for(kwargs),
+                                    max_new_tokens=self.max_new_tokens)
+        return CompletionResponse(text=text)
+
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
+        knowledge = kwargs.pop("knowledge", None)
+        mode = self._mode_for({"knowledge": knowledge})
+
+        def gen() -> CompletionResponseGen:
+            text = ""
+            for delta in self._model.stream(prompt, knowledge, mode=mode, max_new_tokens=self.max_new_tokens):
+                text += delta
+                yield CompletionResponse(text=text, delta=delta)
+        return gen()
+
+    def _mode_for(self, kwargs: dict) -> str:
+        return self.mode if kwargs.get("knowledge") else "none"
+
+    # -- template calls from query engines: context -> encoders, query -> decoder --------------
+    def predict(self, prompt: BasePromptTemplate, **prompt_args: Any) -> str:
+        question, knowledge = split_prompt_args(prompt, prompt_args)
+        if question is None:
+            return super().predict(prompt, **prompt_args)
+        return self.complete(question, formatted=True, knowledge=knowledge).text
+
+    def stream(self, prompt: BasePromptTemplate, **prompt_args: Any):
+        question, knowledge = split_prompt_args(prompt, prompt_args)
+        if question is None:
+            return super().stream(prompt, **prompt_args)
+        return (r.delta for r in self.stream_complete(question, formatted=True, knowledge=knowledge))
+
+    async def apredict(self, prompt: BasePromptTemplate, **prompt_args: Any) -> str:
+        return await asyncio.to_thread(self.predict, prompt, **prompt_args)
+
+    async def astream(self, prompt: BasePromptTemplate, **prompt_args: Any) -> AsyncGenerator[str, None]:
+        tokens = await asyncio.to_thread(lambda: list(self.stream(prompt, **prompt_args)))
+
+        async def agen() -> AsyncGenerator[str, None]:
+            for t in tokens:
+                yield t
+        return agen()
+
+
+class DiekaeSynthesizer(BaseSynthesizer):
+    """Each retrieved node is one passage for the encoders; ``source_nodes`` are kept."""
+
+    def __init__(self, *, model: Optional[DiekaeModel] = None, max_new_tokens: int = 128,
+                 streaming: bool = False, **kwargs: Any) -> None:
+        self._model = model if model is not None else default_model()
+        self._max_new_tokens = max_new_tokens
+        super().__init__(llm=DiekaeLLM(model=self._model, max_new_tokens=max_new_tokens), streaming=streaming,
+                         **kwargs)
+
+    def _get_prompts(self) -> dict:
+        return {}
+
+    def _update_prompts(self, prompts: dict) -> None:
+        return None
+
+    def get_response(self, query_str: str, text_chunks: Sequence[str], **kwargs: Any):
+        passages = list(text_chunks)
+        if self._streaming:
+            return self._model.stream(query_str, passages, max_new_tokens=self._max_new_tokens)
+        return self._model.generate(query_str, passages, max_new_tokens=self._max_new_tokens)
+
+    async def aget_response(self, query_str: str, text_chunks: Sequence[str], **kwargs: Any):
+        return await asyncio.to_thread(self.get_response, query_str, text_chunks, **kwargs)
+
+    def synthesize(self, query, nodes, additional_source_nodes=None, **kwargs) -> RESPONSE_TYPE:
+        return super().synthesize(query, nodes, additional_source_nodes, **kwargs)
+
+
+class DiekaeEmbedding(BaseEmbedding):
+    """The embedded MiniLM (or any sentence-transformers folder) as a LlamaIndex embedding."""
+
+    _embedder: Any = PrivateAttr()
+
+    def __init__(self, *, embedder=None, **kwargs: Any) -> None:
+        from diekae_rag.retrievers.embeddings import Embedder
+        super().__init__(model_name="all-MiniLM-L6-v2", **kwargs)
+        self._embedder = embedder or Embedder()
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "DiekaeEmbedding"
+
+    def _get_query_embedding(self, query: str) -> list[float]:
+        return self._embedder.encode([query])[0].tolist()
+
+    def _get_text_embedding(self, text: str) -> list[float]:
+        return self._embedder.encode([text])[0].tolist()
+
+    def _get_text_embeddings(self, texts: list[str]) -> list[list[float]]:
+        return self._embedder.encode(texts).tolist()
+
+    async def _aget_query_embedding(self, query: str) -> list[float]:
+        return self._get_query_embedding(query)
+
+
+class DiekaeStoreRetriever(BaseRetriever):
+    """A LlamaIndex retriever over a :class:`~diekae_rag.retrievers.PassageStore`."""
+
+    def __init__(self, store, k: int = 5, **kwargs: Any) -> None:
+        self._store = store
+        self._k = k
+        super().__init__(**kwargs)
+
+    def _retrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
+        return [NodeWithScore(node=TextNode(text=p.text, id_=f"{p.doc_id}#{p.chunk_index}",
+                                            metadata={**p.metadata, "doc_id": p.doc_id}), score=p.score)
+                for p in self._store.search(query_bundle.query_str, self._k)]
