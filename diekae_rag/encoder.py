@@ -13,7 +13,7 @@ knowledge tokens whose values are the decoder's own (frozen) output-embedding ro
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -110,7 +110,7 @@ class EncoderOutput:
     rows: Optional[torch.Tensor]      # (n_inj, B, T, hidden): added to layers[i]'s MLP output
     pointer: Optional[torch.Tensor]   # (B, T, hidden): added to pointer_layer's MLP output
     cache: Optional[EncoderCache] = None
-    extras: dict = field(default_factory=dict)
+    start: int = 0                    # outputs cover input positions start..T-1
 
 
 class DiekaeEncoder(nn.Module):
@@ -148,11 +148,14 @@ class DiekaeEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 knowledge_mask: Optional[torch.Tensor] = None,
-                cache: Optional[EncoderCache] = None, use_cache: bool = False) -> EncoderOutput:
+                cache: Optional[EncoderCache] = None, use_cache: bool = False,
+                output_start: int = 0) -> EncoderOutput:
         """Encode ``input_ids`` (B, T), continuing from ``cache`` when given.
 
         ``knowledge_mask`` (B, T) marks the knowledge tokens the pointer may copy from; it is
         only read on the first call (the prefill), later steps reuse the cached pointer memory.
+        Outputs (rows, pointer) are computed for positions ``output_start:`` only: the
+        knowledge positions need states (for attention) but never receive rows.
         """
         if not self._frozen:
             raise RuntimeError("DiekaeEncoder.attach(decoder) must be called before encoding.")
@@ -182,7 +185,7 @@ class DiekaeEncoder(nn.Module):
             new_kv.append(kv)
         x = self.norm(x)
 
-        rows = self.up(x[: cfg.n_injection]) if self.up is not None else None
+        rows = self.up(x[: cfg.n_injection, :, output_start:]) if self.up is not None else None
         pointer = None
         p_keys = p_values = p_valid = None
         if cfg.pointer_layer is not None:
@@ -200,7 +203,8 @@ class DiekaeEncoder(nn.Module):
                 p_valid[:, 0] = False
             else:
                 p_keys, p_values, p_valid = cache.pointer_keys, cache.pointer_values, cache.pointer_valid
-            q = self.pointer_q(hp).reshape(B, T, ph, dk).transpose(1, 2)  # (B, ph, T, dk)
+            hq = hp[:, output_start:]
+            q = self.pointer_q(hq).reshape(B, hq.shape[1], ph, dk).transpose(1, 2)  # (B, ph, Tq, dk)
             scores = q @ p_keys.transpose(-1, -2) / math.sqrt(dk)       # (B, ph, T, Tk)
             scores = scores.masked_fill(~p_valid[:, None, None, :], float("-inf"))
             null = (q @ self.pointer_null.to(q.dtype)[None, :, :, None]) / math.sqrt(dk)  # (B, ph, T, 1)
@@ -213,4 +217,4 @@ class DiekaeEncoder(nn.Module):
             new_cache = EncoderCache(kv=new_kv, key_valid=key_valid,
                                      next_position=positions[:, -1] + 1,
                                      pointer_keys=p_keys, pointer_values=p_values, pointer_valid=p_valid)
-        return EncoderOutput(rows=rows, pointer=pointer, cache=new_cache)
+        return EncoderOutput(rows=rows, pointer=pointer, cache=new_cache, start=output_start)

@@ -197,9 +197,11 @@ class DiekaeModel:
                  for i, (x, p) in enumerate(zip(prompts, passages))]
         batch = prompter.encoder_batch(items, self.device)
         per_step = encoder.config.per_step
-        out = encoder(batch.input_ids, batch.attention_mask, batch.knowledge_mask, use_cache=per_step)
+        start = int(batch.x_offset.min())  # rows are only ever read from the decoder's positions on
+        out = encoder(batch.input_ids, batch.attention_mask, batch.knowledge_mask, use_cache=per_step,
+                      output_start=start)
         active_t = torch.tensor(active, device=self.device)
-        rows = align_rows(layer_rows_from(encoder, out.rows, out.pointer), batch.x_offset,
+        rows = align_rows(layer_rows_from(encoder, out.rows, out.pointer), batch.x_offset - start,
                           batch.n_rows * active_t, decoder_mask)
         return EncoderSession(encoder, out.cache, rows, per_step, active_t)
 

@@ -1,0 +1,265 @@
+"""Benchmarks behind ``diekae-rag bench`` / ``python benchmarks/run.py``.
+
+In one process, on the same question and passages, for none / in_context / diekae at
+k = 1, 3, 5, 10 passages of about 120 tokens: time to first token, latency for 32 new tokens,
+decode-step time, tokens the decoder reads and peak memory; medians over repeats. Also
+training cost (phase 1 with cached Δ vs recomputing the teacher; peak memory of phases 1 and 2),
+batch throughput and FAISS retrieval at 10k / 100k chunks. Writes JSON and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from .atomic import atomic_write_text
+from .data.fictional import make_facts
+from .data.mixture import Example
+from .model import DiekaeModel
+
+MODES = ("none", "in_context", "diekae")
+
+
+class PeakMemory:
+    """Peak extra memory during a block: CUDA max_memory_allocated, or sampled RSS on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak = 0
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            self.base = self._rss()
+            self._stop = False
+            self._max = self.base
+
+            def sample() -> None:
+                while not self._stop:
+                    self._max = max(self._max, self._rss())
+                    time.sleep(0.0005)
+            self._thread = threading.Thread(target=sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self._stop = True
+            self._thread.join()
+            self.peak = max(self._max, self._rss()) - self.base
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_passages(model: DiekaeModel, k: int, tokens: int = 120, seed: int = 0) -> tuple[str, list[str]]:
+    """A question and ``k`` fictional passages of about ``tokens`` decoder tokens each."""
+    facts = make_facts(k, seed=seed, relations="all", other_facts=(12, 12))
+    passages = []
+    for f in facts:
+        words = f.passage.split(" ")
+        while len(model.prompter.ids(" ".join(words))) > tokens:
+            words = words[:-1]
+        passages.append(" ".join(words))
+    return facts[0].question, passages
+
+
+def bench_latency(model: DiekaeModel, ks=(1, 3, 5, 10), new_tokens: int = 32, repeats: int = 5) -> list[dict]:
+    rows = []
+    dev = model.device
+    for k in ks:
+        q, passages = bench_passages(model, k)
+        for mode in MODES:
+            prompt_len = len(model._validate([q], [passages], mode)[0][0])
+            ttft = median_time(lambda: model.generate(q, passages, mode=mode, max_new_tokens=1), repeats, dev)
+            total = median_time(lambda: model.generate(q, passages, mode=mode, max_new_tokens=new_tokens,
+                                                       min_new_tokens=new_tokens), max(1, repeats // 2), dev)
+            with PeakMemory(dev) as mem:
+                model.generate(q, passages, mode=mode, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+            rows.append({"k": k, "mode": mode, "ttft_s": ttft, "total_s": total,
+                         "decode_step_s": (total - ttft) / (new_tokens - 1), "decoder_tokens": prompt_len,
+                         "knowledge_tokens": sum(len(model.prompter.ids(p)) for p in passages),
+                         "peak_mem_mb": mem.peak / 2**20})
+            print(f"k={k:2d} {mode:10s} ttft {ttft * 1000:7.1f} ms  total {total:6.2f} s  "
+                  f"decoder tokens {prompt_len:5d}  peak {mem.peak / 2**20:7.1f} MB", flush=True)
+    return rows
+
+
+def ratios(rows: list[dict]) -> dict:
+    out = {}
+    for k in sorted({r["k"] for r in rows}):
+        by = {r["mode"]: r for r in rows if r["k"] == k}
+        out[f"k={k}"] = {f"{m}_{a}/{b}": by[a][m] / by[b][m] for m in ("ttft_s", "total_s", "decode_step_s", "peak_mem_mb")
+                         for a, b in (("diekae", "in_context"), ("diekae", "none")) if by[b][m] > 0}
+    return out
+
+
+def bench_batch(model: DiekaeModel, sizes=(1, 8), new_tokens: int = 16) -> list[dict]:
+    out = []
+    q, passages = bench_passages(model, 5)
+    for bs in sizes:
+        for mode in MODES:
+            t = median_time(lambda: model.generate_batch([q] * bs, [passages] * bs, mode=mode,
+                                                         max_new_tokens=new_tokens, min_new_tokens=new_tokens),
+                            2, model.device)
+            out.append({"batch": bs, "mode": mode, "answers_per_s": bs / t, "tokens_per_s": bs * new_tokens / t})
+    return out
+
+
+def bench_training(model: DiekaeModel, batch_size: int = 16) -> dict:
+    """Phase 1 per batch: cached Δ (encoder only) vs recomputing the teacher; peak memory of phases 1 and 2."""
+    from .training.phase1 import difference_loss, teacher_deltas
+    from .training.phase2 import lm_loss
+    facts = make_facts(batch_size, seed=3, other_facts=(2, 2))
+    batch = [Example(f.question, [f.passage], f.answer, f.distractor) for f in facts]
+    enc = model.encoder
+    enc.float().train()
+    deltas = teacher_deltas(model, batch)
+
+    def cached_step():
+        difference_loss(model, batch, deltas).backward()
+
+    def recompute_step():
+        difference_loss(model, batch, teacher_deltas(model, batch)).backward()
+
+    def phase2_step():
+        lm_loss(model, batch).backward()
+
+    dev = model.device
+    t_cached = median_time(cached_step, 3, dev)
+    t_recompute = median_time(recompute_step, 3, dev)
+    t_p2 = median_time(phase2_step, 2, dev)
+    with PeakMemory(dev) as m1:
+        cached_step()
+    with PeakMemory(dev) as m2:
+        phase2_step()
+    enc.zero_grad(set_to_none=True)
+    enc.eval()
+    return {"batch_size": batch_size, "phase1_cached_s": t_cached, "phase1_recompute_s": t_recompute,
+            "phase1_speedup": t_recompute / t_cached, "phase2_step_s": t_p2,
+            "phase1_peak_mb": m1.peak / 2**20, "phase2_peak_mb": m2.peak / 2**20}
+
+
+def bench_retrieval(sizes=(10_000, 100_000), dim: int = 384, queries: int = 500) -> list[dict]:
+    """FAISS build throughput and top-5 search latency on synthetic unit vectors."""
+    from diekae_rag.retrievers.store import build_index
+    rng = np.random.default_rng(0)
+    out = []
+    for n in sizes:
+        x = rng.standard_normal((n, dim), dtype=np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        qs = x[rng.integers(0, n, queries)] + 0.05 * rng.standard_normal((queries, dim), dtype=np.float32)
+        for kind in ("flat", "hnsw"):
+            t0 = time.perf_counter()
+            index = build_index(x, kind)
+            build = time.perf_counter() - t0
+            lat = []
+            for q in qs:
+                t0 = time.perf_counter()
+                index.search(q[None], 5)
+                lat.append(time.perf_counter() - t0)
+            lat_ms = np.array(lat) * 1000
+            out.append({"chunks": n, "index": kind, "build_chunks_per_s": n / build,
+                        "p50_ms": float(np.percentile(lat_ms, 50)), "p99_ms": float(np.percentile(lat_ms, 99))})
+            print(f"faiss {kind:5s} n={n:7d} build {n / build:9.0f}/s  p50 {out[-1]['p50_ms']:.3f} ms  "
+                  f"p99 {out[-1]['p99_ms']:.3f} ms", flush=True)
+    return out
+
+
+def hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU: {cpu}, {torch.get_num_threads()} threads"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, (metric, label) in zip(axes, (("ttft_s", "time to first token (s)"), ("total_s", "latency, 32 tokens (s)"),
+                                          ("peak_mem_mb", "peak extra memory (MB)"))):
+        for mode in MODES:
+            pts = sorted((r["k"], r[metric]) for r in rows if r["mode"] == mode)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mode)
+        ax.set_xlabel("passages k (≈120 tokens each)")
+        ax.set_title(label)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="diekae-rag bench", description=__doc__)
+    ap.add_argument("--checkpoint", default=None)
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--ks", type=int, nargs="+", default=[1, 3, 5, 10])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--skip", nargs="*", default=[], choices=["latency", "batch", "training", "retrieval"])
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = DiekaeModel.from_pretrained(args.checkpoint)
+    out = Path(args.out) / model.device.type
+    out.mkdir(parents=True, exist_ok=True)
+    res: dict = {"hardware": hardware(model.device), "dtype": str(model.decoder.dtype),
+                 "encoder": model.config.to_dict(), "torch": torch.__version__}
+    with torch.inference_mode():
+        if "latency" not in args.skip:
+            res["latency"] = bench_latency(model, args.ks, repeats=args.repeats)
+            res["ratios"] = ratios(res["latency"])
+            plot(res["latency"], out / "latency_memory.png")
+        if "batch" not in args.skip:
+            res["batch"] = bench_batch(model)
+    if "training" not in args.skip:
+        res["training"] = bench_training(model)
+    if "retrieval" not in args.skip:
+        res["retrieval"] = bench_retrieval()
+    atomic_write_text(out / "bench.json", json.dumps(res, indent=2))
+    print(json.dumps({k: res[k] for k in ("hardware", "ratios", "training") if k in res}, indent=2))
+    return 0

@@ -1,0 +1,113 @@
+"""Evaluation behind ``diekae-rag eval``: none / in_context / diekae on the same items.
+
+Metrics per (set, k, mode): answer NLL, preference (NLL(right) < NLL(same-type wrong answer)),
+contains-answer accuracy of greedy answers, mean answer length; and for DIEKÆ the share of the
+in-context gain it recovers, per metric.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from tqdm import tqdm
+
+from .atomic import atomic_write_text
+from .data.mixture import Example, eval_sets
+from .model import DiekaeModel
+
+MODES = ("none", "in_context", "diekae")
+
+
+def normalize(text: str) -> str:
+    return re.sub(r"\s+", " ", re.sub(r"[^\w\s]", " ", text.lower())).strip()
+
+
+def contains(answer: str, gold: str) -> bool:
+    return normalize(gold) in normalize(answer)
+
+
+def evaluate_items(model: DiekaeModel, items: Sequence[Example], mode: str, batch_size: int = 16,
+                   max_new_tokens: int = 24) -> dict:
+    """Metrics for one mode on ``items`` (and the per-item records)."""
+    records = []
+    for i in range(0, len(items), batch_size):
+        batch = items[i: i + batch_size]
+        qs, ks = [e.question for e in batch], [e.passages for e in batch]
+        right = model.score_batch(qs, [e.answer for e in batch], ks, mode=mode)
+        wrong = model.score_batch(qs, [e.distractor for e in batch], ks, mode=mode)
+        texts = model.generate_batch(qs, ks, mode=mode, max_new_tokens=max_new_tokens)
+        for e, r, w, t in zip(batch, right, wrong, texts):
+            records.append({"question": e.question, "gold": e.answer, "output": t, "nll": r, "nll_wrong": w,
+                            "pref": float(r < w), "acc": float(contains(t, e.answer)),
+                            "len": len(model.tokenizer(t, add_special_tokens=False)["input_ids"])})
+    n = max(len(records), 1)
+    return {"nll": sum(r["nll"] for r in records) / n, "pref": sum(r["pref"] for r in records) / n,
+            "acc": sum(r["acc"] for r in records) / n, "len": sum(r["len"] for r in records) / n,
+            "n": len(records), "records": records}
+
+
+def recovered(none: float, ctx: float, diekae: float, lower_is_better: bool = False) -> Optional[float]:
+    """Share of the in-context gain over no knowledge that DIEKÆ recovers."""
+    gain = (none - ctx) if lower_is_better else (ctx - none)
+    if abs(gain) < 1e-9:
+        return None
+    return ((none - diekae) if lower_is_better else (diekae - none)) / gain
+
+
+def run_eval(checkpoint: Optional[str] = None, n: int = 60, ks: Sequence[int] = (1, 5), out: str = "runs/eval",
+             sets: Sequence[str] = ("fictional_seen", "fictional_unseen", "squad_dev"),
+             model: Optional[DiekaeModel] = None, other_facts=(0, 0)) -> dict:
+    """Evaluate on the held-out sets at each k; writes ``results.json`` and ``results.png``."""
+    model = model or DiekaeModel.from_pretrained(checkpoint)
+    torch.manual_seed(0)
+    results: dict = {"checkpoint": str(checkpoint or "shipped"), "config": model.config.to_dict(),
+                     "device": str(model.device), "n": n, "runs": {}}
+    summary = {}
+    t0 = time.time()
+    for k in ks:
+        data = eval_sets(n=n, k=k, squad="squad_dev" in sets, other_facts=other_facts)
+        for name in sets:
+            key = f"{name}@k={k}"
+            res = {m: evaluate_items(model, data[name], m) for m in tqdm(MODES, desc=key)}
+            row = {m: {x: round(res[m][x], 4) for x in ("nll", "pref", "acc", "len")} for m in MODES}
+            row["recovered"] = {
+                "pref": recovered(res["none"]["pref"], res["in_context"]["pref"], res["diekae"]["pref"]),
+                "acc": recovered(res["none"]["acc"], res["in_context"]["acc"], res["diekae"]["acc"]),
+                "nll": recovered(res["none"]["nll"], res["in_context"]["nll"], res["diekae"]["nll"], True),
+            }
+            summary[key] = row
+            results["runs"][key] = {m: res[m] for m in MODES}
+    results["summary"] = summary
+    results["minutes"] = (time.time() - t0) / 60
+    out_dir = Path(out)
+    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2))
+    plot_summary(summary, out_dir / "results.png")
+    return results
+
+
+def plot_summary(summary: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(summary)
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(keys)), 4))
+    for ax, metric in zip(axes, ("pref", "acc")):
+        width = 0.27
+        for j, m in enumerate(MODES):
+            ax.bar([i + (j - 1) * width for i in range(len(keys))], [summary[k][m][metric] for k in keys], width,
+                   label=m)
+        ax.set_xticks(range(len(keys)))
+        ax.set_xticklabels(keys, rotation=30, ha="right", fontsize=8)
+        ax.set_title({"pref": "preference (right < wrong NLL)", "acc": "contains-answer accuracy"}[metric])
+        ax.set_ylim(0, 1)
+    axes[0].legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
