@@ -50,6 +50,9 @@ class DiekaeConfig:
     pointer_gain_scale: float = 100.0
     # Question-aware encoding: the encoder reads x + K + x instead of K + x.
     question_first: bool = False
+    # Passage isolation: each passage is encoded on its own (cacheable per passage); only the
+    # suffix + prompt run through the encoders at query time.
+    passage_isolation: bool = False
     system_prompt: str = "Answer the question in a few words."
     rope_theta: float = 10000.0
     format_version: int = FORMAT_VERSION
@@ -76,6 +79,8 @@ class DiekaeConfig:
             raise ValueError(f"Duplicate layers in {self.layers}; list each decoder layer once.")
         if self.d_enc % self.n_heads or (self.d_enc // self.n_heads) % 2:
             raise ValueError(f"d_enc={self.d_enc} must split into n_heads={self.n_heads} even-sized heads.")
+        if self.passage_isolation and self.question_first:
+            raise ValueError("passage_isolation and question_first cannot be combined.")
         if num_decoder_layers is not None:
             bad = [l for l in self.hooked_layers if not 0 <= l < num_decoder_layers]
             if bad:

@@ -15,6 +15,7 @@ from .config import DiekaeConfig, decoder_fingerprint
 from .decoder import freeze, load_decoder, pick_device
 from .defaults import DEFAULT_DECODER
 from .encoder import DiekaeEncoder
+from .passage_cache import PassageCache, assemble
 from .injection import EncoderSession, Injection, align_rows, decoder_layers, injecting, install_hooks, layer_rows_from
 from .prompts import Prompter, check_mode, check_question, clean_passages
 
@@ -49,6 +50,7 @@ class DiekaeModel:
         self.config = cfg
         self.prompter = Prompter(tokenizer, cfg)
         self.edit_encoders: list[DiekaeEncoder] = []
+        self.passage_cache = PassageCache()
         install_hooks(decoder)
 
     # ------------------------------------------------------------------ loading / saving
@@ -193,6 +195,8 @@ class DiekaeModel:
     def _session(self, encoder: DiekaeEncoder, prompts, passages, decoder_mask, answers, active
                  ) -> EncoderSession:
         prompter = self.prompter if encoder is self.encoder else Prompter(self.tokenizer, encoder.config)
+        if encoder.config.passage_isolation:
+            return self._isolated_session(encoder, prompter, prompts, passages, decoder_mask, answers, active)
         items = [prompter.encoder_item(p, x, None if answers is None else answers[i])
                  for i, (x, p) in enumerate(zip(prompts, passages))]
         batch = prompter.encoder_batch(items, self.device)
@@ -204,6 +208,43 @@ class DiekaeModel:
         rows = align_rows(layer_rows_from(encoder, out.rows, out.pointer), batch.x_offset - start,
                           batch.n_rows * active_t, decoder_mask)
         return EncoderSession(encoder, out.cache, rows, per_step, active_t)
+
+    def _isolated_session(self, encoder, prompter, prompts, passages, decoder_mask, answers, active
+                          ) -> EncoderSession:
+        items = [prompter.isolated_item(p, x, None if answers is None else answers[i])
+                 for i, (x, p) in enumerate(zip(prompts, passages))]
+        segs = [seg for it in items for seg in it[0]]
+        kms = [km for it in items for km in it[1]]
+        states = self.passage_cache.states(encoder, segs, kms, self.device)
+        per_item, i = [], 0
+        for it in items:
+            per_item.append(states[i: i + len(it[0])])
+            i += len(it[0])
+        past = assemble(encoder, per_item)
+        tails = [it[2] for it in items]
+        ids, mask = prompter.pad(tails, self.device, side="left")
+        T = ids.shape[1]
+        offsets = torch.tensor([T - len(t) + it[3] for t, it in zip(tails, items)], device=self.device)
+        n_rows = torch.tensor([it[4] for it in items], device=self.device)
+        per_step = encoder.config.per_step
+        out = encoder(ids, mask.bool(), cache=past, use_cache=per_step)
+        active_t = torch.tensor(active, device=self.device)
+        rows = align_rows(layer_rows_from(encoder, out.rows, out.pointer), offsets, n_rows * active_t, decoder_mask)
+        return EncoderSession(encoder, out.cache, rows, per_step, active_t)
+
+    def precompute(self, passages: Sequence[str]) -> int:
+        """Encode passages ahead of queries (e.g. at index time) so that queries only encode
+        the prompt. Needs ``passage_isolation``; returns how many passages are now cached."""
+        if not self.config.passage_isolation:
+            raise ValueError("precompute() needs encoders trained with passage_isolation=True.")
+        passages = clean_passages(list(passages))
+        with torch.inference_mode():
+            for i in range(0, len(passages), 32):
+                chunk = passages[i: i + 32]
+                items = [self.prompter.isolated_item([p], []) for p in chunk]
+                self.passage_cache.states(self.encoder, [s for it in items for s in it[0]],
+                                          [k for it in items for k in it[1]], self.device)
+        return len(passages)
 
     def teacher_forcing_inputs(self, prompts: Sequence[list[int]], passages: Sequence[list[str]],
                                answers: Sequence[list[int]], mode: str

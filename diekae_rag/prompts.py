@@ -107,37 +107,56 @@ class Prompter:
     def answer_ids(self, answer: str, with_eos: bool = False) -> list[int]:
         return self.ids(answer) + ([self.eos_id] if with_eos else [])
 
-    def knowledge_ids(self, passages: Sequence[str]) -> tuple[list[int], list[bool]]:
-        """``prefix + passages + suffix + [eos]``, and which tokens are passage text.
-
-        Passages beyond ``max_knowledge_tokens`` are cut with a warning that says how much.
-        """
-        cfg = self.config
-        budget = cfg.max_knowledge_tokens
-        sep = self.ids(cfg.passage_separator) if cfg.passage_separator else []
-        ids, mask = self.ids(cfg.knowledge_prefix), [False] * len(self.ids(cfg.knowledge_prefix))
-        used, cut_tokens, cut_passages = 0, 0, 0
-        for i, p in enumerate(passages):
+    def passage_ids(self, passages: Sequence[str]) -> list[list[int]]:
+        """Token ids of each passage, cut to ``max_knowledge_tokens`` in all with a warning that says how much."""
+        budget = self.config.max_knowledge_tokens
+        out, used, cut_tokens, cut_passages = [], 0, 0, 0
+        for p in passages:
             p_ids = self.ids(p)
-            if i:
-                ids += sep
-                mask += [False] * len(sep)
-            room = budget - used
+            room = max(budget - used, 0)
             if len(p_ids) > room:
-                cut_tokens += len(p_ids) - max(room, 0)
+                cut_tokens += len(p_ids) - room
                 cut_passages += 1
-                p_ids = p_ids[: max(room, 0)]
-            ids += p_ids
-            mask += [True] * len(p_ids)
+                p_ids = p_ids[:room]
+            out.append(p_ids)
             used += len(p_ids)
         if cut_tokens:
             warnings.warn(
                 f"Knowledge has {used + cut_tokens} tokens but the encoders read at most {budget} "
                 f"(max_knowledge_tokens): cut {cut_tokens} tokens from {cut_passages} of {len(passages)} "
                 "passage(s), keeping the first ones. Pass fewer or shorter passages, or raise "
-                "max_knowledge_tokens.", KnowledgeTruncatedWarning, stacklevel=4)
+                "max_knowledge_tokens.", KnowledgeTruncatedWarning, stacklevel=5)
+        return out
+
+    def knowledge_ids(self, passages: Sequence[str]) -> tuple[list[int], list[bool]]:
+        """``prefix + passages + suffix + [eos]``, and which tokens are passage text."""
+        cfg = self.config
+        sep = self.ids(cfg.passage_separator) if cfg.passage_separator else []
+        ids = self.ids(cfg.knowledge_prefix)
+        mask = [False] * len(ids)
+        for i, p_ids in enumerate(self.passage_ids(passages)):
+            if i:
+                ids += sep
+                mask += [False] * len(sep)
+            ids += p_ids
+            mask += [True] * len(p_ids)
         suffix = self.ids(cfg.knowledge_suffix) + [self.eos_id]
         return ids + suffix, mask + [False] * len(suffix)
+
+    def isolated_item(self, passages: Sequence[str], x_ids: list[int], answer_ids: Optional[list[int]] = None):
+        """Passage isolation layout: segments (prefix, then separator+passage each), their
+        knowledge masks, the tail (suffix, eos, prompt, answer so far), x's offset in the tail
+        and the number of rows."""
+        cfg = self.config
+        prefix = self.ids(cfg.knowledge_prefix)
+        sep = self.ids(cfg.passage_separator) if cfg.passage_separator else []
+        segments, kmasks = [prefix], [[False] * len(prefix)]
+        for p_ids in self.passage_ids(passages):
+            segments.append(sep + p_ids)
+            kmasks.append([False] * len(sep) + [True] * len(p_ids))
+        head = self.ids(cfg.knowledge_suffix) + [self.eos_id]
+        tail = x_ids + (list(answer_ids) if (answer_ids and cfg.per_step) else [])
+        return segments, kmasks, head + tail, len(head), len(tail)
 
     def encoder_item(self, passages: Sequence[str], x_ids: list[int], answer_ids: Optional[list[int]] = None
                      ) -> tuple[list[int], list[bool], int, int]:

@@ -12,8 +12,9 @@ from test_engine import K, Q, _record_deltas
 N_NEW = 5
 
 
-def _per_step_model(pointer: bool = True):
-    return tiny_model("llama", layers=[1, 2], per_step=True, pointer_layer=3 if pointer else None, pointer_heads=2)
+def _per_step_model(pointer: bool = True, isolation: bool = False):
+    return tiny_model("llama", layers=[1, 2], per_step=True, pointer_layer=3 if pointer else None, pointer_heads=2,
+                      passage_isolation=isolation)
 
 
 def _generate_and_record(model, questions, knowledges):
@@ -35,9 +36,10 @@ def _reencoded_rows(model, questions, knowledges, texts_ids):
     return prompts, inj.sessions[0].layer_rows
 
 
-@pytest.mark.parametrize("pointer", [False, True])
-def test_decode_step_rows_equal_full_reencode(pointer):
-    model = _per_step_model(pointer)
+@pytest.mark.parametrize("pointer,isolation", [(False, False), (True, False), (True, True)])
+def test_decode_step_rows_equal_full_reencode(pointer, isolation):
+    model = _per_step_model(pointer, isolation)
+    model.passage_cache.max_segments = 0  # recompute everything: the check is on the maths
     gen = model._generate_ids(Q, K, "diekae", N_NEW, min_new_tokens=N_NEW)
     gen = [g.tolist() for g in gen]
     _, calls = _generate_and_record(model, Q, K)
@@ -56,8 +58,9 @@ def test_decode_step_rows_equal_full_reencode(pointer):
                 assert (d == 0).all()
 
 
-def test_per_step_streaming_and_threads_match_generate():
-    model = _per_step_model()
+@pytest.mark.parametrize("isolation", [False, True])
+def test_per_step_streaming_and_threads_match_generate(isolation):
+    model = _per_step_model(isolation=isolation)
     want = [model.generate(q, k, max_new_tokens=N_NEW) for q, k in zip(Q, K)]
     assert "".join(model.stream(Q[0], K[0], max_new_tokens=N_NEW)).strip() == want[0]
     got = [None, None]
@@ -93,3 +96,22 @@ def test_pointer_raises_the_logit_of_a_knowledge_token():
     coef = torch.linalg.lstsq(basis.T, last[:, None]).solution
     torch.testing.assert_close(basis.T @ coef, last[:, None], atol=1e-4, rtol=1e-3)
     assert 0 <= float(coef.sum()) <= 1 + 1e-4
+
+
+def test_isolated_passages_are_cached_and_exact():
+    model = _per_step_model(isolation=True)
+    model.passage_cache.max_segments = 0
+    cold = model.generate_batch(Q, K, max_new_tokens=N_NEW)
+    cold_score = model.score(Q[1], "north", K[1])
+    model.passage_cache.max_segments = 64
+    assert model.precompute([p for ps in K for p in ps]) == 3
+    misses = model.passage_cache.misses
+    assert model.generate_batch(Q, K, max_new_tokens=N_NEW) == cold
+    assert model.score(Q[1], "north", K[1]) == pytest.approx(cold_score, abs=1e-5)
+    assert model.passage_cache.misses == misses, "every passage came from the cache"
+    assert model.passage_cache.hits > 0
+    # Segments keep their own positions, so the passages act as a set: order does not matter.
+    assert model.score(Q[1], "north", list(reversed(K[1]))) == pytest.approx(cold_score, abs=1e-5)
+    assert model.score(Q[1], "north", K[1][:1]) != pytest.approx(cold_score, abs=1e-4)
+    with pytest.raises(ValueError, match="passage_isolation"):
+        _per_step_model().precompute(["x"])

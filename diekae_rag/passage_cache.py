@@ -1,0 +1,132 @@
+"""Passage isolation: encode each passage on its own, cache its encoder states, reuse them.
+
+With ``passage_isolation`` the encoders' input is a list of *segments* (the knowledge prefix,
+then separator+passage for each passage), each attending only within itself with its own
+positions, followed by a *tail* (suffix, eos, prompt, answer so far) that attends to all of it.
+A segment's states therefore do not depend on the other passages or on the question, so they
+are computed once per passage (at index time with :meth:`DiekaeModel.precompute`, or on first
+use) and at query time only the tail runs through the encoders.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from .encoder import DiekaeEncoder, EncoderCache
+
+
+@dataclass(frozen=True)
+class SegmentState:
+    ids: torch.Tensor                      # (L,)
+    kv: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per block: (n, h, L, hd) each
+    pointer_keys: Optional[torch.Tensor]   # (ph, L, dk)
+    knowledge: torch.Tensor                # (L,) bool: copyable passage tokens
+
+
+def encode_segments(encoder: DiekaeEncoder, segments: Sequence[Sequence[int]], kmasks: Sequence[Sequence[bool]],
+                    device: torch.device) -> list[SegmentState]:
+    """Encode segments independently (one padded batch) and split the states per segment."""
+    if not segments:
+        return []
+    L = max(len(s) for s in segments)
+    S = len(segments)
+    ids = torch.zeros((S, L), dtype=torch.long)
+    valid = torch.zeros((S, L), dtype=torch.bool)
+    km = torch.zeros((S, L), dtype=torch.bool)
+    for i, (s, k) in enumerate(zip(segments, kmasks)):
+        ids[i, L - len(s):], valid[i, L - len(s):], km[i, L - len(s):] = torch.tensor(s), True, torch.tensor(k)
+    ids, valid, km = ids.to(device), valid.to(device), km.to(device)
+    out = encoder(ids, valid, km, use_cache=True, output_start=L)  # states only, no outputs
+    c = out.cache
+    states = []
+    for i, s in enumerate(segments):
+        a = L - len(s)
+        kv = tuple((k[:, i, :, a:], v[:, i, :, a:]) for k, v in c.kv)
+        pk = c.pointer_keys[i, :, a:] if c.pointer_keys is not None else None
+        states.append(SegmentState(ids[i, a:], kv, pk, km[i, a:]))
+    return states
+
+
+def assemble(encoder: DiekaeEncoder, items: Sequence[Sequence[SegmentState]]) -> EncoderCache:
+    """Concatenate each item's segment states into a left-padded past for the tail."""
+    B = len(items)
+    lens = [sum(int(s.ids.shape[0]) for s in segs) for segs in items]
+    P = max(lens)
+    first = items[0][0]
+    dev = first.ids.device
+    n_blocks = len(first.kv)
+    kv = []
+    for blk in range(n_blocks):
+        n, h, _, hd = first.kv[blk][0].shape
+        k = first.kv[blk][0].new_zeros((n, B, h, P, hd))
+        v = k.clone()
+        for b, segs in enumerate(items):
+            k[:, b, :, P - lens[b]:] = torch.cat([s.kv[blk][0] for s in segs], 2)
+            v[:, b, :, P - lens[b]:] = torch.cat([s.kv[blk][1] for s in segs], 2)
+        kv.append((k, v))
+    key_valid = torch.zeros((B, P), dtype=torch.bool, device=dev)
+    ids = torch.zeros((B, P), dtype=torch.long, device=dev)
+    knowledge = torch.zeros((B, P), dtype=torch.bool, device=dev)
+    for b, segs in enumerate(items):
+        key_valid[b, P - lens[b]:] = True
+        ids[b, P - lens[b]:] = torch.cat([s.ids for s in segs])
+        knowledge[b, P - lens[b]:] = torch.cat([s.knowledge for s in segs])
+    p_keys = p_values = None
+    if first.pointer_keys is not None:
+        ph, _, dk = first.pointer_keys.shape
+        p_keys = first.pointer_keys.new_zeros((B, ph, P, dk))
+        for b, segs in enumerate(items):
+            p_keys[b, :, P - lens[b]:] = torch.cat([s.pointer_keys for s in segs], 1)
+        with torch.no_grad():
+            p_values = encoder._frozen[1].weight[ids].to(encoder.dtype)
+    return EncoderCache(kv=kv, key_valid=key_valid, next_position=torch.tensor(lens, device=dev),
+                        pointer_keys=p_keys, pointer_values=p_values, pointer_valid=knowledge & key_valid)
+
+
+def _weights_version(encoder: DiekaeEncoder) -> int:
+    return sum(p._version for p in encoder.parameters())
+
+
+class PassageCache:
+    """A thread-safe LRU of segment states, valid for one set of encoder weights."""
+
+    def __init__(self, max_segments: int = 128) -> None:
+        self.max_segments = max_segments
+        self._data: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def states(self, encoder: DiekaeEncoder, segments: Sequence[Sequence[int]], kmasks: Sequence[Sequence[bool]],
+               device: torch.device) -> list[SegmentState]:
+        """States for ``segments``; cached ones are reused when encoder weights are unchanged
+        and gradients are off (training always recomputes)."""
+        use_cache = self.max_segments > 0 and not torch.is_grad_enabled() and not encoder.training
+        if not use_cache:
+            return encode_segments(encoder, segments, kmasks, device)
+        version = (id(encoder), _weights_version(encoder))
+        keys = [(version, tuple(s), tuple(k)) for s, k in zip(segments, kmasks)]
+        with self._lock:
+            found = {key: self._data[key] for key in keys if key in self._data}
+            for key in found:
+                self._data.move_to_end(key)
+        todo = list(OrderedDict.fromkeys(key for key in keys if key not in found))
+        self.hits += len(keys) - len([k for k in keys if k not in found])
+        self.misses += len(todo)
+        if todo:
+            new = encode_segments(encoder, [k[1] for k in todo], [k[2] for k in todo], device)
+            with self._lock:
+                for key, st in zip(todo, new):
+                    found[key] = st
+                    self._data[key] = st
+                while len(self._data) > self.max_segments:
+                    self._data.popitem(last=False)
+        return [found[key] for key in keys]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
