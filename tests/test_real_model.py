@@ -1,0 +1,74 @@
+"""The real embedded SmolLM2-135M-Instruct (from the safetensors cache) with the shipped encoders."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FACTS = [("Who is Marsul married to?", "Ithpelith", "Marsul is married to Ithpelith."),
+         ("Where was Quorvane born?", "Stelmarth", "Quorvane was born in Stelmarth."),
+         ("What is the capital of Zellira?", "Brindlemoor", "The capital of Zellira is Brindlemoor.")]
+
+
+def test_embedded_default_loads_from_the_cache(real_model):
+    from diekae_rag.defaults import cache_dir, default_decoder_path
+    path = default_decoder_path()
+    assert path.is_relative_to(cache_dir()) and (path / "model.safetensors").exists()
+    dec = real_model.decoder
+    assert type(dec).__name__ == "LlamaForCausalLM"
+    assert dec.config.num_hidden_layers == 30 and dec.config.hidden_size == 576
+
+
+def test_generate_and_score_in_all_modes(real_model):
+    q, a, k = FACTS[0]
+    scores = {m: real_model.score(q, a, [k], mode=m) for m in ("none", "in_context", "diekae")}
+    texts = {m: real_model.generate(q, [k], mode=m, max_new_tokens=12) for m in ("none", "in_context", "diekae")}
+    assert all(isinstance(t, str) and t for t in texts.values())
+    assert scores["in_context"] < scores["none"] - 2, scores  # reading the passage helps a lot
+    assert a in texts["in_context"]
+    assert "".join(real_model.stream(q, [k], max_new_tokens=12)).strip() == texts["diekae"]
+    assert real_model.generate_batch([q, q], [[k], None], max_new_tokens=12) == [texts["diekae"], texts["none"]]
+
+
+def test_shipped_encoders_carry_the_passage(real_model):
+    """The shipped encoders must lower the answer's NLL well below the no-knowledge decoder's."""
+    from diekae_rag.model import SHIPPED_WEIGHTS
+    if not (SHIPPED_WEIGHTS / "model.safetensors").exists():
+        pytest.fail("no shipped encoders in diekae_rag/weights")
+    qs, ans, ks = zip(*FACTS)
+    none = real_model.score_batch(list(qs), list(ans), [[k] for k in ks], mode="none")
+    diekae = real_model.score_batch(list(qs), list(ans), [[k] for k in ks], mode="diekae")
+    assert sum(diekae) / 3 < sum(none) / 3 - 2.0, (none, diekae)
+
+
+def test_qa_example_answers_with_sources(tmp_path):
+    env = {**os.environ, "DIEKAE_RAG_CACHE": os.environ.get("DIEKAE_RAG_CACHE", str(Path.home() / ".cache" / "diekae_rag"))}
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "qa.py"), "--store", str(tmp_path / "store"),
+                          "--max-new-tokens", "12", "Who is Marsul Vantrel married to?"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "A (DIEKÆ):" in out.stdout and "Sources:" in out.stdout
+    assert "marsul_vantrel.md" in out.stdout.split("Sources:")[1].splitlines()[1]
+    assert (tmp_path / "store" / "manifest.json").exists()
+
+
+def test_non_editable_install_imports_from_outside_the_repo(tmp_path):
+    target = tmp_path / "site"
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                        "--target", str(target), str(ROOT)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not (target / "retrievers").exists() and not (target / "integrations").exists()
+    code = ("import diekae_rag, diekae_rag.retrievers, diekae_rag.integrations, diekae_rag.integrations.langchain;"
+            "from diekae_rag.model import SHIPPED_WEIGHTS; print(diekae_rag.__file__);"
+            "print((SHIPPED_WEIGHTS / 'model.safetensors').exists())")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": str(target)}, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.split()
+    assert lines[0].startswith(str(target))
+    assert lines[1] == "True", "the shipped encoders are installed with the package"
