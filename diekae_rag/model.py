@@ -98,6 +98,18 @@ class DiekaeModel:
         """Save the encoders (safetensors + config.json); the decoder is referenced, not copied."""
         return save_encoder(self.encoder, path)
 
+    def apply_edits(self, edits, **train_kwargs) -> DiekaeEncoder:
+        """Attach editing encoders (trained from edit dicts / a JSONL path, or a saved folder).
+
+        Until :meth:`remove_edits`, every generate/score call, in any mode, goes through them.
+        """
+        from .editing import apply_edits
+        return apply_edits(self, edits, **train_kwargs)
+
+    def remove_edits(self) -> None:
+        """Detach all editing encoders; the decoder is exactly as before."""
+        self.edit_encoders = []
+
     @property
     def device(self) -> torch.device:
         return self.decoder.device

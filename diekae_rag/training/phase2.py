@@ -12,15 +12,14 @@ from ..injection import injecting
 from ..model import DiekaeModel
 
 
-def lm_loss(model: DiekaeModel, batch: Sequence[Example], with_eos: bool = True) -> torch.Tensor:
-    """Mean NLL of the answer tokens (and the end-of-answer token) given the injected passages.
+def answer_logits(model: DiekaeModel, prompts: Sequence[list[int]], passages: Sequence[list[str]],
+                  answers: Sequence[list[int]], mode: str = "diekae") -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at the positions that predict each answer token, and those tokens.
 
     Logits are computed only at answer positions, and the decoder's frozen layers below the
     first injected layer build no autograd graph.
     """
-    prompts, passages = model._validate([e.question for e in batch], [e.passages for e in batch], "diekae")
-    answers = [model.prompter.answer_ids(e.answer, with_eos) for e in batch]
-    ids, mask, inj = model.teacher_forcing_inputs(prompts, passages, answers, "diekae")
+    ids, mask, inj = model.teacher_forcing_inputs(prompts, passages, answers, mode)
     with injecting(inj):
         hidden = model.decoder.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
     pos_b, pos_t, targets = [], [], []
@@ -31,5 +30,12 @@ def lm_loss(model: DiekaeModel, batch: Sequence[Example], with_eos: bool = True)
             targets.append(tok)
     dev = hidden.device
     h = hidden[torch.tensor(pos_b, device=dev), torch.tensor(pos_t, device=dev)]
-    logits = model.decoder.get_output_embeddings()(h).float()
-    return F.cross_entropy(logits, torch.tensor(targets, device=dev))
+    return model.decoder.get_output_embeddings()(h).float(), torch.tensor(targets, device=dev)
+
+
+def lm_loss(model: DiekaeModel, batch: Sequence[Example], with_eos: bool = True) -> torch.Tensor:
+    """Mean NLL of the answer tokens (and the end-of-answer token) given the injected passages."""
+    prompts, passages = model._validate([e.question for e in batch], [e.passages for e in batch], "diekae")
+    answers = [model.prompter.answer_ids(e.answer, with_eos) for e in batch]
+    logits, targets = answer_logits(model, prompts, passages, answers)
+    return F.cross_entropy(logits, targets)

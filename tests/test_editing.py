@@ -1,0 +1,66 @@
+"""Editing encoders: attach, detach, stack, save; the decoder's weights never change."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from diekae_rag.checkpoint import save_encoder
+from diekae_rag.data.edits import read_jsonl, write_jsonl
+from diekae_rag.editing import evaluate_edits
+
+EDITS = [
+    {"subject": "Brenna", "prompt": "Where does Brenna live?", "target_old": "Oslo", "target_new": "Lima",
+     "paraphrases": [], "neighborhood": [{"prompt": "Where does Tomas live?", "target": "Oslo"}]},
+    {"subject": "Kell", "prompt": "What does Kell eat?", "target_old": "rice", "target_new": "figs",
+     "paraphrases": [], "neighborhood": []},
+]
+
+
+def _decoder_state(model):
+    return {k: v.clone() for k, v in model.decoder.state_dict().items()}
+
+
+def test_apply_and_remove_edits(tmp_path):
+    model = tiny_model(nonzero=False)
+    before = evaluate_edits(model, EDITS)
+    plain = model.generate(EDITS[0]["prompt"], mode="none", max_new_tokens=5)
+    weights = _decoder_state(model)
+    model.apply_edits(EDITS, steps=80, lr=5e-3, batch_size=2, progress=False)
+    after = evaluate_edits(model, EDITS)
+    assert after["efficacy"] == 1.0 and before["efficacy"] < 1.0, (before, after)
+    # Every mode goes through the edit encoders while they are attached.
+    assert model.score(EDITS[0]["prompt"], "Lima", mode="in_context", knowledge=["x"]) != pytest.approx(
+        tiny_model(nonzero=False).score(EDITS[0]["prompt"], "Lima", mode="in_context", knowledge=["x"]), abs=1e-4)
+    for k, v in model.decoder.state_dict().items():
+        assert torch.equal(v, weights[k]), f"decoder weight {k} changed"
+    model.remove_edits()
+    assert model.generate(EDITS[0]["prompt"], mode="none", max_new_tokens=5) == plain
+    assert evaluate_edits(model, EDITS) == before
+
+
+def test_edits_stack_with_augmentation_and_round_trip(tmp_path):
+    model = tiny_model()
+    enc = model.apply_edits(EDITS, steps=10, batch_size=2, progress=False)
+    stacked = model.score(EDITS[0]["prompt"], "Lima", ["Brenna moved to Lima."])
+    save_encoder(enc, tmp_path / "edits")
+    model.remove_edits()
+    alone = model.score(EDITS[0]["prompt"], "Lima", ["Brenna moved to Lima."])
+    assert stacked != pytest.approx(alone, abs=1e-5)
+    model.apply_edits(tmp_path / "edits")
+    assert model.score(EDITS[0]["prompt"], "Lima", ["Brenna moved to Lima."]) == pytest.approx(stacked, abs=1e-5)
+
+
+def test_edit_file_errors_name_the_line(tmp_path):
+    path = tmp_path / "edits.jsonl"
+    write_jsonl(EDITS, path)
+    assert read_jsonl(path) == json.loads(json.dumps(EDITS))
+    path.write_text(json.dumps(EDITS[0]) + "\n{broken\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"edits.jsonl:2: not valid JSON"):
+        read_jsonl(path)
+    path.write_text(json.dumps({"subject": "x"}) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r":1: missing \['prompt'"):
+        read_jsonl(path, ("subject", "prompt", "target_old", "target_new"))
