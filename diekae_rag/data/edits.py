@@ -44,7 +44,44 @@ LANGUAGES = {
     "Ukraine": "Ukrainian", "Romania": "Romanian", "Argentina": "Spanish", "Saudi Arabia": "Arabic",
     "Indonesia": "Indonesian", "Czech Republic": "Czech", "Bulgaria": "Bulgarian", "Iceland": "Icelandic",
 }
+CITY_COUNTRY = {
+    "Lyon": "France", "Marseille": "France", "Munich": "Germany", "Hamburg": "Germany", "Milan": "Italy",
+    "Naples": "Italy", "Barcelona": "Spain", "Seville": "Spain", "Osaka": "Japan", "Kyoto": "Japan",
+    "Shanghai": "China", "Shenzhen": "China", "Mumbai": "India", "Kolkata": "India", "Toronto": "Canada",
+    "Vancouver": "Canada", "Sydney": "Australia", "Melbourne": "Australia", "Chicago": "United States",
+    "Los Angeles": "United States", "Houston": "United States", "Manchester": "England", "Liverpool": "England",
+    "Glasgow": "Scotland", "Edinburgh": "Scotland", "Rio de Janeiro": "Brazil", "Sao Paulo": "Brazil",
+    "Istanbul": "Turkey", "St Petersburg": "Russia", "Krakow": "Poland", "Porto": "Portugal",
+    "Rotterdam": "Netherlands", "Zurich": "Switzerland", "Geneva": "Switzerland", "Alexandria": "Egypt",
+    "Casablanca": "Morocco", "Lagos": "Nigeria", "Johannesburg": "South Africa", "Cape Town": "South Africa",
+    "Guadalajara": "Mexico", "Busan": "South Korea", "Karachi": "Pakistan", "Dubai": "United Arab Emirates",
+    "Auckland": "New Zealand", "Montreal": "Canada", "Florence": "Italy", "Venice": "Italy", "Salzburg": "Austria",
+}
+CURRENCIES = {
+    "Japan": "yen", "China": "yuan", "India": "rupee", "United Kingdom": "pound", "Russia": "ruble",
+    "Mexico": "peso", "Brazil": "real", "South Africa": "rand", "South Korea": "won", "Switzerland": "franc",
+    "United States": "dollar", "Germany": "euro", "France": "euro", "Italy": "euro", "Turkey": "lira",
+    "Poland": "zloty", "Sweden": "krona", "Thailand": "baht", "Vietnam": "dong", "Israel": "shekel",
+    "Indonesia": "rupiah", "Saudi Arabia": "riyal", "Nigeria": "naira", "Ukraine": "hryvnia",
+}
+_CONTINENT_OF = {
+    "Europe": "France Germany Italy Spain Greece Portugal Ireland Norway Sweden Finland Denmark Austria Poland "
+              "Hungary Belgium Romania Bulgaria Serbia Netherlands Switzerland Iceland Croatia",
+    "Asia": "Japan China India Iran Iraq Vietnam Indonesia Philippines Malaysia Thailand Pakistan Afghanistan "
+            "Bangladesh Nepal Mongolia",
+    "Africa": "Egypt Kenya Ethiopia Nigeria Ghana Morocco Algeria Tunisia Uganda Zimbabwe Senegal Libya",
+    "South America": "Peru Argentina Chile Colombia Venezuela Brazil",
+}
+CONTINENTS = {c: cont for cont, cs in _CONTINENT_OF.items() for c in cs.split()}
 RELATIONS = {
+    "continent": (CONTINENTS, "On which continent is {s}?",
+                  ["Which continent is {s} part of?", "{s} is a country on which continent?",
+                   "On what continent does {s} lie?"]),
+    "city_country": (CITY_COUNTRY, "In which country is the city of {s}?",
+                     ["Which country is {s} in?", "{s} is a city in which country?", "Where is {s} located?"]),
+    "currency": (CURRENCIES, "What is the currency of {s}?",
+                 ["Which currency is used in {s}?", "What money do people use in {s}?",
+                  "What is the official currency of {s}?"]),
     "capital": (CAPITALS, "What is the capital of {s}?",
                 ["Which city is the capital of {s}?", "Name the capital city of {s}.", "What city is {s}'s capital?"]),
     "language": (LANGUAGES, "What language is spoken in {s}?",
@@ -53,8 +90,12 @@ RELATIONS = {
 }
 
 
-def build_edit_set(model, n: int = 100, seed: int = 0, n_neighbours: int = 3) -> list[dict]:
-    """Up to ``n`` edits of facts the decoder gets right (checked by greedy generation)."""
+def build_edit_set(model, n: int = 100, seed: int = 0, n_neighbours: int = 3, n_retain: int = 3) -> list[dict]:
+    """Up to ``n`` edits of facts the decoder gets right (checked by greedy generation).
+
+    The known facts that are not edited are split in two: neighbourhood prompts (evaluation)
+    and retain prompts (training may use them to keep unrelated answers unchanged).
+    """
     rng = random.Random(seed)
     known = []
     cands = [(rel, s, o) for rel, (table, _, _) in RELATIONS.items() for s, o in table.items()]
@@ -64,16 +105,21 @@ def build_edit_set(model, n: int = 100, seed: int = 0, n_neighbours: int = 3) ->
                                     max_new_tokens=16)
         known += [c for c, out in zip(chunk, outs) if c[2].lower() in out.lower()]
     rng.shuffle(known)
+    n = min(n, max(1, len(known) - 30))  # keep at least 30 unedited facts for neighbours / retain
+    edited, rest = known[:n], known[n:]
+    neighbour_pool, retain_pool = rest[::2], rest[1::2]
     edits = []
-    for rel, s, old in known[:n]:
+    for rel, s, old in edited:
         table, prompt, paraphrases = RELATIONS[rel]
         new = rng.choice(sorted({o for o in table.values() if o != old}))
-        neighbours = [(s2, o2) for r2, s2, o2 in known if r2 == rel and s2 != s and o2 not in (old, new)]
-        rng.shuffle(neighbours)
+        same = [(r2, s2, o2) for r2, s2, o2 in neighbour_pool if r2 == rel and o2 not in (old, new)]
+        neighbours = rng.sample(same, min(n_neighbours, len(same)))
+        retain = rng.sample(retain_pool, min(n_retain, len(retain_pool)))
         edits.append({"subject": s, "relation": rel, "prompt": prompt.format(s=s), "target_old": old,
                       "target_new": new, "paraphrases": [p.format(s=s) for p in paraphrases],
-                      "neighborhood": [{"prompt": prompt.format(s=s2), "target": o2}
-                                       for s2, o2 in neighbours[:n_neighbours]]})
+                      "neighborhood": [{"prompt": RELATIONS[r2][1].format(s=s2), "target": o2}
+                                       for r2, s2, o2 in neighbours],
+                      "retain": [{"prompt": RELATIONS[r2][1].format(s=s2), "target": o2} for r2, s2, o2 in retain]})
     return edits
 
 

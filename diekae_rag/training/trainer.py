@@ -100,6 +100,13 @@ def lr_at(step: int, total: int, base: float, warmup: int) -> float:
 def build_model(cfg: TrainConfig) -> DiekaeModel:
     if cfg.init_from:
         model = DiekaeModel.from_pretrained(cfg.init_from, decoder=cfg.decoder)
+        for key, value in cfg.encoder.items():  # behaviour switches only; shapes must match
+            if key in ("layers", "d_enc", "n_blocks", "n_heads", "pointer_layer", "pointer_heads", "pointer_key_dim"):
+                if getattr(model.config, key) != value:
+                    raise ValueError(f"init_from {cfg.init_from} has {key}={getattr(model.config, key)}, "
+                                     f"the config asks for {value}: shapes must match to continue training.")
+            setattr(model.config, key, value)
+        model.config.validate()
     else:
         model = DiekaeModel.from_pretrained(Path(cfg.out) / "last" if (Path(cfg.out) / "last").exists() else None,
                                             decoder=cfg.decoder, config=DiekaeConfig(**cfg.encoder))
