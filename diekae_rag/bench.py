@@ -201,6 +201,17 @@ def bench_retrieval(sizes=(10_000, 100_000), dim: int = 384, queries: int = 500)
     return out
 
 
+def bench_load(repeats: int = 2) -> dict:
+    """Seconds for a fresh process to import diekae_rag and load the default model (cache warm)."""
+    import subprocess
+    import sys
+    code = ("import time; t = time.perf_counter(); from diekae_rag import DiekaeModel; "
+            "DiekaeModel.from_pretrained(); print(time.perf_counter() - t)")
+    times = [float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True
+                                  ).stdout.split()[-1]) for _ in range(repeats)]
+    return {"load_s_median": statistics.median(times), "load_s": times}
+
+
 def hardware(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -239,7 +250,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--ks", type=int, nargs="+", default=[1, 3, 5, 10])
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--skip", nargs="*", default=[], choices=["latency", "batch", "training", "retrieval"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["latency", "batch", "training", "retrieval", "load"])
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
     if args.threads:
@@ -260,6 +271,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         res["training"] = bench_training(model)
     if "retrieval" not in args.skip:
         res["retrieval"] = bench_retrieval()
+    if "load" not in args.skip:
+        res["load"] = bench_load()
     atomic_write_text(out / "bench.json", json.dumps(res, indent=2))
-    print(json.dumps({k: res[k] for k in ("hardware", "ratios", "training") if k in res}, indent=2))
+    print(json.dumps({k: res[k] for k in ("hardware", "ratios", "training", "load") if k in res}, indent=2))
     return 0
