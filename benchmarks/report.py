@@ -1,0 +1,72 @@
+"""Print markdown tables from result JSON files (eval, bench, edits), for README / docs/results.md.
+
+    python benchmarks/report.py eval runs/eval/results.json [...]
+    python benchmarks/report.py bench benchmarks/results/cpu/bench.json
+    python benchmarks/report.py edits benchmarks/results/edits/edit_results.json
+"""
+import json
+import sys
+
+
+def _f(x, nd=2):
+    return "—" if x is None else f"{x:.{nd}f}"
+
+
+def eval_table(paths):
+    print("| checkpoint | set | none pref / acc | in-context pref / acc / len | DIEKÆ pref / acc / len "
+          "| DIEKÆ NLL (none / ctx) | recovered pref / acc |")
+    print("|---|---|---|---|---|---|---|")
+    for p in paths:
+        r = json.load(open(p))
+        for key, row in r["summary"].items():
+            n, c, d, rec = row["none"], row["in_context"], row["diekae"], row["recovered"]
+            print(f"| {r['checkpoint']} | {key} | {_f(n['pref'])} / {_f(n['acc'])} | {_f(c['pref'])} / {_f(c['acc'])} / "
+                  f"{_f(c['len'], 1)} | {_f(d['pref'])} / {_f(d['acc'])} / {_f(d['len'], 1)} | {_f(d['nll'])} "
+                  f"({_f(n['nll'])} / {_f(c['nll'])}) | {_f(rec['pref'])} / {_f(rec['acc'])} |")
+
+
+def bench_table(path):
+    r = json.load(open(path))
+    print(f"Hardware: {r['hardware']}, decoder dtype {r['dtype']}, torch {r['torch']}.\n")
+    print("| k | mode | decoder tokens | time to first token | 32 tokens | decode step | peak extra memory |")
+    print("|---|---|---|---|---|---|---|")
+    for x in r.get("latency", []):
+        print(f"| {x['k']} | {x['mode']} | {x['decoder_tokens']} | {x['ttft_s'] * 1000:.0f} ms | {x['total_s']:.2f} s | "
+              f"{x['decode_step_s'] * 1000:.1f} ms | {x['peak_mem_mb']:.0f} MB |")
+    if "ratios" in r:
+        print("\n| k | TTFT diekae/in_context | TTFT diekae/none | 32-token latency diekae/in_context | decode step diekae/none |")
+        print("|---|---|---|---|---|")
+        for k, v in r["ratios"].items():
+            print(f"| {k} | {_f(v.get('ttft_s_diekae/in_context'))} | {_f(v.get('ttft_s_diekae/none'))} | "
+                  f"{_f(v.get('total_s_diekae/in_context'))} | {_f(v.get('decode_step_s_diekae/none'))} |")
+    if "training" in r:
+        t = r["training"]
+        print(f"\nTraining (batch {t['batch_size']}): phase-1 step with cached Δ {t['phase1_cached_s']:.2f} s vs "
+              f"recomputing the teacher {t['phase1_recompute_s']:.2f} s (**{t['phase1_speedup']:.1f}×**); "
+              f"phase-2 step {t['phase2_step_s']:.2f} s; peak extra memory phase 1 {t['phase1_peak_mb']:.0f} MB, "
+              f"phase 2 {t['phase2_peak_mb']:.0f} MB.")
+    if "batch" in r:
+        print("\n| batch | mode | answers/s | tokens/s |\n|---|---|---|---|")
+        for b in r["batch"]:
+            print(f"| {b['batch']} | {b['mode']} | {b['answers_per_s']:.2f} | {b['tokens_per_s']:.1f} |")
+    if "retrieval" in r:
+        print("\n| chunks | index | build (chunks/s) | top-5 p50 | top-5 p99 |\n|---|---|---|---|---|")
+        for x in r["retrieval"]:
+            print(f"| {x['chunks']:,} | {x['index']} | {x['build_chunks_per_s']:,.0f} | {x['p50_ms']:.2f} ms | "
+                  f"{x['p99_ms']:.2f} ms |")
+    if "load" in r:
+        print(f"\nFresh-process load of the default model (cache warm): median {r['load']['load_s_median']:.1f} s.")
+
+
+def edits_table(path):
+    r = json.load(open(path))
+    print(f"{r['n_edits']} edits, edit encoder trained {r['steps']} steps ({r['train_minutes']:.1f} min, {r['device']}).\n")
+    print("| method | efficacy | paraphrase | neighbourhood |\n|---|---|---|---|")
+    for name, row in r["rows"].items():
+        print(f"| {name} | {_f(row['efficacy'])} | {_f(row['paraphrase'])} | {_f(row['neighborhood'])} |")
+
+
+if __name__ == "__main__":
+    kind, paths = sys.argv[1], sys.argv[2:]
+    {"eval": lambda: eval_table(paths), "bench": lambda: bench_table(paths[0]),
+     "edits": lambda: edits_table(paths[0])}[kind]()
