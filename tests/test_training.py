@@ -1,0 +1,83 @@
+"""Training mechanics on a tiny decoder: phase 1 (cached Δ), phase 2, checkpoints, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from diekae_rag.checkpoint import read_config
+from diekae_rag.data.fictional import HELD_OUT, make_facts
+from diekae_rag.data.mixture import DataSpec, Example
+from diekae_rag.training.phase1 import DeltaCache, difference_loss, teacher_deltas
+from diekae_rag.training.phase2 import lm_loss
+from diekae_rag.training.trainer import TrainConfig, train
+
+
+def _examples(n=8):
+    return [Example(f.question, [f.passage], f.answer, f.distractor) for f in make_facts(n, seed=5)]
+
+
+def test_fictional_facts_hold_out_relations_and_vary():
+    train_facts = make_facts(300, relations="train", other_facts=(1, 3))
+    held = make_facts(100, relations="held_out")
+    assert not {f.relation for f in train_facts} & set(HELD_OUT)
+    assert {f.relation for f in held} <= set(HELD_OUT)
+    assert all(f.answer in f.passage and f.answer != f.distractor for f in train_facts)
+    assert len({f.question.split(" ")[0] for f in train_facts}) > 3, "several question phrasings"
+    with pytest.raises(ValueError, match="evaluation only"):
+        DataSpec(squad=1, squad_files=["squad_v1.1_dev_part_a.json"]).build()
+
+
+def test_teacher_delta_is_zero_without_knowledge_effect_and_cached(tmp_path):
+    model = tiny_model(nonzero=False)
+    ex = _examples(6)
+    deltas = teacher_deltas(model, ex)
+    assert len(deltas) == 6 and deltas[0].shape[0] == len(model.config.layers)
+    assert all(float(d.float().abs().sum()) > 0 for d in deltas), "the knowledge changes the MLP outputs"
+    cache = DeltaCache(tmp_path / "d", shard_size=4)
+    cache.build(model, ex)
+    shards = sorted(p.name for p in (tmp_path / "d").glob("*.safetensors"))
+    assert shards == ["delta-00000.safetensors", "delta-00001.safetensors"]
+    mtime = (tmp_path / "d" / shards[0]).stat().st_mtime_ns
+    cache.build(model, ex)  # resumable: finished shards are not recomputed
+    assert (tmp_path / "d" / shards[0]).stat().st_mtime_ns == mtime
+    loaded = cache.load(6)
+    for a, b in zip(loaded, deltas):
+        torch.testing.assert_close(a, b)
+
+
+def test_phase1_and_phase2_losses_fall():
+    for loss_fn, lr, factor in (("phase1", 1e-4, 0.8), ("phase2", 3e-3, 0.95)):
+        model = tiny_model(nonzero=False)
+        model.encoder.train()
+        ex = _examples(8)
+        deltas = teacher_deltas(model, ex)
+        opt = torch.optim.Adam(model.encoder.parameters(), lr=lr)
+        losses = []
+        for _ in range(30):
+            loss = difference_loss(model, ex, deltas) if loss_fn == "phase1" else lm_loss(model, ex)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert losses[-1] < factor * losses[0], (loss_fn, losses[0], losses[-1])
+        assert all(p.grad is None for p in model.decoder.parameters()), "the decoder gets no gradients"
+
+
+def test_train_writes_checkpoints_and_resumes(tmp_path):
+    model = tiny_model(nonzero=False)
+    cfg = TrainConfig(out=str(tmp_path / "run"), data={"fictional": 40, "k": 2}, batch_size=8, epochs=0.5,
+                      dev_size=8, eval_every=1, warmup_steps=1, lr=3e-3)
+    first = train(cfg, model=model)
+    assert first["steps"] == 2
+    assert read_config(tmp_path / "run" / "best").layers == model.config.layers
+    state = json.loads((tmp_path / "run" / "last" / "trainer_state.json").read_text())
+    assert state["step"] == 2 and state["optimizer"]["state"], "optimiser state is saved"
+    cfg.epochs = 1.0
+    second = train(cfg, model=model)
+    assert second["steps"] == 4, "resumed at step 2 and ran to the new total"
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert [h["step"] for h in summary["history"]] == [1, 2, 3, 4]
