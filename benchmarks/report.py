@@ -34,10 +34,12 @@ def bench_table(path):
         print(f"| {x['k']} | {x['mode']} | {x['decoder_tokens']} | {x['ttft_s'] * 1000:.0f} ms | {x['total_s']:.2f} s | "
               f"{x['decode_step_s'] * 1000:.1f} ms | {x['peak_mem_mb']:.0f} MB |")
     if "ratios" in r:
-        print("\n| k | TTFT diekae/in_context | TTFT diekae/none | 32-token latency diekae/in_context | decode step diekae/none |")
-        print("|---|---|---|---|---|")
+        print("\n| k | TTFT diekae/in_context | TTFT diekae/none | TTFT cold/in_context | TTFT cold/none "
+              "| 32-token latency diekae/in_context | decode step diekae/none |")
+        print("|---|---|---|---|---|---|---|")
         for k, v in r["ratios"].items():
             print(f"| {k} | {_f(v.get('ttft_s_diekae/in_context'))} | {_f(v.get('ttft_s_diekae/none'))} | "
+                  f"{_f(v.get('ttft_s_diekae_cold/in_context'))} | {_f(v.get('ttft_s_diekae_cold/none'))} | "
                   f"{_f(v.get('total_s_diekae/in_context'))} | {_f(v.get('decode_step_s_diekae/none'))} |")
     if "training" in r:
         t = r["training"]
