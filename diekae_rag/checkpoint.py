@@ -32,12 +32,16 @@ class DecoderMismatchError(CheckpointError):
     """A checkpoint was trained for a different decoder than the one it is attached to."""
 
 
-def save_encoder(encoder: DiekaeEncoder, path: str | Path, extra_tensors: Optional[dict] = None) -> Path:
-    """Write ``encoder`` to the folder ``path`` (created if needed), atomically per file."""
+def save_encoder(encoder: DiekaeEncoder, path: str | Path, extra_tensors: Optional[dict] = None,
+                 dtype: Optional[torch.dtype] = None) -> Path:
+    """Write ``encoder`` to the folder ``path`` (created if needed), atomically per file.
+
+    ``dtype`` (e.g. ``torch.float16`` for the shipped weights) converts floating tensors."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"{path} exists and is not a folder; choose a folder path for the checkpoint.")
-    state = {k: v.detach().to("cpu").contiguous() for k, v in encoder.state_dict().items()}
+    state = {k: v.detach().to("cpu", dtype=dtype if (dtype and v.is_floating_point()) else v.dtype).contiguous()
+             for k, v in encoder.state_dict().items()}
     state.update(extra_tensors or {})
     meta = {_META_KEY: encoder.config.to_json(), "format": "pt"}
     atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp), metadata=meta))

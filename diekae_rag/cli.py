@@ -45,6 +45,17 @@ def _bench(args: argparse.Namespace) -> int:
     return bench_main(args.rest)
 
 
+def _ship(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import load_encoder, save_encoder
+    from .model import SHIPPED_WEIGHTS
+    enc, _ = load_encoder(args.checkpoint)
+    out = save_encoder(enc, args.out or SHIPPED_WEIGHTS, dtype=torch.float16)
+    print(f"wrote {out} (float16)")
+    return 0
+
+
 def _edit(args: argparse.Namespace) -> int:
     from .editing import edit_command
     return edit_command(args)
@@ -78,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="latency / memory benchmark (see benchmarks/)")
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=_bench)
+    sh = sub.add_parser("ship", help="copy a checkpoint (float16) into the package as the default encoders")
+    sh.add_argument("checkpoint")
+    sh.add_argument("--out", default=None)
+    sh.set_defaults(func=_ship)
     ed = sub.add_parser("edit", help="train editing encoders from an edits JSONL")
     ed.add_argument("edits")
     ed.add_argument("-o", "--out", required=True)
