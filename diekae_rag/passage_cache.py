@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from .encoder import DiekaeEncoder, EncoderCache
 
@@ -52,39 +53,35 @@ def encode_segments(encoder: DiekaeEncoder, segments: Sequence[Sequence[int]], k
     return states
 
 
+def _left_pad_stack(parts: Sequence[torch.Tensor], length: int, dim: int, stack_dim: int) -> torch.Tensor:
+    """Left-pad each tensor to ``length`` along ``dim`` and stack them (no in-place writes, so
+    autograd stays cheap when training through it)."""
+    padded = []
+    for t in parts:
+        pad = [0, 0] * (t.dim() - 1 - dim) + [length - t.shape[dim], 0]
+        padded.append(F.pad(t, pad))
+    return torch.stack(padded, stack_dim)
+
+
 def assemble(encoder: DiekaeEncoder, items: Sequence[Sequence[SegmentState]]) -> EncoderCache:
     """Concatenate each item's segment states into a left-padded past for the tail."""
-    B = len(items)
     lens = [sum(int(s.ids.shape[0]) for s in segs) for segs in items]
     P = max(lens)
     first = items[0][0]
-    dev = first.ids.device
-    n_blocks = len(first.kv)
     kv = []
-    for blk in range(n_blocks):
-        n, h, _, hd = first.kv[blk][0].shape
-        k = first.kv[blk][0].new_zeros((n, B, h, P, hd))
-        v = k.clone()
-        for b, segs in enumerate(items):
-            k[:, b, :, P - lens[b]:] = torch.cat([s.kv[blk][0] for s in segs], 2)
-            v[:, b, :, P - lens[b]:] = torch.cat([s.kv[blk][1] for s in segs], 2)
-        kv.append((k, v))
-    key_valid = torch.zeros((B, P), dtype=torch.bool, device=dev)
-    ids = torch.zeros((B, P), dtype=torch.long, device=dev)
-    knowledge = torch.zeros((B, P), dtype=torch.bool, device=dev)
-    for b, segs in enumerate(items):
-        key_valid[b, P - lens[b]:] = True
-        ids[b, P - lens[b]:] = torch.cat([s.ids for s in segs])
-        knowledge[b, P - lens[b]:] = torch.cat([s.knowledge for s in segs])
+    for blk in range(len(first.kv)):
+        k = _left_pad_stack([torch.cat([s.kv[blk][0] for s in segs], 2) for segs in items], P, 2, 1)
+        v = _left_pad_stack([torch.cat([s.kv[blk][1] for s in segs], 2) for segs in items], P, 2, 1)
+        kv.append((k, v))  # (n, B, h, P, hd)
+    key_valid = _left_pad_stack([torch.ones(n, dtype=torch.bool, device=first.ids.device) for n in lens], P, 0, 0)
+    ids = _left_pad_stack([torch.cat([s.ids for s in segs]) for segs in items], P, 0, 0)
+    knowledge = _left_pad_stack([torch.cat([s.knowledge for s in segs]) for segs in items], P, 0, 0)
     p_keys = p_values = None
     if first.pointer_keys is not None:
-        ph, _, dk = first.pointer_keys.shape
-        p_keys = first.pointer_keys.new_zeros((B, ph, P, dk))
-        for b, segs in enumerate(items):
-            p_keys[b, :, P - lens[b]:] = torch.cat([s.pointer_keys for s in segs], 1)
+        p_keys = _left_pad_stack([torch.cat([s.pointer_keys for s in segs], 1) for segs in items], P, 1, 0)
         with torch.no_grad():
             p_values = encoder._frozen[1].weight[ids].to(encoder.dtype)
-    return EncoderCache(kv=kv, key_valid=key_valid, next_position=torch.tensor(lens, device=dev),
+    return EncoderCache(kv=kv, key_valid=key_valid, next_position=torch.tensor(lens, device=ids.device),
                         pointer_keys=p_keys, pointer_values=p_values, pointer_valid=knowledge & key_valid)
 
 
