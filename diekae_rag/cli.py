@@ -22,7 +22,13 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from .evaluation import run_eval
-    res = run_eval(args.checkpoint, n=args.n, ks=args.k, out=args.out, sets=args.sets)
+    model = None
+    if args.isolation is not None:  # evaluate a checkpoint with the passage-isolation switch flipped
+        from .model import DiekaeModel
+        model = DiekaeModel.from_pretrained(args.checkpoint)
+        model.config.passage_isolation = args.isolation == "on"
+    res = run_eval(args.checkpoint, n=args.n, ks=args.k, out=args.out, sets=args.sets, baseline=args.baseline,
+                   model=model)
     print(json.dumps(res["summary"], indent=2))
     return 0
 
@@ -75,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--k", type=int, nargs="+", default=[1, 5])
     e.add_argument("--sets", nargs="+", default=["fictional_seen", "fictional_unseen", "squad_dev"])
     e.add_argument("--out", default="runs/eval")
+    e.add_argument("--baseline", default=None, help="results.json whose none/in_context rows to reuse")
+    e.add_argument("--isolation", choices=["on", "off"], default=None, help="override passage_isolation")
     e.set_defaults(func=_eval)
     d = sub.add_parser("data", help="build the SQuAD-Shifts files from the bigbench==1.0.0 sdist")
     d.add_argument("--out", default=None)

@@ -61,19 +61,31 @@ def recovered(none: float, ctx: float, diekae: float, lower_is_better: bool = Fa
 
 def run_eval(checkpoint: Optional[str] = None, n: int = 60, ks: Sequence[int] = (1, 5), out: str = "runs/eval",
              sets: Sequence[str] = ("fictional_seen", "fictional_unseen", "squad_dev"),
-             model: Optional[DiekaeModel] = None, other_facts=(0, 0)) -> dict:
-    """Evaluate on the held-out sets at each k; writes ``results.json`` and ``results.png``."""
+             model: Optional[DiekaeModel] = None, other_facts=(0, 0), baseline: Optional[str] = None) -> dict:
+    """Evaluate on the held-out sets at each k; writes ``results.json`` and ``results.png``.
+
+    ``baseline``: a results.json from a run on the same items (same n, k, sets), whose
+    ``none`` and ``in_context`` rows are reused, so only ``diekae`` is evaluated (those two
+    modes do not depend on the encoders).
+    """
+    base_runs = json.loads(Path(baseline).read_text())["runs"] if baseline else {}
+    if baseline and json.loads(Path(baseline).read_text())["n"] != n:
+        raise ValueError(f"--baseline {baseline} was run with another --n; the items must be the same.")
     model = model or DiekaeModel.from_pretrained(checkpoint)
     torch.manual_seed(0)
     results: dict = {"checkpoint": str(checkpoint or "shipped"), "config": model.config.to_dict(),
-                     "device": str(model.device), "n": n, "runs": {}}
+                     "device": str(model.device), "n": n, "baseline": baseline, "runs": {}}
     summary = {}
     t0 = time.time()
     for k in ks:
         data = eval_sets(n=n, k=k, squad="squad_dev" in sets, other_facts=other_facts)
         for name in sets:
             key = f"{name}@k={k}"
-            res = {m: evaluate_items(model, data[name], m) for m in tqdm(MODES, desc=key)}
+            if key in base_runs:
+                res = {m: base_runs[key][m] for m in ("none", "in_context")}
+                res["diekae"] = evaluate_items(model, data[name], "diekae")
+            else:
+                res = {m: evaluate_items(model, data[name], m) for m in tqdm(MODES, desc=key)}
             row = {m: {x: round(res[m][x], 4) for x in ("nll", "pref", "acc", "len")} for m in MODES}
             row["recovered"] = {
                 "pref": recovered(res["none"]["pref"], res["in_context"]["pref"], res["diekae"]["pref"]),
