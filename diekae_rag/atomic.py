@@ -10,6 +10,12 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -37,6 +43,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         write(tmp_path)
         with open(tmp_path, "rb") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp_path, _umask_mode())  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
     finally:
