@@ -65,12 +65,13 @@ class DiekaeModel:
 
         ``decoder`` may be a loaded model (shared, never copied) or a name/folder; by default
         the decoder named in the checkpoint (the embedded SmolLM2) is loaded once per process.
-        With no shipped encoders, fresh zero-output encoders (``config`` or the paper's form)
-        are used and a warning is logged.
+        With ``config`` (and no path), fresh zero-output encoders of that shape are made for
+        training; with neither path, config nor shipped encoders, the paper's form is used and
+        a warning is logged.
         """
         source = ""
-        if path is None and (SHIPPED_WEIGHTS / "model.safetensors").exists():
-            path = SHIPPED_WEIGHTS
+        if path is None and config is None and (SHIPPED_WEIGHTS / "model.safetensors").exists():
+            path = SHIPPED_WEIGHTS  # a config asks for fresh encoders instead
         cfg = read_config(path) if path is not None else None
         if isinstance(decoder, PreTrainedModel):
             dec = decoder
@@ -87,10 +88,11 @@ class DiekaeModel:
             source = str(path)
             enc, _ = load_encoder(path, dev, dt)
         else:
-            cfg = config or DiekaeConfig()
-            cfg = fresh_config(cfg, dec, decoder if isinstance(decoder, str) else DEFAULT_DECODER)
-            log.warning("!!! No trained DIEKÆ encoders found: using freshly initialised encoders, which inject "
-                        "NOTHING (mode='diekae' answers like mode='none'). Train some with `diekae-rag train`.")
+            cfg = fresh_config(config or DiekaeConfig(), dec, decoder if isinstance(decoder, str) else DEFAULT_DECODER)
+            if config is None:
+                log.warning("!!! No trained DIEKÆ encoders found: using freshly initialised encoders, which "
+                            "inject NOTHING (mode='diekae' answers like mode='none'). Train some with "
+                            "`diekae-rag train`.")
             enc = DiekaeEncoder(cfg).to(device=dev, dtype=dt)
         return cls(dec, tok, enc, source=source)
 
