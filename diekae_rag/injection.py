@@ -112,15 +112,14 @@ class Injection:
             self.current = _sum_rows([s.step(input_ids) for s in self.sessions])
 
     def delta(self, layer: int, like: torch.Tensor) -> Optional[torch.Tensor]:
+        """The rows to add to ``layer``'s MLP output ``like`` at this step, if any."""
         r = self.current.get(layer)
-        if r is None or r.shape[:2] != like.shape[:2]:
-            return None if r is None else _shape_error(r, like)
+        if r is None:
+            return None
+        if r.shape[:2] != like.shape[:2]:
+            raise RuntimeError(f"Injection rows {tuple(r.shape)} do not fit MLP output {tuple(like.shape)} "
+                               "(beam search and multiple return sequences are not supported with injection).")
         return r.to(like.dtype)
-
-
-def _shape_error(r: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    raise RuntimeError(f"Injection rows {tuple(r.shape)} do not fit MLP output {tuple(like.shape)} "
-                       "(beam search and multiple return sequences are not supported with injection).")
 
 
 def _sum_rows(parts: list[dict[int, torch.Tensor]]) -> dict[int, torch.Tensor]:

@@ -23,6 +23,9 @@ from ..model import DiekaeModel
 
 
 def _teacher_inputs(model: DiekaeModel, batch: Sequence[Example], per_step: bool):
+    if model.config.passage_isolation:
+        raise ValueError("Phase 1 does not support passage_isolation yet: train phase 1 without it, then "
+                         "fine-tune with it in phase 2 (init_from + encoder.passage_isolation).")
     prompts, passages = model._validate([e.question for e in batch], [e.passages for e in batch], "diekae")
     answers = [model.prompter.answer_ids(e.answer, True) if per_step else [] for e in batch]
     tails = [p + a for p, a in zip(prompts, answers)]
@@ -89,7 +92,7 @@ def difference_loss(model: DiekaeModel, batch: Sequence[Example], deltas: Sequen
     cfg = model.config
     tails, _ = _teacher_inputs(model, batch, cfg.per_step)
     passages = [e.passages for e in batch]
-    items = [model.prompter.encoder_item(p, t[:0] + t, None) for p, t in zip(passages, tails)]
+    items = [model.prompter.encoder_item(p, t) for p, t in zip(passages, tails)]
     enc_batch = model.prompter.encoder_batch(items, model.device)
     rows = model.encoder(enc_batch.input_ids, enc_batch.attention_mask, enc_batch.knowledge_mask).rows
     total, count = rows.new_zeros(()), 0
