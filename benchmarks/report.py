@@ -57,7 +57,10 @@ def bench_table(path):
             print(f"| {x['chunks']:,} | {x['index']} | {x['build_chunks_per_s']:,.0f} | {x['p50_ms']:.2f} ms | "
                   f"{x['p99_ms']:.2f} ms |")
     if "load" in r:
-        print(f"\nFresh-process load of the default model (cache warm): median {r['load']['load_s_median']:.1f} s.")
+        ld = r["load"]
+        split = (f" (importing torch/transformers/diekae_rag {ld['import_s_median']:.1f} s, "
+                 f"`from_pretrained()` {ld['from_pretrained_s_median']:.2f} s)") if "import_s_median" in ld else ""
+        print(f"\nFresh-process load of the default model (cache warm): median {ld['load_s_median']:.1f} s{split}.")
 
 
 def edits_table(path):

@@ -219,10 +219,13 @@ def bench_load(repeats: int = 2) -> dict:
     import subprocess
     import sys
     code = ("import time; t = time.perf_counter(); from diekae_rag import DiekaeModel; "
-            "DiekaeModel.from_pretrained(); print(time.perf_counter() - t)")
-    times = [float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True
-                                  ).stdout.split()[-1]) for _ in range(repeats)]
-    return {"load_s_median": statistics.median(times), "load_s": times}
+            "t1 = time.perf_counter(); DiekaeModel.from_pretrained(); t2 = time.perf_counter(); "
+            "print(t1 - t, t2 - t1)")
+    runs = [[float(x) for x in subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                              check=True).stdout.split()[-2:]] for _ in range(repeats)]
+    return {"load_s_median": statistics.median(a + b for a, b in runs),
+            "import_s_median": statistics.median(a for a, _ in runs),
+            "from_pretrained_s_median": statistics.median(b for _, b in runs), "runs": runs}
 
 
 def hardware(device: torch.device) -> str:
@@ -271,8 +274,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     model = DiekaeModel.from_pretrained(args.checkpoint)
     out = Path(args.out) / model.device.type
     out.mkdir(parents=True, exist_ok=True)
-    res: dict = {"hardware": hardware(model.device), "dtype": str(model.decoder.dtype),
-                 "encoder": model.config.to_dict(), "torch": torch.__version__}
+    res: dict = {}
+    if args.skip and (out / "bench.json").exists():  # a partial run updates the sections it ran
+        res = json.loads((out / "bench.json").read_text())
+    res.update({"hardware": hardware(model.device), "dtype": str(model.decoder.dtype),
+                "encoder": model.config.to_dict(), "torch": torch.__version__})
     with torch.inference_mode():
         if "latency" not in args.skip:
             res["latency"] = bench_latency(model, args.ks, repeats=args.repeats)
