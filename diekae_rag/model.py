@@ -12,7 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextIteratorS
 
 from .checkpoint import DecoderMismatchError, load_encoder, read_config, save_encoder
 from .config import DiekaeConfig, decoder_fingerprint
-from .decoder import freeze, load_decoder, pick_device
+from .decoder import freeze, load_decoder
 from .defaults import DEFAULT_DECODER
 from .encoder import DiekaeEncoder
 from .passage_cache import PassageCache, assemble

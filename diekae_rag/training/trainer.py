@@ -24,7 +24,7 @@ from tqdm import tqdm
 from ..atomic import atomic_directory, atomic_write_text
 from ..checkpoint import read_config, save_encoder
 from ..config import DiekaeConfig
-from ..data.mixture import DataSpec, Example
+from ..data.mixture import DataSpec
 from ..model import DiekaeModel
 from .phase1 import DeltaCache, difference_loss
 from .phase2 import lm_loss
