@@ -51,6 +51,7 @@ class DiekaeModel:
         self.prompter = Prompter(tokenizer, cfg)
         self.edit_encoders: list[DiekaeEncoder] = []
         self.passage_cache = PassageCache()
+        self._edit_prompters: dict[int, Prompter] = {}
         install_hooks(decoder)
 
     # ------------------------------------------------------------------ loading / saving
@@ -111,6 +112,7 @@ class DiekaeModel:
     def remove_edits(self) -> None:
         """Detach all editing encoders; the decoder is exactly as before."""
         self.edit_encoders = []
+        self._edit_prompters.clear()
 
     @property
     def device(self) -> torch.device:
@@ -206,45 +208,50 @@ class DiekaeModel:
                                           [True] * len(prompts)))
         return Injection(self.decoder, sessions) if sessions else None
 
+    def _prompter_for(self, encoder: DiekaeEncoder) -> Prompter:
+        """The prompter for an encoder's layout, built once per encoder (its token cache is kept)."""
+        if encoder is self.encoder:
+            return self.prompter
+        p = self._edit_prompters.get(id(encoder))
+        if p is None or p.config is not encoder.config:
+            p = self._edit_prompters[id(encoder)] = Prompter(self.tokenizer, encoder.config)
+        return p
+
     def _session(self, encoder: DiekaeEncoder, prompts, passages, decoder_mask, answers, active
                  ) -> EncoderSession:
-        prompter = self.prompter if encoder is self.encoder else Prompter(self.tokenizer, encoder.config)
-        if encoder.config.passage_isolation:
-            return self._isolated_session(encoder, prompter, prompts, passages, decoder_mask, answers, active)
-        items = [prompter.encoder_item(p, x, None if answers is None else answers[i])
-                 for i, (x, p) in enumerate(zip(prompts, passages))]
-        batch = prompter.encoder_batch(items, self.device)
+        prompter = self._prompter_for(encoder)
         per_step = encoder.config.per_step
-        start = int(batch.x_offset.min())  # rows are only ever read from the decoder's positions on
-        out = encoder(batch.input_ids, batch.attention_mask, batch.knowledge_mask, use_cache=per_step,
-                      output_start=start)
+        if encoder.config.passage_isolation:
+            items = [prompter.isolated_item(p, x, None if answers is None else answers[i])
+                     for i, (x, p) in enumerate(zip(prompts, passages))]
+            past = assemble(encoder, self._segment_states(encoder, items))
+            tails = [it[2] for it in items]
+            ids, mask = prompter.pad(tails, self.device, side="left")
+            T = ids.shape[1]
+            offsets = torch.tensor([T - len(t) + it[3] for t, it in zip(tails, items)], device=self.device)
+            n_rows = torch.tensor([it[4] for it in items], device=self.device)
+            out = encoder(ids, mask.bool(), cache=past, use_cache=per_step)
+        else:
+            items = [prompter.encoder_item(p, x, None if answers is None else answers[i])
+                     for i, (x, p) in enumerate(zip(prompts, passages))]
+            batch = prompter.encoder_batch(items, self.device)
+            start = int(batch.x_offset.min())  # rows are only ever read from the decoder's positions on
+            out = encoder(batch.input_ids, batch.attention_mask, batch.knowledge_mask, use_cache=per_step,
+                          output_start=start)
+            offsets, n_rows = batch.x_offset - start, batch.n_rows
         active_t = torch.tensor(active, device=self.device)
-        rows = align_rows(layer_rows_from(encoder, out.rows, out.pointer), batch.x_offset - start,
-                          batch.n_rows * active_t, decoder_mask)
+        rows = align_rows(layer_rows_from(encoder, out.rows, out.pointer), offsets, n_rows * active_t, decoder_mask)
         return EncoderSession(encoder, out.cache, rows, per_step, active_t)
 
-    def _isolated_session(self, encoder, prompter, prompts, passages, decoder_mask, answers, active
-                          ) -> EncoderSession:
-        items = [prompter.isolated_item(p, x, None if answers is None else answers[i])
-                 for i, (x, p) in enumerate(zip(prompts, passages))]
-        segs = [seg for it in items for seg in it[0]]
-        kms = [km for it in items for km in it[1]]
-        states = self.passage_cache.states(encoder, segs, kms, self.device)
+    def _segment_states(self, encoder: DiekaeEncoder, items) -> list[list]:
+        """Each isolated item's segment states, from the passage cache (one batched encode for misses)."""
+        states = self.passage_cache.states(encoder, [s for it in items for s in it[0]],
+                                           [k for it in items for k in it[1]], self.device)
         per_item, i = [], 0
         for it in items:
             per_item.append(states[i: i + len(it[0])])
             i += len(it[0])
-        past = assemble(encoder, per_item)
-        tails = [it[2] for it in items]
-        ids, mask = prompter.pad(tails, self.device, side="left")
-        T = ids.shape[1]
-        offsets = torch.tensor([T - len(t) + it[3] for t, it in zip(tails, items)], device=self.device)
-        n_rows = torch.tensor([it[4] for it in items], device=self.device)
-        per_step = encoder.config.per_step
-        out = encoder(ids, mask.bool(), cache=past, use_cache=per_step)
-        active_t = torch.tensor(active, device=self.device)
-        rows = align_rows(layer_rows_from(encoder, out.rows, out.pointer), offsets, n_rows * active_t, decoder_mask)
-        return EncoderSession(encoder, out.cache, rows, per_step, active_t)
+        return per_item
 
     def precompute(self, passages: Sequence[str]) -> int:
         """Encode passages ahead of queries (e.g. at index time) so that queries only encode
@@ -254,10 +261,7 @@ class DiekaeModel:
         passages = clean_passages(list(passages))
         with torch.inference_mode():
             for i in range(0, len(passages), 32):
-                chunk = passages[i: i + 32]
-                items = [self.prompter.isolated_item([p], []) for p in chunk]
-                self.passage_cache.states(self.encoder, [s for it in items for s in it[0]],
-                                          [k for it in items for k in it[1]], self.device)
+                self._segment_states(self.encoder, [self.prompter.isolated_item([p], []) for p in passages[i: i + 32]])
         return len(passages)
 
     def teacher_forcing_inputs(self, prompts: Sequence[list[int]], passages: Sequence[list[str]],
