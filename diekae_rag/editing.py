@@ -24,7 +24,6 @@ from .data.edits import read_jsonl
 from .encoder import DiekaeEncoder
 from .injection import injecting
 from .model import DiekaeModel, fresh_config
-from .training.phase2 import answer_logits
 
 EDIT_KEYS = ("subject", "prompt", "target_old", "target_new")
 
@@ -64,7 +63,7 @@ def train_edit_encoder(model: DiekaeModel, edits: Sequence[dict], retain: Sequen
             batch = rng.sample(pairs, min(batch_size, len(pairs)))
             prompts = [model.prompter.prompt_ids(q) for q, _ in batch]
             answers = [model.prompter.answer_ids(a) for _, a in batch]
-            logits, targets = answer_logits(model, prompts, [[] for _ in batch], answers, mode="none")
+            logits, targets = model.answer_logits(prompts, [[] for _ in batch], answers, mode="none")
             loss = F.cross_entropy(logits, targets)
             if retain_ids:
                 loss = loss + retain_weight * _retain_kl(model, rng.sample(retain_ids, min(batch_size, len(retain_ids))))

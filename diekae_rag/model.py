@@ -169,10 +169,30 @@ class DiekaeModel:
         prompts, passages = self._validate(questions, knowledges, mode)
         ans = [self.prompter.answer_ids(a, with_eos) for a in answers]
         with torch.inference_mode():
-            ids, mask, inj = self.teacher_forcing_inputs(prompts, passages, ans, mode)
-            with injecting(inj):
-                logits = self.decoder(input_ids=ids, attention_mask=mask).logits
-            return answer_nll(logits, ids, [len(p) for p in prompts], [len(a) for a in ans]).tolist()
+            logits, targets = self.answer_logits(prompts, passages, ans, mode)
+            tok_nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+        out, i = [], 0
+        for a in ans:
+            out.append(float(tok_nll[i: i + len(a)].mean()))
+            i += len(a)
+        return out
+
+    def answer_logits(self, prompts: Sequence[list[int]], passages: Sequence[list[str]],
+                      answers: Sequence[list[int]], mode: str = "diekae") -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits at the positions that predict each answer token (items in order), and those tokens.
+
+        Shared by scoring and training: logits are computed only at answer positions, and the
+        decoder's frozen layers below the first injected layer build no autograd graph.
+        """
+        ids, mask, inj = self.teacher_forcing_inputs(prompts, passages, answers, mode)
+        with injecting(inj):
+            hidden = self.decoder.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        pos_b = [b for b, a in enumerate(answers) for _ in a]
+        pos_t = [len(p) - 1 + j for p, a in zip(prompts, answers) for j in range(len(a))]
+        dev = hidden.device
+        h = hidden[torch.tensor(pos_b, device=dev), torch.tensor(pos_t, device=dev)]
+        targets = torch.tensor([t for a in answers for t in a], device=dev)
+        return self.decoder.get_output_embeddings()(h).float(), targets
 
     # ------------------------------------------------------------------ internals shared with training
     def _validate(self, questions: Sequence[str], knowledges: Optional[Sequence[Knowledge]], mode: str
@@ -293,18 +313,6 @@ class DiekaeModel:
                                             pad_token_id=self.prompter.pad_id, eos_token_id=self.prompter.eos_id,
                                             **gen_kwargs)
         return [o[ids.shape[1]:] for o in out]
-
-
-def answer_nll(logits: torch.Tensor, ids: torch.Tensor, prompt_lens: Sequence[int],
-               answer_lens: Sequence[int]) -> torch.Tensor:
-    """Per-item mean NLL of the answer tokens in right-padded ``prompt + answer`` sequences."""
-    logp = torch.log_softmax(logits[:, :-1].float(), -1)
-    tok_nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)  # position t predicts token t+1
-    pos = torch.arange(ids.shape[1] - 1, device=ids.device)[None]
-    start = torch.tensor(prompt_lens, device=ids.device)[:, None] - 1
-    n = torch.tensor(answer_lens, device=ids.device)[:, None]
-    sel = ((pos >= start) & (pos < start + n)).float()
-    return (tok_nll * sel).sum(1) / sel.sum(1).clamp(min=1)
 
 
 def fresh_config(config: DiekaeConfig, decoder: PreTrainedModel, name: str) -> DiekaeConfig:
