@@ -1,6 +1,7 @@
 """Knowledge-editing table: unedited decoder, in-context editing, DIEKÆ edit encoders.
 
-    python benchmarks/edit_eval.py [--n 100] [--steps 300] [--out benchmarks/results/edits]
+    python benchmarks/edit_eval.py [--n 100] [--steps 300] [--retain-weight 1] [--edits EDITS.jsonl]
+                                   [--out benchmarks/results/edits]
 
 Builds the edit set from facts the decoder itself states (diekae_rag.data.edits), trains one
 editing encoder for all edits (retain prompts keep other answers), and scores efficacy,
@@ -14,19 +15,24 @@ from pathlib import Path
 from diekae_rag import DiekaeModel
 from diekae_rag.atomic import atomic_write_text
 from diekae_rag.checkpoint import save_encoder
-from diekae_rag.data.edits import build_edit_set, write_jsonl
-from diekae_rag.editing import evaluate_edits, train_edit_encoder
+from diekae_rag.data.edits import build_edit_set, read_jsonl, write_jsonl
+from diekae_rag.editing import EDIT_KEYS, evaluate_edits, train_edit_encoder
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--retain-weight", type=float, default=1.0)
+    ap.add_argument("--edits", default=None, help="reuse this edit set instead of building one")
     ap.add_argument("--out", default="benchmarks/results/edits")
     args = ap.parse_args()
     out = Path(args.out)
     model = DiekaeModel.from_pretrained()
-    edits = build_edit_set(model, n=args.n)
+    if args.edits:
+        edits = read_jsonl(args.edits, EDIT_KEYS)[: args.n]
+    else:
+        edits = build_edit_set(model, n=args.n)
     write_jsonl(edits, out / "edits.jsonl")
     rows = {"unedited": evaluate_edits(model, edits, mode="none"),
             "in_context (new fact in prompt)": evaluate_edits(model, edits, mode="in_context", as_knowledge=True),
@@ -34,14 +40,14 @@ def main() -> None:
                                                                                   as_knowledge=True)}
     retain = [r["prompt"] for e in edits for r in e["retain"]]
     t0 = time.time()
-    enc = train_edit_encoder(model, edits, retain=retain, steps=args.steps)
+    enc = train_edit_encoder(model, edits, retain=retain, steps=args.steps, retain_weight=args.retain_weight)
     minutes = (time.time() - t0) / 60
     save_encoder(enc, out / "edit_encoder")
     model.edit_encoders = [enc]
     rows["diekae edit encoders"] = evaluate_edits(model, edits, mode="none")
     model.remove_edits()
-    result = {"n_edits": len(edits), "steps": args.steps, "train_minutes": minutes, "device": str(model.device),
-              "rows": rows}
+    result = {"n_edits": len(edits), "steps": args.steps, "retain_weight": args.retain_weight,
+              "train_minutes": minutes, "device": str(model.device), "rows": rows}
     atomic_write_text(out / "edit_results.json", json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 

@@ -158,20 +158,29 @@ def bench_training(model: DiekaeModel, batch_size: int = 16) -> dict:
     """Phase 1 per batch: cached Δ (encoder only) vs recomputing the teacher; peak memory of phases 1 and 2."""
     from .training.phase1 import difference_loss, teacher_deltas
     from .training.phase2 import lm_loss
+    from .training.trainer import autocast_for
     facts = make_facts(batch_size, seed=3, other_facts=(2, 2))
     batch = [Example(f.question, [f.passage], f.answer, f.distractor) for f in facts]
     enc = model.encoder
     enc.float().train()
     deltas = teacher_deltas(model, batch)
 
+    amp = autocast_for(model.device)  # as in training
+
     def cached_step():
-        difference_loss(model, batch, deltas).backward()
+        with amp:
+            loss = difference_loss(model, batch, deltas)
+        loss.backward()
 
     def recompute_step():
-        difference_loss(model, batch, teacher_deltas(model, batch)).backward()
+        with amp:
+            loss = difference_loss(model, batch, teacher_deltas(model, batch))
+        loss.backward()
 
     def phase2_step():
-        lm_loss(model, batch).backward()
+        with amp:
+            loss = lm_loss(model, batch)
+        loss.backward()
 
     dev = model.device
     t_cached = median_time(cached_step, 3, dev)
@@ -279,19 +288,27 @@ def main(argv: Optional[list[str]] = None) -> int:
         res = json.loads((out / "bench.json").read_text())
     res.update({"hardware": hardware(model.device), "dtype": str(model.decoder.dtype),
                 "encoder": model.config.to_dict(), "torch": torch.__version__})
+
+    def save() -> None:  # after every section, so that an interrupted run keeps what it measured
+        atomic_write_text(out / "bench.json", json.dumps(res, indent=2))
+
     with torch.inference_mode():
         if "latency" not in args.skip:
             res["latency"] = bench_latency(model, args.ks, repeats=args.repeats)
             res["ratios"] = ratios(res["latency"])
             plot(res["latency"], out / "latency_memory.png")
+            save()
         if "batch" not in args.skip:
             res["batch"] = bench_batch(model)
+            save()
     if "training" not in args.skip:
         res["training"] = bench_training(model)
+        save()
     if "retrieval" not in args.skip:
         res["retrieval"] = bench_retrieval()
+        save()
     if "load" not in args.skip:
         res["load"] = bench_load()
-    atomic_write_text(out / "bench.json", json.dumps(res, indent=2))
+        save()
     print(json.dumps({k: res[k] for k in ("hardware", "ratios", "training", "load") if k in res}, indent=2))
     return 0

@@ -13,7 +13,7 @@ from diekae_rag.data.fictional import HELD_OUT, make_facts
 from diekae_rag.data.mixture import DataSpec, Example
 from diekae_rag.training.phase1 import DeltaCache, difference_loss, teacher_deltas
 from diekae_rag.training.phase2 import lm_loss
-from diekae_rag.training.trainer import TrainConfig, train
+from diekae_rag.training.trainer import TrainConfig, lr_at, train
 
 
 def _examples(n=8):
@@ -29,6 +29,23 @@ def test_fictional_facts_hold_out_relations_and_vary():
     assert len({f.question.split(" ")[0] for f in train_facts}) > 3, "several question phrasings"
     with pytest.raises(ValueError, match="evaluation only"):
         DataSpec(squad=1, squad_files=["squad_v1.1_dev_part_a.json"]).build()
+
+
+def test_retrieval_style_mixes_k_from_a_list():
+    ex = DataSpec(fictional=400, k=[1, 3, 5], seed=1).build()
+    sizes = {len(e.passages) for e in ex}
+    assert sizes == {1, 3, 5}
+    assert all(len(set(e.passages)) == len(e.passages) for e in ex), "no passage twice"
+    with pytest.raises(ValueError, match="positive"):
+        DataSpec(fictional=10, k=[0]).build()
+
+
+def test_learning_rate_reaches_zero_by_the_time_budget():
+    assert lr_at(0, 1000, 1.0, 10) == pytest.approx(0.1)
+    assert lr_at(10, 1000, 1.0, 10) == pytest.approx(1.0)
+    assert lr_at(100, 1000, 1.0, 10, time_fraction=0.5) == pytest.approx(0.5)
+    assert lr_at(100, 1000, 1.0, 10, time_fraction=1.0) == pytest.approx(0.0)
+    assert lr_at(999, 1000, 1.0, 10, time_fraction=0.1) < 1e-4, "the step count still ends the schedule"
 
 
 def test_teacher_delta_is_zero_without_knowledge_effect_and_cached(tmp_path):

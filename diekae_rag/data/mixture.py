@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 from .fictional import Fact, make_facts
 from .squad import DEV_FILE, TRAIN_FILES, load_squad_items
@@ -19,14 +19,22 @@ class Example:
     relation: str = ""
 
 
-def retrieval_style(items: list[Fact], k: int, seed: int = 0, pool: Optional[list[str]] = None) -> list[Example]:
-    """Put each gold passage among ``k-1`` distractor passages from other items, shuffled."""
+def retrieval_style(items: list[Fact], k: Union[int, Sequence[int]], seed: int = 0,
+                    pool: Optional[list[str]] = None) -> list[Example]:
+    """Put each gold passage among ``k-1`` distractor passages from other items, shuffled.
+
+    ``k`` may be a list: each item then gets a k drawn from it (a mix of easy and hard items).
+    """
     rng = random.Random(seed)
     pool = pool or sorted({it.passage for it in items})
+    ks = [k] if isinstance(k, int) else list(k)
+    if not ks or min(ks) < 1:
+        raise ValueError(f"k must be a positive number of passages (or a list of them), got {k!r}.")
     out = []
     for it in items:
+        n = ks[0] if len(ks) == 1 else rng.choice(ks)
         others = []
-        while len(others) < k - 1 and len(pool) > k:
+        while len(others) < n - 1 and len(pool) > n:
             p = rng.choice(pool)
             if p != it.passage and p not in others:
                 others.append(p)
@@ -43,7 +51,7 @@ class DataSpec:
     fictional: int = 4000
     other_facts: tuple[int, int] = (0, 0)
     squad: int = 0
-    k: int = 1
+    k: Union[int, list[int]] = 1
     seed: int = 0
     squad_files: list[str] = field(default_factory=lambda: list(TRAIN_FILES))
 

@@ -7,6 +7,7 @@ early when the dev loss stops improving.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -91,10 +92,12 @@ def save_training_state(model: DiekaeModel, opt, step: int, best: float, folder:
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "best_dev": best, "optimizer": meta}))
 
 
-def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+def lr_at(step: int, total: int, base: float, warmup: int, time_fraction: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay to 0 by the last step or the time budget, whichever comes first."""
     if step < warmup:
         return base * (step + 1) / warmup
-    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    progress = max((step - warmup) / max(1, total - warmup), time_fraction)
+    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def build_model(cfg: TrainConfig) -> DiekaeModel:
@@ -166,14 +169,15 @@ def train(cfg: TrainConfig, model: Optional[DiekaeModel] = None) -> dict:
     rng = random.Random(cfg.seed)
     order: list[int] = []
     t0, bad, history = time.time(), 0, []
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if model.device.type == "cuda" else _null()
+    amp = autocast_for(model.device)
     bar = tqdm(total=total, initial=step, desc=f"phase {cfg.phase}")
     while step < total:
         if len(order) < cfg.batch_size:
             order += rng.sample(range(len(train_set)), len(train_set))
         idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
+        time_fraction = (time.time() - t0) / (cfg.max_minutes * 60) if cfg.max_minutes else 0.0
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, total, cfg.lr, cfg.warmup_steps)
+            g["lr"] = lr_at(step, total, cfg.lr, cfg.warmup_steps, time_fraction)
         with amp:
             loss = loss_fn(idx, train_set)
         opt.zero_grad(set_to_none=True)
@@ -210,12 +214,9 @@ def train(cfg: TrainConfig, model: Optional[DiekaeModel] = None) -> dict:
     return summary
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
+def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (encoders keep fp32 master weights); nothing on the CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def best_checkpoint(out: str | Path) -> Path:
