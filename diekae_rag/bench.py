@@ -155,7 +155,19 @@ def bench_batch(model: DiekaeModel, sizes=(1, 8), new_tokens: int = 16) -> list[
 
 
 def bench_training(model: DiekaeModel, batch_size: int = 16) -> dict:
-    """Phase 1 per batch: cached Δ (encoder only) vs recomputing the teacher; peak memory of phases 1 and 2."""
+    """Phase 1 per batch: cached Δ (encoder only) vs recomputing the teacher; peak memory of phases 1 and 2.
+
+    Phase 1 trains the joint (non-isolated) layout, so isolation is switched off while this runs.
+    """
+    isolated = model.config.passage_isolation
+    model.config.passage_isolation = False
+    try:
+        return _bench_training(model, batch_size)
+    finally:
+        model.config.passage_isolation = isolated
+
+
+def _bench_training(model: DiekaeModel, batch_size: int) -> dict:
     from .training.phase1 import difference_loss, teacher_deltas
     from .training.phase2 import lm_loss
     from .training.trainer import autocast_for
