@@ -60,6 +60,28 @@ def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tens
     return x * cos + torch.cat([-x2, x1], -1) * sin
 
 
+def append_kv(past: torch.Tensor, new: torch.Tensor, room: int = 64) -> torch.Tensor:
+    """``cat([past, new], 3)`` for (n, B, h, T, hd) keys/values, without re-copying the past each step.
+
+    The result is a view into a buffer with spare positions; when ``past`` is such a view with
+    room left, ``new`` is written in place (a decode step copies one position, not all of them).
+    Only the newest view of a buffer may be extended (one generation call owns its cache).
+    """
+    n, B, h, L, hd = past.shape
+    T = new.shape[3]
+    st = past.stride()
+    cap = st[2] // hd if hd else 0
+    if (past.storage_offset() == 0 and st[4] == 1 and st[3] == hd and st[1] == h * st[2] and st[0] == B * st[1]
+            and L + T <= cap and past.untyped_storage().nbytes() >= n * st[0] * past.element_size()):
+        full = past.as_strided((n, B, h, L + T, hd), st)
+        full[:, :, :, L:] = new
+        return full
+    buf = past.new_empty((n, B, h, L + T + room, hd))
+    buf[:, :, :, :L] = past
+    buf[:, :, :, L:L + T] = new
+    return buf[:, :, :, :L + T]
+
+
 class Block(nn.Module):
     """A pre-norm causal transformer block (attention + SwiGLU), stacked over ``n`` encoders."""
 
@@ -82,7 +104,7 @@ class Block(nn.Module):
         q, k, v = (t.reshape(n, B, T, h, hd).transpose(2, 3) for t in self.qkv(self.norm1(x)).split(d, -1))
         q, k = rotary(q, positions, self.theta), rotary(k, positions, self.theta)
         if past is not None:
-            k, v = torch.cat([past[0], k], 3), torch.cat([past[1], v], 3)
+            k, v = append_kv(past[0], k), append_kv(past[1], v)
         Tk = k.shape[3]
         y = F.scaled_dot_product_attention(
             q.reshape(n * B, h, T, hd), k.reshape(n * B, h, Tk, hd), v.reshape(n * B, h, Tk, hd),
@@ -210,7 +232,7 @@ class DiekaeEncoder(nn.Module):
             null = (q @ self.pointer_null.to(q.dtype)[None, :, :, None]) / math.sqrt(dk)  # (B, ph, T, 1)
             attn = torch.softmax(torch.cat([scores, null], -1), -1)[..., :-1]
             gain = self.pointer_gain.to(q.dtype) * cfg.pointer_gain_scale
-            pointer = torch.einsum("bhts,bsd,h->btd", attn, p_values, gain)
+            pointer = torch.einsum("bhts,h->bts", attn, gain) @ p_values  # heads first: one (T, S) @ (S, H)
 
         new_cache = None
         if use_cache:
