@@ -67,6 +67,8 @@ def append_kv(past: torch.Tensor, new: torch.Tensor, room: int = 64) -> torch.Te
     room left, ``new`` is written in place (a decode step copies one position, not all of them).
     Only the newest view of a buffer may be extended (one generation call owns its cache).
     """
+    if torch.is_grad_enabled() and (past.requires_grad or new.requires_grad):
+        return torch.cat([past, new], 3)  # training: keep the graph simple
     n, B, h, L, hd = past.shape
     T = new.shape[3]
     st = past.stride()

@@ -115,3 +115,21 @@ def test_isolated_passages_are_cached_and_exact():
     assert model.score(Q[1], "north", K[1][:1]) != pytest.approx(cold_score, abs=1e-4)
     with pytest.raises(ValueError, match="passage_isolation"):
         _per_step_model().precompute(["x"])
+
+
+def test_append_kv_equals_cat_and_extends_in_place():
+    from diekae_rag.encoder import append_kv
+    past = torch.randn(3, 2, 4, 5, 8)
+    steps = [torch.randn(3, 2, 4, 1, 8) for _ in range(4)]
+    got, want = past, past
+    for i, new in enumerate(steps):
+        before = got
+        got, want = append_kv(got, new), torch.cat([want, new], 3)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        if i > 0:
+            assert got.data_ptr() == before.data_ptr(), "a decode step writes into the spare room"
+    assert past.shape[3] == 5 and torch.equal(want[:, :, :, :5], past), "the first past is never written"
+    leaf = torch.randn(3, 2, 4, 5, 8, requires_grad=True)
+    append_kv(leaf, steps[0]).sum().backward()
+    assert leaf.grad is not None and torch.equal(leaf.grad, torch.ones_like(leaf))
+
