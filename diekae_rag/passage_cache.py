@@ -44,11 +44,15 @@ def encode_segments(encoder: DiekaeEncoder, segments: Sequence[Sequence[int]], k
     ids, valid, km = ids.to(device), valid.to(device), km.to(device)
     out = encoder(ids, valid, km, use_cache=True, output_start=L)  # states only, no outputs
     c = out.cache
+    # unbind, not c.kv[..][:, i]: under autograd each indexed view would back-propagate through a
+    # zero tensor of the whole batch (quadratic in the number of segments); unbind's backward is one stack.
+    per_seg_kv = [(k.unbind(1), v.unbind(1)) for k, v in c.kv]
+    per_seg_pk = c.pointer_keys.unbind(0) if c.pointer_keys is not None else None
     states = []
     for i, s in enumerate(segments):
         a = L - len(s)
-        kv = tuple((k[:, i, :, a:], v[:, i, :, a:]) for k, v in c.kv)
-        pk = c.pointer_keys[i, :, a:] if c.pointer_keys is not None else None
+        kv = tuple((k[i][:, :, a:], v[i][:, :, a:]) for k, v in per_seg_kv)
+        pk = per_seg_pk[i][:, a:] if per_seg_pk is not None else None
         states.append(SegmentState(ids[i, a:], kv, pk, km[i, a:]))
     return states
 
