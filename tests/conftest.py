@@ -46,12 +46,12 @@ def tiny_decoder(arch: str = "llama", seed: int = 0, layers: int = 4):
     return model
 
 
-def tiny_model(arch: str = "llama", nonzero: bool = True, seed: int = 0, **cfg_kwargs):
+def tiny_model(arch: str = "llama", nonzero: bool = True, seed: int = 0, device=None, dtype=None, **cfg_kwargs):
     """A DiekaeModel on a tiny random decoder; ``nonzero`` gives encoders random up-projections."""
     from diekae_rag import DiekaeConfig, DiekaeModel
     base = dict(layers=[1, 2], d_enc=32, n_blocks=2, n_heads=2, system_prompt="")
     base.update(cfg_kwargs)
-    model = DiekaeModel.from_pretrained(decoder=tiny_decoder(arch, seed), tokenizer=byte_tokenizer(),
+    model = DiekaeModel.from_pretrained(decoder=tiny_decoder(arch, seed).to(device, dtype), tokenizer=byte_tokenizer(),
                                         config=DiekaeConfig(**base))
     if nonzero:
         randomize(model.encoder, seed)

@@ -11,10 +11,11 @@ import os
 
 import pytest
 import torch
-from conftest import byte_tokenizer, randomize, tiny_decoder
-from test_engine import K, Q, _record_deltas
+from conftest import tiny_model
+from test_engine import K, Q
+from test_per_step import assert_decode_rows_equal_reencode
 
-from diekae_rag import DiekaeConfig, DiekaeModel
+from diekae_rag import DiekaeModel
 from diekae_rag.bench import PeakMemory
 from diekae_rag.data.mixture import Example
 from diekae_rag.injection import injecting
@@ -26,13 +27,7 @@ pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available
 
 
 def cuda_model(nonzero: bool = True, dtype: torch.dtype = torch.bfloat16, **cfg) -> DiekaeModel:
-    base = dict(layers=[1, 2], d_enc=32, n_blocks=2, n_heads=2, system_prompt="")
-    base.update(cfg)
-    model = DiekaeModel.from_pretrained(decoder=tiny_decoder().to(DEVICE, dtype), tokenizer=byte_tokenizer(),
-                                        config=DiekaeConfig(**base))
-    if nonzero:
-        randomize(model.encoder)
-    return model
+    return tiny_model(nonzero=nonzero, device=DEVICE, dtype=dtype, **cfg)
 
 
 def test_loads_on_cuda_in_bf16_and_zero_encoders_change_nothing():
@@ -51,24 +46,9 @@ def test_loads_on_cuda_in_bf16_and_zero_encoders_change_nothing():
 
 @pytest.mark.parametrize("isolation", [False, True])
 def test_per_step_decode_rows_equal_full_reencode_on_cuda(isolation):
-    from test_per_step import N_NEW, _reencoded_rows
     model = cuda_model(dtype=torch.float32, per_step=True, pointer_layer=3, pointer_heads=2,
                        passage_isolation=isolation)
-    gen = [g.tolist() for g in model._generate_ids(Q, K, "diekae", N_NEW, min_new_tokens=N_NEW)]
-    calls, handles = _record_deltas(model)
-    try:
-        model.generate_batch(Q, K, max_new_tokens=N_NEW, min_new_tokens=N_NEW)
-    finally:
-        for h in handles:
-            h.remove()
-    prompts, rows = _reencoded_rows(model, Q, K, gen)
-    assert len(calls) == N_NEW
-    for j in range(N_NEW - 1):
-        for layer in model.config.hooked_layers:
-            for b, p in enumerate(prompts):
-                want = rows[layer][b, len(p) + j]
-                assert want.abs().sum() > 0
-                torch.testing.assert_close(calls[j + 1][layer][b, 0], want, atol=1e-3, rtol=1e-2)
+    assert_decode_rows_equal_reencode(model, atol=1e-3, rtol=1e-2)
 
 
 def test_generate_stream_and_score_in_every_mode_on_cuda():
