@@ -9,14 +9,13 @@ Writes <out>/<device>/decode_step.json.
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
 from diekae_rag import DiekaeModel
 from diekae_rag.atomic import atomic_write_text
-from diekae_rag.bench import _sync, bench_passages, hardware
+from diekae_rag.bench import bench_passages, hardware, timed
 
 
 def main() -> None:
@@ -33,11 +32,8 @@ def main() -> None:
             model.precompute(passages)
 
             def seconds(mode: str, n: int) -> float:
-                _sync(model.device)
-                t0 = time.perf_counter()
-                model.generate(q, passages, mode=mode, max_new_tokens=n, min_new_tokens=n)
-                _sync(model.device)
-                return time.perf_counter() - t0
+                return timed(lambda: model.generate(q, passages, mode=mode, max_new_tokens=n, min_new_tokens=n),
+                             model.device)
 
             samples: dict[str, list[float]] = {"none": [], "diekae": []}
             for mode in samples:

@@ -75,16 +75,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds one call of ``fn`` takes, with the device synchronised before and after."""
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
 def median_time(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
     fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(timed(fn, device) for _ in range(repeats))
 
 
 def bench_passages(model: DiekaeModel, k: int, tokens: int = 120, seed: int = 0) -> tuple[str, list[str]]:

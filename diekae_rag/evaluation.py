@@ -68,9 +68,10 @@ def run_eval(checkpoint: Optional[str] = None, n: int = 60, ks: Sequence[int] = 
     ``none`` and ``in_context`` rows are reused, so only ``diekae`` is evaluated (those two
     modes do not depend on the encoders).
     """
-    base_runs = json.loads(Path(baseline).read_text())["runs"] if baseline else {}
-    if baseline and json.loads(Path(baseline).read_text())["n"] != n:
+    base = json.loads(Path(baseline).read_text()) if baseline else {"n": n, "runs": {}}
+    if base["n"] != n:
         raise ValueError(f"--baseline {baseline} was run with another --n; the items must be the same.")
+    base_runs = base["runs"]
     model = model or DiekaeModel.from_pretrained(checkpoint)
     torch.manual_seed(0)
     results: dict = {"checkpoint": str(checkpoint or "shipped"), "config": model.config.to_dict(),
