@@ -10,7 +10,6 @@ import json
 import statistics
 from pathlib import Path
 
-
 from diekae_rag import DiekaeModel
 from diekae_rag.atomic import atomic_write_text
 from diekae_rag.bench import hardware, timed
