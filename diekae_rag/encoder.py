@@ -49,14 +49,19 @@ class StackedRMSNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * w
 
 
-def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Apply rotary embeddings. x: (n, B, h, T, hd); positions: (B, T)."""
-    hd = x.shape[-1]
-    inv = 1.0 / (theta ** (torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd))
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos / sin tables (1, B, 1, T, head_dim) for ``positions`` (B, T), built once per forward."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
     ang = positions.to(torch.float32)[..., None] * inv  # (B, T, hd/2)
-    cos = torch.cat([ang.cos(), ang.cos()], -1)[None, :, None].to(x.dtype)
-    sin = torch.cat([ang.sin(), ang.sin()], -1)[None, :, None].to(x.dtype)
-    x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+    ang = torch.cat([ang, ang], -1)[None, :, None]
+    return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+def rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Apply rotary embeddings. x: (n, B, h, T, hd); rope: the tables of :func:`rope_tables`."""
+    cos, sin = rope
+    x1, x2 = x.chunk(2, -1)
     return x * cos + torch.cat([-x2, x1], -1) * sin
 
 
@@ -87,10 +92,10 @@ def append_kv(past: torch.Tensor, new: torch.Tensor, room: int = 64) -> torch.Te
 class Block(nn.Module):
     """A pre-norm causal transformer block (attention + SwiGLU), stacked over ``n`` encoders."""
 
-    def __init__(self, n: int, d: int, heads: int, theta: float) -> None:
+    def __init__(self, n: int, d: int, heads: int) -> None:
         super().__init__()
         ff = 32 * math.ceil(8 * d / 3 / 32)
-        self.heads, self.theta, self.ff = heads, theta, ff
+        self.heads, self.ff = heads, ff
         self.norm1 = StackedRMSNorm(n, d)
         self.qkv = StackedLinear(n, d, 3 * d)
         self.proj = StackedLinear(n, d, d)
@@ -98,13 +103,13 @@ class Block(nn.Module):
         self.gate_up = StackedLinear(n, d, 2 * ff)
         self.down = StackedLinear(n, ff, d)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
                 past: Optional[tuple[torch.Tensor, torch.Tensor]]
                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         n, B, T, d = x.shape
         h, hd = self.heads, d // self.heads
         q, k, v = (t.reshape(n, B, T, h, hd).transpose(2, 3) for t in self.qkv(self.norm1(x)).split(d, -1))
-        q, k = rotary(q, positions, self.theta), rotary(k, positions, self.theta)
+        q, k = rotary(q, rope), rotary(k, rope)
         if past is not None:
             k, v = append_kv(past[0], k), append_kv(past[1], v)
         Tk = k.shape[3]
@@ -150,7 +155,7 @@ class DiekaeEncoder(nn.Module):
         self.config = config
         n, d, H = config.n_trunks, config.d_enc, config.hidden_size
         self.down = nn.Linear(H, n * d, bias=False)
-        self.blocks = nn.ModuleList(Block(n, d, config.n_heads, config.rope_theta) for _ in range(config.n_blocks))
+        self.blocks = nn.ModuleList(Block(n, d, config.n_heads) for _ in range(config.n_blocks))
         self.norm = StackedRMSNorm(n, d)
         self.up = StackedLinear(config.n_injection, d, H, zero_init=True) if config.n_injection else None
         if config.pointer_layer is not None:
@@ -204,8 +209,9 @@ class DiekaeEncoder(nn.Module):
         n, d = cfg.n_trunks, cfg.d_enc
         x = self.down(e).reshape(B, T, n, d).permute(2, 0, 1, 3)
         new_kv = []
+        rope = rope_tables(positions, d // cfg.n_heads, cfg.rope_theta, x.dtype)
         for i, block in enumerate(self.blocks):
-            x, kv = block(x, positions, mask, None if cache is None else cache.kv[i])
+            x, kv = block(x, rope, mask, None if cache is None else cache.kv[i])
             new_kv.append(kv)
         x = self.norm(x)
 
