@@ -28,7 +28,7 @@ def _eval(args: argparse.Namespace) -> int:
         model = DiekaeModel.from_pretrained(args.checkpoint)
         model.config.passage_isolation = args.isolation == "on"
     res = run_eval(args.checkpoint, n=args.n, ks=args.k, out=args.out, sets=args.sets, baseline=args.baseline,
-                   model=model)
+                   model=model, distractors=args.distractors)
     print(json.dumps(res["summary"], indent=2))
     return 0
 
@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--sets", nargs="+", default=["fictional_seen", "fictional_unseen", "squad_dev"])
     e.add_argument("--out", default="runs/eval")
     e.add_argument("--baseline", default=None, help="results.json whose none/in_context rows to reuse")
+    e.add_argument("--distractors", choices=["random", "retrieved"], default="random",
+                   help="k>1 distractors: other items' passages, or the question's nearest passages (FAISS)")
     e.add_argument("--isolation", choices=["on", "off"], default=None, help="override passage_isolation")
     e.set_defaults(func=_eval)
     d = sub.add_parser("data", help="build the SQuAD-Shifts files from the bigbench==1.0.0 sdist")

@@ -61,25 +61,27 @@ def recovered(none: float, ctx: float, diekae: float, lower_is_better: bool = Fa
 
 def run_eval(checkpoint: Optional[str] = None, n: int = 60, ks: Sequence[int] = (1, 5), out: str = "runs/eval",
              sets: Sequence[str] = ("fictional_seen", "fictional_unseen", "squad_dev"),
-             model: Optional[DiekaeModel] = None, other_facts=(0, 0), baseline: Optional[str] = None) -> dict:
+             model: Optional[DiekaeModel] = None, other_facts=(0, 0), baseline: Optional[str] = None,
+             distractors: str = "random") -> dict:
     """Evaluate on the held-out sets at each k; writes ``results.json`` and ``results.png``.
 
     ``baseline``: a results.json from a run on the same items (same n, k, sets), whose
     ``none`` and ``in_context`` rows are reused, so only ``diekae`` is evaluated (those two
-    modes do not depend on the encoders).
+    modes do not depend on the encoders). ``distractors``: see ``eval_sets``.
     """
-    base = json.loads(Path(baseline).read_text()) if baseline else {"n": n, "runs": {}}
-    if base["n"] != n:
-        raise ValueError(f"--baseline {baseline} was run with another --n; the items must be the same.")
+    base = json.loads(Path(baseline).read_text()) if baseline else {"n": n, "runs": {}, "distractors": distractors}
+    if base["n"] != n or base.get("distractors", "random") != distractors:
+        raise ValueError(f"--baseline {baseline} was run with another --n or --distractors; the items must be "
+                         "the same.")
     base_runs = base["runs"]
     model = model or DiekaeModel.from_pretrained(checkpoint)
     torch.manual_seed(0)
     results: dict = {"checkpoint": str(checkpoint or "shipped"), "config": model.config.to_dict(),
-                     "device": str(model.device), "n": n, "baseline": baseline, "runs": {}}
+                     "device": str(model.device), "n": n, "distractors": distractors, "baseline": baseline, "runs": {}}
     summary = {}
     t0 = time.time()
     for k in ks:
-        data = eval_sets(n=n, k=k, squad="squad_dev" in sets, other_facts=other_facts)
+        data = eval_sets(n=n, k=k, squad="squad_dev" in sets, other_facts=other_facts, distractors=distractors)
         for name in sets:
             key = f"{name}@k={k}"
             if key in base_runs:

@@ -133,3 +133,29 @@ def test_corrupt_store_names_the_file(tmp_path, real_embedder):
         PassageStore.load(tmp_path / "s", real_embedder)
     with pytest.raises(StoreError, match="missing"):
         PassageStore.load(tmp_path / "nowhere", real_embedder)
+
+
+def test_retrieved_distractors_are_the_questions_nearest_passages(tmp_path, monkeypatch, real_embedder):
+    from diekae_rag.data.distractors import retrieved_distractors
+    from diekae_rag.data.fictional import make_facts
+    from diekae_rag.data.mixture import retrieval_style
+
+    facts = make_facts(40, seed=3)
+    pool = sorted({f.passage for f in facts})
+    questions, golds = [f.question for f in facts], [f.passage for f in facts]
+    mined = retrieved_distractors(questions, golds, pool, 3, cache=tmp_path)
+    assert all(len(m) == 3 and g not in m for m, g in zip(mined, golds)), "gold passage never a distractor"
+    # the question's nearest non-gold passages: most share its relation (same template words)
+    same = sum(any(o.relation == f.relation for o in facts if o.passage == m[0]) for f, m in zip(facts, mined))
+    assert same >= 25, same
+    cached = list(tmp_path.glob("*.npy"))
+    assert len(cached) == 1
+    np.save(cached[0], np.zeros((2, 3), dtype=np.int64))
+    with pytest.raises(ValueError, match="delete it"):
+        retrieved_distractors(questions, golds, pool, 3, cache=tmp_path)
+    monkeypatch.setenv("DIEKAE_RAG_DISTRACTOR_CACHE", str(tmp_path / "default"))
+    ex = retrieval_style(facts, 4, seed=0, pool=pool, distractors="retrieved")
+    assert all(len(e.passages) == 4 and f.passage in e.passages for e, f in zip(ex, facts))
+    with pytest.raises(ValueError, match="distractors must be"):
+        retrieval_style(facts, 2, distractors="nearest")
+    assert len(list((tmp_path / "default").glob("*.npy"))) == 1, "mined once, into the cache folder"

@@ -6,6 +6,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
+from .distractors import retrieved_distractors
 from .fictional import Fact, make_facts
 from .squad import DEV_FILE, TRAIN_FILES, load_squad_items
 
@@ -19,21 +20,32 @@ class Example:
     relation: str = ""
 
 
-def retrieval_style(items: list[Fact], k: Union[int, Sequence[int]], seed: int = 0,
-                    pool: Optional[list[str]] = None) -> list[Example]:
-    """Put each gold passage among ``k-1`` distractor passages from other items, shuffled.
+DISTRACTORS = ("random", "retrieved")
 
+
+def retrieval_style(items: list[Fact], k: Union[int, Sequence[int]], seed: int = 0,
+                    pool: Optional[list[str]] = None, distractors: str = "random") -> list[Example]:
+    """Put each gold passage among ``k-1`` distractor passages, shuffled.
+
+    ``distractors="random"`` draws them from other items' passages; ``"retrieved"`` takes the
+    passages of ``pool`` nearest to the question (MiniLM + FAISS, as the product's retriever
+    ranks them), i.e. the hard negatives a RAG app actually feeds the decoder.
     ``k`` may be a list: each item then gets a k drawn from it (a mix of easy and hard items).
     """
+    if distractors not in DISTRACTORS:
+        raise ValueError(f"distractors must be one of {DISTRACTORS}, got {distractors!r}.")
     rng = random.Random(seed)
     pool = pool or sorted({it.passage for it in items})
     ks = [k] if isinstance(k, int) else list(k)
     if not ks or min(ks) < 1:
         raise ValueError(f"k must be a positive number of passages (or a list of them), got {k!r}.")
+    mined = None
+    if distractors == "retrieved" and max(ks) > 1:
+        mined = retrieved_distractors([it.question for it in items], [it.passage for it in items], pool, max(ks) - 1)
     out = []
-    for it in items:
+    for i, it in enumerate(items):
         n = ks[0] if len(ks) == 1 else rng.choice(ks)
-        others = []
+        others = mined[i][: n - 1] if mined else []
         while len(others) < n - 1 and len(pool) > n:
             p = rng.choice(pool)
             if p != it.passage and p not in others:
@@ -52,6 +64,7 @@ class DataSpec:
     other_facts: tuple[int, int] = (0, 0)
     squad: int = 0
     k: Union[int, list[int]] = 1
+    distractors: str = "random"   # or "retrieved": the question's nearest passages (FAISS)
     seed: int = 0
     squad_files: list[str] = field(default_factory=lambda: list(TRAIN_FILES))
 
@@ -65,18 +78,25 @@ class DataSpec:
             items += load_squad_items(self.squad_files, data_dir, n=self.squad, seed=self.seed)
         rng = random.Random(self.seed)
         rng.shuffle(items)
-        return retrieval_style(items, self.k, seed=self.seed)
+        return retrieval_style(items, self.k, seed=self.seed, distractors=self.distractors)
 
 
 def eval_sets(n: int = 100, k: int = 1, seed: int = 1234, data_dir=None, other_facts=(0, 0),
-              squad: bool = True) -> dict[str, list[Example]]:
-    """The held-out evaluation sets: fictional (unseen names, seen / unseen relations) and SQuAD dev A."""
-    sets = {
-        "fictional_seen": retrieval_style(make_facts(n, seed=seed, relations="train", other_facts=other_facts), k, seed),
-        "fictional_unseen": retrieval_style(make_facts(n, seed=seed + 1, relations="held_out",
-                                                       other_facts=other_facts), k, seed),
-    }
+              squad: bool = True, distractors: str = "random") -> dict[str, list[Example]]:
+    """The held-out evaluation sets: fictional (unseen names, seen / unseen relations) and SQuAD dev A.
+
+    With ``distractors="retrieved"`` the fictional distractors come from a pool of 1,000
+    generated passages (the first ``n`` are the items, the same as with random distractors)
+    and SQuAD's from the first 2,000 dev items' passages, nearest to the question first.
+    """
+    sets = {}
+    for name, s, rel in (("fictional_seen", seed, "train"), ("fictional_unseen", seed + 1, "held_out")):
+        facts = make_facts(n if distractors == "random" else max(n, 1000), seed=s, relations=rel,
+                           other_facts=other_facts)
+        sets[name] = retrieval_style(facts[:n], k, seed, pool=sorted({f.passage for f in facts}) if
+                                     distractors == "retrieved" else None, distractors=distractors)
     if squad:
         items = load_squad_items([DEV_FILE], data_dir, seed=seed)
-        sets["squad_dev"] = retrieval_style(items[:n], k, seed, pool=sorted({it.passage for it in items[:2000]}))
+        sets["squad_dev"] = retrieval_style(items[:n], k, seed, pool=sorted({it.passage for it in items[:2000]}),
+                                            distractors=distractors)
     return sets
