@@ -72,3 +72,25 @@ def test_non_editable_install_imports_from_outside_the_repo(tmp_path):
     lines = r.stdout.split()
     assert lines[0].startswith(str(target))
     assert lines[1] == "True", "the shipped encoders are installed with the package"
+
+
+def test_edit_set_neighbours_are_facts_the_decoder_keeps_apart(real_model, monkeypatch):
+    """Edits come from facts SmolLM2 states; neighbourhood prompts share the relation and pass
+    CounterFact's test on the unedited decoder (true object preferred to the new one)."""
+    from diekae_rag.data import edits as E
+    capitals = dict(list(E.CAPITALS.items())[:40])
+    monkeypatch.setattr(E, "RELATIONS", {"capital": (capitals, *E.RELATIONS["capital"][1:])})
+    rows = E.build_edit_set(real_model, n=3, seed=1)
+    assert rows, "SmolLM2 states some capitals"
+    for e in rows:
+        assert capitals[e["subject"]] == e["target_old"] != e["target_new"]
+        assert e["neighborhood"] and all(n["prompt"].startswith("What is the capital of") for n in e["neighborhood"])
+        assert e["subject"] not in " ".join(n["prompt"] for n in e["neighborhood"] + e["retain"])
+        for n in e["neighborhood"]:
+            assert capitals[n["prompt"][len("What is the capital of "):-1]] == n["target"]
+        truth = real_model.score_batch([n["prompt"] for n in e["neighborhood"]],
+                                       [n["target"] for n in e["neighborhood"]], mode="none")
+        new = real_model.score_batch([n["prompt"] for n in e["neighborhood"]],
+                                     [e["target_new"]] * len(e["neighborhood"]), mode="none")
+        assert all(t < w for t, w in zip(truth, new))
+        assert e["neighborhood_dropped"] >= 0 and len(e["retain"]) == 3

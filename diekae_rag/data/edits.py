@@ -90,11 +90,26 @@ RELATIONS = {
 }
 
 
+def _prefers(model, rows: list[tuple[str, str, str]], batch_size: int = 32) -> list[bool]:
+    """For each (prompt, a, b): does the unedited decoder give ``a`` a lower NLL than ``b``?"""
+    out: list[bool] = []
+    for i in range(0, len(rows), batch_size):
+        prompts, a, b = (list(x) for x in zip(*rows[i: i + batch_size]))
+        none = [None] * len(prompts)
+        out += [x < y for x, y in zip(model.score_batch(prompts, a, none, mode="none"),
+                                      model.score_batch(prompts, b, none, mode="none"))]
+    return out
+
+
 def build_edit_set(model, n: int = 100, seed: int = 0, n_neighbours: int = 3, n_retain: int = 3) -> list[dict]:
     """Up to ``n`` edits of facts the decoder gets right (checked by greedy generation).
 
     The known facts that are not edited are split in two: neighbourhood prompts (evaluation)
-    and retain prompts (training may use them to keep unrelated answers unchanged).
+    and retain prompts (training may use them to keep unrelated answers unchanged). Both share
+    the edit's relation where possible. A neighbourhood prompt is kept only if the unedited
+    decoder already prefers its true object to the edit's new object (CounterFact's test), so
+    the neighbourhood score measures what the edit breaks, not what the decoder never knew;
+    each edit records how many candidates that test dropped.
     """
     rng = random.Random(seed)
     known = []
@@ -108,17 +123,27 @@ def build_edit_set(model, n: int = 100, seed: int = 0, n_neighbours: int = 3, n_
     n = min(n, max(1, len(known) - 30))  # keep at least 30 unedited facts for neighbours / retain
     edited, rest = known[:n], known[n:]
     neighbour_pool, retain_pool = rest[::2], rest[1::2]
-    edits = []
+    plans = []
     for rel, s, old in edited:
-        table, prompt, paraphrases = RELATIONS[rel]
-        new = rng.choice(sorted({o for o in table.values() if o != old}))
+        new = rng.choice(sorted({o for o in RELATIONS[rel][0].values() if o != old}))
         same = [(r2, s2, o2) for r2, s2, o2 in neighbour_pool if r2 == rel and o2 not in (old, new)]
-        neighbours = rng.sample(same, min(n_neighbours, len(same)))
-        retain = rng.sample(retain_pool, min(n_retain, len(retain_pool)))
+        candidates = rng.sample(same, min(3 * n_neighbours, len(same)))
+        same_retain = [f for f in retain_pool if f[0] == rel and f[2] not in (old, new)]
+        retain = rng.sample(same_retain, min(n_retain, len(same_retain)))
+        retain += rng.sample([f for f in retain_pool if f not in retain], n_retain - len(retain))
+        plans.append((rel, s, old, new, candidates, retain))
+    checks = [(RELATIONS[r2][1].format(s=s2), o2, new) for *_, new, cands_, _ in plans for r2, s2, o2 in cands_]
+    verdict = iter(_prefers(model, checks))
+    edits = []
+    for rel, s, old, new, candidates, retain in tqdm(plans, desc="building edits"):
+        _, prompt, paraphrases = RELATIONS[rel]
+        kept = [c for c in candidates if next(verdict)]
+        neighbours = kept[:n_neighbours]
         edits.append({"subject": s, "relation": rel, "prompt": prompt.format(s=s), "target_old": old,
                       "target_new": new, "paraphrases": [p.format(s=s) for p in paraphrases],
                       "neighborhood": [{"prompt": RELATIONS[r2][1].format(s=s2), "target": o2}
                                        for r2, s2, o2 in neighbours],
+                      "neighborhood_dropped": len(candidates) - len(kept),
                       "retain": [{"prompt": RELATIONS[r2][1].format(s=s2), "target": o2} for r2, s2, o2 in retain]})
     return edits
 
