@@ -26,6 +26,8 @@ def main() -> None:
     args = ap.parse_args()
     model = DiekaeModel.from_pretrained()
     rows = []
+    out = Path(args.out) / model.device.type
+    out.mkdir(parents=True, exist_ok=True)
     with torch.inference_mode():
         for k in args.ks:
             q, passages = bench_passages(model, k)
@@ -46,10 +48,9 @@ def main() -> None:
                          "ratio": diekae / none, "samples": samples})
             print(f"k={k}: decode step none {none * 1000:.1f} ms, diekae {diekae * 1000:.1f} ms, "
                   f"ratio {diekae / none:.2f}", flush=True)
-    out = Path(args.out) / model.device.type
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "decode_step.json", json.dumps({"hardware": hardware(model.device),
-                                                            "pairs": args.pairs, "rows": rows}, indent=2))
+            # written after every k, so a run cut short keeps the rows it finished
+            atomic_write_text(out / "decode_step.json", json.dumps({"hardware": hardware(model.device),
+                                                                    "pairs": args.pairs, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":
