@@ -1,6 +1,6 @@
 """Knowledge-editing table: unedited decoder, in-context editing, DIEKÆ edit encoders.
 
-    python benchmarks/edit_eval.py [--n 100] [--steps 300] [--retain-weight 1] [--edits EDITS.jsonl]
+    python benchmarks/edit_eval.py [--n 100] [--steps 300] [--scope subject|all] [--retain-weight 1] [--edits EDITS.jsonl]
                                    [--out benchmarks/results/edits]
 
 Builds the edit set from facts the decoder itself states (diekae_rag.data.edits), trains one
@@ -24,6 +24,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--retain-weight", type=float, default=1.0)
+    ap.add_argument("--scope", choices=["subject", "all"], default="subject",
+                    help="subject: the edit encoder acts only on prompts naming an edited subject")
     ap.add_argument("--edits", default=None, help="reuse this edit set instead of building one")
     ap.add_argument("--out", default="benchmarks/results/edits")
     args = ap.parse_args()
@@ -40,13 +42,14 @@ def main() -> None:
                                                                                   as_knowledge=True)}
     retain = [r["prompt"] for e in edits for r in e["retain"]]
     t0 = time.time()
-    enc = train_edit_encoder(model, edits, retain=retain, steps=args.steps, retain_weight=args.retain_weight)
+    enc = train_edit_encoder(model, edits, retain=retain, steps=args.steps, retain_weight=args.retain_weight,
+                             scope=args.scope)
     minutes = (time.time() - t0) / 60
     save_encoder(enc, out / "edit_encoder")
     model.edit_encoders = [enc]
     rows["diekae edit encoders"] = evaluate_edits(model, edits, mode="none")
     model.remove_edits()
-    result = {"n_edits": len(edits), "steps": args.steps, "retain_weight": args.retain_weight,
+    result = {"n_edits": len(edits), "steps": args.steps, "retain_weight": args.retain_weight, "scope": args.scope,
               "train_minutes": minutes, "device": str(model.device), "rows": rows}
     atomic_write_text(out / "edit_results.json", json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

@@ -53,6 +53,9 @@ class DiekaeConfig:
     # Passage isolation: each passage is encoded on its own (cacheable per passage); only the
     # suffix + prompt run through the encoders at query time.
     passage_isolation: bool = False
+    # Edit encoders only: rows go only to prompts that name one of these subjects (whole words,
+    # any case); empty = every prompt.
+    edit_scope: list[str] = field(default_factory=list)
     system_prompt: str = "Answer the question in a few words."
     rope_theta: float = 10000.0
     format_version: int = FORMAT_VERSION

@@ -26,6 +26,7 @@ from .injection import injecting
 from .model import DiekaeModel, fresh_config
 
 EDIT_KEYS = ("subject", "prompt", "target_old", "target_new")
+EDIT_SCOPES = ("subject", "all")
 
 
 def edit_config(model: DiekaeModel, layers: Sequence[int] = (3, 4, 5, 6, 7, 8)) -> DiekaeConfig:
@@ -48,16 +49,29 @@ def _retain_kl(model: DiekaeModel, prompts: list[list[int]]) -> torch.Tensor:
 
 def train_edit_encoder(model: DiekaeModel, edits: Sequence[dict], retain: Sequence[str] = (), steps: int = 300,
                        lr: float = 2e-3, batch_size: int = 16, retain_weight: float = 1.0, seed: int = 0,
-                       progress: bool = True) -> DiekaeEncoder:
-    """Train one editing encoder for all ``edits``; the decoder is never modified."""
+                       progress: bool = True, scope: str = "subject") -> DiekaeEncoder:
+    """Train one editing encoder for all ``edits``; the decoder is never modified.
+
+    ``scope="subject"`` (default): the encoder only acts on prompts that name an edited subject,
+    so prompts about anything else are answered exactly as by the unedited decoder (retain
+    prompts then need no training). ``scope="all"``: it acts on every prompt, and locality has to
+    be learned from the retain prompts' KL term.
+    """
+    if scope not in EDIT_SCOPES:
+        raise ValueError(f"scope must be one of {EDIT_SCOPES}, got {scope!r}.")
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    enc = DiekaeEncoder(edit_config(model)).to(model.device).attach(model.decoder).float().train()
+    cfg = edit_config(model)
+    if scope == "subject":
+        cfg.edit_scope = sorted({e["subject"] for e in edits})
+    enc = DiekaeEncoder(cfg).to(model.device).attach(model.decoder).float().train()
     saved = model.edit_encoders
     model.edit_encoders = [enc]
     opt = torch.optim.AdamW(enc.parameters(), lr=lr, betas=(0.9, 0.95))
     pairs = [(e["prompt"], e["target_new"]) for e in edits]
     retain_ids = [model.prompter.prompt_ids(q) for q in retain]
+    if cfg.edit_scope:  # out-of-scope prompts get no rows: nothing to keep
+        retain_ids = [r for r, active in zip(retain_ids, model._in_edit_scope(enc, retain_ids)) if active]
     try:
         for step in tqdm(range(steps), desc="training edit encoder", disable=not progress):
             batch = rng.sample(pairs, min(batch_size, len(pairs)))
@@ -143,7 +157,7 @@ def edit_command(args: argparse.Namespace) -> int:
     model = DiekaeModel.from_pretrained()
     edits = read_jsonl(args.edits, EDIT_KEYS)
     retain = [n["prompt"] if isinstance(n, dict) else n for e in edits for n in e.get("retain", [])]
-    enc = train_edit_encoder(model, edits, retain=retain, steps=args.steps)
+    enc = train_edit_encoder(model, edits, retain=retain, steps=args.steps, scope=args.scope)
     save_encoder(enc, args.out)
     model.edit_encoders = [enc.eval()]
     print(json.dumps({"saved": str(args.out), "edited": evaluate_edits(model, edits)}, indent=2))

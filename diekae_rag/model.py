@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
@@ -225,8 +226,20 @@ class DiekaeModel:
             sessions.append(self._session(self.encoder, prompts, passages, decoder_mask, answers, has_k))
         for enc in self.edit_encoders:
             sessions.append(self._session(enc, prompts, [[] for _ in prompts], decoder_mask, answers,
-                                          [True] * len(prompts)))
+                                          self._in_edit_scope(enc, prompts)))
         return Injection(self.decoder, sessions) if sessions else None
+
+    def _in_edit_scope(self, encoder: DiekaeEncoder, prompts: Sequence[list[int]]) -> list[bool]:
+        """Which prompts an edit encoder applies to: those whose text (the question, and in-context
+        passages) names a subject of its ``edit_scope`` as a whole word, in any case."""
+        scope = encoder.config.edit_scope
+        if not scope:
+            return [True] * len(prompts)
+        pattern = re.compile(r"\b(?:" + "|".join(re.escape(s) for s in sorted(scope, key=len, reverse=True)) + r")\b",
+                             re.IGNORECASE)
+        system = self.config.system_prompt
+        texts = [self.tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
+        return [pattern.search(t.replace(system, "") if system else t) is not None for t in texts]
 
     def _prompter_for(self, encoder: DiekaeEncoder) -> Prompter:
         """The prompter for an encoder's layout, built once per encoder (its token cache is kept)."""

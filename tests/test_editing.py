@@ -64,3 +64,26 @@ def test_edit_file_errors_name_the_line(tmp_path):
     path.write_text(json.dumps({"subject": "x"}) + "\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r":1: missing \['prompt'"):
         read_jsonl(path, ("subject", "prompt", "target_old", "target_new"))
+
+
+def test_subject_scope_leaves_other_prompts_exactly_unedited(tmp_path):
+    model = tiny_model(nonzero=False)
+    others = ["Where does Tomas live?", "Where does Brennan live?", "What does kell eat?"]
+    plain = [model.score(q, "Lima", mode="none") for q in others + [EDITS[0]["prompt"]]]
+    enc = model.apply_edits(EDITS, steps=20, lr=5e-3, batch_size=2, progress=False)
+    assert enc.config.edit_scope == ["Brenna", "Kell"]
+    scored = [model.score(q, "Lima", mode="none") for q in others + [EDITS[0]["prompt"]]]
+    assert scored[:2] == plain[:2], "prompts naming no edited subject (whole words) are untouched"
+    assert scored[2] != pytest.approx(plain[2], abs=1e-5), "subjects match in any case"
+    assert scored[3] != pytest.approx(plain[3], abs=1e-5), "the edited prompt is changed"
+    save_encoder(enc, tmp_path / "scoped")
+    model.remove_edits()
+    model.apply_edits(tmp_path / "scoped")
+    assert model.edit_encoders[0].config.edit_scope == ["Brenna", "Kell"], "the scope is saved with the weights"
+    assert [model.score(q, "Lima", mode="none") for q in others[:1]] == plain[:1]
+    model.remove_edits()
+    everywhere = model.apply_edits(EDITS, steps=20, lr=5e-3, batch_size=2, progress=False, scope="all")
+    assert everywhere.config.edit_scope == []
+    assert model.score(others[0], "Lima", mode="none") != pytest.approx(plain[0], abs=1e-5)
+    with pytest.raises(ValueError, match="scope must be"):
+        model.apply_edits(EDITS, steps=1, scope="nearby")
