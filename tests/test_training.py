@@ -98,3 +98,43 @@ def test_train_writes_checkpoints_and_resumes(tmp_path):
     assert second["steps"] == 4, "resumed at step 2 and ran to the new total"
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert [h["step"] for h in summary["history"]] == [1, 2, 3, 4]
+
+
+DIST_SCRIPT = """
+import hashlib, json, os, sys
+sys.path.insert(0, {tests!r})
+import torch
+from conftest import tiny_model
+from diekae_rag.training.trainer import TrainConfig, train
+torch.set_num_threads(1)
+model = tiny_model(nonzero=False)
+cfg = TrainConfig(out={out!r}, data={{"fictional": 48, "k": 2}}, batch_size=8, epochs=1.0, dev_size=8,
+                  eval_every=2, warmup_steps=1, lr=3e-3)
+summary = train(cfg, model=model)
+w = torch.cat([p.detach().reshape(-1) for p in model.encoder.parameters()])
+with open(os.path.join({out!r}, "rank%s.json" % os.environ.get("RANK", "0")), "w") as fh:
+    json.dump({{"sha": hashlib.sha256(w.numpy().tobytes()).hexdigest(), "summary": summary}}, fh)
+"""
+
+
+def test_two_processes_train_one_run_in_step(tmp_path):
+    """Data-parallel training through Accelerate (launched with torchrun on the CPU): both
+    processes end with the same weights, after the same steps, close to a one-process run."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = str(Path(__file__).parent)
+    for name, cmd in (("one", [sys.executable]), ("two", [sys.executable, "-m", "torch.distributed.run",
+                                                            "--nproc_per_node", "2"])):
+        script = tmp_path / f"{name}.py"
+        script.write_text(DIST_SCRIPT.format(tests=tests, out=str(tmp_path / name)))
+        done = subprocess.run(cmd + [str(script)], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    one = json.loads((tmp_path / "one" / "rank0.json").read_text())
+    two = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert two[0]["sha"] == two[1]["sha"], "the processes' encoders stay identical"
+    assert two[0]["summary"]["processes"] == 2 and one["summary"]["processes"] == 1
+    assert two[0]["summary"]["steps"] == one["summary"]["steps"]
+    assert two[0]["summary"]["best_dev"] == pytest.approx(one["summary"]["best_dev"], rel=0.01)
+    assert (tmp_path / "two" / "best" / "model.safetensors").exists()

@@ -3,6 +3,13 @@
 Checkpoints hold the encoders plus the optimiser state (safetensors + JSON), so a run can be
 resumed; the best checkpoint on the dev split is kept in ``out/best`` and training stops
 early when the dev loss stops improving.
+
+Several GPUs: start the same command with ``accelerate launch --multi_gpu --num_processes N -m
+diekae_rag.cli train CONFIG.json`` (several CPU processes: ``torchrun --nproc_per_node N -m
+diekae_rag.cli train CONFIG.json``). Each process holds the frozen decoder
+and the encoders, takes 1/N of every batch, and the encoders' gradients are averaged through
+Accelerate before each optimiser step, so N processes train the same run as one with the same
+global ``batch_size``; only the main process writes checkpoints and shows progress.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -100,9 +108,54 @@ def lr_at(step: int, total: int, base: float, warmup: int, time_fraction: float 
     return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def build_model(cfg: TrainConfig) -> DiekaeModel:
+class _Processes:
+    """One process, or several started by ``accelerate launch`` / ``torchrun`` (through Accelerate)."""
+
+    def __init__(self) -> None:
+        self.acc = None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from accelerate import Accelerator
+            self.acc = Accelerator(cpu=not torch.cuda.is_available())
+        self.rank = self.acc.process_index if self.acc else 0
+        self.world = self.acc.num_processes if self.acc else 1
+        self.is_main = self.rank == 0
+        self.device = self.acc.device if self.acc else None
+
+    def main_first(self) -> contextlib.AbstractContextManager:
+        """The main process runs the block first (decoder conversion, data mining), then the others."""
+        return self.acc.main_process_first() if self.acc else contextlib.nullcontext()
+
+    def barrier(self) -> None:
+        if self.acc:
+            self.acc.wait_for_everyone()
+
+    def shard(self, idx: list[int]) -> list[int]:
+        """This process's share of a batch (every process gets at least one item)."""
+        return idx[self.rank::self.world] or idx[:1]
+
+    def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        if not self.acc:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = self.acc.reduce(torch.cat([g.reshape(-1).float() for g in grads]), reduction="mean")
+        i = 0
+        for p, g in zip(params, grads):
+            p.grad = flat[i: i + g.numel()].view_as(p).to(p.dtype)
+            i += g.numel()
+
+    def agree(self, value: float, reduction: str, device: torch.device) -> float:
+        """One value for all processes (``max`` elapsed time, ``mean`` dev loss), so every process
+        sets the same LR and stops, saves and early-stops at the same step."""
+        if not self.acc:
+            return value
+        if reduction == "max":  # accelerate reduces by sum or mean only
+            return float(self.acc.gather(torch.tensor([value], device=device)).max())
+        return float(self.acc.reduce(torch.tensor([value], device=device), reduction=reduction)[0])
+
+
+def build_model(cfg: TrainConfig, device: Optional[torch.device] = None) -> DiekaeModel:
     if cfg.init_from:
-        model = DiekaeModel.from_pretrained(cfg.init_from, decoder=cfg.decoder)
+        model = DiekaeModel.from_pretrained(cfg.init_from, decoder=cfg.decoder, device=device)
         for key, value in cfg.encoder.items():  # behaviour switches only; shapes must match
             if key in ("layers", "d_enc", "n_blocks", "n_heads", "pointer_layer", "pointer_heads", "pointer_key_dim"):
                 if getattr(model.config, key) != value:
@@ -112,7 +165,7 @@ def build_model(cfg: TrainConfig) -> DiekaeModel:
         model.config.validate()
     else:
         model = DiekaeModel.from_pretrained(Path(cfg.out) / "last" if (Path(cfg.out) / "last").exists() else None,
-                                            decoder=cfg.decoder, config=DiekaeConfig(**cfg.encoder))
+                                            decoder=cfg.decoder, config=DiekaeConfig(**cfg.encoder), device=device)
     # Train in fp32 master weights; bf16 autocast on CUDA.
     model.encoder.float().train()
     return model
@@ -121,14 +174,16 @@ def build_model(cfg: TrainConfig) -> DiekaeModel:
 def train(cfg: TrainConfig, model: Optional[DiekaeModel] = None) -> dict:
     """Run (or resume) a training run; returns a summary dict also written to ``out/summary.json``."""
     torch.manual_seed(cfg.seed)
+    procs = _Processes()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "train_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
-    if model is None:
-        model = build_model(cfg)
+    if procs.is_main:
+        atomic_write_text(out / "train_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+    with procs.main_first():
+        if model is None:
+            model = build_model(cfg, procs.device)
+        examples = DataSpec(**cfg.data).build()
     model.encoder.float().train()
-    spec = DataSpec(**cfg.data)
-    examples = spec.build()
     dev, train_set = examples[: cfg.dev_size], examples[cfg.dev_size:]
     if not train_set:
         raise ValueError("No training examples left after the dev split; raise the data counts.")
@@ -145,7 +200,9 @@ def train(cfg: TrainConfig, model: Optional[DiekaeModel] = None) -> dict:
     deltas = dev_deltas = None
     if cfg.phase == 1:
         cache = DeltaCache(out / "delta_cache")
-        cache.build(model, examples)
+        if procs.is_main:
+            cache.build(model, examples)
+        procs.barrier()
         all_d = cache.load(len(examples))
         dev_deltas, deltas = all_d[: cfg.dev_size], all_d[cfg.dev_size:]
 
@@ -170,35 +227,40 @@ def train(cfg: TrainConfig, model: Optional[DiekaeModel] = None) -> dict:
     order: list[int] = []
     t0, bad, history = time.time(), 0, []
     amp = autocast_for(model.device)
-    bar = tqdm(total=total, initial=step, desc=f"phase {cfg.phase}")
+    bar = tqdm(total=total, initial=step, desc=f"phase {cfg.phase}", disable=not procs.is_main)
     while step < total:
         if len(order) < cfg.batch_size:
             order += rng.sample(range(len(train_set)), len(train_set))
         idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
-        time_fraction = (time.time() - t0) / (cfg.max_minutes * 60) if cfg.max_minutes else 0.0
+        elapsed = procs.agree(time.time() - t0, "max", model.device)
+        time_fraction = elapsed / (cfg.max_minutes * 60) if cfg.max_minutes else 0.0
         for g in opt.param_groups:
             g["lr"] = lr_at(step, total, cfg.lr, cfg.warmup_steps, time_fraction)
         with amp:
-            loss = loss_fn(idx, train_set)
+            loss = loss_fn(procs.shard(idx), train_set)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        procs.average_gradients(params)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
-        timed_out = cfg.max_minutes is not None and time.time() - t0 > cfg.max_minutes * 60
+        timed_out = cfg.max_minutes is not None and elapsed > cfg.max_minutes * 60
         if step % cfg.eval_every == 0 or step == total or timed_out:
-            dl = dev_loss()
+            dl = procs.agree(dev_loss(), "mean", model.device)
             history.append({"step": step, "train_loss": loss.item(), "dev_loss": dl, "minutes": (time.time() - t0) / 60})
             log.info("step %d dev %.4f", step, dl)
             if dl < best:
                 best, bad = dl, 0
-                with atomic_directory(out / "best") as tmp:
-                    save_encoder(model.encoder, tmp)
+                if procs.is_main:
+                    with atomic_directory(out / "best") as tmp:
+                        save_encoder(model.encoder, tmp)
             else:
                 bad += 1
-            save_training_state(model, opt, step, best, out / "last")
+            if procs.is_main:
+                save_training_state(model, opt, step, best, out / "last")
+            procs.barrier()
             if bad >= cfg.patience:
                 log.warning("Early stop at step %d: dev loss has not improved for %d evaluations.", step, bad)
                 break
@@ -206,11 +268,13 @@ def train(cfg: TrainConfig, model: Optional[DiekaeModel] = None) -> dict:
             break
     bar.close()
     summary = {"steps": step, "best_dev": best, "minutes": (time.time() - t0) / 60, "history": history,
-               "device": str(model.device), "n_train": len(train_set)}
+               "device": str(model.device), "processes": procs.world, "n_train": len(train_set)}
     prev = out / "summary.json"
     if prev.exists():
         summary["history"] = json.loads(prev.read_text()).get("history", []) + history
-    atomic_write_text(prev, json.dumps(summary, indent=2))
+    if procs.is_main:
+        atomic_write_text(prev, json.dumps(summary, indent=2))
+    procs.barrier()
     return summary
 
 
