@@ -108,7 +108,7 @@ def apply_edits(model: DiekaeModel, edits: Sequence[dict] | str | Path | DiekaeE
     return enc
 
 
-def _pref(model: DiekaeModel, rows: list[tuple[str, str, str, Optional[list]]], mode: str,
+def preferences(model: DiekaeModel, rows: list[tuple[str, str, str, Optional[list]]], mode: str,
           batch_size: int = 32) -> list[bool]:
     """For each (prompt, better, worse, knowledge): is NLL(better) < NLL(worse)? Batched."""
     out = []
@@ -146,7 +146,7 @@ def evaluate_edits(model: DiekaeModel, edits: Sequence[dict], mode: str = "none"
             result[metric] = None
             continue
         per_edit: dict[int, list[bool]] = {}
-        for i, ok in zip(owner[metric], _pref(model, items, mode)):
+        for i, ok in zip(owner[metric], preferences(model, items, mode)):
             per_edit.setdefault(i, []).append(ok)
         result[metric] = sum(sum(v) / len(v) for v in per_edit.values()) / len(per_edit)
     return result

@@ -90,17 +90,6 @@ RELATIONS = {
 }
 
 
-def _prefers(model, rows: list[tuple[str, str, str]], batch_size: int = 32) -> list[bool]:
-    """For each (prompt, a, b): does the unedited decoder give ``a`` a lower NLL than ``b``?"""
-    out: list[bool] = []
-    for i in range(0, len(rows), batch_size):
-        prompts, a, b = (list(x) for x in zip(*rows[i: i + batch_size]))
-        none = [None] * len(prompts)
-        out += [x < y for x, y in zip(model.score_batch(prompts, a, none, mode="none"),
-                                      model.score_batch(prompts, b, none, mode="none"))]
-    return out
-
-
 def build_edit_set(model, n: int = 100, seed: int = 0, n_neighbours: int = 3, n_retain: int = 3) -> list[dict]:
     """Up to ``n`` edits of facts the decoder gets right (checked by greedy generation).
 
@@ -133,7 +122,8 @@ def build_edit_set(model, n: int = 100, seed: int = 0, n_neighbours: int = 3, n_
         retain += rng.sample([f for f in retain_pool if f not in retain], n_retain - len(retain))
         plans.append((rel, s, old, new, candidates, retain))
     checks = [(RELATIONS[r2][1].format(s=s2), o2, new) for *_, new, cands_, _ in plans for r2, s2, o2 in cands_]
-    verdict = iter(_prefers(model, checks))
+    from ..editing import preferences  # the editing metrics' own test, on the unedited decoder
+    verdict = iter(preferences(model, [(p, truth, new, None) for p, truth, new in checks], "none"))
     edits = []
     for rel, s, old, new, candidates, retain in tqdm(plans, desc="building edits"):
         _, prompt, paraphrases = RELATIONS[rel]
