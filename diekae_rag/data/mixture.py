@@ -93,8 +93,8 @@ def eval_sets(n: int = 100, k: int = 1, seed: int = 1234, data_dir=None, other_f
     for name, s, rel in (("fictional_seen", seed, "train"), ("fictional_unseen", seed + 1, "held_out")):
         facts = make_facts(n if distractors == "random" else max(n, 1000), seed=s, relations=rel,
                            other_facts=other_facts)
-        sets[name] = retrieval_style(facts[:n], k, seed, pool=sorted({f.passage for f in facts}) if
-                                     distractors == "retrieved" else None, distractors=distractors)
+        sets[name] = retrieval_style(facts[:n], k, seed, pool=sorted({f.passage for f in facts}),
+                                     distractors=distractors)
     if squad:
         items = load_squad_items([DEV_FILE], data_dir, seed=seed)
         sets["squad_dev"] = retrieval_style(items[:n], k, seed, pool=sorted({it.passage for it in items[:2000]}),
