@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -48,50 +47,15 @@ def _retain_kl(model: DiekaeModel, prompts: list[list[int]]) -> torch.Tensor:
     return F.kl_div(F.log_softmax(new, -1), F.log_softmax(ref, -1), log_target=True, reduction="batchmean")
 
 
-def _wordings(edit: dict) -> set[str]:
-    """The edit's prompt and paraphrases with its subject replaced by ``{s}`` (templates)."""
-    texts = [edit["prompt"], *(edit.get("paraphrases") or [])]
-    subject = re.compile(r"\b" + re.escape(edit["subject"]) + r"\b", re.IGNORECASE)
-    return {subject.sub("{s}", t.replace("{", "{{").replace("}", "}}")) for t in texts if subject.search(t)}
-
-
-def subject_retain_prompts(edits: Sequence[dict]) -> list[str]:
-    """Prompts that name an edited subject but ask about something the edits do not change.
-
-    Every edit's wordings (prompt and paraphrases, as templates) are filled with every edited
-    subject, except the relations that subject is edited for (the ``relation`` key when the
-    edits have one, else the same wording). These are the prompts a subject scope lets the edit
-    encoder into without a reason to act; training keeps the decoder's own answer there.
-    A fact that a neighbourhood prompt asks about is held out in every wording (those prompts
-    measure locality, so training never sees them).
-    """
-    by_relation: dict[str, set[str]] = {}
-    for e in edits:
-        by_relation.setdefault(e.get("relation") or e["prompt"], set()).update(_wordings(e))
-    edited: dict[str, set[str]] = {}
-    for e in edits:
-        edited.setdefault(e["subject"], set()).update({e.get("relation") or e["prompt"]} | _wordings(e))
-    held_out = {n["prompt"] if isinstance(n, dict) else n for e in edits for n in e.get("neighborhood") or []}
-    out = set()
-    for subject, skip in edited.items():
-        for relation, templates in by_relation.items():
-            prompts = {t.format(s=subject) for t in templates if t not in skip}
-            if relation in skip or prompts & held_out:  # a neighbourhood fact: held out in every wording
-                continue
-            out.update(prompts)
-    return sorted(out)
-
-
 def train_edit_encoder(model: DiekaeModel, edits: Sequence[dict], retain: Sequence[str] = (), steps: int = 300,
                        lr: float = 2e-3, batch_size: int = 16, retain_weight: float = 1.0, seed: int = 0,
                        progress: bool = True, scope: str = "subject") -> DiekaeEncoder:
     """Train one editing encoder for all ``edits``; the decoder is never modified.
 
     ``scope="subject"`` (default): the encoder only acts on prompts that name an edited subject,
-    so prompts about anything else are answered exactly as by the unedited decoder; the KL term
-    then covers the given retain prompts that name an edited subject plus
-    :func:`subject_retain_prompts` (the edited subjects' other facts). ``scope="all"``: it acts
-    on every prompt, and locality has to be learned from the retain prompts' KL term.
+    so prompts about anything else are answered exactly as by the unedited decoder (retain
+    prompts then need no training). ``scope="all"``: it acts on every prompt, and locality has to
+    be learned from the retain prompts' KL term.
     """
     if scope not in EDIT_SCOPES:
         raise ValueError(f"scope must be one of {EDIT_SCOPES}, got {scope!r}.")
@@ -105,8 +69,6 @@ def train_edit_encoder(model: DiekaeModel, edits: Sequence[dict], retain: Sequen
     model.edit_encoders = [enc]
     opt = torch.optim.AdamW(enc.parameters(), lr=lr, betas=(0.9, 0.95))
     pairs = [(e["prompt"], e["target_new"]) for e in edits]
-    if cfg.edit_scope:
-        retain = list(dict.fromkeys([*retain, *subject_retain_prompts(edits)]))
     retain_ids = [model.prompter.prompt_ids(q) for q in retain]
     if cfg.edit_scope:  # out-of-scope prompts get no rows: nothing to keep
         retain_ids = [r for r, active in zip(retain_ids, model._in_edit_scope(enc, retain_ids)) if active]

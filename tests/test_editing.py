@@ -10,7 +10,7 @@ from conftest import tiny_model
 
 from diekae_rag.checkpoint import save_encoder
 from diekae_rag.data.edits import read_jsonl, write_jsonl
-from diekae_rag.editing import evaluate_edits, subject_retain_prompts
+from diekae_rag.editing import evaluate_edits
 
 EDITS = [
     {"subject": "Brenna", "prompt": "Where does Brenna live?", "target_old": "Oslo", "target_new": "Lima",
@@ -87,29 +87,3 @@ def test_subject_scope_leaves_other_prompts_exactly_unedited(tmp_path):
     assert model.score(others[0], "Lima", mode="none") != pytest.approx(plain[0], abs=1e-5)
     with pytest.raises(ValueError, match="scope must be"):
         model.apply_edits(EDITS, steps=1, scope="nearby")
-
-
-def test_subject_retain_prompts_cover_other_facts_of_edited_subjects_only():
-    edits = [
-        {"subject": "France", "relation": "capital", "prompt": "What is the capital of France?",
-         "target_old": "Paris", "target_new": "Rome", "paraphrases": ["Name the capital city of France."],
-         "neighborhood": [{"prompt": "What is the capital of Spain?", "target": "Madrid"}]},
-        {"subject": "Spain", "relation": "language", "prompt": "What language is spoken in Spain?",
-         "target_old": "Spanish", "target_new": "Greek", "paraphrases": [], "neighborhood": []},
-        {"subject": "Peru", "relation": "language", "prompt": "Which language do people in Peru speak?",
-         "target_old": "Spanish", "target_new": "Thai", "paraphrases": [], "neighborhood": []},
-    ]
-    prompts = subject_retain_prompts(edits)
-    # France keeps its language (both wordings of that relation); its capital is the edit.
-    assert "What language is spoken in France?" in prompts
-    assert "Which language do people in France speak?" in prompts
-    assert not any("capital" in p and "France" in p for p in prompts)
-    # Spain's capital is a neighbourhood fact: held out in every wording.
-    assert not any("Spain" in p and "capital" in p for p in prompts)
-    # Peru is edited for language only; Peru's capital is fair game, in both wordings.
-    assert {"What is the capital of Peru?", "Name the capital city of Peru."} <= set(prompts)
-    assert not any("language" in p and ("Spain" in p or "Peru" in p) for p in prompts)
-    # Without relation keys the wording itself is the relation.
-    bare = [{k: v for k, v in e.items() if k != "relation"} for e in edits]
-    assert "What is the capital of Peru?" in subject_retain_prompts(bare)
-    assert "What language is spoken in Spain?" not in subject_retain_prompts(bare)
