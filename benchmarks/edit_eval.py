@@ -1,6 +1,6 @@
 """Knowledge-editing table: unedited decoder, in-context editing, DIEKÆ edit encoders.
 
-    python benchmarks/edit_eval.py [--n 100] [--steps 300] [--scope subject|all] [--retain-weight 1] [--edits EDITS.jsonl]
+    python benchmarks/edit_eval.py [--n 100] [--steps 300] [--scope fact|subject|all] [--retain-weight 1] [--edits EDITS.jsonl]
                                    [--out benchmarks/results/edits]
 
 Builds the edit set from facts the decoder itself states (diekae_rag.data.edits), trains one
@@ -24,8 +24,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--retain-weight", type=float, default=1.0)
-    ap.add_argument("--scope", choices=["subject", "all"], default="subject",
-                    help="subject: the edit encoder acts only on prompts naming an edited subject")
+    ap.add_argument("--scope", choices=["fact", "subject", "all"], default="fact",
+                        help="fact: edits act only on prompts naming an edited subject and worded like its edit; "
+                             "subject: on every prompt naming an edited subject; all: on every prompt")
     ap.add_argument("--edits", default=None, help="reuse this edit set instead of building one")
     ap.add_argument("--out", default="benchmarks/results/edits")
     args = ap.parse_args()

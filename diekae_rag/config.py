@@ -56,6 +56,9 @@ class DiekaeConfig:
     # Edit encoders only: rows go only to prompts that name one of these subjects (whole words,
     # any case); empty = every prompt.
     edit_scope: list[str] = field(default_factory=list)
+    # Edit encoders in fact scope: each subject's edit prompts with "{s}" for the subject; a prompt
+    # naming the subject must also be worded nearest to one of these (diekae_rag.edit_scope).
+    edit_templates: dict[str, list[str]] = field(default_factory=dict)
     system_prompt: str = "Answer the question in a few words."
     rope_theta: float = 10000.0
     format_version: int = FORMAT_VERSION

@@ -21,12 +21,13 @@ from tqdm import tqdm
 from .checkpoint import load_encoder, save_encoder
 from .config import DiekaeConfig
 from .data.edits import read_jsonl
+from .edit_scope import to_template
 from .encoder import DiekaeEncoder
 from .injection import injecting
 from .model import DiekaeModel, fresh_config
 
 EDIT_KEYS = ("subject", "prompt", "target_old", "target_new")
-EDIT_SCOPES = ("subject", "all")
+EDIT_SCOPES = ("fact", "subject", "all")
 
 
 def edit_config(model: DiekaeModel, layers: Sequence[int] = (3, 4, 5, 6, 7, 8)) -> DiekaeConfig:
@@ -49,21 +50,33 @@ def _retain_kl(model: DiekaeModel, prompts: list[list[int]]) -> torch.Tensor:
 
 def train_edit_encoder(model: DiekaeModel, edits: Sequence[dict], retain: Sequence[str] = (), steps: int = 300,
                        lr: float = 2e-3, batch_size: int = 16, retain_weight: float = 1.0, seed: int = 0,
-                       progress: bool = True, scope: str = "subject") -> DiekaeEncoder:
+                       progress: bool = True, scope: str = "fact") -> DiekaeEncoder:
     """Train one editing encoder for all ``edits``; the decoder is never modified.
 
-    ``scope="subject"`` (default): the encoder only acts on prompts that name an edited subject,
-    so prompts about anything else are answered exactly as by the unedited decoder (retain
-    prompts then need no training). ``scope="all"``: it acts on every prompt, and locality has to
-    be learned from the retain prompts' KL term.
+    ``scope="fact"`` (default): the encoder acts only on prompts that name an edited subject and
+    are worded nearest to one of that subject's edit prompts (among all the edit prompts of the
+    set; :mod:`diekae_rag.edit_scope`), so other facts about an edited subject, and prompts about
+    anything else, are answered exactly as by the unedited decoder. ``scope="subject"``: every
+    prompt naming an edited subject. ``scope="all"``: every prompt; locality then has to be
+    learned from the retain prompts' KL term (out-of-scope retain prompts are not needed).
     """
     if scope not in EDIT_SCOPES:
         raise ValueError(f"scope must be one of {EDIT_SCOPES}, got {scope!r}.")
     torch.manual_seed(seed)
     rng = random.Random(seed)
     cfg = edit_config(model)
-    if scope == "subject":
-        cfg.edit_scope = sorted({e["subject"] for e in edits})
+    if scope != "all":
+        templates: dict[str, set[str]] = {}
+        for e in edits:
+            t = to_template(e["prompt"], e["subject"])
+            if t is None:
+                raise ValueError(f"Edit prompt {e['prompt']!r} does not name its subject {e['subject']!r}, so a "
+                                 f"{scope} scope would never apply it: name the subject in the prompt, or train "
+                                 f"with scope='all'.")
+            templates.setdefault(e["subject"], set()).add(t)
+        cfg.edit_scope = sorted(templates)
+        if scope == "fact":
+            cfg.edit_templates = {s: sorted(ts) for s, ts in sorted(templates.items())}
     enc = DiekaeEncoder(cfg).to(model.device).attach(model.decoder).float().train()
     saved = model.edit_encoders
     model.edit_encoders = [enc]

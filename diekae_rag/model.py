@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
@@ -14,6 +13,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextIteratorS
 from .checkpoint import DecoderMismatchError, load_encoder, read_config, save_encoder
 from .config import DiekaeConfig, decoder_fingerprint
 from .decoder import freeze, load_decoder
+from .edit_scope import EditScope
 from .defaults import DEFAULT_DECODER
 from .encoder import DiekaeEncoder
 from .passage_cache import PassageCache, assemble
@@ -53,6 +53,8 @@ class DiekaeModel:
         self.edit_encoders: list[DiekaeEncoder] = []
         self.passage_cache = PassageCache()
         self._edit_prompters: dict[int, Prompter] = {}
+        self._edit_scopes: dict[int, tuple[DiekaeConfig, EditScope]] = {}
+        self._chat_frame: Optional[tuple[str, str]] = None
         install_hooks(decoder)
 
     # ------------------------------------------------------------------ loading / saving
@@ -114,6 +116,7 @@ class DiekaeModel:
         """Detach all editing encoders; the decoder is exactly as before."""
         self.edit_encoders = []
         self._edit_prompters.clear()
+        self._edit_scopes.clear()
 
     @property
     def device(self) -> torch.device:
@@ -230,16 +233,30 @@ class DiekaeModel:
         return Injection(self.decoder, sessions) if sessions else None
 
     def _in_edit_scope(self, encoder: DiekaeEncoder, prompts: Sequence[list[int]]) -> list[bool]:
-        """Which prompts an edit encoder applies to: those whose text (the question, and in-context
-        passages) names a subject of its ``edit_scope`` as a whole word, in any case."""
-        scope = encoder.config.edit_scope
-        if not scope:
+        """Which prompts an edit encoder applies to (see :mod:`diekae_rag.edit_scope`): their text
+        (the question, and in-context passages) must name an edited subject, and in fact scope
+        also be worded like one of that subject's edits."""
+        cfg = encoder.config
+        if not cfg.edit_scope:
             return [True] * len(prompts)
-        pattern = re.compile(r"\b(?:" + "|".join(re.escape(s) for s in sorted(scope, key=len, reverse=True)) + r")\b",
-                             re.IGNORECASE)
-        system = self.config.system_prompt
-        texts = [self.tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
-        return [pattern.search(t.replace(system, "") if system else t) is not None for t in texts]
+        scope = self._edit_scopes.get(id(encoder))
+        if scope is None or scope[0] is not cfg:
+            scope = self._edit_scopes[id(encoder)] = (cfg, EditScope(cfg.edit_scope, cfg.edit_templates))
+        return scope[1].active([self._user_text(p) for p in prompts])
+
+    def _user_text(self, prompt: list[int]) -> str:
+        """The user's part of a prompt (question, and in-context passages): the chat template's
+        frame, found once by rendering a sentinel question, is cut off."""
+        if self._chat_frame is None:
+            sentinel = "QQSENTINELQQ"
+            probe = self.tokenizer.decode(self.prompter.prompt_ids(sentinel), skip_special_tokens=True)
+            head, _, tail = probe.partition(sentinel)
+            self._chat_frame = (head, tail)
+        head, tail = self._chat_frame
+        text = self.tokenizer.decode(prompt, skip_special_tokens=True)
+        if text.startswith(head) and text.endswith(tail) and len(text) >= len(head) + len(tail):
+            text = text[len(head): len(text) - len(tail)]
+        return text.strip()
 
     def _prompter_for(self, encoder: DiekaeEncoder) -> Prompter:
         """The prompter for an encoder's layout, built once per encoder (its token cache is kept)."""

@@ -10,6 +10,7 @@ from conftest import tiny_model
 
 from diekae_rag.checkpoint import save_encoder
 from diekae_rag.data.edits import read_jsonl, write_jsonl
+from diekae_rag.edit_scope import EditScope
 from diekae_rag.editing import evaluate_edits
 
 EDITS = [
@@ -70,8 +71,8 @@ def test_subject_scope_leaves_other_prompts_exactly_unedited(tmp_path):
     model = tiny_model(nonzero=False)
     others = ["Where does Tomas live?", "Where does Brennan live?", "What does kell eat?"]
     plain = [model.score(q, "Lima", mode="none") for q in others + [EDITS[0]["prompt"]]]
-    enc = model.apply_edits(EDITS, steps=20, lr=5e-3, batch_size=2, progress=False)
-    assert enc.config.edit_scope == ["Brenna", "Kell"]
+    enc = model.apply_edits(EDITS, steps=20, lr=5e-3, batch_size=2, progress=False, scope="subject")
+    assert enc.config.edit_scope == ["Brenna", "Kell"] and enc.config.edit_templates == {}
     scored = [model.score(q, "Lima", mode="none") for q in others + [EDITS[0]["prompt"]]]
     assert scored[:2] == plain[:2], "prompts naming no edited subject (whole words) are untouched"
     assert scored[2] != pytest.approx(plain[2], abs=1e-5), "subjects match in any case"
@@ -87,3 +88,34 @@ def test_subject_scope_leaves_other_prompts_exactly_unedited(tmp_path):
     assert model.score(others[0], "Lima", mode="none") != pytest.approx(plain[0], abs=1e-5)
     with pytest.raises(ValueError, match="scope must be"):
         model.apply_edits(EDITS, steps=1, scope="nearby")
+
+
+def test_fact_scope_compares_wordings_with_minilm():
+    scope = EditScope(["France", "Peru"], {"France": ["What is the capital of {s}?"],
+                                           "Peru": ["What language is spoken in {s}?"]})
+    assert scope.active([
+        "What is the capital of France?",          # the edit itself
+        "Which city is the capital of france?",    # a paraphrase, any case
+        "What language is spoken in France?",      # another fact about an edited subject
+        "What is the capital of Peru?",            # Peru is edited for its language only
+        "Which language do people in Peru speak?",
+        "What is the capital of Spain?",           # no edited subject
+    ]) == [True, True, False, False, True, False]
+    assert EditScope(["France"]).active(["What language is spoken in France?"]) == [True], "subject scope"
+
+
+def test_fact_scope_is_the_default_and_leaves_other_facts_of_a_subject_unedited(tmp_path):
+    model = tiny_model(nonzero=False)
+    other_fact = "What does Brenna eat?"  # names an edited subject, worded like the other edit
+    plain = [model.score(q, "Lima", mode="none") for q in (other_fact, EDITS[0]["prompt"])]
+    enc = model.apply_edits(EDITS, steps=20, lr=5e-3, batch_size=2, progress=False)
+    assert enc.config.edit_templates == {"Brenna": ["Where does {s} live?"], "Kell": ["What does {s} eat?"]}
+    assert model.score(other_fact, "Lima", mode="none") == plain[0]
+    assert model.score(EDITS[0]["prompt"], "Lima", mode="none") != pytest.approx(plain[1], abs=1e-5)
+    save_encoder(enc, tmp_path / "fact")
+    model.remove_edits()
+    model.apply_edits(tmp_path / "fact")
+    assert model.edit_encoders[0].config.edit_templates == enc.config.edit_templates, "saved with the weights"
+    model.remove_edits()
+    with pytest.raises(ValueError, match="does not name its subject"):
+        model.apply_edits([dict(EDITS[0], prompt="Where does she live?")], steps=1)
