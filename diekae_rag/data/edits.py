@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -136,6 +137,25 @@ def build_edit_set(model, n: int = 100, seed: int = 0, n_neighbours: int = 3, n_
                       "neighborhood_dropped": len(candidates) - len(kept),
                       "retain": [{"prompt": RELATIONS[r2][1].format(s=s2), "target": o2} for r2, s2, o2 in retain]})
     return edits
+
+
+def reworded_neighbourhood(edits: list[dict]) -> list[dict]:
+    """The edits with each neighbourhood prompt replaced by its relation's paraphrase wordings.
+
+    A harder locality test: the neighbours are no longer worded like any edit prompt. Prompts
+    that match no relation's prompt template are kept as they are; paraphrases are dropped.
+    """
+    patterns = [(re.compile(re.escape(prompt).replace(re.escape("{s}"), "(.+)") + "$"), paraphrases)
+                for _, prompt, paraphrases in RELATIONS.values()]
+    out = []
+    for e in edits:
+        reworded = []
+        for n in e.get("neighborhood") or []:
+            hits = [(m, paraphrases) for pattern, paraphrases in patterns if (m := pattern.match(n["prompt"]))]
+            reworded += ([{"prompt": p.format(s=hits[0][0].group(1)), "target": n["target"]} for p in hits[0][1]]
+                         if hits else [n])
+        out.append(dict(e, paraphrases=[], neighborhood=reworded))
+    return out
 
 
 def write_jsonl(rows: list[dict], path: str | Path) -> None:
