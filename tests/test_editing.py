@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_model
 
 from diekae_rag.checkpoint import save_encoder
-from diekae_rag.data.edits import read_jsonl, write_jsonl
+from diekae_rag.data.edits import read_jsonl, reworded_neighbourhood, write_jsonl
 from diekae_rag.edit_scope import EditScope
 from diekae_rag.editing import evaluate_edits
 
@@ -119,3 +119,16 @@ def test_fact_scope_is_the_default_and_leaves_other_facts_of_a_subject_unedited(
     model.remove_edits()
     with pytest.raises(ValueError, match="does not name its subject"):
         model.apply_edits([dict(EDITS[0], prompt="Where does she live?")], steps=1)
+
+
+def test_reworded_neighbourhood_uses_the_relation_paraphrases():
+    edit = {"subject": "France", "prompt": "What is the capital of France?", "target_old": "Paris",
+            "target_new": "Rome", "paraphrases": ["Name the capital city of France."],
+            "neighborhood": [{"prompt": "On which continent is South Korea?", "target": "Asia"},
+                             {"prompt": "Who painted it?", "target": "Monet"}]}
+    (out,) = reworded_neighbourhood([edit])
+    assert out["paraphrases"] == [] and edit["paraphrases"], "the input is not modified"
+    assert out["neighborhood"] == [{"prompt": "Which continent is South Korea part of?", "target": "Asia"},
+                                   {"prompt": "South Korea is a country on which continent?", "target": "Asia"},
+                                   {"prompt": "On what continent does South Korea lie?", "target": "Asia"},
+                                   {"prompt": "Who painted it?", "target": "Monet"}]
