@@ -73,7 +73,7 @@ class EditScope:
         out = [bool(n) for n in named]
         # Fact scope: a subject counts only if the prompt's wording is nearest to one of its edits.
         checks = [(i, s) for i, n in enumerate(named) for s in sorted(n)
-                  if self.own.get(s) and not self.own[s] >= set(self.keys)]
+                  if self.own.get(s) and len(self.own[s]) < len(self.keys)]
         if not self.own or not checks:
             return out
         masked = [subject_pattern([s]).sub(MASK, texts[i]) for i, s in checks]

@@ -13,8 +13,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextIteratorS
 from .checkpoint import DecoderMismatchError, load_encoder, read_config, save_encoder
 from .config import DiekaeConfig, decoder_fingerprint
 from .decoder import freeze, load_decoder
-from .edit_scope import EditScope
 from .defaults import DEFAULT_DECODER
+from .edit_scope import EditScope
 from .encoder import DiekaeEncoder
 from .passage_cache import PassageCache, assemble
 from .injection import EncoderSession, Injection, align_rows, decoder_layers, injecting, install_hooks, layer_rows_from
