@@ -25,8 +25,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--retain-weight", type=float, default=1.0)
     ap.add_argument("--scope", choices=["fact", "subject", "all"], default="fact",
-                        help="fact: edits act only on prompts naming an edited subject and worded like its edit; "
-                             "subject: on every prompt naming an edited subject; all: on every prompt")
+                    help="fact: edits act only on prompts naming an edited subject and worded like its edit; "
+                         "subject: on every prompt naming an edited subject; all: on every prompt")
     ap.add_argument("--edits", default=None, help="reuse this edit set instead of building one")
     ap.add_argument("--encoder", default=None, help="score this saved edit encoder instead of training one")
     ap.add_argument("--out", default="benchmarks/results/edits")

@@ -108,8 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("-o", "--out", required=True)
     ed.add_argument("--steps", type=int, default=300)
     ed.add_argument("--scope", choices=["fact", "subject", "all"], default="fact",
-                        help="fact: edits act only on prompts naming an edited subject and worded like its edit; "
-                             "subject: on every prompt naming an edited subject; all: on every prompt")
+                    help="fact: edits act only on prompts naming an edited subject and worded like its edit; "
+                         "subject: on every prompt naming an edited subject; all: on every prompt")
     ed.set_defaults(func=_edit)
     return p
 

@@ -57,8 +57,9 @@ def train_edit_encoder(model: DiekaeModel, edits: Sequence[dict], retain: Sequen
     are worded nearest to one of that subject's edit prompts (among all the edit prompts of the
     set; :mod:`diekae_rag.edit_scope`), so other facts about an edited subject, and prompts about
     anything else, are answered exactly as by the unedited decoder. ``scope="subject"``: every
-    prompt naming an edited subject. ``scope="all"``: every prompt; locality then has to be
-    learned from the retain prompts' KL term (out-of-scope retain prompts are not needed).
+    prompt naming an edited subject. In both, retain prompts outside the scope are dropped (the
+    encoder never acts there). ``scope="all"``: every prompt; locality then has to be learned
+    from the retain prompts' KL term.
     """
     if scope not in EDIT_SCOPES:
         raise ValueError(f"scope must be one of {EDIT_SCOPES}, got {scope!r}.")
@@ -122,7 +123,7 @@ def apply_edits(model: DiekaeModel, edits: Sequence[dict] | str | Path | DiekaeE
 
 
 def preferences(model: DiekaeModel, rows: list[tuple[str, str, str, Optional[list]]], mode: str,
-          batch_size: int = 32) -> list[bool]:
+                batch_size: int = 32) -> list[bool]:
     """For each (prompt, better, worse, knowledge): is NLL(better) < NLL(worse)? Batched."""
     out = []
     for i in range(0, len(rows), batch_size):
