@@ -340,7 +340,7 @@ class DiekaeModel:
             inj = self.build_injection(prompts, passages, mask) if mode == "diekae" else self._edits_only(prompts, mask)
             with injecting(inj):
                 out = self.decoder.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                            pad_token_id=self.prompter.pad_id, eos_token_id=self.prompter.eos_id,
+                                            pad_token_id=self.prompter.pad_id, eos_token_id=self.prompter.stop_ids,
                                             **gen_kwargs)
         return [o[ids.shape[1]:] for o in out]
 

@@ -81,6 +81,22 @@ class Prompter:
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         self._encode = functools.lru_cache(maxsize=4096)(self._encode_uncached)
+        self.stop_ids = [self.eos_id] + [t for t in [self._turn_start_id()] if t is not None and t != self.eos_id]
+
+    def _turn_start_id(self) -> Optional[int]:
+        """The special token a chat turn opens with (``<|im_start|>`` in ChatML), if any.
+
+        Generation stops there too: a model that opens a new turn has ended its answer, even
+        when it skipped the end-of-turn token.
+        """
+        if not getattr(self.tok, "chat_template", None):
+            return None
+        try:
+            text = self.tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+        except Exception:  # a template that insists on other roles: no extra stop token
+            return None
+        first = self.ids(text)[:1]
+        return first[0] if first and first[0] in set(self.tok.all_special_ids) else None
 
     def _encode_uncached(self, text: str) -> tuple[int, ...]:
         return tuple(self.tok(text, add_special_tokens=False)["input_ids"])

@@ -161,3 +161,24 @@ def test_exception_inside_call_leaves_no_injection():
         with injecting(inj):
             model.decoder(input_ids=ids[:, :-1], attention_mask=mask[:, :-1])  # wrong length: refused
     assert model.generate(Q[0], mode="none", max_new_tokens=5) == before
+
+
+def test_generation_stops_when_the_model_opens_a_new_chat_turn():
+    model = tiny_model("llama")
+    tok = model.tokenizer
+    turn, h = tok.convert_tokens_to_ids("<|im_start|>"), tok.convert_tokens_to_ids("H")
+    assert model.prompter.stop_ids == [tok.eos_token_id, turn]
+    calls = []
+
+    def force(module, args, logits):  # first token "H", then a new turn instead of <|im_end|>
+        logits = logits.clone()
+        logits[..., h if not calls else turn] = 1e4
+        calls.append(1)
+        return logits
+
+    handle = model.decoder.get_output_embeddings().register_forward_hook(force)
+    try:
+        ids = model._generate_ids([Q[0]], [K[0]], "diekae", 16)[0]
+    finally:
+        handle.remove()
+    assert ids.tolist() == [h, turn], "the answer ends where the next turn would begin"
