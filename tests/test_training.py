@@ -13,7 +13,7 @@ from diekae_rag.data.fictional import HELD_OUT, make_facts
 from diekae_rag.data.mixture import DataSpec, Example
 from diekae_rag.training.phase1 import DeltaCache, difference_loss, teacher_deltas
 from diekae_rag.training.phase2 import lm_loss
-from diekae_rag.training.trainer import TrainConfig, lr_at, train
+from diekae_rag.training.trainer import TrainConfig, build_model, lr_at, train
 
 
 def _examples(n=8):
@@ -138,3 +138,21 @@ def test_two_processes_train_one_run_in_step(tmp_path):
     assert two[0]["summary"]["steps"] == one["summary"]["steps"]
     assert two[0]["summary"]["best_dev"] == pytest.approx(one["summary"]["best_dev"], rel=0.01)
     assert (tmp_path / "two" / "best" / "model.safetensors").exists()
+
+
+def test_init_from_can_move_the_rows_to_other_layers(tmp_path):
+    model = tiny_model("llama", layers=[1, 2], per_step=True, pointer_layer=3)
+    model.decoder.save_pretrained(tmp_path / "decoder")
+    model.tokenizer.save_pretrained(tmp_path / "decoder")
+    model.save_pretrained(tmp_path / "enc")
+    cfg = TrainConfig(out=str(tmp_path / "run"), init_from=str(tmp_path / "enc"), decoder=str(tmp_path / "decoder"),
+                      encoder={"layers": [0, 1]})
+    moved = build_model(cfg)
+    assert moved.config.layers == [0, 1]
+    assert torch.count_nonzero(moved.encoder.up.weight) == 0, "rows restart from zero at their new layers"
+    for name, p in moved.encoder.named_parameters():
+        if not name.startswith("up."):
+            torch.testing.assert_close(p, model.encoder.state_dict()[name].float(), msg=name)
+    with pytest.raises(ValueError, match="not change in number"):
+        build_model(TrainConfig(out=str(tmp_path / "run2"), init_from=str(tmp_path / "enc"),
+                                decoder=str(tmp_path / "decoder"), encoder={"layers": [0]}))

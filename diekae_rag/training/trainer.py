@@ -34,6 +34,7 @@ from ..atomic import atomic_directory, atomic_write_text
 from ..checkpoint import read_config, save_encoder
 from ..config import DiekaeConfig
 from ..data.mixture import DataSpec
+from ..injection import decoder_layers
 from ..model import DiekaeModel
 from .phase1 import DeltaCache, difference_loss
 from .phase2 import lm_loss
@@ -156,6 +157,17 @@ class _Processes:
 def build_model(cfg: TrainConfig, device: Optional[torch.device] = None) -> DiekaeModel:
     if cfg.init_from:
         model = DiekaeModel.from_pretrained(cfg.init_from, decoder=cfg.decoder, device=device)
+        moved = "layers" in cfg.encoder and list(cfg.encoder["layers"]) != list(model.config.layers)
+        if moved:
+            if len(cfg.encoder["layers"]) != len(model.config.layers):
+                raise ValueError(f"init_from {cfg.init_from} has {len(model.config.layers)} injection layers, the "
+                                 f"config asks for {len(cfg.encoder['layers'])}: rows can move, not change in number.")
+            model.config.layers = list(cfg.encoder["layers"])
+            model.config.validate(len(decoder_layers(model.decoder)))
+            with torch.no_grad():  # trunks and pointer are kept; rows restart from zero at their new layers
+                model.encoder.up.weight.zero_()
+            log.warning("Moved the injection rows of %s to layers %s (up-projections zeroed).",
+                        cfg.init_from, model.config.layers)
         for key, value in cfg.encoder.items():  # behaviour switches only; shapes must match
             if key in ("layers", "d_enc", "n_blocks", "n_heads", "pointer_layer", "pointer_heads", "pointer_key_dim"):
                 if getattr(model.config, key) != value:
