@@ -10,12 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-
 from diekae_rag import DiekaeModel
-from diekae_rag.data.mixture import DataSpec
 from diekae_rag.training.phase2 import lm_loss
-from diekae_rag.training.trainer import TrainConfig
+from diekae_rag.training.trainer import TrainConfig, mean_batch_loss, split_examples
 
 
 def main() -> None:
@@ -24,13 +21,12 @@ def main() -> None:
     ap.add_argument("checkpoint", nargs="?", default=None)
     args = ap.parse_args()
     cfg = TrainConfig.from_file(args.config)
-    dev = DataSpec(**cfg.data).build()[: cfg.dev_size]
+    dev, _ = split_examples(cfg)
     model = DiekaeModel.from_pretrained(args.checkpoint, decoder=cfg.decoder)
     model.encoder.float().eval()
-    with torch.no_grad():
-        losses = [float(lm_loss(model, dev[i:i + cfg.batch_size])) for i in range(0, len(dev), cfg.batch_size)]
+    loss = mean_batch_loss(lambda idx: lm_loss(model, [dev[i] for i in idx]), len(dev), cfg.batch_size)
     print(json.dumps({"checkpoint": args.checkpoint or "shipped", "config": args.config,
-                      "dev_loss": round(sum(losses) / len(losses), 4), "n": len(dev)}))
+                      "dev_loss": round(loss, 4), "n": len(dev)}))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -154,6 +154,19 @@ class _Processes:
         return float(self.acc.reduce(torch.tensor([value], device=device), reduction=reduction)[0])
 
 
+def split_examples(cfg: TrainConfig) -> tuple[list, list]:
+    """The run's (dev, train) examples: the first ``dev_size`` items of its data are the dev split."""
+    examples = DataSpec(**cfg.data).build()
+    return examples[: cfg.dev_size], examples[cfg.dev_size:]
+
+
+def mean_batch_loss(loss_of: Callable[[list[int]], torch.Tensor], n: int, batch_size: int) -> float:
+    """Mean over batches of ``loss_of(indices)`` for items 0..n-1, without gradients (the dev loss)."""
+    with torch.no_grad():
+        losses = [float(loss_of(list(range(i, min(i + batch_size, n))))) for i in range(0, n, batch_size)]
+    return sum(losses) / max(len(losses), 1)
+
+
 def build_model(cfg: TrainConfig, device: Optional[torch.device] = None) -> DiekaeModel:
     if cfg.init_from:
         model = DiekaeModel.from_pretrained(cfg.init_from, decoder=cfg.decoder, device=device)
@@ -194,9 +207,8 @@ def train(cfg: TrainConfig, model: Optional[DiekaeModel] = None) -> dict:
     with procs.main_first():
         if model is None:
             model = build_model(cfg, procs.device)
-        examples = DataSpec(**cfg.data).build()
+        dev, train_set = split_examples(cfg)
     model.encoder.float().train()
-    dev, train_set = examples[: cfg.dev_size], examples[cfg.dev_size:]
     if not train_set:
         raise ValueError("No training examples left after the dev split; raise the data counts.")
     params = [p for p in model.encoder.parameters() if p.requires_grad]
@@ -227,11 +239,9 @@ def train(cfg: TrainConfig, model: Optional[DiekaeModel] = None) -> dict:
 
     def dev_loss() -> float:
         model.encoder.eval()
-        with torch.no_grad():
-            losses = [float(loss_fn(list(range(i, min(i + cfg.batch_size, len(dev)))), dev))
-                      for i in range(0, len(dev), cfg.batch_size)]
+        loss = mean_batch_loss(lambda idx: loss_fn(idx, dev), len(dev), cfg.batch_size)
         model.encoder.train()
-        return sum(losses) / max(len(losses), 1)
+        return loss
 
     steps_per_epoch = max(1, len(train_set) // cfg.batch_size)
     total = int(steps_per_epoch * cfg.epochs)
