@@ -48,6 +48,10 @@ class DiekaeConfig:
     pointer_heads: int = 1
     pointer_key_dim: int = 64
     pointer_gain_scale: float = 100.0
+    # Token match: a learned bonus on pointer scores where the knowledge token before a key equals
+    # the query's own token (an explicit induction prior, so a copied name continues where it is).
+    pointer_match: bool = False
+    pointer_match_scale: float = 100.0
     # Question-aware encoding: the encoder reads x + K + x instead of K + x.
     question_first: bool = False
     # Passage isolation: each passage is encoded on its own (cacheable per passage); only the
@@ -85,6 +89,8 @@ class DiekaeConfig:
             raise ValueError(f"Duplicate layers in {self.layers}; list each decoder layer once.")
         if self.d_enc % self.n_heads or (self.d_enc // self.n_heads) % 2:
             raise ValueError(f"d_enc={self.d_enc} must split into n_heads={self.n_heads} even-sized heads.")
+        if self.pointer_match and self.pointer_layer is None:
+            raise ValueError("pointer_match needs a pointer readout: set pointer_layer too.")
         if self.passage_isolation and self.question_first:
             raise ValueError("passage_isolation and question_first cannot be combined.")
         if num_decoder_layers is not None:

@@ -132,6 +132,7 @@ class EncoderCache:
     pointer_keys: Optional[torch.Tensor] = None   # (B, heads, T_k, dk)
     pointer_values: Optional[torch.Tensor] = None  # (B, T_k, hidden)
     pointer_valid: Optional[torch.Tensor] = None  # (B, T_k) bool
+    pointer_prev: Optional[torch.Tensor] = None   # (B, T_k) long: match class of the knowledge token before, or -1
 
 
 @dataclass
@@ -164,12 +165,35 @@ class DiekaeEncoder(nn.Module):
             self.pointer_k = nn.Linear(d, ph * dk, bias=False)
             self.pointer_null = nn.Parameter(torch.zeros(ph, dk))
             self.pointer_gain = nn.Parameter(torch.zeros(ph))  # zero: an untrained pointer adds nothing
+            if config.pointer_match:
+                self.add_pointer_match()
+        # Token -> match class (e.g. " Ithp" and "Ithp" alike); set from the tokenizer, not saved.
+        self.register_buffer("match_classes", None, persistent=False)
         self._frozen: list[nn.Module] = []  # [input embedding, output embedding], not saved
 
     def attach(self, decoder: nn.Module) -> "DiekaeEncoder":
         """Use ``decoder``'s frozen input and output embeddings."""
         self._frozen = [decoder.get_input_embeddings(), decoder.get_output_embeddings()]
         return self
+
+    def add_pointer_match(self) -> None:
+        """Add the token-match weight (zero: no effect until trained) and switch the prior on."""
+        if not hasattr(self, "pointer_match_weight"):
+            ref = self.pointer_gain
+            self.pointer_match_weight = nn.Parameter(torch.zeros_like(ref))
+        self.config.pointer_match = True
+
+    def set_match_classes(self, classes: Optional[torch.Tensor]) -> None:
+        """Map token ids to match classes (see :func:`diekae_rag.prompts.match_classes`); None: ids."""
+        self.match_classes = None if classes is None else classes.to(self.down.weight.device)
+
+    def _classes(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids if self.match_classes is None else self.match_classes[ids]
+
+    def pointer_prev(self, ids: torch.Tensor, knowledge: torch.Tensor) -> torch.Tensor:
+        """(B, T): the match class of the knowledge token before each position, -1 where there is none."""
+        prev = self._classes(ids).masked_fill(~knowledge.bool(), -1)
+        return torch.cat([torch.full_like(prev[:, :1], -1), prev[:, :-1]], 1)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -217,7 +241,7 @@ class DiekaeEncoder(nn.Module):
 
         rows = self.up(x[: cfg.n_injection, :, output_start:]) if self.up is not None else None
         pointer = None
-        p_keys = p_values = p_valid = None
+        p_keys = p_values = p_valid = p_prev = None
         if cfg.pointer_layer is not None:
             hp = x[-1]  # (B, T, d)
             ph, dk = cfg.pointer_heads, cfg.pointer_key_dim
@@ -230,12 +254,20 @@ class DiekaeEncoder(nn.Module):
                 with torch.no_grad():
                     p_values = lm_head.weight[input_ids].to(self.dtype)
                 p_valid = knowledge_mask.bool() & valid
+                if cfg.pointer_match:
+                    p_prev = self.pointer_prev(input_ids, p_valid)
                 p_valid[:, 0] = False
             else:
                 p_keys, p_values, p_valid = cache.pointer_keys, cache.pointer_values, cache.pointer_valid
+                p_prev = cache.pointer_prev
             hq = hp[:, output_start:]
             q = self.pointer_q(hq).reshape(B, hq.shape[1], ph, dk).transpose(1, 2)  # (B, ph, Tq, dk)
             scores = q @ p_keys.transpose(-1, -2) / math.sqrt(dk)       # (B, ph, T, Tk)
+            if cfg.pointer_match:
+                # Induction prior: the key after a knowledge token equal to the query's token gets a bonus.
+                match = self._classes(input_ids[:, output_start:])[:, :, None] == p_prev[:, None, :]
+                w = self.pointer_match_weight.to(q.dtype) * cfg.pointer_match_scale
+                scores = scores + match[:, None].to(q.dtype) * w[None, :, None, None]
             scores = scores.masked_fill(~p_valid[:, None, None, :], float("-inf"))
             null = (q @ self.pointer_null.to(q.dtype)[None, :, :, None]) / math.sqrt(dk)  # (B, ph, T, 1)
             attn = torch.softmax(torch.cat([scores, null], -1), -1)[..., :-1]
@@ -246,5 +278,6 @@ class DiekaeEncoder(nn.Module):
         if use_cache:
             new_cache = EncoderCache(kv=new_kv, key_valid=key_valid,
                                      next_position=positions[:, -1] + 1,
-                                     pointer_keys=p_keys, pointer_values=p_values, pointer_valid=p_valid)
+                                     pointer_keys=p_keys, pointer_values=p_values, pointer_valid=p_valid,
+                                     pointer_prev=p_prev)
         return EncoderOutput(rows=rows, pointer=pointer, cache=new_cache, start=output_start)

@@ -18,7 +18,7 @@ from .edit_scope import EditScope
 from .encoder import DiekaeEncoder
 from .passage_cache import PassageCache, assemble
 from .injection import EncoderSession, Injection, align_rows, decoder_layers, injecting, install_hooks, layer_rows_from
-from .prompts import Prompter, check_mode, check_question, clean_passages
+from .prompts import Prompter, check_mode, check_question, clean_passages, match_classes
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,8 @@ class DiekaeModel:
         self.decoder = freeze(decoder)
         self.tokenizer = tokenizer
         self.encoder = encoder.to(device=decoder.device).attach(decoder).eval()
+        if cfg.pointer_layer is not None:
+            self.encoder.set_match_classes(match_classes(tokenizer))
         self.config = cfg
         self.prompter = Prompter(tokenizer, cfg)
         self.edit_encoders: list[DiekaeEncoder] = []

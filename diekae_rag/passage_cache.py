@@ -85,8 +85,10 @@ def assemble(encoder: DiekaeEncoder, items: Sequence[Sequence[SegmentState]]) ->
         p_keys = _left_pad_stack([torch.cat([s.pointer_keys for s in segs], 1) for segs in items], P, 1, 0)
         with torch.no_grad():
             p_values = encoder._frozen[1].weight[ids].to(encoder.dtype)
+    p_valid = knowledge & key_valid
+    p_prev = encoder.pointer_prev(ids, p_valid) if encoder.config.pointer_match else None
     return EncoderCache(kv=kv, key_valid=key_valid, next_position=torch.tensor(lens, device=ids.device),
-                        pointer_keys=p_keys, pointer_values=p_values, pointer_valid=knowledge & key_valid)
+                        pointer_keys=p_keys, pointer_values=p_values, pointer_valid=p_valid, pointer_prev=p_prev)
 
 
 def _weights_version(encoder: DiekaeEncoder) -> int:

@@ -25,6 +25,18 @@ class KnowledgeTruncatedWarning(UserWarning):
     """Knowledge was longer than the encoders read; the warning says what was cut."""
 
 
+def match_classes(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+    """Token id -> match class for the pointer's token-match prior: a word-start token (BPE "Ġ",
+    SentencePiece "▁") shares its class with the same piece without the space, so an answer that
+    starts a name without a space still continues it as the passage does."""
+    vocab = tokenizer.get_vocab()
+    classes = torch.arange(max(len(tokenizer), max(vocab.values()) + 1))
+    for piece, i in vocab.items():
+        if piece[:1] in ("Ġ", "▁") and piece[1:] in vocab:
+            classes[i] = vocab[piece[1:]]
+    return classes
+
+
 def check_question(question: object) -> str:
     if not isinstance(question, str):
         raise TypeError(f"question must be a str, got {type(question).__name__}.")

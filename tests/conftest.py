@@ -66,6 +66,8 @@ def randomize(encoder, seed: int = 0) -> None:
             encoder.up.weight.copy_(torch.randn(encoder.up.weight.shape, generator=g) * 0.3)
         if encoder.config.pointer_layer is not None:
             encoder.pointer_gain.copy_(torch.rand(encoder.pointer_gain.shape, generator=g) * 0.05 + 0.01)
+        if encoder.config.pointer_match:
+            encoder.pointer_match_weight.copy_(torch.rand(encoder.pointer_match_weight.shape, generator=g) * 0.2 + 0.1)
 
 
 @pytest.fixture(scope="session")

@@ -12,9 +12,9 @@ from test_engine import K, Q, _record_deltas
 N_NEW = 5
 
 
-def _per_step_model(pointer: bool = True, isolation: bool = False):
+def _per_step_model(pointer: bool = True, isolation: bool = False, match: bool = False):
     return tiny_model("llama", layers=[1, 2], per_step=True, pointer_layer=3 if pointer else None, pointer_heads=2,
-                      passage_isolation=isolation)
+                      passage_isolation=isolation, pointer_match=match)
 
 
 def _generate_and_record(model, questions, knowledges):
@@ -56,9 +56,10 @@ def assert_decode_rows_equal_reencode(model, atol: float = 2e-4, rtol: float = 1
                 assert (d == 0).all()
 
 
-@pytest.mark.parametrize("pointer,isolation", [(False, False), (True, False), (True, True)])
-def test_decode_step_rows_equal_full_reencode(pointer, isolation):
-    model = _per_step_model(pointer, isolation)
+@pytest.mark.parametrize("pointer,isolation,match", [(False, False, False), (True, False, False), (True, True, False),
+                                                    (True, False, True), (True, True, True)])
+def test_decode_step_rows_equal_full_reencode(pointer, isolation, match):
+    model = _per_step_model(pointer, isolation, match)
     model.passage_cache.max_segments = 0  # recompute everything: the check is on the maths
     assert_decode_rows_equal_reencode(model)
 
@@ -101,6 +102,50 @@ def test_pointer_raises_the_logit_of_a_knowledge_token():
     coef = torch.linalg.lstsq(basis.T, last[:, None]).solution
     torch.testing.assert_close(basis.T @ coef, last[:, None], atol=1e-4, rtol=1e-3)
     assert 0 <= float(coef.sum()) <= 1 + 1e-4
+
+
+@pytest.mark.parametrize("isolation", [False, True])
+def test_token_match_copies_the_token_after_the_query_token(isolation):
+    """With learned pointer scores at zero and a large match weight, a query token that occurs once in
+    the passage makes the pointer output the lm_head row of the passage token right after it."""
+    model = _per_step_model(isolation=isolation, match=True)
+    enc = model.encoder
+    with torch.no_grad():
+        enc.pointer_q.weight.zero_()
+        enc.pointer_null.fill_(0.0)
+        enc.pointer_match_weight.fill_(50.0 / enc.config.pointer_match_scale)
+    passage = "zq kx"
+    ids = model.prompter.ids(passage)
+    z = model.prompter.ids("z")[0]
+    assert ids.count(z) == 1
+    after_z = ids[ids.index(z) + 1]
+    calls = []
+    handle = enc.register_forward_hook(lambda m, args, kwargs, out: calls.append((args[0], kwargs, out)),
+                                       with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model.score("which?", "z", [passage])  # the answer "z" is fed to the encoder after the prompt
+    finally:
+        handle.remove()
+    input_ids, kwargs, out = calls[-1]
+    inputs = input_ids[0, kwargs.get("output_start", 0):].tolist()
+    at = len(inputs) - 1 - inputs[::-1].index(z)  # the answer's "z"
+    lm = model.decoder.get_output_embeddings().weight
+    gain = float(enc.pointer_gain.detach().sum()) * enc.config.pointer_gain_scale
+    torch.testing.assert_close(out.pointer[0, at], gain * lm[after_z], atol=1e-3, rtol=1e-3)
+
+
+def test_match_classes_join_word_start_pieces():
+    from diekae_rag.prompts import match_classes
+
+    class Vocab:
+        def get_vocab(self):
+            return {"a": 0, "Ġa": 1, "▁b": 2, "b": 3, "Ġc": 4}
+
+        def __len__(self):
+            return 5
+
+    assert match_classes(Vocab()).tolist() == [0, 0, 3, 3, 4]
 
 
 def test_isolated_passages_are_cached_and_exact():

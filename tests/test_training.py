@@ -156,3 +156,25 @@ def test_init_from_can_move_the_rows_to_other_layers(tmp_path):
     with pytest.raises(ValueError, match="not change in number"):
         build_model(TrainConfig(out=str(tmp_path / "run2"), init_from=str(tmp_path / "enc"),
                                 decoder=str(tmp_path / "decoder"), encoder={"layers": [0]}))
+
+
+def test_init_from_can_switch_the_token_match_on(tmp_path):
+    """pointer_match added to trained encoders starts at zero weight: the outputs are unchanged."""
+    model = tiny_model("llama", layers=[1, 2], per_step=True, pointer_layer=3)
+    model.decoder.save_pretrained(tmp_path / "decoder")
+    model.tokenizer.save_pretrained(tmp_path / "decoder")
+    model.save_pretrained(tmp_path / "enc")
+    cfg = TrainConfig(out=str(tmp_path / "run"), init_from=str(tmp_path / "enc"), decoder=str(tmp_path / "decoder"),
+                      encoder={"pointer_match": True})
+    matched = build_model(cfg)
+    assert matched.config.pointer_match and float(matched.encoder.pointer_match_weight.detach().abs().sum()) == 0
+    q, k = "Who?", ["Ann met Bo. Bo met Cy."]
+    want = model.score(q, "Bo", k)
+    matched.encoder.eval()
+    assert matched.score(q, "Bo", k) == pytest.approx(want, abs=1e-4)
+    with torch.no_grad():
+        matched.encoder.pointer_match_weight.fill_(0.5)
+    assert matched.score(q, "Bo", k) != pytest.approx(want, abs=1e-3), "the match weight is used"
+    matched.save_pretrained(tmp_path / "matched")
+    assert read_config(tmp_path / "matched").pointer_match
+
