@@ -179,8 +179,7 @@ class DiekaeEncoder(nn.Module):
     def add_pointer_match(self) -> None:
         """Add the token-match weight (zero: no effect until trained) and switch the prior on."""
         if not hasattr(self, "pointer_match_weight"):
-            ref = self.pointer_gain
-            self.pointer_match_weight = nn.Parameter(torch.zeros_like(ref))
+            self.pointer_match_weight = nn.Parameter(torch.zeros_like(self.pointer_gain))
         self.config.pointer_match = True
 
     def set_match_classes(self, classes: Optional[torch.Tensor]) -> None:

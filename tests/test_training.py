@@ -140,11 +140,17 @@ def test_two_processes_train_one_run_in_step(tmp_path):
     assert (tmp_path / "two" / "best" / "model.safetensors").exists()
 
 
-def test_init_from_can_move_the_rows_to_other_layers(tmp_path):
+def _saved_per_step_model(tmp_path):
+    """A tiny per-step + pointer model saved as decoder (tmp_path/decoder) and encoders (tmp_path/enc)."""
     model = tiny_model("llama", layers=[1, 2], per_step=True, pointer_layer=3)
     model.decoder.save_pretrained(tmp_path / "decoder")
     model.tokenizer.save_pretrained(tmp_path / "decoder")
     model.save_pretrained(tmp_path / "enc")
+    return model
+
+
+def test_init_from_can_move_the_rows_to_other_layers(tmp_path):
+    model = _saved_per_step_model(tmp_path)
     cfg = TrainConfig(out=str(tmp_path / "run"), init_from=str(tmp_path / "enc"), decoder=str(tmp_path / "decoder"),
                       encoder={"layers": [0, 1]})
     moved = build_model(cfg)
@@ -160,10 +166,7 @@ def test_init_from_can_move_the_rows_to_other_layers(tmp_path):
 
 def test_init_from_can_switch_the_token_match_on(tmp_path):
     """pointer_match added to trained encoders starts at zero weight: the outputs are unchanged."""
-    model = tiny_model("llama", layers=[1, 2], per_step=True, pointer_layer=3)
-    model.decoder.save_pretrained(tmp_path / "decoder")
-    model.tokenizer.save_pretrained(tmp_path / "decoder")
-    model.save_pretrained(tmp_path / "enc")
+    model = _saved_per_step_model(tmp_path)
     cfg = TrainConfig(out=str(tmp_path / "run"), init_from=str(tmp_path / "enc"), decoder=str(tmp_path / "decoder"),
                       encoder={"pointer_match": True})
     matched = build_model(cfg)
