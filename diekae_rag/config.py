@@ -48,6 +48,9 @@ class DiekaeConfig:
     pointer_heads: int = 1
     pointer_key_dim: int = 64
     pointer_gain_scale: float = 100.0
+    # Multiplies every pointer score (keys, token-match bonus and the "nothing" slot): above 1
+    # the copy-attention is sharper, so the readout pushes one knowledge token, not a blend.
+    pointer_sharpness: float = 1.0
     # Token match: a learned bonus on pointer scores where the knowledge token before a key equals
     # the query's own token (an explicit induction prior, so a copied name continues where it is).
     pointer_match: bool = False
@@ -91,6 +94,8 @@ class DiekaeConfig:
             raise ValueError(f"d_enc={self.d_enc} must split into n_heads={self.n_heads} even-sized heads.")
         if self.pointer_match and self.pointer_layer is None:
             raise ValueError("pointer_match needs a pointer readout: set pointer_layer too.")
+        if not self.pointer_sharpness > 0:
+            raise ValueError(f"pointer_sharpness must be a positive number, got {self.pointer_sharpness!r}.")
         if self.passage_isolation and self.question_first:
             raise ValueError("passage_isolation and question_first cannot be combined.")
         if num_decoder_layers is not None:

@@ -269,7 +269,7 @@ class DiekaeEncoder(nn.Module):
                 scores = scores + match[:, None].to(q.dtype) * w[None, :, None, None]
             scores = scores.masked_fill(~p_valid[:, None, None, :], float("-inf"))
             null = (q @ self.pointer_null.to(q.dtype)[None, :, :, None]) / math.sqrt(dk)  # (B, ph, T, 1)
-            attn = torch.softmax(torch.cat([scores, null], -1), -1)[..., :-1]
+            attn = torch.softmax(torch.cat([scores, null], -1) * cfg.pointer_sharpness, -1)[..., :-1]
             gain = self.pointer_gain.to(q.dtype) * cfg.pointer_gain_scale
             pointer = torch.einsum("bhts,h->bts", attn, gain) @ p_values  # heads first: one (T, S) @ (S, H)
 

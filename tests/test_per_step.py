@@ -135,6 +135,33 @@ def test_token_match_copies_the_token_after_the_query_token(isolation):
     torch.testing.assert_close(out.pointer[0, at], gain * lm[after_z], atol=1e-3, rtol=1e-3)
 
 
+def test_pointer_sharpness_scales_every_pointer_score():
+    """Sharpness s equals s-times larger queries and match weight (scores, bonus and "nothing" slot alike)."""
+    model = _per_step_model(match=True)
+    enc = model.encoder
+    with torch.no_grad():
+        enc.pointer_match_weight.fill_(2.0 / enc.config.pointer_match_scale)
+        enc.pointer_null.normal_()
+    prompts, passages = model._validate([Q[0]], [K[0]], "diekae")
+    batch = model.prompter.encoder_batch([model.prompter.encoder_item(passages[0], prompts[0])], model.device)
+
+    def pointer() -> torch.Tensor:
+        with torch.no_grad():
+            return enc(batch.input_ids, batch.attention_mask, batch.knowledge_mask).pointer
+
+    plain = pointer()
+    enc.config.pointer_sharpness = 3.0
+    sharp = pointer()
+    enc.config.pointer_sharpness = 1.0
+    with torch.no_grad():
+        enc.pointer_q.weight.mul_(3.0)
+        enc.pointer_match_weight.mul_(3.0)
+    torch.testing.assert_close(sharp, pointer(), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(sharp, plain, atol=1e-3), "sharpness changes the readout"
+    with pytest.raises(ValueError, match="pointer_sharpness"):
+        tiny_model("llama", layers=[], per_step=True, pointer_layer=3, pointer_sharpness=0.0)
+
+
 def test_match_classes_join_word_start_pieces():
     from diekae_rag.prompts import match_classes
 
