@@ -84,6 +84,23 @@ def test_phase1_and_phase2_losses_fall():
         assert all(p.grad is None for p in model.decoder.parameters()), "the decoder gets no gradients"
 
 
+def test_first_token_weight_is_a_weighted_mean_over_answer_tokens():
+    model = tiny_model()
+    ex = _examples(4)
+    prompts, passages = model._validate([e.question for e in ex], [e.passages for e in ex], "diekae")
+    answers = [model.prompter.answer_ids(e.answer, True) for e in ex]
+    with torch.no_grad():
+        logits, targets = model.answer_logits(prompts, passages, answers)
+        nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+        first = torch.tensor([j == 0 for a in answers for j in range(len(a))])
+        expected = (3 * nll[first].sum() + nll[~first].sum()) / (3 * first.sum() + (~first).sum())
+        torch.testing.assert_close(lm_loss(model, ex, first_token_weight=3.0), expected)
+        torch.testing.assert_close(lm_loss(model, ex), nll.mean())
+    assert not torch.isclose(nll[first].mean(), nll[~first].mean()), "the weighting is visible here"
+    with pytest.raises(ValueError, match="first_token_weight"):
+        TrainConfig(first_token_weight=0)
+
+
 def test_train_writes_checkpoints_and_resumes(tmp_path):
     model = tiny_model(nonzero=False)
     cfg = TrainConfig(out=str(tmp_path / "run"), data={"fictional": 40, "k": 2}, batch_size=8, epochs=0.5,

@@ -63,6 +63,11 @@ class TrainConfig:
     patience: int = 4
     seed: int = 0
     decoder: Optional[str] = None
+    first_token_weight: float = 1.0                # phase 2: weight of each answer's first token (dev loss: 1)
+
+    def __post_init__(self) -> None:
+        if not self.first_token_weight > 0:
+            raise ValueError(f"first_token_weight must be a positive number, got {self.first_token_weight!r}.")
 
     @classmethod
     def from_file(cls, path: str | Path) -> "TrainConfig":
@@ -237,7 +242,8 @@ def train(cfg: TrainConfig, model: Optional[DiekaeModel] = None) -> dict:
         if cfg.phase == 1:
             d = dev_deltas if split is dev else deltas
             return difference_loss(model, batch, [d[i] for i in batch_idx])
-        return lm_loss(model, batch)
+        # The dev loss stays the plain answer NLL, comparable across runs.
+        return lm_loss(model, batch, first_token_weight=1.0 if split is dev else cfg.first_token_weight)
 
     def dev_loss() -> float:
         model.encoder.eval()
