@@ -157,6 +157,11 @@ def test_pointer_sharpness_scales_every_pointer_score():
         enc.pointer_q.weight.mul_(3.0)
         enc.pointer_match_weight.mul_(3.0)
     torch.testing.assert_close(sharp, pointer(), atol=1e-5, rtol=1e-4)
+    enc.record_pointer_attention = True
+    pointer()
+    attn = enc.last_pointer_attention  # (B, heads, T, T_k); the rest of each row is the "nothing" slot
+    assert attn.shape[:3] == (1, 2, batch.input_ids.shape[1]) and float(attn.sum(-1).max()) <= 1 + 1e-5
+    assert float(attn[0, :, :, ~batch.knowledge_mask[0]].abs().max()) == 0, "only knowledge tokens are read"
     assert not torch.allclose(sharp, plain, atol=1e-3), "sharpness changes the readout"
     with pytest.raises(ValueError, match="pointer_sharpness"):
         tiny_model("llama", layers=[], per_step=True, pointer_layer=3, pointer_sharpness=0.0)

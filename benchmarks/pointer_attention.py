@@ -1,0 +1,75 @@
+"""Where the pointer looks when it must choose an answer: its attention at the answer's first token.
+
+    python benchmarks/pointer_attention.py [CHECKPOINT] --k 1 5
+
+On 48 fictional items built like training data but from another seed (not the eval sets;
+the same items as ``match_probe.py``), teacher-forced, for the position that predicts the
+answer's first token: how often the decoder's top token is the gold one (by match class, so
+" Ith" and "Ith" count alike), how often the pointer's most-attended knowledge token is, and
+the attention mass (mean over heads) on knowledge tokens of the gold first token's class.
+Writes benchmarks/results/pointer_attention.json unless ``--out`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from diekae_rag import DiekaeModel
+from diekae_rag.atomic import atomic_write_text
+from diekae_rag.data.mixture import DataSpec
+
+
+def first_token_stats(model: DiekaeModel, items) -> dict:
+    enc, W = model.encoder, model.decoder.get_output_embeddings().weight.float()
+    classes = enc.match_classes
+    values: list[torch.Tensor] = []
+    hook = enc.register_forward_hook(lambda mod, args, out: values.append(out.cache.pointer_values))
+    enc.record_pointer_attention = True
+    n = pred_ok = top_ok = 0
+    mass = 0.0
+    try:
+        for it in items:
+            prompts, passages = model._validate([it.question], [it.passages], "diekae")
+            answer = model.prompter.answer_ids(it.answer, True)
+            values.clear()
+            with torch.no_grad():
+                logits, targets = model.answer_logits(prompts, passages, [answer])
+            attn = enc.last_pointer_attention[0]          # (heads, T, T_k): question tail + answer
+            q = attn.shape[1] - len(answer) - 1            # the position that predicts the first token
+            tokens = torch.cdist(values[-1][0].float(), W).argmin(-1)  # value rows are lm_head rows
+            gold = classes[tokens] == classes[targets[0]]
+            at = attn[:, q]
+            n += 1
+            pred_ok += int(classes[logits[0].argmax()] == classes[targets[0]])
+            top_ok += int(gold[at.sum(0).argmax()])
+            mass += float((at * gold).sum(-1).mean())
+    finally:
+        hook.remove()
+        enc.record_pointer_attention, enc.last_pointer_attention = False, None
+    return {"n": n, "first_token_right": pred_ok / n, "pointer_top_is_gold": top_ok / n, "gold_mass": mass / n}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("checkpoint", nargs="?", default=None)
+    ap.add_argument("--k", type=int, nargs="+", default=[1, 5])
+    ap.add_argument("--n", type=int, default=48)
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "pointer_attention.json")
+    args = ap.parse_args()
+    model = DiekaeModel.from_pretrained(args.checkpoint)
+    if model.config.pointer_layer is None or not model.config.per_step:
+        raise SystemExit("These encoders have no per-step pointer readout; nothing to look at.")
+    rows = []
+    for k in args.k:
+        row = {"k": k, **first_token_stats(model, DataSpec(fictional=args.n, k=k, seed=999).build())}
+        print(json.dumps({key: round(v, 3) if isinstance(v, float) else v for key, v in row.items()}), flush=True)
+        rows.append(row)
+    atomic_write_text(args.out, json.dumps({"checkpoint": args.checkpoint or "shipped", "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
