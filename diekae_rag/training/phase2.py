@@ -21,8 +21,6 @@ def lm_loss(model: DiekaeModel, batch: Sequence[Example], with_eos: bool = True,
     prompts, passages = model._validate([e.question for e in batch], [e.passages for e in batch], "diekae")
     answers = [model.prompter.answer_ids(e.answer, with_eos) for e in batch]
     logits, targets = model.answer_logits(prompts, passages, answers)
-    if first_token_weight == 1.0:
-        return F.cross_entropy(logits, targets)
     weights = torch.tensor([first_token_weight if j == 0 else 1.0 for a in answers for j in range(len(a))],
                            device=logits.device)
     return (F.cross_entropy(logits, targets, reduction="none") * weights).sum() / weights.sum()
