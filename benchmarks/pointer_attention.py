@@ -40,8 +40,9 @@ def first_token_stats(model: DiekaeModel, items) -> dict:
                 logits, targets = model.answer_logits(prompts, passages, [answer])
             attn = enc.last_pointer_attention[0]          # (heads, T, T_k): question tail + answer
             q = attn.shape[1] - len(answer) - 1            # the position that predicts the first token
-            tokens = torch.cdist(values[-1][0].float(), W).argmin(-1)  # value rows are lm_head rows
-            gold = classes[tokens] == classes[targets[0]]
+            # Value rows are exact lm_head rows: the gold ones equal a row of the gold token's class.
+            members = W[classes == classes[targets[0]]]
+            gold = (values[-1][0].float()[:, None] == members[None]).all(-1).any(-1)
             at = attn[:, q]
             n += 1
             pred_ok += int(classes[logits[0].argmax()] == classes[targets[0]])
