@@ -51,6 +51,10 @@ class DiekaeConfig:
     # Multiplies every pointer score (keys, token-match bonus and the "nothing" slot): above 1
     # the copy-attention is sharper, so the readout pushes one knowledge token, not a blend.
     pointer_sharpness: float = 1.0
+    # Passage prior: with several passages, every knowledge token's pointer score gets
+    # passage_prior * (cos(question, its passage) - best passage's cos), cosines from the
+    # retriever's sentence embedder (diekae_rag.passage_prior); 0 = off. Needs passage_isolation.
+    passage_prior: float = 0.0
     # Token match: a learned bonus on pointer scores where the knowledge token before a key equals
     # the query's own token (an explicit induction prior, so a copied name continues where it is).
     pointer_match: bool = False
@@ -96,6 +100,11 @@ class DiekaeConfig:
             raise ValueError("pointer_match needs a pointer readout: set pointer_layer too.")
         if not self.pointer_sharpness > 0:
             raise ValueError(f"pointer_sharpness must be a positive number, got {self.pointer_sharpness!r}.")
+        if self.passage_prior < 0 or self.passage_prior != self.passage_prior:
+            raise ValueError(f"passage_prior must be 0 (off) or a positive strength, got {self.passage_prior!r}.")
+        if self.passage_prior and (self.pointer_layer is None or not self.passage_isolation):
+            raise ValueError("passage_prior biases the pointer readout of isolated passages: set pointer_layer "
+                             "and passage_isolation=True, or passage_prior=0.")
         if self.passage_isolation and self.question_first:
             raise ValueError("passage_isolation and question_first cannot be combined.")
         if num_decoder_layers is not None:

@@ -133,6 +133,7 @@ class EncoderCache:
     pointer_values: Optional[torch.Tensor] = None  # (B, T_k, hidden)
     pointer_valid: Optional[torch.Tensor] = None  # (B, T_k) bool
     pointer_prev: Optional[torch.Tensor] = None   # (B, T_k) long: match class of the knowledge token before, or -1
+    knowledge_bias: Optional[torch.Tensor] = None  # (B, T_k) float: log prior of each key's passage (0: none)
 
 
 @dataclass
@@ -209,6 +210,9 @@ class DiekaeEncoder(nn.Module):
 
         ``knowledge_mask`` (B, T) marks the knowledge tokens the pointer may copy from; it is
         only read on the first call (the prefill), later steps reuse the cached pointer memory.
+        A ``cache`` built from isolated passages may carry ``knowledge_bias``, added to the
+        pointer's score of each knowledge token: the log prior of its passage (see
+        :mod:`diekae_rag.passage_prior`), so the copy-attention favours the relevant passage.
         Outputs (rows, pointer) are computed for positions ``output_start:`` only: the
         knowledge positions need states (for attention) but never receive rows.
         """
@@ -243,7 +247,7 @@ class DiekaeEncoder(nn.Module):
 
         rows = self.up(x[: cfg.n_injection, :, output_start:]) if self.up is not None else None
         pointer = None
-        p_keys = p_values = p_valid = p_prev = None
+        p_keys = p_values = p_valid = p_prev = p_bias = None
         if cfg.pointer_layer is not None:
             hp = x[-1]  # (B, T, d)
             ph, dk = cfg.pointer_heads, cfg.pointer_key_dim
@@ -261,7 +265,7 @@ class DiekaeEncoder(nn.Module):
                 p_valid[:, 0] = False
             else:
                 p_keys, p_values, p_valid = cache.pointer_keys, cache.pointer_values, cache.pointer_valid
-                p_prev = cache.pointer_prev
+                p_prev, p_bias = cache.pointer_prev, cache.knowledge_bias
             hq = hp[:, output_start:]
             q = self.pointer_q(hq).reshape(B, hq.shape[1], ph, dk).transpose(1, 2)  # (B, ph, Tq, dk)
             scores = q @ p_keys.transpose(-1, -2) / math.sqrt(dk)       # (B, ph, T, Tk)
@@ -270,6 +274,8 @@ class DiekaeEncoder(nn.Module):
                 match = self._classes(input_ids[:, output_start:])[:, :, None] == p_prev[:, None, :]
                 w = self.pointer_match_weight.to(q.dtype) * cfg.pointer_match_scale
                 scores = scores + match[:, None].to(q.dtype) * w[None, :, None, None]
+            if p_bias is not None:
+                scores = scores + p_bias[:, None, None, :].to(q.dtype)
             scores = scores.masked_fill(~p_valid[:, None, None, :], float("-inf"))
             null = (q @ self.pointer_null.to(q.dtype)[None, :, :, None]) / math.sqrt(dk)  # (B, ph, T, 1)
             attn = torch.softmax(torch.cat([scores, null], -1) * cfg.pointer_sharpness, -1)[..., :-1]
@@ -283,5 +289,5 @@ class DiekaeEncoder(nn.Module):
             new_cache = EncoderCache(kv=new_kv, key_valid=key_valid,
                                      next_position=positions[:, -1] + 1,
                                      pointer_keys=p_keys, pointer_values=p_values, pointer_valid=p_valid,
-                                     pointer_prev=p_prev)
+                                     pointer_prev=p_prev, knowledge_bias=p_bias)
         return EncoderOutput(rows=rows, pointer=pointer, cache=new_cache, start=output_start)

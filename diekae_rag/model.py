@@ -17,6 +17,7 @@ from .defaults import DEFAULT_DECODER
 from .edit_scope import EditScope
 from .encoder import DiekaeEncoder
 from .passage_cache import PassageCache, assemble
+from .passage_prior import PassagePrior
 from .injection import EncoderSession, Injection, align_rows, decoder_layers, injecting, install_hooks, layer_rows_from
 from .prompts import Prompter, check_mode, check_question, clean_passages, match_classes
 
@@ -54,6 +55,8 @@ class DiekaeModel:
         self.prompter = Prompter(tokenizer, cfg)
         self.edit_encoders: list[DiekaeEncoder] = []
         self.passage_cache = PassageCache()
+        self._passage_prior: Optional[PassagePrior] = None
+        self._passage_prior_set = False
         self._edit_prompters: dict[int, Prompter] = {}
         self._edit_scopes: dict[int, tuple[DiekaeConfig, EditScope]] = {}
         self._chat_frame: Optional[tuple[str, str]] = None
@@ -119,6 +122,24 @@ class DiekaeModel:
         self.edit_encoders = []
         self._edit_prompters.clear()
         self._edit_scopes.clear()
+
+    @property
+    def passage_prior(self) -> Optional[PassagePrior]:
+        """The question-conditioned prior over passages for the pointer: from ``config.passage_prior``
+        (0: none) with the default embedder, unless one was assigned (e.g. ``PassagePrior(30,
+        embedder=yours)``, or ``None`` to switch it off)."""
+        if self._passage_prior_set:
+            return self._passage_prior
+        strength = self.config.passage_prior
+        if not strength:
+            return None
+        if self._passage_prior is None or self._passage_prior.strength != strength:
+            self._passage_prior = PassagePrior(strength)
+        return self._passage_prior
+
+    @passage_prior.setter
+    def passage_prior(self, prior: Optional[PassagePrior]) -> None:
+        self._passage_prior, self._passage_prior_set = prior, True
 
     @property
     def device(self) -> torch.device:
@@ -276,7 +297,10 @@ class DiekaeModel:
         if encoder.config.passage_isolation:
             items = [prompter.isolated_item(p, x, None if answers is None else answers[i])
                      for i, (x, p) in enumerate(zip(prompts, passages))]
-            past = assemble(encoder, self._segment_states(encoder, items))
+            priors = None
+            if self.passage_prior is not None and encoder is self.encoder:
+                priors = self.passage_prior([self._user_text(x) for x in prompts], passages)
+            past = assemble(encoder, self._segment_states(encoder, items), priors)
             tails = [it[2] for it in items]
             ids, mask = prompter.pad(tails, self.device, side="left")
             T = ids.shape[1]

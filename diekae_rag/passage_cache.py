@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .encoder import DiekaeEncoder, EncoderCache
+from .passage_prior import segment_bias
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,12 @@ def _left_pad_stack(parts: Sequence[torch.Tensor], length: int, dim: int, stack_
     return torch.stack(padded, stack_dim)
 
 
-def assemble(encoder: DiekaeEncoder, items: Sequence[Sequence[SegmentState]]) -> EncoderCache:
-    """Concatenate each item's segment states into a left-padded past for the tail."""
+def assemble(encoder: DiekaeEncoder, items: Sequence[Sequence[SegmentState]],
+             priors: Optional[Sequence[Sequence[float]]] = None) -> EncoderCache:
+    """Concatenate each item's segment states into a left-padded past for the tail.
+
+    ``priors``: per item, one log prior per passage (see :mod:`diekae_rag.passage_prior`),
+    added to the pointer's scores of that passage's tokens."""
     lens = [sum(int(s.ids.shape[0]) for s in segs) for segs in items]
     P = max(lens)
     first = items[0][0]
@@ -87,8 +92,13 @@ def assemble(encoder: DiekaeEncoder, items: Sequence[Sequence[SegmentState]]) ->
             p_values = encoder._frozen[1].weight[ids].to(encoder.dtype)
     p_valid = knowledge & key_valid
     p_prev = encoder.pointer_prev(ids, p_valid) if encoder.config.pointer_match else None
+    bias = None
+    if priors is not None and p_keys is not None:
+        bias = _left_pad_stack([torch.from_numpy(segment_bias(pr, [int(s.ids.shape[0]) for s in segs])).to(ids.device)
+                                for pr, segs in zip(priors, items)], P, 0, 0)
     return EncoderCache(kv=kv, key_valid=key_valid, next_position=torch.tensor(lens, device=ids.device),
-                        pointer_keys=p_keys, pointer_values=p_values, pointer_valid=p_valid, pointer_prev=p_prev)
+                        pointer_keys=p_keys, pointer_values=p_values, pointer_valid=p_valid, pointer_prev=p_prev,
+                        knowledge_bias=bias)
 
 
 def _weights_version(encoder: DiekaeEncoder) -> int:

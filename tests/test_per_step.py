@@ -215,3 +215,61 @@ def test_append_kv_equals_cat_and_extends_in_place():
     append_kv(leaf, steps[0]).sum().backward()
     assert leaf.grad is not None and torch.equal(leaf.grad, torch.ones_like(leaf))
 
+
+
+class _KeywordEmbedder:
+    """A stand-in sentence embedder: texts naming "rain" point one way, all others another."""
+
+    def encode(self, texts):
+        import numpy as np
+        v = np.array([[1.0, 0.0] if "rain" in t.lower() else [0.6, 0.8] for t in texts], dtype=np.float32)
+        return v
+
+
+def test_passage_prior_is_zero_for_the_nearest_passage_and_scaled_cosine_below():
+    from diekae_rag.passage_prior import PassagePrior, segment_bias
+    prior = PassagePrior(10.0, embedder=_KeywordEmbedder())
+    got = prior(["Does it rain?", "Where?", "x"], [["Calgra lies north.", "It rains there."], ["a", "b"], ["one"]])
+    assert got[0] == pytest.approx([10.0 * (0.6 - 1.0), 0.0])  # cosines 0.6 and 1.0
+    assert got[1] == pytest.approx([0.0, 0.0]) and got[2] == [0.0], "ties and single passages get no penalty"
+    assert segment_bias([-4.0, 0.0], [2, 3, 1]).tolist() == [0, 0, -4, -4, -4, 0]
+    with pytest.raises(ValueError, match="2 passage priors for 1"):
+        segment_bias([0.0, 0.0], [2, 3])
+    with pytest.raises(ValueError, match="positive"):
+        PassagePrior(0.0)
+
+
+def test_passage_prior_steers_the_pointer_to_the_nearest_passage():
+    """The prior reaches the pointer's scores (prefill and cached decode steps) and nothing else."""
+    from diekae_rag.passage_prior import PassagePrior
+    model = _per_step_model(isolation=True)
+    enc = model.encoder
+    enc.record_pointer_attention = True
+    q, k = ["Does it rain there?"], [["Calgra lies in the north.", "It rains there."]]
+    prompts, passages = model._validate(q, k, "diekae")
+    ids, mask = model.prompter.pad(prompts, model.device, side="left")
+
+    def session():
+        with torch.no_grad():
+            return model.build_injection(prompts, passages, mask).sessions[0]
+
+    plain = session()
+    model.passage_prior = PassagePrior(100.0, embedder=_KeywordEmbedder())
+    biased = session()
+    bias = biased.cache.knowledge_bias[0]
+    far = bias < -1
+    far_segment = model.prompter.ids(model.config.passage_separator + "Calgra lies in the north.")
+    assert int(far.sum()) == len(far_segment), "the far passage's segment only"
+    attn = enc.last_pointer_attention[0]
+    assert float(attn[..., far].sum()) < 1e-6 < float(attn[..., ~far & biased.cache.pointer_valid[0]].sum())
+    with torch.no_grad():
+        rows = biased.step(ids[:, -1:])
+    assert float(enc.last_pointer_attention[0][..., far].sum()) < 1e-6, "decode steps keep the prior"
+    assert plain.cache.knowledge_bias is None
+    layer = model.config.pointer_layer
+    assert not torch.allclose(plain.layer_rows[layer], biased.layer_rows[layer])
+    for l in model.config.layers:  # the per-step rows are not biased (layer 3 is pointer-only)
+        torch.testing.assert_close(plain.layer_rows[l], biased.layer_rows[l])
+    assert set(rows) == set(model.config.hooked_layers)
+    with pytest.raises(ValueError, match="passage_isolation"):
+        tiny_model("llama", layers=[1], per_step=True, pointer_layer=3, passage_prior=30.0)
