@@ -335,6 +335,8 @@ class DiekaeModel:
         if not self.config.passage_isolation:
             raise ValueError("precompute() needs encoders trained with passage_isolation=True.")
         passages = clean_passages(list(passages))
+        if self.passage_prior is not None:
+            self.passage_prior.passage_vectors(passages)
         with torch.inference_mode():
             for i in range(0, len(passages), 32):
                 self._segment_states(self.encoder, [self.prompter.isolated_item([p], []) for p in passages[i: i + 32]])

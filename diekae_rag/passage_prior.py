@@ -10,6 +10,8 @@ passage gets 0, with ``strength = 1 / T``.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from typing import Optional, Sequence
 
 import numpy as np
@@ -18,11 +20,14 @@ import numpy as np
 class PassagePrior:
     """Per-passage log priors for a question, from sentence-embedding cosine similarity."""
 
-    def __init__(self, strength: float, embedder=None) -> None:
+    def __init__(self, strength: float, embedder=None, max_cached: int = 4096) -> None:
         if not strength > 0:
             raise ValueError(f"PassagePrior strength must be positive, got {strength!r}; use no prior instead.")
         self.strength = float(strength)
         self._embedder = embedder
+        self.max_cached = max_cached
+        self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()  # passage text -> unit vector (LRU)
+        self._lock = threading.Lock()
 
     @property
     def embedder(self):
@@ -33,21 +38,35 @@ class PassagePrior:
 
     def __call__(self, questions: Sequence[str], passages: Sequence[Sequence[str]]) -> list[list[float]]:
         """For each question, one log prior per passage (0 for the nearest; [] without passages)."""
-        flat = [p for ps in passages for p in ps]
-        if not flat:
-            return [[] for _ in questions]
-        asked = [q for q, ps in zip(questions, passages) if len(ps) > 1]
-        qv = dict(zip(asked, self.embedder.encode(asked))) if asked else {}
-        pv = self.embedder.encode(flat) if asked else None
-        out, i = [], 0
+        asked = [(q, ps) for q, ps in zip(questions, passages) if len(ps) > 1]
+        if not asked:
+            return [[0.0] * len(ps) for ps in passages]  # one passage: nothing to choose between
+        qv = dict(zip([q for q, _ in asked], self.embedder.encode([q for q, _ in asked])))
+        pv = self.passage_vectors([p for _, ps in asked for p in ps])
+        out = []
         for q, ps in zip(questions, passages):
-            if len(ps) <= 1:  # one passage: nothing to choose between
+            if len(ps) <= 1:
                 out.append([0.0] * len(ps))
             else:
-                cos = pv[i: i + len(ps)] @ qv[q]
+                cos = np.stack([pv[p] for p in ps]) @ qv[q]
                 out.append([float(x) for x in self.strength * (cos - cos.max())])
-            i += len(ps)
         return out
+
+    def passage_vectors(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """Unit vectors of ``texts``, embedding only those not in the cache (e.g. at index time)."""
+        with self._lock:
+            found = {t: self._vectors[t] for t in texts if t in self._vectors}
+            for t in found:
+                self._vectors.move_to_end(t)
+        todo = list(dict.fromkeys(t for t in texts if t not in found))
+        if todo:
+            new = self.embedder.encode(todo)
+            with self._lock:
+                for t, v in zip(todo, new):
+                    found[t] = self._vectors[t] = v
+                while len(self._vectors) > self.max_cached:
+                    self._vectors.popitem(last=False)
+        return found
 
 
 def segment_bias(priors: Optional[Sequence[float]], segment_lengths: Sequence[int]) -> np.ndarray:

@@ -220,18 +220,27 @@ def test_append_kv_equals_cat_and_extends_in_place():
 class _KeywordEmbedder:
     """A stand-in sentence embedder: texts naming "rain" point one way, all others another."""
 
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+
     def encode(self, texts):
         import numpy as np
+        self.texts += list(texts)
         v = np.array([[1.0, 0.0] if "rain" in t.lower() else [0.6, 0.8] for t in texts], dtype=np.float32)
         return v
 
 
 def test_passage_prior_is_zero_for_the_nearest_passage_and_scaled_cosine_below():
     from diekae_rag.passage_prior import PassagePrior, segment_bias
-    prior = PassagePrior(10.0, embedder=_KeywordEmbedder())
+    embedder = _KeywordEmbedder()
+    prior = PassagePrior(10.0, embedder=embedder)
     got = prior(["Does it rain?", "Where?", "x"], [["Calgra lies north.", "It rains there."], ["a", "b"], ["one"]])
     assert got[0] == pytest.approx([10.0 * (0.6 - 1.0), 0.0])  # cosines 0.6 and 1.0
     assert got[1] == pytest.approx([0.0, 0.0]) and got[2] == [0.0], "ties and single passages get no penalty"
+    embedder.texts.clear()
+    assert prior(["Is it wet?"], [["a", "It rains there."]]) == [pytest.approx([0.0, -4.0])]
+    assert embedder.texts == ["Is it wet?"], "passage vectors come from the cache; only the question is embedded"
+    assert prior(["q"], [["solo"]]) == [[0.0]] and embedder.texts == ["Is it wet?"], "one passage: no embedding"
     assert segment_bias([-4.0, 0.0], [2, 3, 1]).tolist() == [0, 0, -4, -4, -4, 0]
     with pytest.raises(ValueError, match="2 passage priors for 1"):
         segment_bias([0.0, 0.0], [2, 3])
