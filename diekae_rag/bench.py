@@ -104,8 +104,9 @@ def bench_passages(model: DiekaeModel, k: int, tokens: int = 120, seed: int = 0)
 def bench_latency(model: DiekaeModel, ks=(1, 3, 5, 10), new_tokens: int = 32, repeats: int = 5) -> list[dict]:
     rows = []
     dev = model.device
-    # With passage isolation, "diekae" has its passages precomputed (as at index time) and
-    # "diekae_cold" encodes them inside the timed call.
+    # With passage isolation, "diekae" has its passages precomputed (as at index time: encoder
+    # states and, with the passage prior, embeddings) and "diekae_cold" encodes them inside the
+    # timed call.
     modes = MODES + (("diekae_cold",) if model.config.passage_isolation else ())
     for k in ks:
         q, passages = bench_passages(model, k)
@@ -115,6 +116,8 @@ def bench_latency(model: DiekaeModel, ks=(1, 3, 5, 10), new_tokens: int = 32, re
             def run(n_new: int) -> None:
                 if label == "diekae_cold":
                     model.passage_cache.clear()
+                    if model.passage_prior is not None:
+                        model.passage_prior.clear()
                 kw = {"min_new_tokens": n_new} if n_new > 1 else {}
                 model.generate(q, passages, mode=mode, max_new_tokens=n_new, **kw)
 

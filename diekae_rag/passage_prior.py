@@ -68,6 +68,10 @@ class PassagePrior:
                     self._vectors.popitem(last=False)
         return found
 
+    def clear(self) -> None:
+        with self._lock:
+            self._vectors.clear()
+
 
 def segment_bias(priors: Optional[Sequence[float]], segment_lengths: Sequence[int]) -> np.ndarray:
     """Per-token bias for an isolated item's segments (prefix first, then one per passage)."""
