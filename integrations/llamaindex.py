@@ -6,7 +6,7 @@ the encoders and only ``query_str`` (plus ``existing_answer`` when refining) rea
 decoder. How the stock response modes behave:
 
 - ``compact`` (default) / ``simple_summarize``: all retrieved chunks packed into one
-  ``context_str`` -> one DIEKÆ call with that text as knowledge.
+  ``context_str`` -> one DIEKÆ call whose passages are that text's blank-line-separated blocks.
 - ``refine``: the first chunk answers the question; each later chunk is knowledge for a call
   whose decoder question is the query plus the existing answer.
 - ``tree_summarize``: each packed chunk is answered with DIEKÆ; the answers then become the
@@ -18,6 +18,7 @@ For exact per-passage input (one node = one passage) use :class:`DiekaeSynthesiz
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any, AsyncGenerator, Optional, Sequence
 
 from llama_index.core.base.embeddings.base import BaseEmbedding
@@ -36,6 +37,10 @@ from diekae_rag.model import DiekaeModel
 from ._shared import default_model
 
 _CONTEXT_KEYS = ("context_str", "context_msg")
+# LlamaIndex packs retrieved chunks into one context string with blank lines between them
+# (PromptHelper.repack); each blank-line-separated block becomes its own passage, so chunks stay
+# cacheable and the passage prior can weigh them.
+_BLANK_LINES = re.compile(r"\n\s*\n")
 
 
 def split_prompt_args(prompt: BasePromptTemplate, prompt_args: dict) -> tuple[Optional[str], list[str]]:
@@ -48,8 +53,8 @@ def split_prompt_args(prompt: BasePromptTemplate, prompt_args: dict) -> tuple[Op
     for k in _CONTEXT_KEYS:
         v = args.get(k)
         for text in [v] if isinstance(v, str) else (v if isinstance(v, (list, tuple)) else []):
-            if isinstance(text, str) and text.strip():
-                context.append(text)  # simple_summarize passes a list of (truncated) chunks
+            if isinstance(text, str):  # simple_summarize passes a list of (truncated) chunks
+                context += [p.strip() for p in _BLANK_LINES.split(text) if p.strip()]
     if not any(k in args for k in _CONTEXT_KEYS):
         return None, []
     question = args.get("query_str")
