@@ -18,7 +18,10 @@ import numpy as np
 
 
 class PassagePrior:
-    """Per-passage log priors for a question, from sentence-embedding cosine similarity."""
+    """Per-passage log priors for a question, from sentence-embedding cosine similarity.
+
+    ``embedder``: anything with ``encode(texts) -> (n, dim)`` unit vectors (default: the
+    retriever's MiniLM, loaded on first use and shared with it)."""
 
     def __init__(self, strength: float, embedder=None, max_cached: int = 4096) -> None:
         if not strength > 0:

@@ -282,3 +282,5 @@ def test_passage_prior_steers_the_pointer_to_the_nearest_passage():
     assert set(rows) == set(model.config.hooked_layers)
     with pytest.raises(ValueError, match="passage_isolation"):
         tiny_model("llama", layers=[1], per_step=True, pointer_layer=3, passage_prior=30.0)
+    with pytest.raises(ValueError, match="would do nothing"):
+        _per_step_model().passage_prior = PassagePrior(30.0, embedder=_KeywordEmbedder())
