@@ -301,7 +301,7 @@ class DiekaeModel:
             items = [prompter.isolated_item(p, x, None if answers is None else answers[i])
                      for i, (x, p) in enumerate(zip(prompts, passages))]
             priors = None
-            if self.passage_prior is not None and encoder is self.encoder:
+            if encoder is self.encoder and self.passage_prior is not None and any(len(p) > 1 for p in passages):
                 priors = self.passage_prior([self._user_text(x) for x in prompts], passages)
             past = assemble(encoder, self._segment_states(encoder, items), priors)
             tails = [it[2] for it in items]

@@ -41,18 +41,16 @@ class PassagePrior:
 
     def __call__(self, questions: Sequence[str], passages: Sequence[Sequence[str]]) -> list[list[float]]:
         """For each question, one log prior per passage (0 for the nearest; [] without passages)."""
-        asked = [(q, ps) for q, ps in zip(questions, passages) if len(ps) > 1]
-        if not asked:
-            return [[0.0] * len(ps) for ps in passages]  # one passage: nothing to choose between
-        qv = dict(zip([q for q, _ in asked], self.embedder.encode([q for q, _ in asked])))
-        pv = self.passage_vectors([p for _, ps in asked for p in ps])
+        multi = [(q, ps) for q, ps in zip(questions, passages) if len(ps) > 1]  # one passage: no choice
+        qv = dict(zip([q for q, _ in multi], self.embedder.encode([q for q, _ in multi]))) if multi else {}
+        pv = self.passage_vectors([p for _, ps in multi for p in ps]) if multi else {}
         out = []
         for q, ps in zip(questions, passages):
-            if len(ps) <= 1:
-                out.append([0.0] * len(ps))
-            else:
+            if len(ps) > 1:
                 cos = np.stack([pv[p] for p in ps]) @ qv[q]
                 out.append([float(x) for x in self.strength * (cos - cos.max())])
+            else:
+                out.append([0.0] * len(ps))
         return out
 
     def passage_vectors(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
