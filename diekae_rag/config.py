@@ -84,6 +84,11 @@ class DiekaeConfig:
         return len(self.layers) + (1 if self.pointer_layer is not None else 0)
 
     @property
+    def can_use_passage_prior(self) -> bool:
+        """The passage prior biases the pointer over isolated passages: it needs both."""
+        return self.pointer_layer is not None and self.passage_isolation
+
+    @property
     def hooked_layers(self) -> list[int]:
         extra = [] if self.pointer_layer is None else [self.pointer_layer]
         return sorted(set(self.layers) | set(extra))
@@ -102,7 +107,7 @@ class DiekaeConfig:
             raise ValueError(f"pointer_sharpness must be a positive number, got {self.pointer_sharpness!r}.")
         if self.passage_prior < 0 or self.passage_prior != self.passage_prior:
             raise ValueError(f"passage_prior must be 0 (off) or a positive strength, got {self.passage_prior!r}.")
-        if self.passage_prior and (self.pointer_layer is None or not self.passage_isolation):
+        if self.passage_prior and not self.can_use_passage_prior:
             raise ValueError("passage_prior biases the pointer readout of isolated passages: set pointer_layer "
                              "and passage_isolation=True, or passage_prior=0.")
         if self.passage_isolation and self.question_first:

@@ -139,7 +139,7 @@ class DiekaeModel:
 
     @passage_prior.setter
     def passage_prior(self, prior: Optional[PassagePrior]) -> None:
-        if prior is not None and (self.config.pointer_layer is None or not self.config.passage_isolation):
+        if prior is not None and not self.config.can_use_passage_prior:
             raise ValueError("A passage prior biases the pointer readout of isolated passages; these encoders "
                              "have no pointer_layer or no passage_isolation, so it would do nothing.")
         self._passage_prior, self._passage_prior_set = prior, True

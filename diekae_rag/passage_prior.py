@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -74,10 +74,8 @@ class PassagePrior:
             self._vectors.clear()
 
 
-def segment_bias(priors: Optional[Sequence[float]], segment_lengths: Sequence[int]) -> np.ndarray:
+def segment_bias(priors: Sequence[float], segment_lengths: Sequence[int]) -> np.ndarray:
     """Per-token bias for an isolated item's segments (prefix first, then one per passage)."""
-    if priors is None:
-        return np.zeros(sum(segment_lengths), dtype=np.float32)
     if len(priors) != len(segment_lengths) - 1:
         raise ValueError(f"{len(priors)} passage priors for {len(segment_lengths) - 1} passages.")
     return np.repeat(np.asarray([0.0, *priors], dtype=np.float32), segment_lengths)
