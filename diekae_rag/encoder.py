@@ -134,6 +134,7 @@ class EncoderCache:
     pointer_valid: Optional[torch.Tensor] = None  # (B, T_k) bool
     pointer_prev: Optional[torch.Tensor] = None   # (B, T_k) long: match class of the knowledge token before, or -1
     knowledge_bias: Optional[torch.Tensor] = None  # (B, T_k) float: log prior of each key's passage (0: none)
+    last_class: Optional[torch.Tensor] = None     # (B,) long: match class of the last input token (bigram match)
 
 
 @dataclass
@@ -271,9 +272,20 @@ class DiekaeEncoder(nn.Module):
             scores = q @ p_keys.transpose(-1, -2) / math.sqrt(dk)       # (B, ph, T, Tk)
             if cfg.pointer_match:
                 # Induction prior: the key after a knowledge token equal to the query's token gets a bonus.
-                match = self._classes(input_ids[:, output_start:])[:, :, None] == p_prev[:, None, :]
+                q_cls = self._classes(input_ids[:, output_start:])
+                match = q_cls[:, :, None] == p_prev[:, None, :]
                 w = self.pointer_match_weight.to(q.dtype) * cfg.pointer_match_scale
                 scores = scores + match[:, None].to(q.dtype) * w[None, :, None, None]
+                if cfg.pointer_bigram_bonus:
+                    # ... and a fixed extra bonus where the token before that matches the query's previous token
+                    # too, so a copy keeps its place when a piece repeats inside a name.
+                    before = self._classes(input_ids[:, max(output_start - 1, 0): -1])
+                    first = (cache.last_class if cache is not None and cache.last_class is not None
+                             else torch.full_like(input_ids[:, 0], -2))
+                    q_prev = before if output_start > 0 else torch.cat([first[:, None], before], 1)
+                    k_prev2 = torch.cat([torch.full_like(p_prev[:, :1], -1), p_prev[:, :-1]], 1)
+                    bigram = match & (q_prev[:, :, None] == k_prev2[:, None, :])
+                    scores = scores + bigram[:, None].to(q.dtype) * cfg.pointer_bigram_bonus
             if p_bias is not None:
                 scores = scores + p_bias[:, None, None, :].to(q.dtype)
             scores = scores.masked_fill(~p_valid[:, None, None, :], float("-inf"))
@@ -289,5 +301,6 @@ class DiekaeEncoder(nn.Module):
             new_cache = EncoderCache(kv=new_kv, key_valid=key_valid,
                                      next_position=positions[:, -1] + 1,
                                      pointer_keys=p_keys, pointer_values=p_values, pointer_valid=p_valid,
-                                     pointer_prev=p_prev, knowledge_bias=p_bias)
+                                     pointer_prev=p_prev, knowledge_bias=p_bias,
+                                     last_class=self._classes(input_ids[:, -1]))
         return EncoderOutput(rows=rows, pointer=pointer, cache=new_cache, start=output_start)

@@ -12,9 +12,9 @@ from test_engine import K, Q, _record_deltas
 N_NEW = 5
 
 
-def _per_step_model(pointer: bool = True, isolation: bool = False, match: bool = False):
+def _per_step_model(pointer: bool = True, isolation: bool = False, match: bool = False, **cfg):
     return tiny_model("llama", layers=[1, 2], per_step=True, pointer_layer=3 if pointer else None, pointer_heads=2,
-                      passage_isolation=isolation, pointer_match=match)
+                      passage_isolation=isolation, pointer_match=match, **cfg)
 
 
 def _generate_and_record(model, questions, knowledges):
@@ -56,10 +56,15 @@ def assert_decode_rows_equal_reencode(model, atol: float = 2e-4, rtol: float = 1
                 assert (d == 0).all()
 
 
-@pytest.mark.parametrize("pointer,isolation,match", [(False, False, False), (True, False, False), (True, True, False),
-                                                    (True, False, True), (True, True, True)])
-def test_decode_step_rows_equal_full_reencode(pointer, isolation, match):
-    model = _per_step_model(pointer, isolation, match)
+@pytest.mark.parametrize("pointer,isolation,match,question_aware",
+                         [(False, False, False, False), (True, False, False, False), (True, True, False, False),
+                          (True, False, True, False), (True, True, True, False), (True, False, True, True),
+                          (True, True, True, True)])
+def test_decode_step_rows_equal_full_reencode(pointer, isolation, match, question_aware):
+    extra = {}
+    if question_aware:  # the bigram match reads the previous token; the overlap penalty the question
+        extra = {"pointer_bigram_bonus": 3.0, "question_overlap_penalty": 3.0 if isolation else 0.0}
+    model = _per_step_model(pointer, isolation, match, **extra)
     model.passage_cache.max_segments = 0  # recompute everything: the check is on the maths
     assert_decode_rows_equal_reencode(model)
 
@@ -133,6 +138,80 @@ def test_token_match_copies_the_token_after_the_query_token(isolation):
     lm = model.decoder.get_output_embeddings().weight
     gain = float(enc.pointer_gain.detach().sum()) * enc.config.pointer_gain_scale
     torch.testing.assert_close(out.pointer[0, at], gain * lm[after_z], atol=1e-3, rtol=1e-3)
+
+
+def _pointer_at_answer(model, question: str, answer: str, passage: str) -> tuple[torch.Tensor, list[int]]:
+    """The pointer output (T, H) of a teacher-forced ``score`` call, and the encoder input ids it covers."""
+    calls = []
+    handle = model.encoder.register_forward_hook(lambda m, args, kwargs, out: calls.append((args[0], kwargs, out)),
+                                                 with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model.score(question, answer, [passage])
+    finally:
+        handle.remove()
+    input_ids, kwargs, out = calls[-1]
+    return out.pointer[0], input_ids[0, kwargs.get("output_start", 0):].tolist()
+
+
+@pytest.mark.parametrize("isolation", [False, True])
+def test_bigram_match_keeps_the_copy_in_place_where_a_token_repeats(isolation):
+    """"z" occurs twice in the passage; after the answer "wz" the unigram match splits the pointer between
+    the tokens after both, the bigram bonus picks the one after "w z"."""
+    lm_tokens = {}
+    outs = {}
+    for bonus in (0.0, 50.0):
+        model = _per_step_model(isolation=isolation, match=True, pointer_bigram_bonus=bonus)
+        enc = model.encoder
+        with torch.no_grad():
+            enc.pointer_q.weight.zero_()
+            enc.pointer_null.fill_(0.0)
+            enc.pointer_match_weight.fill_(50.0 / enc.config.pointer_match_scale)
+        passage = "qzk wzm"
+        ids = model.prompter.ids(passage)
+        z = model.prompter.ids("z")[0]
+        assert ids.count(z) == 2
+        lm_tokens = {"k": ids[ids.index(z) + 1], "m": ids[len(ids) - 1 - ids[::-1].index(z) + 1]}
+        pointer, inputs = _pointer_at_answer(model, "which?", "wz", passage)
+        at = len(inputs) - 1 - inputs[::-1].index(z)  # the answer's "z"
+        lm = model.decoder.get_output_embeddings().weight
+        gain = float(enc.pointer_gain.detach().sum()) * enc.config.pointer_gain_scale
+        outs[bonus] = (pointer[at], gain, lm)
+        if bonus:  # KV-cached decode steps read the previous token from the cache: "w", then "z"
+            prompts, passages = model._validate(["which?"], [[passage]], "diekae")
+            _, mask = model.prompter.pad(prompts, model.device, side="left")
+            with torch.no_grad():
+                session = model.build_injection(prompts, passages, mask).sessions[0]
+                for tok in model.prompter.answer_ids("wz"):
+                    rows = session.step(torch.tensor([[tok]]))
+            torch.testing.assert_close(rows[model.config.pointer_layer][0, 0], pointer[at], atol=1e-3, rtol=1e-3)
+    p0, gain, lm = outs[0.0]
+    torch.testing.assert_close(p0, gain * 0.5 * (lm[lm_tokens["k"]] + lm[lm_tokens["m"]]), atol=1e-3, rtol=1e-3)
+    p1, gain, lm = outs[50.0]
+    torch.testing.assert_close(p1, gain * lm[lm_tokens["m"]], atol=1e-3, rtol=1e-3)
+    with pytest.raises(ValueError, match="pointer_match"):
+        _per_step_model(pointer_bigram_bonus=3.0)
+
+
+def test_question_overlap_penalty_keeps_the_pointer_off_the_question_s_tokens():
+    from diekae_rag.passage_cache import question_overlap
+    model = _per_step_model(isolation=True, question_overlap_penalty=100.0)
+    enc = model.encoder
+    ids = torch.tensor([model.prompter.ids("Where: xk")])
+    overlap = question_overlap(enc, ids, [model.prompter.ids("Where?")])
+    assert overlap[0].tolist() == [1.0] * 5 + [0.0] * (ids.shape[1] - 5), "'Where' is in the question, ': xk' not"
+    enc.record_pointer_attention = True
+    prompts, passages = model._validate(["Where?"], [["Where: xk"]], "diekae")
+    _, mask = model.prompter.pad(prompts, model.device, side="left")
+    with torch.no_grad():
+        session = model.build_injection(prompts, passages, mask).sessions[0]
+    bias = session.cache.knowledge_bias[0]
+    knowledge = session.cache.pointer_valid[0]
+    attn = enc.last_pointer_attention[0]
+    assert int((bias < 0).sum()) >= 5, "the passage's 'Where' is penalised"
+    assert float(attn[..., bias < 0].sum()) < 1e-6 < float(attn[..., knowledge & (bias == 0)].sum())
+    with pytest.raises(ValueError, match="passage_isolation"):
+        _per_step_model(question_overlap_penalty=1.0)
 
 
 def test_pointer_sharpness_scales_every_pointer_score():

@@ -1,0 +1,86 @@
+"""Serving-time pointer settings on trained encoders: accuracy per setting, on dev items.
+
+    python benchmarks/pointer_settings.py [CHECKPOINT] \
+        --grid pointer_bigram_bonus=0,3 question_overlap_penalty=0,1,3 --n 96
+
+Each combination of the ``--grid`` values (``DiekaeConfig`` fields that change no weights) is one
+row, scored like ``diekae-rag eval`` (preference, greedy contains-answer accuracy, length, NLL, and
+``loops``: the share of answers that repeat a word of four or more letters, i.e. that run on) on
+dev items that are not the eval sets: fictional items built like training data from another seed
+(as ``match_probe.py``) at k=1 and k=5 (random distractors), and SQuAD-Shifts training items at
+k=1. Writes benchmarks/results/pointer_settings.json unless ``--out`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import re
+import time
+from pathlib import Path
+
+from diekae_rag import DiekaeModel
+from diekae_rag.atomic import atomic_write_text
+from diekae_rag.config import DiekaeConfig
+from diekae_rag.data.mixture import DataSpec
+from diekae_rag.evaluation import evaluate_items
+
+
+def parse_grid(specs: list[str]) -> dict[str, list[float]]:
+    """``["field=1,2", ...]`` -> ``{"field": [1.0, 2.0]}``, checking that each field exists."""
+    fields = {f.name for f in dataclasses.fields(DiekaeConfig)}
+    grid = {}
+    for spec in specs:
+        name, sep, values = spec.partition("=")
+        if not sep or name not in fields:
+            raise SystemExit(f"--grid {spec!r}: write FIELD=V1,V2 with a DiekaeConfig field.")
+        grid[name] = [float(v) for v in values.split(",")]
+    return grid
+
+
+def loops(answer: str) -> bool:
+    """True when a word of four or more letters occurs twice: the answer runs on, repeating itself."""
+    words = [w for w in re.findall(r"\w+", answer.lower()) if len(w) >= 4]
+    return len(words) != len(set(words))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("checkpoint", nargs="?", default=None)
+    ap.add_argument("--grid", nargs="+", required=True)
+    ap.add_argument("--n", type=int, default=96)
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "pointer_settings.json")
+    args = ap.parse_args()
+    grid = parse_grid(args.grid)
+    model = DiekaeModel.from_pretrained(args.checkpoint)
+    own = {name: getattr(model.config, name) for name in grid}
+    sets = {
+        "fictional_k1": DataSpec(fictional=args.n, k=1, seed=999).build(),
+        "squad_train_k1": DataSpec(fictional=0, squad=args.n, k=1, seed=999).build(),
+        "fictional_k5": DataSpec(fictional=args.n, k=5, seed=999).build(),
+    }
+    rows = []
+    for values in itertools.product(*grid.values()):
+        setting = dict(zip(grid, values))
+        for name, value in setting.items():
+            setattr(model.config, name, value)
+        model.config.validate()
+        row = {"setting": setting}
+        for set_name, items in sets.items():
+            t0 = time.time()
+            r = evaluate_items(model, items, "diekae")
+            row[set_name] = {**{m: round(r[m], 4) for m in ("pref", "acc", "len", "nll")},
+                             "loops": round(sum(loops(x["output"]) for x in r["records"]) / len(items), 4),
+                             "seconds": round(time.time() - t0, 1)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    for name, value in own.items():
+        setattr(model.config, name, value)
+    atomic_write_text(args.out, json.dumps({"checkpoint": args.checkpoint or "shipped", "n": args.n,
+                                            "checkpoint_setting": own, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
