@@ -55,10 +55,6 @@ class DiekaeConfig:
     # passage_prior * (cos(question, its passage) - best passage's cos), cosines from the
     # retriever's sentence embedder (diekae_rag.passage_prior); 0 = off. Needs passage_isolation.
     passage_prior: float = 0.0
-    # Question-overlap penalty: knowledge tokens whose match class also occurs in the question get
-    # this much subtracted from their pointer score (an answer rarely repeats the question's words,
-    # so the pointer should not copy the subject back); 0 = off. Needs passage_isolation.
-    question_overlap_penalty: float = 0.0
     # Token match: a learned bonus on pointer scores where the knowledge token before a key equals
     # the query's own token (an explicit induction prior, so a copied name continues where it is).
     pointer_match: bool = False
@@ -115,13 +111,11 @@ class DiekaeConfig:
                              "or pointer_bigram_bonus=0.")
         if not self.pointer_sharpness > 0:
             raise ValueError(f"pointer_sharpness must be a positive number, got {self.pointer_sharpness!r}.")
-        for name in ("passage_prior", "question_overlap_penalty"):
-            value = getattr(self, name)
-            if value < 0 or value != value:
-                raise ValueError(f"{name} must be 0 (off) or a positive strength, got {value!r}.")
-            if value and not self.can_use_passage_prior:
-                raise ValueError(f"{name} biases the pointer readout of isolated passages: set pointer_layer "
-                                 f"and passage_isolation=True, or {name}=0.")
+        if self.passage_prior < 0 or self.passage_prior != self.passage_prior:
+            raise ValueError(f"passage_prior must be 0 (off) or a positive strength, got {self.passage_prior!r}.")
+        if self.passage_prior and not self.can_use_passage_prior:
+            raise ValueError("passage_prior biases the pointer readout of isolated passages: set pointer_layer "
+                             "and passage_isolation=True, or passage_prior=0.")
         if self.passage_isolation and self.question_first:
             raise ValueError("passage_isolation and question_first cannot be combined.")
         if num_decoder_layers is not None:

@@ -300,15 +300,10 @@ class DiekaeModel:
         if encoder.config.passage_isolation:
             items = [prompter.isolated_item(p, x, None if answers is None else answers[i])
                      for i, (x, p) in enumerate(zip(prompts, passages))]
-            priors = questions = None
-            cfg = encoder.config
-            if encoder is self.encoder and (self.passage_prior is not None or cfg.question_overlap_penalty):
-                texts = [self._user_text(x) for x in prompts]
-                if self.passage_prior is not None and any(len(p) > 1 for p in passages):
-                    priors = self.passage_prior(texts, passages)
-                questions = [prompter.ids(t) for t in texts]
-            past = assemble(encoder, self._segment_states(encoder, items), priors, questions,
-                            cfg.question_overlap_penalty)
+            priors = None
+            if encoder is self.encoder and self.passage_prior is not None and any(len(p) > 1 for p in passages):
+                priors = self.passage_prior([self._user_text(x) for x in prompts], passages)
+            past = assemble(encoder, self._segment_states(encoder, items), priors)
             tails = [it[2] for it in items]
             ids, mask = prompter.pad(tails, self.device, side="left")
             T = ids.shape[1]

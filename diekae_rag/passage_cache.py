@@ -69,13 +69,11 @@ def _left_pad_stack(parts: Sequence[torch.Tensor], length: int, dim: int, stack_
 
 
 def assemble(encoder: DiekaeEncoder, items: Sequence[Sequence[SegmentState]],
-             priors: Optional[Sequence[Sequence[float]]] = None,
-             questions: Optional[Sequence[Sequence[int]]] = None, overlap_penalty: float = 0.0) -> EncoderCache:
+             priors: Optional[Sequence[Sequence[float]]] = None) -> EncoderCache:
     """Concatenate each item's segment states into a left-padded past for the tail.
 
     ``priors``: per item, one log prior per passage (see :mod:`diekae_rag.passage_prior`),
-    added to the pointer's scores of that passage's tokens. ``questions``: per item, the
-    question's token ids; knowledge tokens of the same match class get ``-overlap_penalty``."""
+    added to the pointer's scores of that passage's tokens."""
     lens = [sum(int(s.ids.shape[0]) for s in segs) for segs in items]
     P = max(lens)
     first = items[0][0]
@@ -98,20 +96,9 @@ def assemble(encoder: DiekaeEncoder, items: Sequence[Sequence[SegmentState]],
     if priors is not None and p_keys is not None:
         bias = _left_pad_stack([torch.from_numpy(segment_bias(pr, [int(s.ids.shape[0]) for s in segs])).to(ids.device)
                                 for pr, segs in zip(priors, items)], P, 0, 0)
-    if questions is not None and overlap_penalty and p_keys is not None:
-        overlap = question_overlap(encoder, ids, questions) * -float(overlap_penalty)
-        bias = overlap if bias is None else bias + overlap
     return EncoderCache(kv=kv, key_valid=key_valid, next_position=torch.tensor(lens, device=ids.device),
                         pointer_keys=p_keys, pointer_values=p_values, pointer_valid=p_valid, pointer_prev=p_prev,
                         knowledge_bias=bias)
-
-
-def question_overlap(encoder: DiekaeEncoder, ids: torch.Tensor, questions: Sequence[Sequence[int]]) -> torch.Tensor:
-    """(B, T) float: 1 where a token of ``ids`` has the match class of a token of its item's question."""
-    classes = encoder._classes(ids)
-    rows = [torch.isin(classes[b], encoder._classes(torch.tensor(list(q), dtype=torch.long, device=ids.device)))
-            for b, q in enumerate(questions)]
-    return torch.stack(rows).float()
 
 
 def _weights_version(encoder: DiekaeEncoder) -> int:

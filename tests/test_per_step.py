@@ -56,14 +56,14 @@ def assert_decode_rows_equal_reencode(model, atol: float = 2e-4, rtol: float = 1
                 assert (d == 0).all()
 
 
-@pytest.mark.parametrize("pointer,isolation,match,question_aware",
+@pytest.mark.parametrize("pointer,isolation,match,bigram",
                          [(False, False, False, False), (True, False, False, False), (True, True, False, False),
                           (True, False, True, False), (True, True, True, False), (True, False, True, True),
                           (True, True, True, True)])
-def test_decode_step_rows_equal_full_reencode(pointer, isolation, match, question_aware):
+def test_decode_step_rows_equal_full_reencode(pointer, isolation, match, bigram):
     extra = {}
-    if question_aware:  # the bigram match reads the previous token; the overlap penalty the question
-        extra = {"pointer_bigram_bonus": 3.0, "question_overlap_penalty": 3.0 if isolation else 0.0}
+    if bigram:  # the bigram match reads the previous token from the cache
+        extra = {"pointer_bigram_bonus": 3.0}
     model = _per_step_model(pointer, isolation, match, **extra)
     model.passage_cache.max_segments = 0  # recompute everything: the check is on the maths
     assert_decode_rows_equal_reencode(model)
@@ -191,27 +191,6 @@ def test_bigram_match_keeps_the_copy_in_place_where_a_token_repeats(isolation):
     torch.testing.assert_close(p1, gain * lm[lm_tokens["m"]], atol=1e-3, rtol=1e-3)
     with pytest.raises(ValueError, match="pointer_match"):
         _per_step_model(pointer_bigram_bonus=3.0)
-
-
-def test_question_overlap_penalty_keeps_the_pointer_off_the_question_s_tokens():
-    from diekae_rag.passage_cache import question_overlap
-    model = _per_step_model(isolation=True, question_overlap_penalty=100.0)
-    enc = model.encoder
-    ids = torch.tensor([model.prompter.ids("Where: xk")])
-    overlap = question_overlap(enc, ids, [model.prompter.ids("Where?")])
-    assert overlap[0].tolist() == [1.0] * 5 + [0.0] * (ids.shape[1] - 5), "'Where' is in the question, ': xk' not"
-    enc.record_pointer_attention = True
-    prompts, passages = model._validate(["Where?"], [["Where: xk"]], "diekae")
-    _, mask = model.prompter.pad(prompts, model.device, side="left")
-    with torch.no_grad():
-        session = model.build_injection(prompts, passages, mask).sessions[0]
-    bias = session.cache.knowledge_bias[0]
-    knowledge = session.cache.pointer_valid[0]
-    attn = enc.last_pointer_attention[0]
-    assert int((bias < 0).sum()) >= 5, "the passage's 'Where' is penalised"
-    assert float(attn[..., bias < 0].sum()) < 1e-6 < float(attn[..., knowledge & (bias == 0)].sum())
-    with pytest.raises(ValueError, match="passage_isolation"):
-        _per_step_model(question_overlap_penalty=1.0)
 
 
 def test_pointer_sharpness_scales_every_pointer_score():
