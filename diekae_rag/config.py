@@ -51,6 +51,9 @@ class DiekaeConfig:
     # Multiplies every pointer score (keys, token-match bonus and the "nothing" slot): above 1
     # the copy-attention is sharper, so the readout pushes one knowledge token, not a blend.
     pointer_sharpness: float = 1.0
+    # Multiplies the pointer's output at the one position that predicts the answer's first token
+    # (where it chooses what to copy); later steps keep the trained gain, so answers still stop.
+    pointer_first_gain: float = 1.0
     # Passage prior: with several passages, every knowledge token's pointer score gets
     # passage_prior * (cos(question, its passage) - best passage's cos), cosines from the
     # retriever's sentence embedder (diekae_rag.passage_prior); 0 = off. Needs passage_isolation.
@@ -109,8 +112,9 @@ class DiekaeConfig:
         if self.pointer_bigram_bonus and not self.pointer_match:
             raise ValueError("pointer_bigram_bonus extends the token match: set pointer_match=True too, "
                              "or pointer_bigram_bonus=0.")
-        if not self.pointer_sharpness > 0:
-            raise ValueError(f"pointer_sharpness must be a positive number, got {self.pointer_sharpness!r}.")
+        for name in ("pointer_sharpness", "pointer_first_gain"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be a positive number, got {getattr(self, name)!r}.")
         if self.passage_prior < 0 or self.passage_prior != self.passage_prior:
             raise ValueError(f"passage_prior must be 0 (off) or a positive strength, got {self.passage_prior!r}.")
         if self.passage_prior and not self.can_use_passage_prior:

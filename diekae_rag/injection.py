@@ -71,6 +71,12 @@ def layer_rows_from(encoder: DiekaeEncoder, rows: Optional[torch.Tensor],
     return out
 
 
+def scale_at(rows: torch.Tensor, positions: torch.Tensor, factor: float) -> torch.Tensor:
+    """``rows`` (B, T, hidden) with row ``positions[b]`` of each item multiplied by ``factor``."""
+    at = torch.arange(rows.shape[1], device=rows.device)[None, :] == positions[:, None]
+    return rows * torch.where(at, factor, 1.0)[..., None].to(rows.dtype)
+
+
 def align_rows(rows: dict[int, torch.Tensor], enc_offset: torch.Tensor, n_rows: torch.Tensor,
                decoder_mask: torch.Tensor) -> dict[int, torch.Tensor]:
     """Gather encoder rows onto decoder positions.

@@ -18,7 +18,8 @@ from .edit_scope import EditScope
 from .encoder import DiekaeEncoder
 from .passage_cache import PassageCache, assemble
 from .passage_prior import PassagePrior
-from .injection import EncoderSession, Injection, align_rows, decoder_layers, injecting, install_hooks, layer_rows_from
+from .injection import (EncoderSession, Injection, align_rows, decoder_layers, injecting, install_hooks,
+                        layer_rows_from, scale_at)
 from .prompts import Prompter, check_mode, check_question, clean_passages, match_classes
 
 log = logging.getLogger(__name__)
@@ -319,7 +320,11 @@ class DiekaeModel:
                           output_start=start)
             offsets, n_rows = batch.x_offset - start, batch.n_rows
         active_t = torch.tensor(active, device=self.device)
-        rows = align_rows(layer_rows_from(encoder, out.rows, out.pointer), offsets, n_rows * active_t, decoder_mask)
+        pointer = out.pointer
+        if pointer is not None and encoder.config.pointer_first_gain != 1.0:
+            last_x = offsets + torch.tensor([len(x) for x in prompts], device=self.device) - 1
+            pointer = scale_at(pointer, last_x, encoder.config.pointer_first_gain)  # predicts the first answer token
+        rows = align_rows(layer_rows_from(encoder, out.rows, pointer), offsets, n_rows * active_t, decoder_mask)
         return EncoderSession(encoder, out.cache, rows, per_step, active_t)
 
     def _segment_states(self, encoder: DiekaeEncoder, items) -> list[list]:

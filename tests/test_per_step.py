@@ -193,6 +193,38 @@ def test_bigram_match_keeps_the_copy_in_place_where_a_token_repeats(isolation):
         _per_step_model(pointer_bigram_bonus=3.0)
 
 
+@pytest.mark.parametrize("isolation", [False, True])
+def test_pointer_first_gain_scales_only_the_row_that_predicts_the_first_answer_token(isolation):
+    """Left-padded prompts (generation) and right-padded prompt + answer (teacher forcing): the pointer
+    row at each item's last prompt token is times the gain, every other row and decode step unchanged."""
+    model = _per_step_model(isolation=isolation, match=True)
+    prompts, passages = model._validate(Q, K, "diekae")
+    answers = [model.prompter.answer_ids("Ab"), model.prompter.answer_ids("Xyz")]
+    layer = model.config.pointer_layer
+    runs = {}
+    for gain in (1.0, 3.0):
+        model.config.pointer_first_gain = gain
+        _, left = model.prompter.pad(prompts, model.device, side="left")
+        _, right = model.prompter.pad([p + a for p, a in zip(prompts, answers)], model.device, side="right")
+        with torch.no_grad():
+            gen = model.build_injection(prompts, passages, left)
+            step = gen.sessions[0].step(torch.tensor([[answers[0][0]], [answers[1][0]]]))[layer]
+            forced = model.build_injection(prompts, passages, right, answers).sessions[0].layer_rows[layer]
+        runs[gain] = (gen.sessions[0].layer_rows[layer], forced, step, left, right)
+    (g1, f1, s1, left, right), (g3, f3, s3, _, _) = runs[1.0], runs[3.0]
+    for b, p in enumerate(prompts):
+        at_left = left.shape[1] - 1                 # left padding: every prompt ends at the last column
+        for rows1, rows3, at in ((g1, g3, at_left), (f1, f3, len(p) - 1)):
+            assert rows1[b, at].abs().sum() > 0
+            torch.testing.assert_close(rows3[b, at], 3.0 * rows1[b, at])
+            keep = torch.ones(rows1.shape[1], dtype=torch.bool)
+            keep[at] = False
+            torch.testing.assert_close(rows3[b, keep], rows1[b, keep])
+    torch.testing.assert_close(s3, s1)
+    with pytest.raises(ValueError, match="pointer_first_gain"):
+        _per_step_model(pointer_first_gain=0.0)
+
+
 def test_pointer_sharpness_scales_every_pointer_score():
     """Sharpness s equals s-times larger queries and match weight (scores, bonus and "nothing" slot alike)."""
     model = _per_step_model(match=True)
