@@ -272,8 +272,7 @@ class DiekaeEncoder(nn.Module):
             scores = q @ p_keys.transpose(-1, -2) / math.sqrt(dk)       # (B, ph, T, Tk)
             if cfg.pointer_match:
                 # Induction prior: the key after a knowledge token equal to the query's token gets a bonus.
-                q_cls = self._classes(input_ids[:, output_start:])
-                match = q_cls[:, :, None] == p_prev[:, None, :]
+                match = self._classes(input_ids[:, output_start:])[:, :, None] == p_prev[:, None, :]
                 w = self.pointer_match_weight.to(q.dtype) * cfg.pointer_match_scale
                 scores = scores + match[:, None].to(q.dtype) * w[None, :, None, None]
                 if cfg.pointer_bigram_bonus:
