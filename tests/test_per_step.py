@@ -109,37 +109,6 @@ def test_pointer_raises_the_logit_of_a_knowledge_token():
     assert 0 <= float(coef.sum()) <= 1 + 1e-4
 
 
-@pytest.mark.parametrize("isolation", [False, True])
-def test_token_match_copies_the_token_after_the_query_token(isolation):
-    """With learned pointer scores at zero and a large match weight, a query token that occurs once in
-    the passage makes the pointer output the lm_head row of the passage token right after it."""
-    model = _per_step_model(isolation=isolation, match=True)
-    enc = model.encoder
-    with torch.no_grad():
-        enc.pointer_q.weight.zero_()
-        enc.pointer_null.fill_(0.0)
-        enc.pointer_match_weight.fill_(50.0 / enc.config.pointer_match_scale)
-    passage = "zq kx"
-    ids = model.prompter.ids(passage)
-    z = model.prompter.ids("z")[0]
-    assert ids.count(z) == 1
-    after_z = ids[ids.index(z) + 1]
-    calls = []
-    handle = enc.register_forward_hook(lambda m, args, kwargs, out: calls.append((args[0], kwargs, out)),
-                                       with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model.score("which?", "z", [passage])  # the answer "z" is fed to the encoder after the prompt
-    finally:
-        handle.remove()
-    input_ids, kwargs, out = calls[-1]
-    inputs = input_ids[0, kwargs.get("output_start", 0):].tolist()
-    at = len(inputs) - 1 - inputs[::-1].index(z)  # the answer's "z"
-    lm = model.decoder.get_output_embeddings().weight
-    gain = float(enc.pointer_gain.detach().sum()) * enc.config.pointer_gain_scale
-    torch.testing.assert_close(out.pointer[0, at], gain * lm[after_z], atol=1e-3, rtol=1e-3)
-
-
 def _pointer_at_answer(model, question: str, answer: str, passage: str) -> tuple[torch.Tensor, list[int]]:
     """The pointer output (T, H) of a teacher-forced ``score`` call, and the encoder input ids it covers."""
     calls = []
@@ -154,19 +123,44 @@ def _pointer_at_answer(model, question: str, answer: str, passage: str) -> tuple
     return out.pointer[0], input_ids[0, kwargs.get("output_start", 0):].tolist()
 
 
+def _match_only_model(isolation: bool, **cfg):
+    """Learned pointer scores and the "nothing" slot at zero, a large token-match weight: the pointer
+    follows the match prior alone."""
+    model = _per_step_model(isolation=isolation, match=True, **cfg)
+    enc = model.encoder
+    with torch.no_grad():
+        enc.pointer_q.weight.zero_()
+        enc.pointer_null.fill_(0.0)
+        enc.pointer_match_weight.fill_(50.0 / enc.config.pointer_match_scale)
+    return model
+
+
+@pytest.mark.parametrize("isolation", [False, True])
+def test_token_match_copies_the_token_after_the_query_token(isolation):
+    """With learned pointer scores at zero and a large match weight, a query token that occurs once in
+    the passage makes the pointer output the lm_head row of the passage token right after it."""
+    model = _match_only_model(isolation)
+    enc = model.encoder
+    passage = "zq kx"
+    ids = model.prompter.ids(passage)
+    z = model.prompter.ids("z")[0]
+    assert ids.count(z) == 1
+    after_z = ids[ids.index(z) + 1]
+    pointer, inputs = _pointer_at_answer(model, "which?", "z", passage)  # the answer "z" follows the prompt
+    at = len(inputs) - 1 - inputs[::-1].index(z)  # the answer's "z"
+    lm = model.decoder.get_output_embeddings().weight
+    gain = float(enc.pointer_gain.detach().sum()) * enc.config.pointer_gain_scale
+    torch.testing.assert_close(pointer[at], gain * lm[after_z], atol=1e-3, rtol=1e-3)
+
+
 @pytest.mark.parametrize("isolation", [False, True])
 def test_bigram_match_keeps_the_copy_in_place_where_a_token_repeats(isolation):
     """"z" occurs twice in the passage; after the answer "wz" the unigram match splits the pointer between
     the tokens after both, the bigram bonus picks the one after "w z"."""
-    lm_tokens = {}
     outs = {}
     for bonus in (0.0, 50.0):
-        model = _per_step_model(isolation=isolation, match=True, pointer_bigram_bonus=bonus)
+        model = _match_only_model(isolation, pointer_bigram_bonus=bonus)
         enc = model.encoder
-        with torch.no_grad():
-            enc.pointer_q.weight.zero_()
-            enc.pointer_null.fill_(0.0)
-            enc.pointer_match_weight.fill_(50.0 / enc.config.pointer_match_scale)
         passage = "qzk wzm"
         ids = model.prompter.ids(passage)
         z = model.prompter.ids("z")[0]
