@@ -1,7 +1,7 @@
 """Serving-time pointer settings on trained encoders: accuracy per setting, on dev items.
 
     python benchmarks/pointer_settings.py [CHECKPOINT] \
-        --grid pointer_bigram_bonus=0,3 question_overlap_penalty=0,1,3 --n 96
+        --grid pointer_bigram_bonus=3 pointer_sharpness=2 pointer_first_gain=1.4,2 --n 96
 
 Each combination of the ``--grid`` values (``DiekaeConfig`` fields that change no weights) is one
 row, scored like ``diekae-rag eval`` (preference, greedy contains-answer accuracy, length, NLL, and
