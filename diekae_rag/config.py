@@ -65,6 +65,11 @@ class DiekaeConfig:
     # Bigram match: a fixed extra bonus (in pointer-score units) where the knowledge token two
     # before a key also equals the query's previous token; 0 = off. Needs pointer_match.
     pointer_bigram_bonus: float = 0.0
+    # First-token scorer: hidden width of a small MLP that, at the position predicting the answer's
+    # first token only, adds a score to every knowledge token from the question's pointer state and
+    # the token's own passage states (at s-1 and s), so choosing *which* fact to copy can use the
+    # question; 0 = off. Its passage side is cached with each passage.
+    pointer_first_scorer: int = 0
     # Question-aware encoding: the encoder reads x + K + x instead of K + x.
     question_first: bool = False
     # Passage isolation: each passage is encoded on its own (cacheable per passage); only the
@@ -112,6 +117,11 @@ class DiekaeConfig:
         if self.pointer_bigram_bonus and not self.pointer_match:
             raise ValueError("pointer_bigram_bonus extends the token match: set pointer_match=True too, "
                              "or pointer_bigram_bonus=0.")
+        if self.pointer_first_scorer and self.pointer_layer is None:
+            raise ValueError("pointer_first_scorer scores the pointer's first copy: set pointer_layer too, "
+                             "or pointer_first_scorer=0.")
+        if self.pointer_first_scorer < 0:
+            raise ValueError(f"pointer_first_scorer is a hidden width (0 = off), got {self.pointer_first_scorer!r}.")
         for name in ("pointer_sharpness", "pointer_first_gain"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be a positive number, got {getattr(self, name)!r}.")

@@ -135,6 +135,8 @@ class EncoderCache:
     pointer_prev: Optional[torch.Tensor] = None   # (B, T_k) long: match class of the knowledge token before, or -1
     knowledge_bias: Optional[torch.Tensor] = None  # (B, T_k) float: log prior of each key's passage (0: none)
     last_class: Optional[torch.Tensor] = None     # (B,) long: match class of the last input token (bigram match)
+    knowledge_ids: Optional[torch.Tensor] = None  # (B, T_k) long: the token id of each pointer slot
+    first_keys: Optional[torch.Tensor] = None     # (B, T_k, r): passage side of the first-token scorer
 
 
 @dataclass
@@ -143,6 +145,7 @@ class EncoderOutput:
     pointer: Optional[torch.Tensor]   # (B, T, hidden): added to pointer_layer's MLP output
     cache: Optional[EncoderCache] = None
     start: int = 0                    # outputs cover input positions start..T-1
+    pointer_attention: Optional[torch.Tensor] = None  # (B, heads, T - start, T_k), "nothing" slot left out
 
 
 class DiekaeEncoder(nn.Module):
@@ -169,6 +172,8 @@ class DiekaeEncoder(nn.Module):
             self.pointer_gain = nn.Parameter(torch.zeros(ph))  # zero: an untrained pointer adds nothing
             if config.pointer_match:
                 self.add_pointer_match()
+            if config.pointer_first_scorer:
+                self.add_first_scorer(config.pointer_first_scorer)
         # Token -> match class (e.g. " Ithp" and "Ithp" alike); set from the tokenizer, not saved.
         self.register_buffer("match_classes", None, persistent=False)
         self._frozen: list[nn.Module] = []  # [input embedding, output embedding], not saved
@@ -186,6 +191,20 @@ class DiekaeEncoder(nn.Module):
         if not hasattr(self, "pointer_match_weight"):
             self.pointer_match_weight = nn.Parameter(torch.zeros_like(self.pointer_gain))
         self.config.pointer_match = True
+
+    def add_first_scorer(self, width: int) -> None:
+        """Add the first-token scorer (its output weight starts at zero: no effect until trained)."""
+        if not hasattr(self, "first_q"):
+            d = self.config.d_enc
+            self.first_q = nn.Linear(d, width).to(self.down.weight)
+            self.first_k = nn.Linear(2 * d, width, bias=False).to(self.down.weight)
+            self.first_v = nn.Parameter(torch.zeros(width, device=self.down.weight.device, dtype=self.dtype))
+        self.config.pointer_first_scorer = width
+
+    def first_scores(self, query_states: torch.Tensor, first_keys: torch.Tensor) -> torch.Tensor:
+        """(B, T_k) first-token scores from the question's pointer states (B, d) and cached keys."""
+        u = self.first_q(query_states).to(first_keys.dtype)
+        return F.gelu(first_keys + u[:, None]) @ self.first_v.to(first_keys.dtype)
 
     def set_match_classes(self, classes: torch.Tensor) -> None:
         """Map token ids to match classes (see :func:`diekae_rag.prompts.match_classes`); unset: ids."""
@@ -206,7 +225,7 @@ class DiekaeEncoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 knowledge_mask: Optional[torch.Tensor] = None,
                 cache: Optional[EncoderCache] = None, use_cache: bool = False,
-                output_start: int = 0) -> EncoderOutput:
+                output_start: int = 0, first_positions: Optional[torch.Tensor] = None) -> EncoderOutput:
         """Encode ``input_ids`` (B, T), continuing from ``cache`` when given.
 
         ``knowledge_mask`` (B, T) marks the knowledge tokens the pointer may copy from; it is
@@ -216,6 +235,8 @@ class DiekaeEncoder(nn.Module):
         :mod:`diekae_rag.passage_prior`), so the copy-attention favours the relevant passage.
         Outputs (rows, pointer) are computed for positions ``output_start:`` only: the
         knowledge positions need states (for attention) but never receive rows.
+        ``first_positions`` (B,), in output positions (-1: none), are where each item's answer
+        begins (the position predicting its first token): the first-token scorer acts there only.
         """
         if not self._frozen:
             raise RuntimeError("DiekaeEncoder.attach(decoder) must be called before encoding.")
@@ -248,7 +269,7 @@ class DiekaeEncoder(nn.Module):
 
         rows = self.up(x[: cfg.n_injection, :, output_start:]) if self.up is not None else None
         pointer = None
-        p_keys = p_values = p_valid = p_prev = p_bias = None
+        p_keys = p_values = p_valid = p_prev = p_bias = p_ids = f_keys = attn = None
         if cfg.pointer_layer is not None:
             hp = x[-1]  # (B, T, d)
             ph, dk = cfg.pointer_heads, cfg.pointer_key_dim
@@ -258,15 +279,20 @@ class DiekaeEncoder(nn.Module):
                 # The key of position s comes from the state at s-1 (the induction pattern).
                 k_all = self.pointer_k(hp).reshape(B, T, ph, dk).transpose(1, 2)
                 p_keys = torch.cat([torch.zeros_like(k_all[:, :, :1]), k_all[:, :, :-1]], 2)
+                if cfg.pointer_first_scorer:
+                    h_prev = torch.cat([torch.zeros_like(hp[:, :1]), hp[:, :-1]], 1)
+                    f_keys = self.first_k(torch.cat([h_prev, hp], -1))
                 with torch.no_grad():
                     p_values = lm_head.weight[input_ids].to(self.dtype)
                 p_valid = knowledge_mask.bool() & valid
                 if cfg.pointer_match:
                     p_prev = self.pointer_prev(input_ids, p_valid)
                 p_valid[:, 0] = False
+                p_ids = input_ids
             else:
                 p_keys, p_values, p_valid = cache.pointer_keys, cache.pointer_values, cache.pointer_valid
                 p_prev, p_bias = cache.pointer_prev, cache.knowledge_bias
+                p_ids, f_keys = cache.knowledge_ids, cache.first_keys
             hq = hp[:, output_start:]
             q = self.pointer_q(hq).reshape(B, hq.shape[1], ph, dk).transpose(1, 2)  # (B, ph, Tq, dk)
             scores = q @ p_keys.transpose(-1, -2) / math.sqrt(dk)       # (B, ph, T, Tk)
@@ -287,6 +313,8 @@ class DiekaeEncoder(nn.Module):
                     scores = scores + bigram[:, None].to(q.dtype) * cfg.pointer_bigram_bonus
             if p_bias is not None:
                 scores = scores + p_bias[:, None, None, :].to(q.dtype)
+            if cfg.pointer_first_scorer and first_positions is not None and f_keys is not None:
+                scores = scores + self._first_score_grid(hq, f_keys, first_positions)[:, None].to(q.dtype)
             scores = scores.masked_fill(~p_valid[:, None, None, :], float("-inf"))
             null = (q @ self.pointer_null.to(q.dtype)[None, :, :, None]) / math.sqrt(dk)  # (B, ph, T, 1)
             attn = torch.softmax(torch.cat([scores, null], -1) * cfg.pointer_sharpness, -1)[..., :-1]
@@ -301,5 +329,19 @@ class DiekaeEncoder(nn.Module):
                                      next_position=positions[:, -1] + 1,
                                      pointer_keys=p_keys, pointer_values=p_values, pointer_valid=p_valid,
                                      pointer_prev=p_prev, knowledge_bias=p_bias,
-                                     last_class=self._classes(input_ids[:, -1]))
-        return EncoderOutput(rows=rows, pointer=pointer, cache=new_cache, start=output_start)
+                                     last_class=self._classes(input_ids[:, -1]),
+                                     knowledge_ids=p_ids, first_keys=f_keys)
+        return EncoderOutput(rows=rows, pointer=pointer, cache=new_cache, start=output_start,
+                             pointer_attention=attn)
+
+    def _first_score_grid(self, hq: torch.Tensor, first_keys: torch.Tensor, first_positions: torch.Tensor
+                          ) -> torch.Tensor:
+        """(B, Tq, T_k): the first-token scores at each item's first position, zero elsewhere."""
+        B, Tq = hq.shape[:2]
+        at = (first_positions >= 0) & (first_positions < Tq)
+        grid = hq.new_zeros((B, Tq, first_keys.shape[1]))
+        if bool(at.any()):
+            b = torch.nonzero(at)[:, 0]
+            t = first_positions[b]
+            grid = grid.index_put((b, t), self.first_scores(hq[b, t], first_keys[b]).to(grid.dtype))
+        return grid

@@ -15,7 +15,7 @@ from .config import DiekaeConfig, decoder_fingerprint
 from .decoder import freeze, load_decoder
 from .defaults import DEFAULT_DECODER
 from .edit_scope import EditScope
-from .encoder import DiekaeEncoder
+from .encoder import DiekaeEncoder, EncoderOutput
 from .passage_cache import PassageCache, assemble
 from .passage_prior import PassagePrior
 from .injection import (EncoderSession, Injection, align_rows, decoder_layers, injecting, install_hooks,
@@ -296,8 +296,23 @@ class DiekaeModel:
 
     def _session(self, encoder: DiekaeEncoder, prompts, passages, decoder_mask, answers, active
                  ) -> EncoderSession:
+        out, offsets, n_rows, first = self.encode_knowledge(encoder, prompts, passages, answers)
+        active_t = torch.tensor(active, device=self.device)
+        pointer = out.pointer
+        if pointer is not None and encoder.config.pointer_first_gain != 1.0:
+            pointer = scale_at(pointer, first, encoder.config.pointer_first_gain)  # predicts the first answer token
+        rows = align_rows(layer_rows_from(encoder, out.rows, pointer), offsets, n_rows * active_t, decoder_mask)
+        return EncoderSession(encoder, out.cache, rows, encoder.config.per_step, active_t)
+
+    def encode_knowledge(self, encoder: DiekaeEncoder, prompts: Sequence[list[int]], passages: Sequence[list[str]],
+                         answers: Optional[Sequence[list[int]]] = None
+                         ) -> tuple[EncoderOutput, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run ``encoder`` over passages + prompts (+ answers, per-step): its output, and per item
+        the output position of the prompt's first token, the number of rows, and the position
+        that predicts the answer's first token (where the first-token scorer acts)."""
         prompter = self._prompter_for(encoder)
         per_step = encoder.config.per_step
+        lens = torch.tensor([len(x) for x in prompts], device=self.device)
         if encoder.config.passage_isolation:
             items = [prompter.isolated_item(p, x, None if answers is None else answers[i])
                      for i, (x, p) in enumerate(zip(prompts, passages))]
@@ -310,22 +325,16 @@ class DiekaeModel:
             T = ids.shape[1]
             offsets = torch.tensor([T - len(t) + it[3] for t, it in zip(tails, items)], device=self.device)
             n_rows = torch.tensor([it[4] for it in items], device=self.device)
-            out = encoder(ids, mask.bool(), cache=past, use_cache=per_step)
+            out = encoder(ids, mask.bool(), cache=past, use_cache=per_step, first_positions=offsets + lens - 1)
         else:
             items = [prompter.encoder_item(p, x, None if answers is None else answers[i])
                      for i, (x, p) in enumerate(zip(prompts, passages))]
             batch = prompter.encoder_batch(items, self.device)
             start = int(batch.x_offset.min())  # rows are only ever read from the decoder's positions on
-            out = encoder(batch.input_ids, batch.attention_mask, batch.knowledge_mask, use_cache=per_step,
-                          output_start=start)
             offsets, n_rows = batch.x_offset - start, batch.n_rows
-        active_t = torch.tensor(active, device=self.device)
-        pointer = out.pointer
-        if pointer is not None and encoder.config.pointer_first_gain != 1.0:
-            last_x = offsets + torch.tensor([len(x) for x in prompts], device=self.device) - 1
-            pointer = scale_at(pointer, last_x, encoder.config.pointer_first_gain)  # predicts the first answer token
-        rows = align_rows(layer_rows_from(encoder, out.rows, pointer), offsets, n_rows * active_t, decoder_mask)
-        return EncoderSession(encoder, out.cache, rows, per_step, active_t)
+            out = encoder(batch.input_ids, batch.attention_mask, batch.knowledge_mask, use_cache=per_step,
+                          output_start=start, first_positions=offsets + lens - 1)
+        return out, offsets, n_rows, offsets + lens - 1
 
     def _segment_states(self, encoder: DiekaeEncoder, items) -> list[list]:
         """Each isolated item's segment states, from the passage cache (one batched encode for misses)."""

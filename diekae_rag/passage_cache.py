@@ -28,6 +28,7 @@ class SegmentState:
     kv: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per block: (n, h, L, hd) each
     pointer_keys: Optional[torch.Tensor]   # (ph, L, dk)
     knowledge: torch.Tensor                # (L,) bool: copyable passage tokens
+    first_keys: Optional[torch.Tensor] = None  # (L, r): passage side of the first-token scorer
 
 
 def encode_segments(encoder: DiekaeEncoder, segments: Sequence[Sequence[int]], kmasks: Sequence[Sequence[bool]],
@@ -49,12 +50,14 @@ def encode_segments(encoder: DiekaeEncoder, segments: Sequence[Sequence[int]], k
     # zero tensor of the whole batch (quadratic in the number of segments); unbind's backward is one stack.
     per_seg_kv = [(k.unbind(1), v.unbind(1)) for k, v in c.kv]
     per_seg_pk = c.pointer_keys.unbind(0) if c.pointer_keys is not None else None
+    per_seg_fk = c.first_keys.unbind(0) if c.first_keys is not None else None
     states = []
     for i, s in enumerate(segments):
         a = L - len(s)
         kv = tuple((k[i][:, :, a:], v[i][:, :, a:]) for k, v in per_seg_kv)
         pk = per_seg_pk[i][:, a:] if per_seg_pk is not None else None
-        states.append(SegmentState(ids[i, a:], kv, pk, km[i, a:]))
+        fk = per_seg_fk[i][a:] if per_seg_fk is not None else None
+        states.append(SegmentState(ids[i, a:], kv, pk, km[i, a:], fk))
     return states
 
 
@@ -85,9 +88,12 @@ def assemble(encoder: DiekaeEncoder, items: Sequence[Sequence[SegmentState]],
     key_valid = _left_pad_stack([torch.ones(n, dtype=torch.bool, device=first.ids.device) for n in lens], P, 0, 0)
     ids = _left_pad_stack([torch.cat([s.ids for s in segs]) for segs in items], P, 0, 0)
     knowledge = _left_pad_stack([torch.cat([s.knowledge for s in segs]) for segs in items], P, 0, 0)
-    p_keys = p_values = None
+    p_keys = p_values = f_keys = None
     if first.pointer_keys is not None:
         p_keys = _left_pad_stack([torch.cat([s.pointer_keys for s in segs], 1) for segs in items], P, 1, 0)
+    if first.first_keys is not None:
+        f_keys = _left_pad_stack([torch.cat([s.first_keys for s in segs], 0) for segs in items], P, 0, 0)
+    if p_keys is not None:
         with torch.no_grad():
             p_values = encoder._frozen[1].weight[ids].to(encoder.dtype)
     p_valid = knowledge & key_valid
@@ -98,7 +104,7 @@ def assemble(encoder: DiekaeEncoder, items: Sequence[Sequence[SegmentState]],
                                 for pr, segs in zip(priors, items)], P, 0, 0)
     return EncoderCache(kv=kv, key_valid=key_valid, next_position=torch.tensor(lens, device=ids.device),
                         pointer_keys=p_keys, pointer_values=p_values, pointer_valid=p_valid, pointer_prev=p_prev,
-                        knowledge_bias=bias)
+                        knowledge_bias=bias, knowledge_ids=ids, first_keys=f_keys)
 
 
 def _weights_version(encoder: DiekaeEncoder) -> int:

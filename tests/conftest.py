@@ -68,6 +68,8 @@ def randomize(encoder, seed: int = 0) -> None:
             encoder.pointer_gain.copy_(torch.rand(encoder.pointer_gain.shape, generator=g) * 0.05 + 0.01)
         if encoder.config.pointer_match:
             encoder.pointer_match_weight.copy_(torch.rand(encoder.pointer_match_weight.shape, generator=g) * 0.2 + 0.1)
+        if encoder.config.pointer_first_scorer:
+            encoder.first_v.copy_(torch.randn(encoder.first_v.shape, generator=g))
 
 
 @pytest.fixture(scope="session")

@@ -219,6 +219,40 @@ def test_pointer_first_gain_scales_only_the_row_that_predicts_the_first_answer_t
         _per_step_model(pointer_first_gain=0.0)
 
 
+@pytest.mark.parametrize("isolation", [False, True])
+def test_first_scorer_acts_only_where_the_answer_begins(isolation):
+    """The first-token scorer changes the pointer row that predicts the answer's first token (the same
+    row in left-padded generation and right-padded teacher forcing) and no other; decode steps
+    still equal a full re-encode."""
+    model = _per_step_model(isolation=isolation, match=True, pointer_first_scorer=16)
+    model.passage_cache.max_segments = 0
+    prompts, passages = model._validate(Q, K, "diekae")
+    answers = [model.prompter.answer_ids("Ab"), model.prompter.answer_ids("Xyz")]
+    layer = model.config.pointer_layer
+    _, left = model.prompter.pad(prompts, model.device, side="left")
+    _, right = model.prompter.pad([p + a for p, a in zip(prompts, answers)], model.device, side="right")
+    v = model.encoder.first_v.detach().clone()
+    runs = {}
+    for on in (False, True):
+        with torch.no_grad():
+            model.encoder.first_v.copy_(v * 3 if on else torch.zeros_like(v))
+            gen = model.build_injection(prompts, passages, left).sessions[0].layer_rows[layer]
+            forced = model.build_injection(prompts, passages, right, answers).sessions[0].layer_rows[layer]
+        runs[on] = (gen, forced)
+    for b, p in enumerate(prompts):
+        for i, at in ((0, left.shape[1] - 1), (1, len(p) - 1)):
+            off, on = runs[False][i], runs[True][i]
+            assert (on[b, at] - off[b, at]).abs().max() > 1e-3, "the scorer moves the first copy"
+            keep = torch.ones(off.shape[1], dtype=torch.bool)
+            keep[at] = False
+            torch.testing.assert_close(on[b, keep], off[b, keep])
+        torch.testing.assert_close(runs[True][0][b, left.shape[1] - 1], runs[True][1][b, len(p) - 1],
+                                   atol=2e-4, rtol=1e-3)
+    assert_decode_rows_equal_reencode(model)
+    with pytest.raises(ValueError, match="pointer_first_scorer"):
+        tiny_model("llama", pointer_first_scorer=8)
+
+
 def test_pointer_sharpness_scales_every_pointer_score():
     """Sharpness s equals s-times larger queries and match weight (scores, bonus and "nothing" slot alike)."""
     model = _per_step_model(match=True)
