@@ -13,6 +13,7 @@ from diekae_rag.data.fictional import HELD_OUT, make_facts
 from diekae_rag.data.mixture import DataSpec, Example
 from diekae_rag.training.phase1 import DeltaCache, difference_loss, teacher_deltas
 from diekae_rag.training.phase2 import lm_loss
+from diekae_rag.training.pointer_choice import answer_starts, pointer_choice_loss
 from diekae_rag.training.trainer import TrainConfig, build_model, lr_at, train
 
 
@@ -115,6 +116,44 @@ def test_train_writes_checkpoints_and_resumes(tmp_path):
     assert second["steps"] == 4, "resumed at step 2 and ran to the new total"
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert [h["step"] for h in summary["history"]] == [1, 2, 3, 4]
+
+
+def test_answer_starts_marks_the_knowledge_token_where_the_answer_begins():
+    pieces = ["Ann", " married", " Ith", "p", "elith", ".", " Ith", "p", "elith"]
+    knowledge = [True] * 6 + [False] * 3
+    assert answer_starts(pieces, knowledge, "Ithpelith") == [False, False, True] + [False] * 6
+    assert answer_starts(pieces, [True] * 9, " Ithpelith ") == [False, False, True, False, False, False, True,
+                                                                 False, False]
+    assert answer_starts(pieces, knowledge, "Bo") == [False] * 9
+    assert answer_starts(pieces, knowledge, "") == [False] * 9
+
+
+def test_pointer_choice_objective_trains_only_the_named_parameters(tmp_path):
+    """objective "pointer_choice" + trainable ["first_"]: the first-token scorer learns to put the
+    pointer's attention where the answer starts; every other encoder weight stays as it was."""
+    model = tiny_model("llama", layers=[1, 2], per_step=True, pointer_layer=3, pointer_heads=2,
+                       passage_isolation=True, pointer_first_scorer=32)
+    with torch.no_grad():
+        model.encoder.first_v.zero_()
+    before = {n: p.detach().clone() for n, p in model.encoder.named_parameters()}
+    cfg = TrainConfig(out=str(tmp_path / "run"), data={"fictional": 72, "k": 2}, batch_size=8, epochs=6,
+                      dev_size=8, eval_every=50, warmup_steps=1, lr=1e-2, objective="pointer_choice",
+                      trainable=["first_"])
+    examples = DataSpec(**cfg.data).build()
+    with torch.no_grad():
+        start = float(pointer_choice_loss(model, examples[8:40]))
+    train(cfg, model=model)
+    model.encoder.eval()
+    with torch.no_grad():
+        end = float(pointer_choice_loss(model, examples[8:40]))
+    assert end < start - 0.5, (start, end)
+    for name, p in model.encoder.named_parameters():
+        changed = not torch.equal(p.detach(), before[name])
+        assert changed == name.startswith("first_"), name
+    with pytest.raises(ValueError, match="objective"):
+        TrainConfig(objective="bleu")
+    with pytest.raises(ValueError, match="names no encoder parameter"):
+        train(TrainConfig(out=str(tmp_path / "bad"), data={"fictional": 24}, dev_size=8, trainable=["nope"]), model=model)
 
 
 DIST_SCRIPT = """

@@ -38,8 +38,12 @@ from ..injection import decoder_layers
 from ..model import DiekaeModel
 from .phase1 import DeltaCache, difference_loss
 from .phase2 import lm_loss
+from .pointer_choice import pointer_choice_loss
 
 log = logging.getLogger(__name__)
+
+
+OBJECTIVES = ("answer", "pointer_choice")
 
 
 @dataclass
@@ -64,10 +68,19 @@ class TrainConfig:
     seed: int = 0
     decoder: Optional[str] = None
     first_token_weight: float = 1.0                # phase 2: weight of each answer's first token (dev loss: 1)
+    # phase 2: "answer" (the LM loss on the answer) or "pointer_choice" (the pointer's attention on
+    # the answer's first token, encoders only: see training/pointer_choice.py); both for train and dev.
+    objective: str = "answer"
+    # Train only parameters whose names start with one of these (e.g. ["first_"]); None: all.
+    trainable: Optional[list[str]] = None
 
     def __post_init__(self) -> None:
         if not self.first_token_weight > 0:
             raise ValueError(f"first_token_weight must be a positive number, got {self.first_token_weight!r}.")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}.")
+        if self.objective != "answer" and self.phase != 2:
+            raise ValueError(f"objective {self.objective!r} is a phase-2 objective; set phase to 2.")
 
     @classmethod
     def from_file(cls, path: str | Path) -> "TrainConfig":
@@ -172,6 +185,20 @@ def mean_batch_loss(loss_of: Callable[[list[int]], torch.Tensor], n: int, batch_
     return sum(losses) / max(len(losses), 1)
 
 
+def trainable_parameters(model: DiekaeModel, prefixes: Optional[list[str]]) -> list[torch.nn.Parameter]:
+    """The encoder parameters to train: all, or those named with one of ``prefixes`` (the rest frozen)."""
+    named = list(model.encoder.named_parameters())
+    if prefixes is None:
+        return [p for _, p in named if p.requires_grad]
+    chosen = [p for name, p in named if any(name.startswith(x) for x in prefixes)]
+    if not chosen:
+        raise ValueError(f"trainable {prefixes} names no encoder parameter; names start with e.g. "
+                         f"{sorted({n.split('.')[0] for n, _ in named})}.")
+    for name, p in named:
+        p.requires_grad_(any(name.startswith(x) for x in prefixes))
+    return chosen
+
+
 def build_model(cfg: TrainConfig, device: Optional[torch.device] = None) -> DiekaeModel:
     if cfg.init_from:
         model = DiekaeModel.from_pretrained(cfg.init_from, decoder=cfg.decoder, device=device)
@@ -195,6 +222,8 @@ def build_model(cfg: TrainConfig, device: Optional[torch.device] = None) -> Diek
         model.config.validate()
         if model.config.pointer_match:
             model.encoder.add_pointer_match()  # a new match weight starts at zero: exactly where init_from is
+        if model.config.pointer_first_scorer:
+            model.encoder.add_first_scorer(model.config.pointer_first_scorer)  # zero output weight: as init_from
     else:
         model = DiekaeModel.from_pretrained(Path(cfg.out) / "last" if (Path(cfg.out) / "last").exists() else None,
                                             decoder=cfg.decoder, config=DiekaeConfig(**cfg.encoder), device=device)
@@ -218,7 +247,7 @@ def train(cfg: TrainConfig, model: Optional[DiekaeModel] = None) -> dict:
     model.encoder.float().train()
     if not train_set:
         raise ValueError("No training examples left after the dev split; raise the data counts.")
-    params = [p for p in model.encoder.parameters() if p.requires_grad]
+    params = trainable_parameters(model, cfg.trainable)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     step, best = 0, float("inf")
     resume = out / "last"
@@ -242,6 +271,8 @@ def train(cfg: TrainConfig, model: Optional[DiekaeModel] = None) -> dict:
         if cfg.phase == 1:
             d = dev_deltas if split is dev else deltas
             return difference_loss(model, batch, [d[i] for i in batch_idx])
+        if cfg.objective == "pointer_choice":
+            return pointer_choice_loss(model, batch)
         # The dev loss stays the plain answer NLL, comparable across runs.
         return lm_loss(model, batch, first_token_weight=1.0 if split is dev else cfg.first_token_weight)
 
