@@ -325,16 +325,18 @@ class DiekaeModel:
             T = ids.shape[1]
             offsets = torch.tensor([T - len(t) + it[3] for t, it in zip(tails, items)], device=self.device)
             n_rows = torch.tensor([it[4] for it in items], device=self.device)
-            out = encoder(ids, mask.bool(), cache=past, use_cache=per_step, first_positions=offsets + lens - 1)
+            first = offsets + lens - 1
+            out = encoder(ids, mask.bool(), cache=past, use_cache=per_step, first_positions=first)
         else:
             items = [prompter.encoder_item(p, x, None if answers is None else answers[i])
                      for i, (x, p) in enumerate(zip(prompts, passages))]
             batch = prompter.encoder_batch(items, self.device)
             start = int(batch.x_offset.min())  # rows are only ever read from the decoder's positions on
             offsets, n_rows = batch.x_offset - start, batch.n_rows
+            first = offsets + lens - 1
             out = encoder(batch.input_ids, batch.attention_mask, batch.knowledge_mask, use_cache=per_step,
-                          output_start=start, first_positions=offsets + lens - 1)
-        return out, offsets, n_rows, offsets + lens - 1
+                          output_start=start, first_positions=first)
+        return out, offsets, n_rows, first
 
     def _segment_states(self, encoder: DiekaeEncoder, items) -> list[list]:
         """Each isolated item's segment states, from the passage cache (one batched encode for misses)."""

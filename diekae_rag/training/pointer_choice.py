@@ -3,12 +3,13 @@
 At the position that predicts an answer's first token the pointer must choose which passage
 token to copy. This loss is the negative log of the attention mass (heads weighted by their
 gains) on the knowledge tokens where the answer starts in the passages. It needs only the
-encoders, not the decoder, so training the first-token scorer on a frozen trunk is cheap.
+encoders, not the decoder (the passages are still re-encoded every step while training).
 """
 
 from __future__ import annotations
 
 import re
+import weakref
 from typing import Sequence
 
 import torch
@@ -53,11 +54,13 @@ class _PieceTexts:
         return out
 
 
+_PIECES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> its _PieceTexts
+
+
 def first_choice_targets(model: DiekaeModel, knowledge_ids: torch.Tensor, valid: torch.Tensor,
                          answers: Sequence[str]) -> torch.Tensor:
     """(B, T_k) bool: the pointer slots where each item's answer starts."""
-    texts = getattr(model, "_piece_texts", None) or _PieceTexts(model.tokenizer)
-    model._piece_texts = texts
+    texts = _PIECES.setdefault(model.tokenizer, _PieceTexts(model.tokenizer))
     rows = [answer_starts(texts(ids.tolist()), v.tolist(), a) for ids, v, a in zip(knowledge_ids, valid, answers)]
     return torch.tensor(rows, dtype=torch.bool, device=knowledge_ids.device)
 
