@@ -187,34 +187,46 @@ def test_bigram_match_keeps_the_copy_in_place_where_a_token_repeats(isolation):
         _per_step_model(pointer_bigram_bonus=3.0)
 
 
+def _first_position_rows(model) -> tuple[list, list]:
+    """Pointer-layer rows for Q, K in left-padded generation (plus its first decode step) and right-padded
+    teacher forcing, and each item's position that predicts the first answer token in both layouts."""
+    prompts, passages = model._validate(Q, K, "diekae")
+    answers = [model.prompter.answer_ids("Ab"), model.prompter.answer_ids("Xyz")]
+    layer = model.config.pointer_layer
+    _, left = model.prompter.pad(prompts, model.device, side="left")
+    _, right = model.prompter.pad([p + a for p, a in zip(prompts, answers)], model.device, side="right")
+    with torch.no_grad():
+        gen = model.build_injection(prompts, passages, left).sessions[0]
+        step = gen.step(torch.tensor([[answers[0][0]], [answers[1][0]]]))[layer]
+        forced = model.build_injection(prompts, passages, right, answers).sessions[0].layer_rows[layer]
+    # left padding: every prompt ends at the last column; right padding: at its own length
+    return [gen.layer_rows[layer], forced, step], [(left.shape[1] - 1, len(p) - 1) for p in prompts]
+
+
+def _assert_only_first_rows_differ(before: list, after: list, firsts: list, check_first) -> None:
+    """Generation and teacher-forced rows are equal outside each item's first position, where
+    ``check_first(before_row, after_row)`` holds; the decode step is unchanged."""
+    for b, ats in enumerate(firsts):
+        for rows0, rows1, at in zip(before[:2], after[:2], ats):
+            assert rows0[b, at].abs().sum() > 0
+            check_first(rows0[b, at], rows1[b, at])
+            keep = torch.ones(rows0.shape[1], dtype=torch.bool)
+            keep[at] = False
+            torch.testing.assert_close(rows1[b, keep], rows0[b, keep])
+    torch.testing.assert_close(after[2], before[2])
+
+
 @pytest.mark.parametrize("isolation", [False, True])
 def test_pointer_first_gain_scales_only_the_row_that_predicts_the_first_answer_token(isolation):
     """Left-padded prompts (generation) and right-padded prompt + answer (teacher forcing): the pointer
     row at each item's last prompt token is times the gain, every other row and decode step unchanged."""
     model = _per_step_model(isolation=isolation, match=True)
-    prompts, passages = model._validate(Q, K, "diekae")
-    answers = [model.prompter.answer_ids("Ab"), model.prompter.answer_ids("Xyz")]
-    layer = model.config.pointer_layer
     runs = {}
     for gain in (1.0, 3.0):
         model.config.pointer_first_gain = gain
-        _, left = model.prompter.pad(prompts, model.device, side="left")
-        _, right = model.prompter.pad([p + a for p, a in zip(prompts, answers)], model.device, side="right")
-        with torch.no_grad():
-            gen = model.build_injection(prompts, passages, left)
-            step = gen.sessions[0].step(torch.tensor([[answers[0][0]], [answers[1][0]]]))[layer]
-            forced = model.build_injection(prompts, passages, right, answers).sessions[0].layer_rows[layer]
-        runs[gain] = (gen.sessions[0].layer_rows[layer], forced, step, left, right)
-    (g1, f1, s1, left, right), (g3, f3, s3, _, _) = runs[1.0], runs[3.0]
-    for b, p in enumerate(prompts):
-        at_left = left.shape[1] - 1                 # left padding: every prompt ends at the last column
-        for rows1, rows3, at in ((g1, g3, at_left), (f1, f3, len(p) - 1)):
-            assert rows1[b, at].abs().sum() > 0
-            torch.testing.assert_close(rows3[b, at], 3.0 * rows1[b, at])
-            keep = torch.ones(rows1.shape[1], dtype=torch.bool)
-            keep[at] = False
-            torch.testing.assert_close(rows3[b, keep], rows1[b, keep])
-    torch.testing.assert_close(s3, s1)
+        runs[gain], firsts = _first_position_rows(model)
+    _assert_only_first_rows_differ(runs[1.0], runs[3.0], firsts,
+                                   lambda r1, r3: torch.testing.assert_close(r3, 3.0 * r1))
     with pytest.raises(ValueError, match="pointer_first_gain"):
         _per_step_model(pointer_first_gain=0.0)
 
@@ -226,28 +238,18 @@ def test_first_scorer_acts_only_where_the_answer_begins(isolation):
     still equal a full re-encode."""
     model = _per_step_model(isolation=isolation, match=True, pointer_first_scorer=16)
     model.passage_cache.max_segments = 0
-    prompts, passages = model._validate(Q, K, "diekae")
-    answers = [model.prompter.answer_ids("Ab"), model.prompter.answer_ids("Xyz")]
-    layer = model.config.pointer_layer
-    _, left = model.prompter.pad(prompts, model.device, side="left")
-    _, right = model.prompter.pad([p + a for p, a in zip(prompts, answers)], model.device, side="right")
     v = model.encoder.first_v.detach().clone()
     runs = {}
     for on in (False, True):
         with torch.no_grad():
             model.encoder.first_v.copy_(v * 3 if on else torch.zeros_like(v))
-            gen = model.build_injection(prompts, passages, left).sessions[0].layer_rows[layer]
-            forced = model.build_injection(prompts, passages, right, answers).sessions[0].layer_rows[layer]
-        runs[on] = (gen, forced)
-    for b, p in enumerate(prompts):
-        for i, at in ((0, left.shape[1] - 1), (1, len(p) - 1)):
-            off, on = runs[False][i], runs[True][i]
-            assert (on[b, at] - off[b, at]).abs().max() > 1e-3, "the scorer moves the first copy"
-            keep = torch.ones(off.shape[1], dtype=torch.bool)
-            keep[at] = False
-            torch.testing.assert_close(on[b, keep], off[b, keep])
-        torch.testing.assert_close(runs[True][0][b, left.shape[1] - 1], runs[True][1][b, len(p) - 1],
-                                   atol=2e-4, rtol=1e-3)
+        runs[on], firsts = _first_position_rows(model)
+
+    def moved(off, on):
+        assert (on - off).abs().max() > 1e-3, "the scorer moves the first copy"
+    _assert_only_first_rows_differ(runs[False], runs[True], firsts, moved)
+    for b, (at_gen, at_forced) in enumerate(firsts):
+        torch.testing.assert_close(runs[True][0][b, at_gen], runs[True][1][b, at_forced], atol=2e-4, rtol=1e-3)
     assert_decode_rows_equal_reencode(model)
     with pytest.raises(ValueError, match="pointer_first_scorer"):
         tiny_model("llama", pointer_first_scorer=8)
