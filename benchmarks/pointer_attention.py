@@ -26,23 +26,22 @@ from diekae_rag.data.mixture import DataSpec
 def first_token_stats(model: DiekaeModel, items) -> dict:
     enc, W = model.encoder, model.decoder.get_output_embeddings().weight.float()
     classes = enc.match_classes
-    values: list[torch.Tensor] = []
-    hook = enc.register_forward_hook(lambda mod, args, out: values.append(out.cache.pointer_values))
-    enc.record_pointer_attention = True
+    outs = []
+    hook = enc.register_forward_hook(lambda mod, args, out: outs.append(out))
     n = pred_ok = top_ok = 0
     mass = 0.0
     try:
         for it in items:
             prompts, passages = model._validate([it.question], [it.passages], "diekae")
             answer = model.prompter.answer_ids(it.answer, True)
-            values.clear()
+            outs.clear()
             with torch.no_grad():
                 logits, targets = model.answer_logits(prompts, passages, [answer])
-            attn = enc.last_pointer_attention[0]          # (heads, T, T_k): question tail + answer
+            attn = outs[-1].pointer_attention[0]          # (heads, T, T_k): question tail + answer
             q = attn.shape[1] - len(answer) - 1            # the position that predicts the first token
             # Value rows are exact lm_head rows: the gold ones equal a row of the gold token's class.
             members = W[classes == classes[targets[0]]]
-            gold = (values[-1][0].float()[:, None] == members[None]).all(-1).any(-1)
+            gold = (outs[-1].cache.pointer_values[0].float()[:, None] == members[None]).all(-1).any(-1)
             at = attn[:, q]
             n += 1
             pred_ok += int(classes[logits[0].argmax()] == classes[targets[0]])
@@ -50,7 +49,6 @@ def first_token_stats(model: DiekaeModel, items) -> dict:
             mass += float((at * gold).sum(-1).mean())
     finally:
         hook.remove()
-        enc.record_pointer_attention, enc.last_pointer_attention = False, None
     return {"n": n, "first_token_right": pred_ok / n, "pointer_top_is_gold": top_ok / n, "gold_mass": mass / n}
 
 

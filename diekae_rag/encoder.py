@@ -177,9 +177,6 @@ class DiekaeEncoder(nn.Module):
         # Token -> match class (e.g. " Ithp" and "Ithp" alike); set from the tokenizer, not saved.
         self.register_buffer("match_classes", None, persistent=False)
         self._frozen: list[nn.Module] = []  # [input embedding, output embedding], not saved
-        # Diagnostics: when True, each forward keeps its pointer attention (B, heads, T, T_k) here.
-        self.record_pointer_attention = False
-        self.last_pointer_attention: Optional[torch.Tensor] = None
 
     def attach(self, decoder: nn.Module) -> "DiekaeEncoder":
         """Use ``decoder``'s frozen input and output embeddings."""
@@ -318,8 +315,6 @@ class DiekaeEncoder(nn.Module):
             scores = scores.masked_fill(~p_valid[:, None, None, :], float("-inf"))
             null = (q @ self.pointer_null.to(q.dtype)[None, :, :, None]) / math.sqrt(dk)  # (B, ph, T, 1)
             attn = torch.softmax(torch.cat([scores, null], -1) * cfg.pointer_sharpness, -1)[..., :-1]
-            if self.record_pointer_attention:
-                self.last_pointer_attention = attn.detach()
             gain = self.pointer_gain.to(q.dtype) * cfg.pointer_gain_scale
             pointer = torch.einsum("bhts,h->bts", attn, gain) @ p_values  # heads first: one (T, S) @ (S, H)
 

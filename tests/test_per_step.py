@@ -277,9 +277,9 @@ def test_pointer_sharpness_scales_every_pointer_score():
         enc.pointer_q.weight.mul_(3.0)
         enc.pointer_match_weight.mul_(3.0)
     torch.testing.assert_close(sharp, pointer(), atol=1e-5, rtol=1e-4)
-    enc.record_pointer_attention = True
-    pointer()
-    attn = enc.last_pointer_attention  # (B, heads, T, T_k); the rest of each row is the "nothing" slot
+    with torch.no_grad():
+        attn = enc(batch.input_ids, batch.attention_mask, batch.knowledge_mask).pointer_attention
+    # (B, heads, T, T_k); the rest of each row is the "nothing" slot
     assert attn.shape[:3] == (1, 2, batch.input_ids.shape[1]) and float(attn.sum(-1).max()) <= 1 + 1e-5
     assert float(attn[0, :, :, ~batch.knowledge_mask[0]].abs().max()) == 0, "only knowledge tokens are read"
     assert not torch.allclose(sharp, plain, atol=1e-3), "sharpness changes the readout"
@@ -373,7 +373,8 @@ def test_passage_prior_steers_the_pointer_to_the_nearest_passage():
     from diekae_rag.passage_prior import PassagePrior
     model = _per_step_model(isolation=True)
     enc = model.encoder
-    enc.record_pointer_attention = True
+    outs = []
+    enc.register_forward_hook(lambda m, args, out: outs.append(out))
     q, k = ["Does it rain there?"], [["Calgra lies in the north.", "It rains there."]]
     prompts, passages = model._validate(q, k, "diekae")
     ids, mask = model.prompter.pad(prompts, model.device, side="left")
@@ -389,11 +390,11 @@ def test_passage_prior_steers_the_pointer_to_the_nearest_passage():
     far = bias < -1
     far_segment = model.prompter.ids(model.config.passage_separator + "Calgra lies in the north.")
     assert int(far.sum()) == len(far_segment), "the far passage's segment only"
-    attn = enc.last_pointer_attention[0]
+    attn = outs[-1].pointer_attention[0]
     assert float(attn[..., far].sum()) < 1e-6 < float(attn[..., ~far & biased.cache.pointer_valid[0]].sum())
     with torch.no_grad():
         rows = biased.step(ids[:, -1:])
-    assert float(enc.last_pointer_attention[0][..., far].sum()) < 1e-6, "decode steps keep the prior"
+    assert float(outs[-1].pointer_attention[0][..., far].sum()) < 1e-6, "decode steps keep the prior"
     assert plain.cache.knowledge_bias is None
     layer = model.config.pointer_layer
     assert not torch.allclose(plain.layer_rows[layer], biased.layer_rows[layer])
