@@ -20,6 +20,17 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_reader(args: argparse.Namespace) -> int:
+    from .training.reader import ReaderTrainConfig, train_reader
+    cfg = ReaderTrainConfig.from_file(args.config)
+    if args.out:
+        cfg.out = args.out
+    if args.max_minutes is not None:
+        cfg.max_minutes = args.max_minutes
+    print(json.dumps({k: v for k, v in train_reader(cfg).items() if k != "history"}, indent=2))
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from .evaluation import run_eval
     model = None
@@ -57,7 +68,16 @@ def _ship(args: argparse.Namespace) -> int:
     from .checkpoint import load_encoder, save_encoder
     from .model import SHIPPED_WEIGHTS
     enc, _ = load_encoder(args.checkpoint)
+    if args.reader_weight is not None:
+        enc.config.reader_weight = args.reader_weight
+        enc.config.validate()
+    reader = None
+    if enc.config.reader_weight:  # the answer-start reader travels with the encoders
+        from .answer_reader import AnswerStartReader
+        reader = AnswerStartReader.from_pretrained(args.reader or args.checkpoint)
     out = save_encoder(enc, args.out or SHIPPED_WEIGHTS, dtype=torch.float16)
+    if reader is not None:
+        reader.save_pretrained(out)
     print(f"wrote {out} (float16)")
     return 0
 
@@ -75,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out")
     t.add_argument("--max-minutes", type=float)
     t.set_defaults(func=_train)
+    tr = sub.add_parser("train-reader", help="train the answer-start reader from a JSON config")
+    tr.add_argument("config")
+    tr.add_argument("--out")
+    tr.add_argument("--max-minutes", type=float)
+    tr.set_defaults(func=_train_reader)
     e = sub.add_parser("eval", help="none / in_context / diekae on held-out sets, JSON + PNG")
     e.add_argument("checkpoint", nargs="?", default=None, help="encoder folder (default: shipped)")
     e.add_argument("--n", type=int, default=60)
@@ -102,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     sh = sub.add_parser("ship", help="copy a checkpoint (float16) into the package as the default encoders")
     sh.add_argument("checkpoint")
     sh.add_argument("--out", default=None)
+    sh.add_argument("--reader", default=None, help="answer-start reader folder to ship with the encoders "
+                    "(default: the checkpoint's own, if its config sets reader_weight)")
+    sh.add_argument("--reader-weight", type=float, default=None, help="set config.reader_weight (0: no reader)")
     sh.set_defaults(func=_ship)
     ed = sub.add_parser("edit", help="train editing encoders from an edits JSONL")
     ed.add_argument("edits")

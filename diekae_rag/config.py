@@ -70,6 +70,11 @@ class DiekaeConfig:
     # the token's own passage states (at s-1 and s), so choosing *which* fact to copy can use the
     # question; 0 = off. Its passage side is cached with each passage.
     pointer_first_scorer: int = 0
+    # Answer-start reader (diekae_rag.answer_reader, saved next to the encoders as reader.*): a
+    # question-aware MiniLM reads each (question, passage) pair; reader_weight * its log P(answer
+    # starts here) is added to each passage token's pointer score at the position predicting the
+    # answer's first token only; 0 = off. Needs pointer_layer and passage_isolation.
+    reader_weight: float = 0.0
     # Question-aware encoding: the encoder reads x + K + x instead of K + x.
     question_first: bool = False
     # Passage isolation: each passage is encoded on its own (cacheable per passage); only the
@@ -130,6 +135,11 @@ class DiekaeConfig:
         if self.passage_prior and not self.can_use_passage_prior:
             raise ValueError("passage_prior biases the pointer readout of isolated passages: set pointer_layer "
                              "and passage_isolation=True, or passage_prior=0.")
+        if self.reader_weight < 0 or self.reader_weight != self.reader_weight:
+            raise ValueError(f"reader_weight must be 0 (off) or a positive weight, got {self.reader_weight!r}.")
+        if self.reader_weight and not self.can_use_passage_prior:
+            raise ValueError("reader_weight biases the pointer readout of isolated passages: set pointer_layer "
+                             "and passage_isolation=True, or reader_weight=0.")
         if self.passage_isolation and self.question_first:
             raise ValueError("passage_isolation and question_first cannot be combined.")
         if num_decoder_layers is not None:

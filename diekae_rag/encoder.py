@@ -222,7 +222,8 @@ class DiekaeEncoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 knowledge_mask: Optional[torch.Tensor] = None,
                 cache: Optional[EncoderCache] = None, use_cache: bool = False,
-                output_start: int = 0, first_positions: Optional[torch.Tensor] = None) -> EncoderOutput:
+                output_start: int = 0, first_positions: Optional[torch.Tensor] = None,
+                first_bias: Optional[torch.Tensor] = None) -> EncoderOutput:
         """Encode ``input_ids`` (B, T), continuing from ``cache`` when given.
 
         ``knowledge_mask`` (B, T) marks the knowledge tokens the pointer may copy from; it is
@@ -233,7 +234,9 @@ class DiekaeEncoder(nn.Module):
         Outputs (rows, pointer) are computed for positions ``output_start:`` only: the
         knowledge positions need states (for attention) but never receive rows.
         ``first_positions`` (B,), in output positions (-1: none), are where each item's answer
-        begins (the position predicting its first token): the first-token scorer acts there only.
+        begins (the position predicting its first token): the first-token scorer acts there only,
+        and so does ``first_bias`` (B, T_k), a score per knowledge token given from outside (the
+        answer-start reader's, see :mod:`diekae_rag.answer_reader`).
         """
         if not self._frozen:
             raise RuntimeError("DiekaeEncoder.attach(decoder) must be called before encoding.")
@@ -310,8 +313,15 @@ class DiekaeEncoder(nn.Module):
                     scores = scores + bigram[:, None].to(q.dtype) * cfg.pointer_bigram_bonus
             if p_bias is not None:
                 scores = scores + p_bias[:, None, None, :].to(q.dtype)
-            if cfg.pointer_first_scorer and first_positions is not None and f_keys is not None:
-                scores = scores + self._first_score_grid(hq, f_keys, first_positions)[:, None].to(q.dtype)
+            if first_positions is not None:
+                extra = None
+                if cfg.pointer_first_scorer and f_keys is not None:
+                    at = first_positions.clamp(0, hq.shape[1] - 1)
+                    extra = self.first_scores(hq[torch.arange(B, device=at.device), at], f_keys)
+                if first_bias is not None:
+                    extra = first_bias if extra is None else extra + first_bias
+                if extra is not None:
+                    scores = scores + at_first(extra.to(q.dtype), first_positions, hq.shape[1])[:, None]
             scores = scores.masked_fill(~p_valid[:, None, None, :], float("-inf"))
             null = (q @ self.pointer_null.to(q.dtype)[None, :, :, None]) / math.sqrt(dk)  # (B, ph, T, 1)
             attn = torch.softmax(torch.cat([scores, null], -1) * cfg.pointer_sharpness, -1)[..., :-1]
@@ -329,14 +339,10 @@ class DiekaeEncoder(nn.Module):
         return EncoderOutput(rows=rows, pointer=pointer, cache=new_cache, start=output_start,
                              pointer_attention=attn)
 
-    def _first_score_grid(self, hq: torch.Tensor, first_keys: torch.Tensor, first_positions: torch.Tensor
-                          ) -> torch.Tensor:
-        """(B, Tq, T_k): the first-token scores at each item's first position, zero elsewhere."""
-        B, Tq = hq.shape[:2]
-        at = (first_positions >= 0) & (first_positions < Tq)
-        grid = hq.new_zeros((B, Tq, first_keys.shape[1]))
-        if bool(at.any()):
-            b = torch.nonzero(at)[:, 0]
-            t = first_positions[b]
-            grid = grid.index_put((b, t), self.first_scores(hq[b, t], first_keys[b]).to(grid.dtype))
-        return grid
+
+def at_first(scores: torch.Tensor, first_positions: torch.Tensor, n_positions: int) -> torch.Tensor:
+    """(B, Tq, T_k): each item's knowledge-token ``scores`` (B, T_k) at its first position, zero
+    elsewhere (and for items whose first position is -1 or outside the Tq output positions)."""
+    t = torch.arange(n_positions, device=scores.device)
+    at = (t[None] == first_positions[:, None]) & (first_positions >= 0)[:, None]
+    return torch.where(at[..., None], scores[:, None, :], scores.new_zeros(()))

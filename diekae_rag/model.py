@@ -10,6 +10,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextIteratorStreamer
 
+from .answer_reader import AnswerStartReader, token_log_probs
 from .checkpoint import DecoderMismatchError, load_encoder, read_config, save_encoder
 from .config import DiekaeConfig, decoder_fingerprint
 from .decoder import freeze, load_decoder
@@ -58,6 +59,9 @@ class DiekaeModel:
         self.passage_cache = PassageCache()
         self._passage_prior: Optional[PassagePrior] = None
         self._passage_prior_set = False
+        self.checkpoint_dir = Path(source) if source else None
+        self._answer_reader: Optional[AnswerStartReader] = None
+        self._answer_reader_set = False
         self._edit_prompters: dict[int, Prompter] = {}
         self._edit_scopes: dict[int, tuple[DiekaeConfig, EditScope]] = {}
         self._chat_frame: Optional[tuple[str, str]] = None
@@ -107,8 +111,12 @@ class DiekaeModel:
         return cls(dec, tok, enc, source=source)
 
     def save_pretrained(self, path: Union[str, Path]) -> Path:
-        """Save the encoders (safetensors + config.json); the decoder is referenced, not copied."""
-        return save_encoder(self.encoder, path)
+        """Save the encoders (safetensors + config.json), and the answer-start reader when one is
+        in use (reader.json + reader.safetensors); the decoder is referenced, not copied."""
+        out = save_encoder(self.encoder, path)
+        if self.config.reader_weight and self.answer_reader is not None:
+            self.answer_reader.save_pretrained(out)
+        return out
 
     def apply_edits(self, edits, **train_kwargs) -> DiekaeEncoder:
         """Attach editing encoders (trained from edit dicts / a JSONL path, or a saved folder).
@@ -144,6 +152,28 @@ class DiekaeModel:
             raise ValueError("A passage prior biases the pointer readout of isolated passages; these encoders "
                              "have no pointer_layer or no passage_isolation, so it would do nothing.")
         self._passage_prior, self._passage_prior_set = prior, True
+
+    @property
+    def answer_reader(self) -> Optional[AnswerStartReader]:
+        """The answer-start reader whose scores steer the pointer's first copy (``config.reader_weight``;
+        0: none): loaded once from the checkpoint folder, unless one was assigned (``None`` switches it off)."""
+        if self._answer_reader_set:
+            return self._answer_reader
+        if not self.config.reader_weight:
+            return None
+        if self._answer_reader is None:
+            if self.checkpoint_dir is None:
+                raise ValueError("config.reader_weight is set but these encoders were not loaded from a folder "
+                                 "with a reader: assign model.answer_reader, or set config.reader_weight = 0.")
+            self._answer_reader = AnswerStartReader.from_pretrained(self.checkpoint_dir, self.device)
+        return self._answer_reader
+
+    @answer_reader.setter
+    def answer_reader(self, reader: Optional[AnswerStartReader]) -> None:
+        if reader is not None and not self.config.can_use_passage_prior:
+            raise ValueError("An answer-start reader biases the pointer readout of isolated passages; these "
+                             "encoders have no pointer_layer or no passage_isolation, so it would do nothing.")
+        self._answer_reader, self._answer_reader_set = reader, True
 
     @property
     def device(self) -> torch.device:
@@ -326,7 +356,10 @@ class DiekaeModel:
             offsets = torch.tensor([T - len(t) + it[3] for t, it in zip(tails, items)], device=self.device)
             n_rows = torch.tensor([it[4] for it in items], device=self.device)
             first = offsets + lens - 1
-            out = encoder(ids, mask.bool(), cache=past, use_cache=per_step, first_positions=first)
+            bias = None
+            if encoder is self.encoder and self.config.reader_weight and self.answer_reader is not None:
+                bias = self._reader_bias(prompts, passages, items, past.key_valid.shape[1])
+            out = encoder(ids, mask.bool(), cache=past, use_cache=per_step, first_positions=first, first_bias=bias)
         else:
             items = [prompter.encoder_item(p, x, None if answers is None else answers[i])
                      for i, (x, p) in enumerate(zip(prompts, passages))]
@@ -337,6 +370,27 @@ class DiekaeModel:
             out = encoder(batch.input_ids, batch.attention_mask, batch.knowledge_mask, use_cache=per_step,
                           output_start=start, first_positions=first)
         return out, offsets, n_rows, first
+
+    def _reader_bias(self, prompts, passages, items, width: int) -> torch.Tensor:
+        """(B, width) left-padded: ``reader_weight`` * the reader's log P(answer starts) for every
+        passage token of each isolated item's segments, shifted so that the reader's best token
+        gets 0 (the others are pushed down, none is pushed up); 0 for the prefix and separators."""
+        reader, w = self.answer_reader, self.config.reader_weight
+        rows = torch.zeros(len(items), width, device=self.device)
+        for b, (x, ps, it) in enumerate(zip(prompts, passages, items)):
+            segments, kmasks = it[0], it[1]
+            vec, scored = [0.0] * len(segments[0]), []
+            for km, p, lp in zip(kmasks[1:], ps, reader.char_log_probs(self._user_text(x), ps) if ps else []):
+                n_tok = sum(km)
+                spans = self.tokenizer(p, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+                tok_lp = token_log_probs(lp, spans[:n_tok])
+                scored += tok_lp
+                vec += [0.0] * (len(km) - n_tok) + tok_lp
+            best = max(scored, default=0.0)
+            row = torch.tensor(vec)
+            row[torch.tensor([False] * len(segments[0]) + [m for km in kmasks[1:] for m in km])] -= best
+            rows[b, width - len(vec):] = w * row
+        return rows
 
     def _segment_states(self, encoder: DiekaeEncoder, items) -> list[list]:
         """Each isolated item's segment states, from the passage cache (one batched encode for misses)."""

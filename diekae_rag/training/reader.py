@@ -1,0 +1,168 @@
+"""Train the answer-start reader (:mod:`diekae_rag.answer_reader`) on the encoders' training data.
+
+Each item's question is paired with each of its passages; the loss is -log of the probability
+(normalised jointly over every passage's word-pieces and one "no answer" slot, as at serving
+time) on the word-pieces where an occurrence of the answer starts, or on "no answer" when no
+passage contains it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm import tqdm
+
+from ..answer_reader import AnswerStartReader, ReaderConfig
+from ..atomic import atomic_write_text
+from ..data.mixture import DataSpec, Example
+
+
+@dataclass
+class ReaderTrainConfig:
+    out: str = "runs/reader"
+    data: dict = field(default_factory=lambda: dict(fictional=6000, other_facts=(0, 3), squad=12000, k=[1, 2],
+                                                    distractors="random", seed=21))
+    items_per_step: int = 8
+    lr: float = 1e-4
+    head_lr: float = 1e-3
+    max_minutes: float = 30.0
+    max_steps: int = 100000
+    n_dev: int = 200
+    eval_every: int = 200
+    max_length: int = 256
+    seed: int = 0
+
+    @classmethod
+    def from_file(cls, path: str) -> "ReaderTrainConfig":
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def gold_starts(batch: dict, passages: Sequence[str], answer: str) -> torch.Tensor:
+    """(W, T) bool: the passage word-pieces where an occurrence of ``answer`` starts."""
+    target = answer.strip()
+    hits = [{m.start() for m in re.finditer(re.escape(target), p)} if target else set() for p in passages]
+    spans = batch["spans"]
+    gold = torch.zeros(spans.shape[:2], dtype=torch.bool)
+    for w in range(spans.shape[0]):
+        h = hits[int(batch["pair"][w])]
+        if h:
+            gold[w] = torch.tensor([int(a) >= 0 and any(a <= c < b for c in h) for a, b in spans[w].tolist()])
+    return gold
+
+
+def batch_losses(reader: AnswerStartReader, items: Sequence[Example]) -> tuple[torch.Tensor, list[bool]]:
+    """Per item, -log P(gold starts), and whether its top word-piece is a gold start. All
+    (question, passage) pairs of the batch go through the reader in one forward."""
+    pairs = [(ex.question, p, i) for i, ex in enumerate(items) for p in ex.passages]
+    batch = reader.windows([q for q, _, _ in pairs], [p for _, p, _ in pairs])
+    logits = reader(batch)
+    owner = torch.tensor([pairs[int(w)][2] for w in batch["pair"]])
+    losses, right = [], []
+    for i, ex in enumerate(items):
+        sel = torch.nonzero(owner == i)[:, 0]
+        sub = {"spans": batch["spans"][sel], "pair": batch["pair"][sel] - int(batch["pair"][sel].min())}
+        gold = gold_starts(sub, ex.passages, ex.answer).to(logits.device)
+        lg = logits[sel.to(logits.device)]
+        flat = torch.cat([lg[:, 1:].reshape(-1), lg[:, 0].max()[None]])
+        g = torch.cat([gold[:, 1:].reshape(-1), (~gold.any())[None].to(gold.device)])
+        losses.append(-torch.logsumexp(torch.log_softmax(flat, 0)[g], 0))
+        right.append(bool(g[int(flat.argmax())]))
+    return torch.stack(losses), right
+
+
+def evaluate(reader: AnswerStartReader, items: Sequence[Example], batch_size: int = 16) -> float:
+    """Share of items whose best-scored start (over all passages and "no answer") is right."""
+    reader.eval()
+    with torch.no_grad():
+        right = [r for i in range(0, len(items), batch_size) for r in batch_losses(reader, items[i: i + batch_size])[1]]
+    reader.train()
+    return sum(right) / max(len(right), 1)
+
+
+def dev_sets(n: int) -> dict[str, list[Example]]:
+    """Training-style items never trained on: the dev items of ``benchmarks/pointer_settings.py``
+    (seed 999: fictional, and SQuAD-Shifts *train* items; the SQuAD dev file stays for evaluation)
+    and multi-fact fictional passages."""
+    return {"fictional_k1": DataSpec(fictional=n, k=1, seed=999).build(),
+            "fictional_multi_k3": DataSpec(fictional=n, other_facts=(1, 3), k=3, seed=998).build(),
+            "squad_train_k1": DataSpec(fictional=0, squad=n, k=1, seed=999).build()}
+
+
+def held_out_questions(n_dev: int) -> set[str]:
+    """Questions the reader must not train on: its dev sets and pointer_settings.py's (n=96)."""
+    sets = [*dev_sets(n_dev).values(), *dev_sets(96).values()]
+    return {ex.question for d in sets for ex in d}
+
+
+def train_reader(cfg: ReaderTrainConfig) -> dict:
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    reader = AnswerStartReader(ReaderConfig(max_length=cfg.max_length))
+    reader.train()
+    spec = DataSpec(**{**cfg.data, "other_facts": tuple(cfg.data.get("other_facts", (0, 0)))})
+    items = spec.build()
+    dev = dev_sets(cfg.n_dev)
+    held = held_out_questions(cfg.n_dev)
+    items = [ex for ex in items if ex.question not in held]
+    body = [p for n, p in reader.named_parameters() if p.requires_grad and not n.startswith("head")]
+    opt = torch.optim.AdamW([{"params": body, "lr": cfg.lr},
+                             {"params": reader.head.parameters(), "lr": cfg.head_lr}], weight_decay=0.01)
+    steps = min(cfg.max_steps, len(items) // cfg.items_per_step)
+    history = [{"step": 0, **{k: evaluate(reader, v) for k, v in dev.items()}}]
+    print(json.dumps(history[-1]), flush=True)
+    t0, step, recent = time.time(), 0, []
+    bar = tqdm(total=steps, desc="reader")
+    rng.shuffle(items)
+    while step < steps and (time.time() - t0) < cfg.max_minutes * 60:
+        frac = step / steps
+        for g, base in zip(opt.param_groups, (cfg.lr, cfg.head_lr)):
+            g["lr"] = base * min(1.0, (step + 1) / 50) * max(0.05, 1 - frac)
+        batch = items[step * cfg.items_per_step: (step + 1) * cfg.items_per_step]
+        loss = batch_losses(reader, batch)[0].mean()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(body, 1.0)
+        opt.step()
+        step += 1
+        recent.append(float(loss.detach()))
+        bar.update(1)
+        bar.set_postfix(loss=sum(recent[-50:]) / len(recent[-50:]))
+        if step % cfg.eval_every == 0:
+            history.append({"step": step, "loss": sum(recent[-50:]) / len(recent[-50:]),
+                            **{k: evaluate(reader, v) for k, v in dev.items()}})
+            print(json.dumps(history[-1]), flush=True)
+            reader.save_pretrained(cfg.out)
+    bar.close()
+    history.append({"step": step, "loss": sum(recent[-50:]) / max(len(recent[-50:]), 1),
+                    **{k: evaluate(reader, v) for k, v in dev.items()}})
+    print(json.dumps(history[-1]), flush=True)
+    reader.save_pretrained(cfg.out)
+    summary = {"config": asdict(cfg), "steps": step, "minutes": (time.time() - t0) / 60, "history": history}
+    atomic_write_text(Path(cfg.out) / "summary.json", json.dumps(summary, indent=2))
+    plot_history(history, Path(cfg.out) / "summary.png")
+    return summary
+
+
+def plot_history(history: list[dict], path: Path) -> None:
+    """Dev accuracy of the reader's top start, per dev set, against training steps."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name in [k for k in history[0] if k != "step"]:
+        ax.plot([h["step"] for h in history], [h[name] for h in history], marker="o", label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("top start is the answer's")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

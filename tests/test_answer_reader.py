@@ -1,0 +1,138 @@
+"""The answer-start reader: its windows, checkpoint, training loss, and how it steers the pointer."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_model
+from test_per_step import _assert_only_first_rows_differ, _first_position_rows, _per_step_model, \
+    assert_decode_rows_equal_reencode
+
+from diekae_rag.answer_reader import LOG_FLOOR, AnswerStartReader, ReaderConfig, token_log_probs
+from diekae_rag.data.mixture import Example
+from diekae_rag.training.reader import batch_losses, gold_starts
+
+
+class MarkStart:
+    """A stand-in reader (mechanics only): the answer starts at the first occurrence of any of ``words``."""
+
+    def __init__(self, *words: str) -> None:
+        self.words = words
+
+    def char_log_probs(self, question, passages):
+        return [{p.find(w): 0.0 for w in self.words if w in p} for p in passages]
+
+
+def test_token_log_probs_gives_each_token_the_best_start_in_its_span():
+    lp = {1: -0.5, 3: -2.0, 9: -1.0}
+    assert token_log_probs(lp, [(0, 3), (3, 5), (5, 9), (9, 10)]) == [-0.5, -2.0, LOG_FLOOR, -1.0]
+
+
+@pytest.fixture(scope="module")
+def reader():
+    torch.manual_seed(0)
+    return AnswerStartReader(ReaderConfig(max_length=48, stride=16))
+
+
+def test_reader_windows_cover_a_long_passage_and_log_probs_are_normalised(reader):
+    question = "Who is Marsul married to?"
+    long = " ".join(f"Word{i} is here." for i in range(60))  # far longer than one 48-piece window
+    batch = reader.windows([question], [long])
+    assert batch["input_ids"].shape[0] > 3
+    covered = {int(a) for a, _ in batch["spans"].reshape(-1, 2).tolist() if a >= 0}
+    assert max(covered) >= long.rindex("Word59")  # nothing cut off the end
+    lps = reader.char_log_probs(question, [long, "Marsul is married to Ithpelith."])
+    total = sum(math.exp(v) for d in lps for v in d.values())
+    assert 0.0 < total <= 1.0 + 1e-5  # the rest is the "no answer" slot
+    assert long.index("Word30") in lps[0] and 21 in lps[1]  # "Ithpelith" starts at character 21
+
+
+def test_reader_checkpoint_round_trip_and_clear_error(reader, tmp_path):
+    with torch.no_grad():
+        reader.head.bias.fill_(0.25)
+    reader.save_pretrained(tmp_path / "ckpt")
+    back = AnswerStartReader.from_pretrained(tmp_path / "ckpt")
+    q, ps = "Who is Marsul married to?", ["Marsul is married to Ithpelith."]
+    want, got = reader.eval().char_log_probs(q, ps), back.char_log_probs(q, ps)
+    assert want[0].keys() == got[0].keys()
+    for c in want[0]:
+        assert abs(want[0][c] - got[0][c]) < 2e-2  # float16 weights
+    assert back.config.max_length == 48
+    with pytest.raises(FileNotFoundError, match="reader.json"):
+        AnswerStartReader.from_pretrained(tmp_path / "nowhere")
+
+
+def test_reader_training_loss_targets_every_occurrence_and_falls(reader):
+    ex = Example("Who is Marsul married to?", ["Marsul is married to Ithpelith. Ithpelith weaves.", "Calgra is cold."],
+                 "Ithpelith", "Mortel")
+    batch = reader.windows([ex.question] * 2, ex.passages)
+    gold = gold_starts(batch, ex.passages, ex.answer)
+    starts = sorted(int(a) for a, _ in batch["spans"][gold].tolist())
+    assert starts[0] == 21 and starts[-1] == ex.passages[0].index("Ithpelith weaves")
+    none = Example(ex.question, ["Calgra is cold."], "Ithpelith", "Mortel")
+    reader.train()
+    opt = torch.optim.AdamW([p for p in reader.parameters() if p.requires_grad], lr=1e-3)
+    first = None
+    for _ in range(4):
+        loss = batch_losses(reader, [ex, none])[0].mean()
+        first = float(loss.detach()) if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    reader.eval()
+    assert float(batch_losses(reader, [ex, none])[0].mean()) < first
+    assert batch_losses(reader, [ex, none])[1] == [True, True]
+
+
+def _first_attention(model):
+    from test_engine import K, Q
+    prompts, passages = model._validate(Q, K, "diekae")
+    with torch.no_grad():
+        out, _, _, first = model.encode_knowledge(model.encoder, prompts, passages)
+    attn = out.pointer_attention[torch.arange(len(Q)), :, first].sum(1)  # (B, T_k)
+    return attn, out.cache.knowledge_ids
+
+
+def test_reader_bias_steers_only_the_first_copy_to_where_the_reader_says():
+    """With a reader weight, the pointer's first copy goes to the passage token where the reader puts
+    the answer's start (here: "Ithpelith" and "north"); every other row and decode step is unchanged."""
+    model = _per_step_model(isolation=True, match=True)
+    model.passage_cache.max_segments = 0
+    runs = {}
+    for weight in (0.0, 1.0):
+        model.config.reader_weight = weight
+        model.answer_reader = MarkStart("Ithpelith", "north") if weight else None
+        runs[weight], firsts = _first_position_rows(model)
+
+    def moved(off, on):
+        assert (on - off).abs().max() > 1e-3
+    _assert_only_first_rows_differ(runs[0.0], runs[1.0], firsts, moved)
+
+    model.config.reader_weight = 20.0
+    for marked in (["Ithpelith", "north"], ["married", "rains"]):
+        model.answer_reader = MarkStart(*marked)
+        attn, ids = _first_attention(model)
+        for b, word in enumerate(marked):
+            top = int(attn[b].argmax())
+            assert model.tokenizer.decode(ids[b, top: top + len(word)]) == word
+    assert_decode_rows_equal_reencode(model)
+    with pytest.raises(ValueError, match="reader_weight"):
+        tiny_model("llama", reader_weight=1.0)
+
+
+def test_ship_writes_the_reader_with_the_encoders(reader, tmp_path, capsys):
+    from diekae_rag.checkpoint import read_config
+    from diekae_rag.cli import main
+    model = _per_step_model(isolation=True, match=True)
+    ckpt = model.save_pretrained(tmp_path / "enc")
+    reader.save_pretrained(tmp_path / "reader")
+    assert main(["ship", str(ckpt), "--out", str(tmp_path / "shipped"), "--reader-weight", "2"]) == 2
+    assert "reader.json" in capsys.readouterr().err  # no reader in the checkpoint: says what is missing
+    assert not (tmp_path / "shipped").exists()
+    assert main(["ship", str(ckpt), "--out", str(tmp_path / "shipped"), "--reader", str(tmp_path / "reader"),
+                 "--reader-weight", "2"]) == 0
+    assert read_config(tmp_path / "shipped").reader_weight == 2.0
+    back = AnswerStartReader.from_pretrained(tmp_path / "shipped")
+    assert back.config.max_length == reader.config.max_length
