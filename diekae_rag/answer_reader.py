@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -59,10 +60,21 @@ class AnswerStartReader(nn.Module):
         self.bert.get_input_embeddings().weight.requires_grad_(False)
         self.head = nn.Linear(self.bert.config.hidden_size, 1)
         self._lock = threading.Lock()  # a fast tokenizer with truncation/padding is not thread-safe
+        self._recent: OrderedDict = OrderedDict()
+        self.max_cached = 256
 
     @property
     def device(self) -> torch.device:
         return self.head.weight.device
+
+    def train(self, mode: bool = True) -> "AnswerStartReader":
+        self.clear()  # weights may change: forget the kept answers
+        return super().train(mode)
+
+    def clear(self) -> None:
+        """Forget the kept answers (e.g. to time a question as if it were new)."""
+        with self._lock:
+            self._recent.clear()
 
     def windows(self, questions: Sequence[str], passages: Sequence[str]) -> dict:
         """Tokenise (question, passage) pairs into windows that together cover every passage
@@ -97,12 +109,28 @@ class AnswerStartReader(nn.Module):
         allowed[:, 0] = True
         return logits.masked_fill(~allowed, float("-inf"))
 
-    @torch.no_grad()
     def char_log_probs(self, question: str, passages: Sequence[str]) -> list[dict[int, float]]:
         """For each passage, {character offset: log P(answer starts at the word-piece there)},
-        normalised jointly over every passage's word-pieces and one "no answer" slot."""
+        normalised jointly over every passage's word-pieces and one "no answer" slot. The last
+        ``max_cached`` answers are kept (scoring and generating the same question reuse them);
+        training mode always recomputes."""
         if not passages:
             return []
+        key = (question, tuple(passages))
+        with self._lock:
+            hit = self._recent.get(key) if not self.training else None
+            if hit is not None:
+                self._recent.move_to_end(key)
+                return hit
+        out = self._char_log_probs(question, passages)
+        with self._lock:
+            self._recent[key] = out
+            while len(self._recent) > self.max_cached:
+                self._recent.popitem(last=False)
+        return out
+
+    @torch.no_grad()
+    def _char_log_probs(self, question: str, passages: Sequence[str]) -> list[dict[int, float]]:
         batch = self.windows([question] * len(passages), passages)
         logits = self(batch).cpu()
         null = logits[:, 0].max()  # one "no answer" slot for the whole question

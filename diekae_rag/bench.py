@@ -114,6 +114,8 @@ def bench_latency(model: DiekaeModel, ks=(1, 3, 5, 10), new_tokens: int = 32, re
             mode = "diekae" if label == "diekae_cold" else label
 
             def run(n_new: int) -> None:
+                if mode == "diekae" and model.answer_reader is not None:
+                    model.answer_reader.clear()  # the reader reads each new question: never a kept answer
                 if label == "diekae_cold":
                     model.passage_cache.clear()
                     if model.passage_prior is not None:

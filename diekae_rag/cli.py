@@ -70,7 +70,12 @@ def _ship(args: argparse.Namespace) -> int:
     enc, _ = load_encoder(args.checkpoint)
     if args.reader_weight is not None:
         enc.config.reader_weight = args.reader_weight
-        enc.config.validate()
+    for spec in args.set or []:
+        name, sep, value = spec.partition("=")
+        if not sep or not hasattr(enc.config, name):
+            raise ValueError(f"--set {spec!r}: write FIELD=VALUE with a DiekaeConfig field.")
+        setattr(enc.config, name, json.loads(value))
+    enc.config.validate()
     reader = None
     if enc.config.reader_weight:  # the answer-start reader travels with the encoders
         from .answer_reader import AnswerStartReader
@@ -130,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--reader", default=None, help="answer-start reader folder to ship with the encoders "
                     "(default: the checkpoint's own, if its config sets reader_weight)")
     sh.add_argument("--reader-weight", type=float, default=None, help="set config.reader_weight (0: no reader)")
+    sh.add_argument("--set", action="append", metavar="FIELD=JSON",
+                    help="set a serving-time DiekaeConfig field, e.g. --set pointer_first_unspaced=true")
     sh.set_defaults(func=_ship)
     ed = sub.add_parser("edit", help="train editing encoders from an edits JSONL")
     ed.add_argument("edits")

@@ -75,6 +75,9 @@ class DiekaeConfig:
     # starts here) is added to each passage token's pointer score at the position predicting the
     # answer's first token only; 0 = off. Needs pointer_layer and passage_isolation.
     reader_weight: float = 0.0
+    # At the position predicting the answer's first token, copy each passage token as its variant
+    # without the leading space (" Ithp" -> "Ithp"), as a chat answer's first token is written.
+    pointer_first_unspaced: bool = False
     # Question-aware encoding: the encoder reads x + K + x instead of K + x.
     question_first: bool = False
     # Passage isolation: each passage is encoded on its own (cacheable per passage); only the

@@ -223,7 +223,8 @@ class DiekaeEncoder(nn.Module):
                 knowledge_mask: Optional[torch.Tensor] = None,
                 cache: Optional[EncoderCache] = None, use_cache: bool = False,
                 output_start: int = 0, first_positions: Optional[torch.Tensor] = None,
-                first_bias: Optional[torch.Tensor] = None) -> EncoderOutput:
+                first_bias: Optional[torch.Tensor] = None,
+                first_value_ids: Optional[torch.Tensor] = None) -> EncoderOutput:
         """Encode ``input_ids`` (B, T), continuing from ``cache`` when given.
 
         ``knowledge_mask`` (B, T) marks the knowledge tokens the pointer may copy from; it is
@@ -236,7 +237,9 @@ class DiekaeEncoder(nn.Module):
         ``first_positions`` (B,), in output positions (-1: none), are where each item's answer
         begins (the position predicting its first token): the first-token scorer acts there only,
         and so does ``first_bias`` (B, T_k), a score per knowledge token given from outside (the
-        answer-start reader's, see :mod:`diekae_rag.answer_reader`).
+        answer-start reader's, see :mod:`diekae_rag.answer_reader`). With ``pointer_first_unspaced``,
+        ``first_value_ids`` (B, T_k; -1: keep the token) are the tokens to copy there instead of
+        the knowledge tokens (default: their space-less match classes).
         """
         if not self._frozen:
             raise RuntimeError("DiekaeEncoder.attach(decoder) must be called before encoding.")
@@ -326,7 +329,10 @@ class DiekaeEncoder(nn.Module):
             null = (q @ self.pointer_null.to(q.dtype)[None, :, :, None]) / math.sqrt(dk)  # (B, ph, T, 1)
             attn = torch.softmax(torch.cat([scores, null], -1) * cfg.pointer_sharpness, -1)[..., :-1]
             gain = self.pointer_gain.to(q.dtype) * cfg.pointer_gain_scale
-            pointer = torch.einsum("bhts,h->bts", attn, gain) @ p_values  # heads first: one (T, S) @ (S, H)
+            mixed = torch.einsum("bhts,h->bts", attn, gain)  # heads first: one (T, S) @ (S, H)
+            pointer = mixed @ p_values
+            if cfg.pointer_first_unspaced and first_positions is not None:
+                pointer = self._unspaced_first(pointer, mixed, p_ids, first_positions, first_value_ids)
 
         new_cache = None
         if use_cache:
@@ -338,6 +344,22 @@ class DiekaeEncoder(nn.Module):
                                      knowledge_ids=p_ids, first_keys=f_keys)
         return EncoderOutput(rows=rows, pointer=pointer, cache=new_cache, start=output_start,
                              pointer_attention=attn)
+
+    def _unspaced_first(self, pointer: torch.Tensor, mixed: torch.Tensor, p_ids: torch.Tensor,
+                        first_positions: torch.Tensor, value_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``pointer`` with each item's first-position row copied from ``value_ids`` where given (>= 0),
+        else from the knowledge tokens' space-less variants (their match class: " Ithp" -> "Ithp")."""
+        B, T = pointer.shape[:2]
+        at = first_positions.clamp(0, T - 1)
+        rows = torch.arange(B, device=at.device)
+        ids = self._classes(p_ids)
+        if value_ids is not None:
+            ids = torch.where(value_ids >= 0, value_ids, ids)
+        with torch.no_grad():
+            values = self._frozen[1].weight[ids].to(pointer.dtype)
+        first = (mixed[rows, at][:, None] @ values)[:, 0]  # (B, H)
+        sel = (torch.arange(T, device=at.device)[None] == first_positions[:, None]) & (first_positions >= 0)[:, None]
+        return torch.where(sel[..., None], first[:, None], pointer)
 
 
 def at_first(scores: torch.Tensor, first_positions: torch.Tensor, n_positions: int) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
@@ -10,7 +11,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextIteratorStreamer
 
-from .answer_reader import AnswerStartReader, token_log_probs
+from .answer_reader import LOG_FLOOR, AnswerStartReader, token_log_probs
 from .checkpoint import DecoderMismatchError, load_encoder, read_config, save_encoder
 from .config import DiekaeConfig, decoder_fingerprint
 from .decoder import freeze, load_decoder
@@ -356,10 +357,14 @@ class DiekaeModel:
             offsets = torch.tensor([T - len(t) + it[3] for t, it in zip(tails, items)], device=self.device)
             n_rows = torch.tensor([it[4] for it in items], device=self.device)
             first = offsets + lens - 1
-            bias = None
+            bias = pieces = None
+            width = past.key_valid.shape[1]
             if encoder is self.encoder and self.config.reader_weight and self.answer_reader is not None:
-                bias = self._reader_bias(prompts, passages, items, past.key_valid.shape[1])
-            out = encoder(ids, mask.bool(), cache=past, use_cache=per_step, first_positions=first, first_bias=bias)
+                bias = self._reader_bias(prompts, passages, items, width)
+            if encoder.config.pointer_first_unspaced:
+                pieces = self._first_pieces(passages, items, width)
+            out = encoder(ids, mask.bool(), cache=past, use_cache=per_step, first_positions=first, first_bias=bias,
+                          first_value_ids=pieces)
         else:
             items = [prompter.encoder_item(p, x, None if answers is None else answers[i])
                      for i, (x, p) in enumerate(zip(prompts, passages))]
@@ -371,26 +376,37 @@ class DiekaeModel:
                           output_start=start, first_positions=first)
         return out, offsets, n_rows, first
 
-    def _reader_bias(self, prompts, passages, items, width: int) -> torch.Tensor:
-        """(B, width) left-padded: ``reader_weight`` * the reader's log P(answer starts) for every
-        passage token of each isolated item's segments, shifted so that the reader's best token
-        gets 0 (the others are pushed down, none is pushed up); 0 for the prefix and separators."""
-        reader, w = self.answer_reader, self.config.reader_weight
-        rows = torch.zeros(len(items), width, device=self.device)
-        for b, (x, ps, it) in enumerate(zip(prompts, passages, items)):
-            segments, kmasks = it[0], it[1]
-            vec, scored = [0.0] * len(segments[0]), []
-            for km, p, lp in zip(kmasks[1:], ps, reader.char_log_probs(self._user_text(x), ps) if ps else []):
+    def _knowledge_rows(self, passages, items, width: int, per_passage, fill) -> torch.Tensor:
+        """(B, width) left-padded like the assembled pointer memory: ``per_passage(b, i, text, spans)``
+        gives one value per passage token (``spans``: their character spans), ``fill`` elsewhere."""
+        rows = []
+        for b, (ps, it) in enumerate(zip(passages, items)):
+            vec = [fill] * len(it[0][0])  # the prefix segment
+            for i, (km, p) in enumerate(zip(it[1][1:], ps)):
                 n_tok = sum(km)
                 spans = self.tokenizer(p, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-                tok_lp = token_log_probs(lp, spans[:n_tok])
-                scored += tok_lp
-                vec += [0.0] * (len(km) - n_tok) + tok_lp
-            best = max(scored, default=0.0)
-            row = torch.tensor(vec)
-            row[torch.tensor([False] * len(segments[0]) + [m for km in kmasks[1:] for m in km])] -= best
-            rows[b, width - len(vec):] = w * row
-        return rows
+                vec += [fill] * (len(km) - n_tok) + list(per_passage(b, i, p, spans[:n_tok]))
+            rows.append([fill] * (width - len(vec)) + vec)
+        return torch.tensor(rows, device=self.device)
+
+    def _reader_bias(self, prompts, passages, items, width: int) -> torch.Tensor:
+        """(B, width): ``reader_weight`` * the reader's log P(answer starts) for every passage token,
+        shifted so that each item's best token gets 0 (the others are pushed down, none up); 0 for
+        the prefix, separators and padding."""
+        lps = [self.answer_reader.char_log_probs(self._user_text(x), ps) if ps else [] for x, ps in zip(prompts, passages)]
+        rows = self._knowledge_rows(passages, items, width, lambda b, i, p, spans: token_log_probs(lps[b][i], spans),
+                                    float("nan"))
+        best = torch.nan_to_num(rows, nan=-math.inf).amax(1, keepdim=True).clamp(min=LOG_FLOOR)
+        return self.config.reader_weight * torch.nan_to_num(rows - best, nan=0.0)
+
+    def _first_pieces(self, passages, items, width: int) -> torch.Tensor:
+        """(B, width) token ids: for every passage token, the first token of the text from there on
+        as it is written at the start of an answer (no leading space: " Ithpelith" -> "I"); -1 elsewhere."""
+        def pieces(b, i, p, spans):
+            texts = [p[a: a + 32].lstrip() or p[a: a + 32] for a, _ in spans]
+            ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+            return [x[0] if x else -1 for x in ids]
+        return self._knowledge_rows(passages, items, width, pieces, -1)
 
     def _segment_states(self, encoder: DiekaeEncoder, items) -> list[list]:
         """Each isolated item's segment states, from the passage cache (one batched encode for misses)."""

@@ -132,7 +132,9 @@ def test_ship_writes_the_reader_with_the_encoders(reader, tmp_path, capsys):
     assert "reader.json" in capsys.readouterr().err  # no reader in the checkpoint: says what is missing
     assert not (tmp_path / "shipped").exists()
     assert main(["ship", str(ckpt), "--out", str(tmp_path / "shipped"), "--reader", str(tmp_path / "reader"),
-                 "--reader-weight", "2"]) == 0
-    assert read_config(tmp_path / "shipped").reader_weight == 2.0
+                 "--reader-weight", "2", "--set", "pointer_first_unspaced=true"]) == 0
+    cfg = read_config(tmp_path / "shipped")
+    assert cfg.reader_weight == 2.0 and cfg.pointer_first_unspaced is True
+    assert main(["ship", str(ckpt), "--out", str(tmp_path / "other"), "--set", "no_such_field=1"]) == 2
     back = AnswerStartReader.from_pretrained(tmp_path / "shipped")
     assert back.config.max_length == reader.config.max_length

@@ -405,3 +405,33 @@ def test_passage_prior_steers_the_pointer_to_the_nearest_passage():
         tiny_model("llama", layers=[1], per_step=True, pointer_layer=3, passage_prior=30.0)
     with pytest.raises(ValueError, match="would do nothing"):
         _per_step_model().passage_prior = PassagePrior(30.0, embedder=_KeywordEmbedder())
+
+
+def test_pointer_first_unspaced_copies_the_space_less_variant_at_the_first_position_only():
+    """Joint layout: with every token's match class set to one token c, the first-position pointer row is
+    the attention mass times c's output embedding. Isolated passages: the first row copies, for each passage
+    token, the first token of the text from there on without its leading space. Every other row and the
+    decode step are unchanged."""
+    lm = None
+    for isolation in (False, True):
+        model = _per_step_model(isolation=isolation, match=True)
+        model.passage_cache.max_segments = 0
+        lm = model.decoder.get_output_embeddings().weight.detach()
+        c = 7
+        model.encoder.set_match_classes(torch.full((lm.shape[0],), c, dtype=torch.long))
+        runs = {}
+        for on in (False, True):
+            model.config.pointer_first_unspaced = on
+            runs[on], firsts = _first_position_rows(model)
+
+        def copies(off, on):
+            assert (on - off).abs().max() > 1e-3
+            cos = torch.nn.functional.cosine_similarity(on.float(), lm[c].float(), dim=0)
+            assert (cos.abs() > 0.999) == (not isolation), "joint: a multiple of c's embedding; isolated: not"
+        _assert_only_first_rows_differ(runs[False], runs[True], firsts, copies)
+    prompts, passages = model._validate(Q, K, "diekae")
+    items = [model.prompter.isolated_item(p, x) for x, p in zip(prompts, passages)]
+    pieces = model._first_pieces(passages, items, 80)[0]
+    text = [model.tokenizer.decode([int(i)]) if i >= 0 else "" for i in pieces]
+    at = len(text) - len(K[0][0]) + K[0][0].index(" Ithpelith")  # the space before the name
+    assert text[at] == "I" and text[at + 1] == "I" and text[at - 1] == "o" and text[0] == ""

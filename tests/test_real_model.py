@@ -112,3 +112,21 @@ def test_edit_set_neighbours_are_facts_the_decoder_keeps_apart(real_model, monke
                                      [e["target_new"]] * len(e["neighborhood"]), mode="none")
         assert all(t < w for t, w in zip(truth, new))
         assert e["neighborhood_dropped"] >= 0 and len(e["retain"]) == 3
+
+
+def test_shipped_reader_finds_where_each_answer_starts(real_model):
+    """The shipped answer-start reader (the real MiniLM, fine-tuned) puts its best start on each answer
+    among all three passages, and the first copy uses the name's first token as an answer writes it."""
+    cfg = real_model.config
+    assert cfg.reader_weight > 0 and cfg.pointer_first_unspaced, "the shipped config switches the reader on"
+    qs, ans, ks = zip(*FACTS)
+    for q, a in zip(qs, ans):
+        lps = real_model.answer_reader.char_log_probs(q, list(ks))
+        i, c, _ = max(((i, c, v) for i, d in enumerate(lps) for c, v in d.items()), key=lambda x: x[2])
+        assert ks[i][c:].startswith(a), (q, ks[i][c:])
+    prompts, passages = real_model._validate([qs[0]], [[ks[0]]], "diekae")
+    items = [real_model.prompter.isolated_item(passages[0], prompts[0])]
+    p_ids = real_model.prompter.ids(ks[0])
+    pieces = real_model._first_pieces(passages, items, sum(len(s) for s in items[0][0]))[0, -len(p_ids):]
+    at = [real_model.tokenizer.decode([t]) for t in p_ids].index(" Ith")
+    assert int(pieces[at]) == real_model.tokenizer("Ithpelith", add_special_tokens=False)["input_ids"][0]
