@@ -163,7 +163,7 @@ class AnswerStartReader(nn.Module):
         path = Path(path)
         if not (path / READER_CONFIG).exists() or not (path / READER_WEIGHTS).exists():
             raise FileNotFoundError(f"No answer-start reader in {path}: expected {READER_CONFIG} and "
-                                    f"{READER_WEIGHTS} (train one with benchmarks/train_reader.py).")
+                                    f"{READER_WEIGHTS} (train one with `diekae-rag train-reader CONFIG`).")
         cfg = ReaderConfig(**json.loads((path / READER_CONFIG).read_text()))
         reader = cls(cfg)
         state = load_file(str(path / READER_WEIGHTS))

@@ -9,26 +9,25 @@ import sys
 from typing import Optional, Sequence
 
 
-def _train(args: argparse.Namespace) -> int:
-    from .training.trainer import TrainConfig, train
-    cfg = TrainConfig.from_file(args.config)
+def _run_training(args: argparse.Namespace, config_cls, train_fn) -> int:
+    """Load a training config, apply --out / --max-minutes, train, print the summary."""
+    cfg = config_cls.from_file(args.config)
     if args.out:
         cfg.out = args.out
     if args.max_minutes is not None:
         cfg.max_minutes = args.max_minutes
-    print(json.dumps({k: v for k, v in train(cfg).items() if k != "history"}, indent=2))
+    print(json.dumps({k: v for k, v in train_fn(cfg).items() if k != "history"}, indent=2))
     return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .training.trainer import TrainConfig, train
+    return _run_training(args, TrainConfig, train)
 
 
 def _train_reader(args: argparse.Namespace) -> int:
     from .training.reader import ReaderTrainConfig, train_reader
-    cfg = ReaderTrainConfig.from_file(args.config)
-    if args.out:
-        cfg.out = args.out
-    if args.max_minutes is not None:
-        cfg.max_minutes = args.max_minutes
-    print(json.dumps({k: v for k, v in train_reader(cfg).items() if k != "history"}, indent=2))
-    return 0
+    return _run_training(args, ReaderTrainConfig, train_reader)
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -358,11 +358,13 @@ class DiekaeModel:
             n_rows = torch.tensor([it[4] for it in items], device=self.device)
             first = offsets + lens - 1
             bias = pieces = None
-            width = past.key_valid.shape[1]
-            if encoder is self.encoder and self.config.reader_weight and self.answer_reader is not None:
-                bias = self._reader_bias(prompts, passages, items, width)
-            if encoder.config.pointer_first_unspaced:
-                pieces = self._first_pieces(passages, items, width)
+            use_reader = encoder is self.encoder and self.config.reader_weight and self.answer_reader is not None
+            if use_reader or encoder.config.pointer_first_unspaced:
+                layout = self._knowledge_layout(passages, items, past.key_valid.shape[1])
+                if use_reader:
+                    bias = self._reader_bias(prompts, passages, layout)
+                if encoder.config.pointer_first_unspaced:
+                    pieces = self._first_pieces(passages, layout)
             out = encoder(ids, mask.bool(), cache=past, use_cache=per_step, first_positions=first, first_bias=bias,
                           first_value_ids=pieces)
         else:
@@ -376,37 +378,50 @@ class DiekaeModel:
                           output_start=start, first_positions=first)
         return out, offsets, n_rows, first
 
-    def _knowledge_rows(self, passages, items, width: int, per_passage, fill) -> torch.Tensor:
-        """(B, width) left-padded like the assembled pointer memory: ``per_passage(b, i, text, spans)``
-        gives one value per passage token (``spans``: their character spans), ``fill`` elsewhere."""
-        rows = []
-        for b, (ps, it) in enumerate(zip(passages, items)):
-            vec = [fill] * len(it[0][0])  # the prefix segment
-            for i, (km, p) in enumerate(zip(it[1][1:], ps)):
+    def _knowledge_layout(self, passages, items, width: int) -> tuple[int, list]:
+        """Where each passage's tokens sit in the assembled (left-padded) pointer memory of ``width``
+        slots: per item, per passage, (first slot, the tokens' character spans in the passage)."""
+        layout = []
+        for ps, it in zip(passages, items):
+            at = width - sum(len(seg) for seg in it[0]) + len(it[0][0])  # after the padding and the prefix
+            per = []
+            for km, p in zip(it[1][1:], ps):
                 n_tok = sum(km)
                 spans = self.tokenizer(p, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-                vec += [fill] * (len(km) - n_tok) + list(per_passage(b, i, p, spans[:n_tok]))
-            rows.append([fill] * (width - len(vec)) + vec)
-        return torch.tensor(rows, device=self.device)
+                per.append((at + len(km) - n_tok, spans[:n_tok]))
+                at += len(km)
+            layout.append(per)
+        return width, layout
 
-    def _reader_bias(self, prompts, passages, items, width: int) -> torch.Tensor:
+    def _knowledge_rows(self, layout, values, fill, dtype=None) -> torch.Tensor:
+        """(B, width): ``values[b][i]`` (one per token of item b's passage i) at their slots, ``fill`` elsewhere."""
+        width, per_item = layout
+        rows = torch.full((len(per_item), width), fill, dtype=dtype)
+        for b, per in enumerate(per_item):
+            for (start, spans), vals in zip(per, values[b]):
+                rows[b, start: start + len(spans)] = torch.tensor(vals, dtype=dtype)
+        return rows.to(self.device)
+
+    def _reader_bias(self, prompts, passages, layout) -> torch.Tensor:
         """(B, width): ``reader_weight`` * the reader's log P(answer starts) for every passage token,
         shifted so that each item's best token gets 0 (the others are pushed down, none up); 0 for
         the prefix, separators and padding."""
         lps = [self.answer_reader.char_log_probs(self._user_text(x), ps) if ps else [] for x, ps in zip(prompts, passages)]
-        rows = self._knowledge_rows(passages, items, width, lambda b, i, p, spans: token_log_probs(lps[b][i], spans),
-                                    float("nan"))
+        values = [[token_log_probs(lp, spans) for lp, (_, spans) in zip(lps[b], per)]
+                  for b, per in enumerate(layout[1])]
+        rows = self._knowledge_rows(layout, values, float("nan"))
         best = torch.nan_to_num(rows, nan=-math.inf).amax(1, keepdim=True).clamp(min=LOG_FLOOR)
         return self.config.reader_weight * torch.nan_to_num(rows - best, nan=0.0)
 
-    def _first_pieces(self, passages, items, width: int) -> torch.Tensor:
+    def _first_pieces(self, passages, layout) -> torch.Tensor:
         """(B, width) token ids: for every passage token, the first token of the text from there on
         as it is written at the start of an answer (no leading space: " Ithpelith" -> "I"); -1 elsewhere."""
-        def pieces(b, i, p, spans):
+        def pieces(p, spans):
             texts = [p[a: a + 32].lstrip() or p[a: a + 32] for a, _ in spans]
             ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
             return [x[0] if x else -1 for x in ids]
-        return self._knowledge_rows(passages, items, width, pieces, -1)
+        values = [[pieces(p, spans) for p, (_, spans) in zip(ps, per)] for ps, per in zip(passages, layout[1])]
+        return self._knowledge_rows(layout, values, -1, torch.long)
 
     def _segment_states(self, encoder: DiekaeEncoder, items) -> list[list]:
         """Each isolated item's segment states, from the passage cache (one batched encode for misses)."""

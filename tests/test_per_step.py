@@ -431,7 +431,7 @@ def test_pointer_first_unspaced_copies_the_space_less_variant_at_the_first_posit
         _assert_only_first_rows_differ(runs[False], runs[True], firsts, copies)
     prompts, passages = model._validate(Q, K, "diekae")
     items = [model.prompter.isolated_item(p, x) for x, p in zip(prompts, passages)]
-    pieces = model._first_pieces(passages, items, 80)[0]
+    pieces = model._first_pieces(passages, model._knowledge_layout(passages, items, 80))[0]
     text = [model.tokenizer.decode([int(i)]) if i >= 0 else "" for i in pieces]
     at = len(text) - len(K[0][0]) + K[0][0].index(" Ithpelith")  # the space before the name
     assert text[at] == "I" and text[at + 1] == "I" and text[at - 1] == "o" and text[0] == ""

@@ -130,6 +130,7 @@ def test_shipped_reader_finds_where_each_answer_starts(real_model):
     prompts, passages = real_model._validate([qs[0]], [[ks[0]]], "diekae")
     items = [real_model.prompter.isolated_item(passages[0], prompts[0])]
     p_ids = real_model.prompter.ids(ks[0])
-    pieces = real_model._first_pieces(passages, items, sum(len(s) for s in items[0][0]))[0, -len(p_ids):]
+    width = sum(len(s) for s in items[0][0])
+    pieces = real_model._first_pieces(passages, real_model._knowledge_layout(passages, items, width))[0, -len(p_ids):]
     at = [real_model.tokenizer.decode([t]) for t in p_ids].index(" Ith")
     assert int(pieces[at]) == real_model.tokenizer("Ithpelith", add_special_tokens=False)["input_ids"][0]
