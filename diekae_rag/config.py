@@ -78,6 +78,10 @@ class DiekaeConfig:
     # At the position predicting the answer's first token, copy each passage token as its variant
     # without the leading space (" Ithp" -> "Ithp"), as a chat answer's first token is written.
     pointer_first_unspaced: bool = False
+    # Answer pieces (diekae_rag.answer_pieces): extra pointer slots for the later pieces of every
+    # word whose answer-start tokenisation differs from the passage's ("I|th|pel|ith" for " Ith|pel|ith"),
+    # so the token match can continue a name after its first piece. Needs pointer_match and isolation.
+    pointer_answer_pieces: bool = False
     # Question-aware encoding: the encoder reads x + K + x instead of K + x.
     question_first: bool = False
     # Passage isolation: each passage is encoded on its own (cacheable per passage); only the
@@ -143,6 +147,9 @@ class DiekaeConfig:
         if self.reader_weight and not self.can_use_passage_prior:
             raise ValueError("reader_weight biases the pointer readout of isolated passages: set pointer_layer "
                              "and passage_isolation=True, or reader_weight=0.")
+        if self.pointer_answer_pieces and not (self.pointer_match and self.can_use_passage_prior):
+            raise ValueError("pointer_answer_pieces continues the token match over isolated passages: set "
+                             "pointer_match=True, pointer_layer and passage_isolation=True, or pointer_answer_pieces=False.")
         if self.passage_isolation and self.question_first:
             raise ValueError("passage_isolation and question_first cannot be combined.")
         if num_decoder_layers is not None:

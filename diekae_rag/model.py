@@ -11,6 +11,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextIteratorStreamer
 
+from .answer_pieces import PassageTokens, add_answer_pieces
 from .answer_reader import LOG_FLOOR, AnswerStartReader, token_log_probs
 from .checkpoint import DecoderMismatchError, load_encoder, read_config, save_encoder
 from .config import DiekaeConfig, decoder_fingerprint
@@ -58,6 +59,7 @@ class DiekaeModel:
         self.prompter = Prompter(tokenizer, cfg)
         self.edit_encoders: list[DiekaeEncoder] = []
         self.passage_cache = PassageCache()
+        self.passage_tokens = PassageTokens(tokenizer)  # spans, first pieces and answer pieces per passage
         self._passage_prior: Optional[PassagePrior] = None
         self._passage_prior_set = False
         self.checkpoint_dir = Path(source) if source else None
@@ -358,13 +360,19 @@ class DiekaeModel:
             n_rows = torch.tensor([it[4] for it in items], device=self.device)
             first = offsets + lens - 1
             bias = pieces = None
-            use_reader = encoder is self.encoder and self.config.reader_weight and self.answer_reader is not None
-            if use_reader or encoder.config.pointer_first_unspaced:
+            cfg = encoder.config
+            use_reader = encoder is self.encoder and cfg.reader_weight and self.answer_reader is not None
+            if use_reader or cfg.pointer_first_unspaced or cfg.pointer_answer_pieces:
                 layout = self._knowledge_layout(passages, items, past.key_valid.shape[1])
                 if use_reader:
                     bias = self._reader_bias(prompts, passages, layout)
-                if encoder.config.pointer_first_unspaced:
+                if cfg.pointer_first_unspaced:
                     pieces = self._first_pieces(passages, layout)
+                if cfg.pointer_answer_pieces:  # never the first copy: the floor score there, no piece swap
+                    past, extra = add_answer_pieces(encoder, self.passage_tokens, past, passages, layout)
+                    bias = torch.nn.functional.pad(torch.zeros_like(past.pointer_valid[:, :layout[0]], dtype=torch.float)
+                                                   if bias is None else bias, (0, extra), value=LOG_FLOOR)
+                    pieces = None if pieces is None else torch.nn.functional.pad(pieces, (0, extra), value=-1)
             out = encoder(ids, mask.bool(), cache=past, use_cache=per_step, first_positions=first, first_bias=bias,
                           first_value_ids=pieces)
         else:
@@ -387,8 +395,7 @@ class DiekaeModel:
             per = []
             for km, p in zip(it[1][1:], ps):
                 n_tok = sum(km)
-                spans = self.tokenizer(p, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-                per.append((at + len(km) - n_tok, spans[:n_tok]))
+                per.append((at + len(km) - n_tok, self.passage_tokens.spans(p)[:n_tok]))
                 at += len(km)
             layout.append(per)
         return width, layout
@@ -416,11 +423,8 @@ class DiekaeModel:
     def _first_pieces(self, passages, layout) -> torch.Tensor:
         """(B, width) token ids: for every passage token, the first token of the text from there on
         as it is written at the start of an answer (no leading space: " Ithpelith" -> "I"); -1 elsewhere."""
-        def pieces(p, spans):
-            texts = [p[a: a + 32].lstrip() or p[a: a + 32] for a, _ in spans]
-            ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-            return [x[0] if x else -1 for x in ids]
-        values = [[pieces(p, spans) for p, (_, spans) in zip(ps, per)] for ps, per in zip(passages, layout[1])]
+        values = [[self.passage_tokens.first_pieces(p)[: len(spans)] for p, (_, spans) in zip(ps, per)]
+                  for ps, per in zip(passages, layout[1])]
         return self._knowledge_rows(layout, values, -1, torch.long)
 
     def _segment_states(self, encoder: DiekaeEncoder, items) -> list[list]:
@@ -441,6 +445,11 @@ class DiekaeModel:
         passages = clean_passages(list(passages))
         if self.passage_prior is not None:
             self.passage_prior.passage_vectors(passages)
+        for p in passages:  # what the first copy and the answer pieces need of each passage
+            if self.config.pointer_first_unspaced:
+                self.passage_tokens.first_pieces(p)
+            if self.config.pointer_answer_pieces:
+                self.passage_tokens.word_pieces(p, self.encoder.match_classes)
         with torch.inference_mode():
             for i in range(0, len(passages), 32):
                 self._segment_states(self.encoder, [self.prompter.isolated_item([p], []) for p in passages[i: i + 32]])

@@ -435,3 +435,31 @@ def test_pointer_first_unspaced_copies_the_space_less_variant_at_the_first_posit
     text = [model.tokenizer.decode([int(i)]) if i >= 0 else "" for i in pieces]
     at = len(text) - len(K[0][0]) + K[0][0].index(" Ithpelith")  # the space before the name
     assert text[at] == "I" and text[at + 1] == "I" and text[at - 1] == "o" and text[0] == ""
+
+
+def test_answer_pieces_extend_the_pointer_memory_and_decode_steps_still_equal_a_re_encode():
+    """With answer pieces the pointer memory gets extra slots (one per later piece of each word whose
+    answer-start tokenisation differs), which never change the first copy; decode rows still equal a
+    full re-encode of the same sequence."""
+    model = _per_step_model(isolation=True, match=True, pointer_first_unspaced=True)
+    model.passage_cache.max_segments = 0
+    # A byte tokenizer writes a word the same way everywhere; give capitals another match class so that
+    # "Marsul", "Ithpelith" and "Calgra" start differently in an answer than in a passage.
+    classes = torch.arange(model.decoder.get_output_embeddings().weight.shape[0])
+    for ch in "MIC":
+        i = model.tokenizer.convert_tokens_to_ids(ch)
+        classes[i] = model.tokenizer.convert_tokens_to_ids(ch.lower())
+    model.encoder.set_match_classes(classes)
+    prompts, passages = model._validate(Q, K, "diekae")
+    sizes, firsts = {}, {}
+    for on in (False, True):
+        model.config.pointer_answer_pieces = on
+        with torch.no_grad():
+            out, _, _, first = model.encode_knowledge(model.encoder, prompts, passages)
+        sizes[on] = out.cache.pointer_valid.sum(1)
+        firsts[on] = out.pointer[torch.arange(len(Q)), first]
+    assert (sizes[True] > sizes[False]).all()
+    torch.testing.assert_close(firsts[True], firsts[False], atol=1e-4, rtol=1e-3)
+    assert_decode_rows_equal_reencode(model)
+    with pytest.raises(ValueError, match="pointer_answer_pieces"):
+        _per_step_model(isolation=False, match=True, pointer_answer_pieces=True)

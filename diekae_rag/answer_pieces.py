@@ -1,0 +1,149 @@
+"""Answer pieces: extra pointer slots so that a name can be copied as an answer writes it.
+
+A passage holds " Ithpelith" as ` Ith|pel|ith`, but an answer starts it as `I|th|pel|ith`: the
+first piece differs, and "th" is no passage token, so after writing "I" the copy has nowhere to
+continue. For every word whose answer-start tokenisation differs from the passage's, this adds
+one pointer slot per later piece ("th", "pel", "ith"), each carrying the match class of the piece
+before it (so the token match continues the copy along them), the key of the passage token that
+covers its first character, and its own output embedding as value. The slots follow the real
+ones in the pointer memory; they are never chosen for the first copy.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import replace
+from typing import Sequence
+
+import torch
+
+from .encoder import DiekaeEncoder, EncoderCache
+
+MAX_PIECES = 8  # pieces kept per word (a longer word's tail continues on the passage tokens)
+WORD = re.compile(r"\S+")
+
+
+def word_pieces(tokenizer, text: str, spans: Sequence[tuple[int, int]], ids: Sequence[int], classes: torch.Tensor
+                ) -> list[tuple[int, int, int]]:
+    """For each word whose answer-start tokenisation differs from the passage's: its later pieces as
+    (piece id, id of the piece before it, index of the passage token covering the piece's start)."""
+    starts = []  # (passage token index, word start char, word end char)
+    for s, (a, b) in enumerate(spans):
+        if a < b and (a == 0 or text[a].isspace() or text[a - 1].isspace()):
+            m = WORD.search(text, a)
+            if m and m.start() < b:
+                starts.append((s, m.start(), m.end()))
+    if not starts:
+        return []
+    enc = tokenizer([text[w0:w1] for _, w0, w1 in starts], add_special_tokens=False, return_offsets_mapping=True)
+    out = []
+    for (s, w0, _), alt, offs in zip(starts, enc["input_ids"], enc["offset_mapping"]):
+        if len(alt) < 2 or alt[0] == int(classes[ids[s]]):
+            continue
+        t = s
+        for j in range(1, min(len(alt), MAX_PIECES)):
+            c = w0 + offs[j][0]
+            while t + 1 < len(spans) and spans[t + 1][0] <= c:
+                t += 1
+            out.append((alt[j], alt[j - 1], t))
+    return out
+
+
+class PassageTokens:
+    """What the first copy and the answer pieces need of each passage, computed once per passage
+    text (a thread-safe LRU, like the passage cache): its tokens' character spans, each token's
+    first piece (the first token of the text from there on, without the leading space: " Ithpelith"
+    -> "I"), and its answer pieces (:func:`word_pieces`)."""
+
+    def __init__(self, tokenizer, max_passages: int = 4096) -> None:
+        self.tokenizer, self.max_passages = tokenizer, max_passages
+        self._data: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+        self._classes = None
+
+    def _get(self, key, make):
+        with self._lock:
+            if key in self._data:
+                self._data.move_to_end(key)
+                return self._data[key]
+        value = make()
+        with self._lock:
+            self._data[key] = value
+            while len(self._data) > self.max_passages:
+                self._data.popitem(last=False)
+        return value
+
+    def spans(self, text: str) -> list[tuple[int, int]]:
+        return self._encoded(text)[1]
+
+    def _encoded(self, text: str):
+        def make():
+            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            return enc["input_ids"], [tuple(x) for x in enc["offset_mapping"]]
+        return self._get(("enc", text), make)
+
+    def first_pieces(self, text: str) -> list[int]:
+        def make():
+            texts = [text[a: a + 32].lstrip() or text[a: a + 32] for a, _ in self.spans(text)]
+            ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+            return [x[0] if x else -1 for x in ids]
+        return self._get(("first", text), make)
+
+    def word_pieces(self, text: str, classes: torch.Tensor) -> list[tuple[int, int, int]]:
+        with self._lock:
+            if classes is not self._classes:  # another tokenizer-to-class map: forget the old pieces
+                self._data = OrderedDict((k, v) for k, v in self._data.items() if k[0] != "pieces")
+                self._classes = classes
+        ids, spans = self._encoded(text)
+        return self._get(("pieces", text), lambda: word_pieces(self.tokenizer, text, spans, ids, classes))
+
+
+def add_answer_pieces(encoder: DiekaeEncoder, tokens: PassageTokens, cache: EncoderCache,
+                      passages: Sequence[Sequence[str]], layout) -> tuple[EncoderCache, int]:
+    """``cache`` with each item's answer pieces appended to its pointer memory (padded with invalid
+    slots to the longest item), and the number of slots added. ``layout`` is the model's
+    ``(width, [per item: [(first slot, token spans) per passage]])``."""
+    dev = cache.pointer_keys.device
+    classes = encoder.match_classes if encoder.match_classes is not None else torch.arange(
+        int(encoder._frozen[1].weight.shape[0]), device=dev)
+    per_item = []
+    for ps, per in zip(passages, layout[1]):
+        slots = []
+        for p, (start, spans) in zip(ps, per):  # spans: the tokens kept (a cut passage keeps its head)
+            slots += [(pid, prev, start + t) for pid, prev, t in tokens.word_pieces(p, classes) if t < len(spans)]
+        per_item.append(slots)
+    V = max((len(s) for s in per_item), default=0)
+    if V == 0:
+        return cache, 0
+    B = len(per_item)
+    pid = torch.zeros(B, V, dtype=torch.long, device=dev)
+    prev = torch.full((B, V), -1, dtype=torch.long, device=dev)
+    src = torch.zeros(B, V, dtype=torch.long, device=dev)
+    valid = torch.zeros(B, V, dtype=torch.bool, device=dev)
+    for b, slots in enumerate(per_item):
+        if slots:
+            n = len(slots)
+            pid[b, :n] = torch.tensor([s[0] for s in slots], device=dev)
+            prev[b, :n] = classes[torch.tensor([s[1] for s in slots], device=dev)]
+            src[b, :n] = torch.tensor([s[2] for s in slots], device=dev)
+            valid[b, :n] = True
+    rows = torch.arange(B, device=dev)[:, None]
+    keys = cache.pointer_keys[rows, :, src].permute(0, 2, 1, 3)  # (B, heads, V, dk)
+    with torch.no_grad():
+        values = encoder._frozen[1].weight[pid].to(cache.pointer_values.dtype)
+
+    def cat(x, extra):
+        return None if x is None else torch.cat([x, extra], 1)
+    return replace(
+        cache,
+        pointer_keys=torch.cat([cache.pointer_keys, keys], 2),
+        pointer_values=cat(cache.pointer_values, values),
+        pointer_valid=cat(cache.pointer_valid, valid),
+        pointer_prev=cat(cache.pointer_prev, prev),
+        knowledge_bias=cat(cache.knowledge_bias, cache.knowledge_bias[rows, src] if cache.knowledge_bias is not None
+                           else None),
+        knowledge_ids=cat(cache.knowledge_ids, pid),
+        first_keys=cat(cache.first_keys, cache.first_keys[rows, src] if cache.first_keys is not None else None),
+    ), V
