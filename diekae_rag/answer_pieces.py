@@ -3,7 +3,7 @@
 A passage holds " Ithpelith" as ` Ith|pel|ith`, but an answer starts it as `I|th|pel|ith`: the
 first piece differs, and "th" is no passage token, so after writing "I" the copy has nowhere to
 continue. For every word whose answer-start tokenisation differs from the passage's, this adds
-one pointer slot per later piece ("th", "pel", "ith"), each carrying the match class of the piece
+one pointer slot per later piece ("th", "pel"; "ith" after "pel" is already a passage slot), each carrying the match class of the piece
 before it (so the token match continues the copy along them), the key of the passage token that
 covers its first character, and its own output embedding as value. The slots follow the real
 ones in the pointer memory; they are never chosen for the first copy.
@@ -38,12 +38,20 @@ def word_pieces(tokenizer, text: str, spans: Sequence[tuple[int, int]], ids: Seq
     if not starts:
         return []
     enc = tokenizer([text[w0:w1] for _, w0, w1 in starts], add_special_tokens=False, return_offsets_mapping=True)
+    ends = {b: t for t, (_, b) in enumerate(spans)}  # passage token by the character it ends at
     out = []
     for (s, w0, _), alt, offs in zip(starts, enc["input_ids"], enc["offset_mapping"]):
         if len(alt) < 2 or alt[0] == int(classes[ids[s]]):
             continue
+
+        def met(j: int) -> bool:  # piece j-1 ends where a passage token of its class ends, and piece j is the next one
+            t = ends.get(w0 + offs[j - 1][1])
+            return (t is not None and t + 1 < len(ids) and int(classes[ids[t]]) == int(classes[alt[j - 1]])
+                    and ids[t + 1] == alt[j] and spans[t + 1][1] == w0 + offs[j][1])
         t = s
         for j in range(1, min(len(alt), MAX_PIECES)):
+            if met(j):
+                break  # the pieces have met the passage's tokens again: its own slots continue the copy
             c = w0 + offs[j][0]
             while t + 1 < len(spans) and spans[t + 1][0] <= c:
                 t += 1
