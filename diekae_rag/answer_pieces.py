@@ -3,8 +3,8 @@
 A passage holds " Ithpelith" as ` Ith|pel|ith`, but an answer starts it as `I|th|pel|ith`: the
 first piece differs, and "th" is no passage token, so after writing "I" the copy has nowhere to
 continue. For every word whose answer-start tokenisation differs from the passage's, this adds
-one pointer slot per later piece ("th", "pel"; "ith" after "pel" is already a passage slot), each carrying the match class of the piece
-before it (so the token match continues the copy along them), the key of the passage token that
+one pointer slot per later piece ("th", "pel"; "ith" after "pel" is already a passage slot),
+each carrying the match class of the piece before it (so the token match continues the copy along them), the key of the passage token that
 covers its first character, and its own output embedding as value. The slots follow the real
 ones in the pointer memory; they are never chosen for the first copy.
 """
@@ -12,14 +12,13 @@ ones in the pointer memory; they are never chosen for the first copy.
 from __future__ import annotations
 
 import re
-import threading
-from collections import OrderedDict
 from dataclasses import replace
 from typing import Sequence
 
 import torch
 
 from .encoder import DiekaeEncoder, EncoderCache
+from .lru import LRU
 
 MAX_PIECES = 8  # pieces kept per word (a longer word's tail continues on the passage tokens)
 WORD = re.compile(r"\S+")
@@ -66,22 +65,9 @@ class PassageTokens:
     -> "I"), and its answer pieces (:func:`word_pieces`)."""
 
     def __init__(self, tokenizer, max_passages: int = 4096) -> None:
-        self.tokenizer, self.max_passages = tokenizer, max_passages
-        self._data: OrderedDict = OrderedDict()
-        self._lock = threading.Lock()
+        self.tokenizer = tokenizer
+        self._kept = LRU(max_passages)
         self._classes = None
-
-    def _get(self, key, make):
-        with self._lock:
-            if key in self._data:
-                self._data.move_to_end(key)
-                return self._data[key]
-        value = make()
-        with self._lock:
-            self._data[key] = value
-            while len(self._data) > self.max_passages:
-                self._data.popitem(last=False)
-        return value
 
     def spans(self, text: str) -> list[tuple[int, int]]:
         return self._encoded(text)[1]
@@ -90,22 +76,21 @@ class PassageTokens:
         def make():
             enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
             return enc["input_ids"], [tuple(x) for x in enc["offset_mapping"]]
-        return self._get(("enc", text), make)
+        return self._kept.get_or_make(("enc", text), make)
 
     def first_pieces(self, text: str) -> list[int]:
         def make():
             texts = [text[a: a + 32].lstrip() or text[a: a + 32] for a, _ in self.spans(text)]
             ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
             return [x[0] if x else -1 for x in ids]
-        return self._get(("first", text), make)
+        return self._kept.get_or_make(("first", text), make)
 
     def word_pieces(self, text: str, classes: torch.Tensor) -> list[tuple[int, int, int]]:
-        with self._lock:
-            if classes is not self._classes:  # another tokenizer-to-class map: forget the old pieces
-                self._data = OrderedDict((k, v) for k, v in self._data.items() if k[0] != "pieces")
-                self._classes = classes
+        if classes is not self._classes:  # another tokenizer-to-class map: forget the old pieces
+            self._kept.drop(lambda key: key[0] == "pieces")
+            self._classes = classes
         ids, spans = self._encoded(text)
-        return self._get(("pieces", text), lambda: word_pieces(self.tokenizer, text, spans, ids, classes))
+        return self._kept.get_or_make(("pieces", text), lambda: word_pieces(self.tokenizer, text, spans, ids, classes))
 
 
 def add_answer_pieces(encoder: DiekaeEncoder, tokens: PassageTokens, cache: EncoderCache,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import threading
-from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_write, atomic_write_text
+from .lru import LRU
 
 READER_CONFIG = "reader.json"
 READER_WEIGHTS = "reader.safetensors"
@@ -60,8 +60,7 @@ class AnswerStartReader(nn.Module):
         self.bert.get_input_embeddings().weight.requires_grad_(False)
         self.head = nn.Linear(self.bert.config.hidden_size, 1)
         self._lock = threading.Lock()  # a fast tokenizer with truncation/padding is not thread-safe
-        self._recent: OrderedDict = OrderedDict()
-        self.max_cached = 256
+        self._recent = LRU(256)  # the last answers, by (question, passages)
 
     @property
     def device(self) -> torch.device:
@@ -73,8 +72,7 @@ class AnswerStartReader(nn.Module):
 
     def clear(self) -> None:
         """Forget the kept answers (e.g. to time a question as if it were new)."""
-        with self._lock:
-            self._recent.clear()
+        self._recent.clear()
 
     def windows(self, questions: Sequence[str], passages: Sequence[str]) -> dict:
         """Tokenise (question, passage) pairs into windows that together cover every passage
@@ -112,22 +110,12 @@ class AnswerStartReader(nn.Module):
     def char_log_probs(self, question: str, passages: Sequence[str]) -> list[dict[int, float]]:
         """For each passage, {character offset: log P(answer starts at the word-piece there)},
         normalised jointly over every passage's word-pieces and one "no answer" slot. The last
-        ``max_cached`` answers are kept (scoring and generating the same question reuse them);
-        training mode always recomputes."""
+        256 answers are kept (scoring and generating the same question reuse them); training
+        mode always recomputes."""
         if not passages:
             return []
-        key = (question, tuple(passages))
-        with self._lock:
-            hit = self._recent.get(key) if not self.training else None
-            if hit is not None:
-                self._recent.move_to_end(key)
-                return hit
-        out = self._char_log_probs(question, passages)
-        with self._lock:
-            self._recent[key] = out
-            while len(self._recent) > self.max_cached:
-                self._recent.popitem(last=False)
-        return out
+        return self._recent.get_or_make((question, tuple(passages)),
+                                        lambda: self._char_log_probs(question, passages), reuse=not self.training)
 
     @torch.no_grad()
     def _char_log_probs(self, question: str, passages: Sequence[str]) -> list[dict[int, float]]:
