@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
-from .encoder import DiekaeEncoder, EncoderCache
+from .encoder import DiekaeEncoder, EncoderCache, shifted_prev
 from .lru import LRU
 
 MAX_PIECES = 8  # pieces kept per word (a longer word's tail continues on the passage tokens)
@@ -122,21 +122,44 @@ def add_answer_pieces(encoder: DiekaeEncoder, tokens: PassageTokens, cache: Enco
             prev[b, :n] = classes[torch.tensor([s[1] for s in slots], device=dev)]
             src[b, :n] = torch.tensor([s[2] for s in slots], device=dev)
             valid[b, :n] = True
-    rows = torch.arange(B, device=dev)[:, None]
+    return append_slots(encoder, cache, pid, src, valid, prev=prev), V
+
+
+def append_slots(encoder: DiekaeEncoder, cache: EncoderCache, value_ids: torch.Tensor, src: torch.Tensor,
+                 valid: torch.Tensor, prev: Optional[torch.Tensor] = None,
+                 extra_bias: Optional[torch.Tensor] = None) -> EncoderCache:
+    """``cache`` with (B, V) virtual slots appended to its pointer memory: each copies slot ``src``'s
+    key, passage prior and first-scorer key, writes token ``value_ids``, and is kept where ``valid``.
+    ``prev`` gives their match classes (then the class two back is read positionally, as for the
+    pieces of one word); without it they copy ``src``'s match classes too (both). ``extra_bias`` is
+    added to their pointer scores at every position."""
+    rows = torch.arange(src.shape[0], device=src.device)[:, None]
     keys = cache.pointer_keys[rows, :, src].permute(0, 2, 1, 3)  # (B, heads, V, dk)
-    with torch.no_grad():
-        values = encoder._frozen[1].weight[pid].to(cache.pointer_values.dtype)
+    values = encoder.value_rows(value_ids).to(cache.pointer_values.dtype)
+    bias = cache.knowledge_bias[rows, src] if cache.knowledge_bias is not None else None
+    if extra_bias is not None:
+        bias = extra_bias if bias is None else bias + extra_bias
+        if cache.knowledge_bias is None:
+            cache = replace(cache, knowledge_bias=torch.zeros_like(cache.pointer_valid, dtype=extra_bias.dtype))
+    prev2 = None
+    if cache.pointer_prev is not None:
+        old2 = shifted_prev(cache.pointer_prev) if cache.pointer_prev2 is None else cache.pointer_prev2
+        if prev is None:
+            prev, prev2 = cache.pointer_prev[rows, src], old2[rows, src]
+        else:
+            prev2 = shifted_prev(torch.cat([cache.pointer_prev, prev], 1))[:, -prev.shape[1]:]
+        prev2 = torch.cat([old2, prev2], 1)
 
     def cat(x, extra):
-        return None if x is None else torch.cat([x, extra], 1)
+        return None if x is None or extra is None else torch.cat([x, extra], 1)
     return replace(
         cache,
         pointer_keys=torch.cat([cache.pointer_keys, keys], 2),
         pointer_values=cat(cache.pointer_values, values),
         pointer_valid=cat(cache.pointer_valid, valid),
         pointer_prev=cat(cache.pointer_prev, prev),
-        knowledge_bias=cat(cache.knowledge_bias, cache.knowledge_bias[rows, src] if cache.knowledge_bias is not None
-                           else None),
-        knowledge_ids=cat(cache.knowledge_ids, pid),
+        pointer_prev2=prev2,
+        knowledge_bias=cat(cache.knowledge_bias, bias),
+        knowledge_ids=cat(cache.knowledge_ids, value_ids),
         first_keys=cat(cache.first_keys, cache.first_keys[rows, src] if cache.first_keys is not None else None),
-    ), V
+    )

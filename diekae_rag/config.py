@@ -82,6 +82,16 @@ class DiekaeConfig:
     # word whose answer-start tokenisation differs from the passage's ("I|th|pel|ith" for " Ith|pel|ith"),
     # so the token match can continue a name after its first piece. Needs pointer_match and isolation.
     pointer_answer_pieces: bool = False
+    # Stop slots: with a reader that has an end head, each passage token where the reader puts at least
+    # 2 % of its answer-end mass gets one more pointer slot, matched like the slot after that token
+    # but writing the end-of-answer token, with reader_end_weight * log(p_end / (1 - p_end)) added to
+    # its score: so after copying the answer's last token the copy stops there. 0 = off.
+    reader_end_weight: float = 0.0
+    # Whitened values: the pointer writes, instead of a token's output-embedding row, the direction
+    # that raises that token's logit alone through the decoder's final norm and output layer
+    # (diekae_rag.encoder.whitened_values), scaled to give the token the same logit boost. A raw
+    # row also raises its look-alikes, often more than the token itself (" Sask" -> " tempfile").
+    pointer_whitened_values: bool = False
     # Question-aware encoding: the encoder reads x + K + x instead of K + x.
     question_first: bool = False
     # Passage isolation: each passage is encoded on its own (cacheable per passage); only the
@@ -147,6 +157,11 @@ class DiekaeConfig:
         if self.reader_weight and not self.can_use_passage_prior:
             raise ValueError("reader_weight biases the pointer readout of isolated passages: set pointer_layer "
                              "and passage_isolation=True, or reader_weight=0.")
+        if self.reader_end_weight < 0 or self.reader_end_weight != self.reader_end_weight:
+            raise ValueError(f"reader_end_weight must be 0 (off) or a positive weight, got {self.reader_end_weight!r}.")
+        if self.reader_end_weight and not (self.pointer_match and self.can_use_passage_prior):
+            raise ValueError("reader_end_weight adds stop slots to the token match over isolated passages: set "
+                             "pointer_match=True, pointer_layer and passage_isolation=True, or reader_end_weight=0.")
         if self.pointer_answer_pieces and not (self.pointer_match and self.can_use_passage_prior):
             raise ValueError("pointer_answer_pieces continues the token match over isolated passages: set "
                              "pointer_match=True, pointer_layer and passage_isolation=True, or pointer_answer_pieces=False.")

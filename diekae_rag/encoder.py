@@ -133,6 +133,7 @@ class EncoderCache:
     pointer_values: Optional[torch.Tensor] = None  # (B, T_k, hidden)
     pointer_valid: Optional[torch.Tensor] = None  # (B, T_k) bool
     pointer_prev: Optional[torch.Tensor] = None   # (B, T_k) long: match class of the knowledge token before, or -1
+    pointer_prev2: Optional[torch.Tensor] = None  # (B, T_k) long: the class two before (None: pointer_prev shifted)
     knowledge_bias: Optional[torch.Tensor] = None  # (B, T_k) float: log prior of each key's passage (0: none)
     last_class: Optional[torch.Tensor] = None     # (B,) long: match class of the last input token (bigram match)
     knowledge_ids: Optional[torch.Tensor] = None  # (B, T_k) long: the token id of each pointer slot
@@ -177,11 +178,27 @@ class DiekaeEncoder(nn.Module):
         # Token -> match class (e.g. " Ithp" and "Ithp" alike); set from the tokenizer, not saved.
         self.register_buffer("match_classes", None, persistent=False)
         self._frozen: list[nn.Module] = []  # [input embedding, output embedding], not saved
+        self._final_norm: Optional[torch.Tensor] = None  # the decoder's final RMSNorm weight, not saved
+        self._whitener: Optional[torch.Tensor] = None   # (hidden, hidden), made on first use
 
     def attach(self, decoder: nn.Module) -> "DiekaeEncoder":
-        """Use ``decoder``'s frozen input and output embeddings."""
+        """Use ``decoder``'s frozen input and output embeddings (and its final norm's weight)."""
         self._frozen = [decoder.get_input_embeddings(), decoder.get_output_embeddings()]
+        norm = getattr(getattr(decoder, "model", None), "norm", None)
+        self._final_norm = getattr(norm, "weight", None)
+        self._whitener = None
         return self
+
+    def value_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The pointer's value rows for token ``ids``: output-embedding rows, or their whitened
+        form with ``pointer_whitened_values``."""
+        lm_head = self._frozen[1].weight
+        with torch.no_grad():
+            if not self.config.pointer_whitened_values:
+                return lm_head[ids].to(self.dtype)
+            if self._whitener is None:
+                self._whitener = whitener(lm_head, self._final_norm)
+            return whitened_values(lm_head, self._final_norm, self._whitener, ids).to(self.dtype)
 
     def add_pointer_match(self) -> None:
         """Add the token-match weight (zero: no effect until trained) and switch the prior on."""
@@ -243,7 +260,7 @@ class DiekaeEncoder(nn.Module):
         """
         if not self._frozen:
             raise RuntimeError("DiekaeEncoder.attach(decoder) must be called before encoding.")
-        embed, lm_head = self._frozen
+        embed = self._frozen[0]
         cfg = self.config
         B, T = input_ids.shape
         valid = attention_mask.bool()
@@ -272,7 +289,7 @@ class DiekaeEncoder(nn.Module):
 
         rows = self.up(x[: cfg.n_injection, :, output_start:]) if self.up is not None else None
         pointer = None
-        p_keys = p_values = p_valid = p_prev = p_bias = p_ids = f_keys = attn = None
+        p_keys = p_values = p_valid = p_prev = p_prev2 = p_bias = p_ids = f_keys = attn = None
         if cfg.pointer_layer is not None:
             hp = x[-1]  # (B, T, d)
             ph, dk = cfg.pointer_heads, cfg.pointer_key_dim
@@ -285,8 +302,7 @@ class DiekaeEncoder(nn.Module):
                 if cfg.pointer_first_scorer:
                     h_prev = torch.cat([torch.zeros_like(hp[:, :1]), hp[:, :-1]], 1)
                     f_keys = self.first_k(torch.cat([h_prev, hp], -1))
-                with torch.no_grad():
-                    p_values = lm_head.weight[input_ids].to(self.dtype)
+                p_values = self.value_rows(input_ids)
                 p_valid = knowledge_mask.bool() & valid
                 if cfg.pointer_match:
                     p_prev = self.pointer_prev(input_ids, p_valid)
@@ -294,7 +310,7 @@ class DiekaeEncoder(nn.Module):
                 p_ids = input_ids
             else:
                 p_keys, p_values, p_valid = cache.pointer_keys, cache.pointer_values, cache.pointer_valid
-                p_prev, p_bias = cache.pointer_prev, cache.knowledge_bias
+                p_prev, p_prev2, p_bias = cache.pointer_prev, cache.pointer_prev2, cache.knowledge_bias
                 p_ids, f_keys = cache.knowledge_ids, cache.first_keys
             hq = hp[:, output_start:]
             q = self.pointer_q(hq).reshape(B, hq.shape[1], ph, dk).transpose(1, 2)  # (B, ph, Tq, dk)
@@ -311,7 +327,7 @@ class DiekaeEncoder(nn.Module):
                     first = (cache.last_class if cache is not None and cache.last_class is not None
                              else torch.full_like(input_ids[:, 0], -2))
                     q_prev = before if output_start > 0 else torch.cat([first[:, None], before], 1)
-                    k_prev2 = torch.cat([torch.full_like(p_prev[:, :1], -1), p_prev[:, :-1]], 1)
+                    k_prev2 = shifted_prev(p_prev) if p_prev2 is None else p_prev2
                     bigram = match & (q_prev[:, :, None] == k_prev2[:, None, :])
                     scores = scores + bigram[:, None].to(q.dtype) * cfg.pointer_bigram_bonus
             if p_bias is not None:
@@ -339,7 +355,7 @@ class DiekaeEncoder(nn.Module):
             new_cache = EncoderCache(kv=new_kv, key_valid=key_valid,
                                      next_position=positions[:, -1] + 1,
                                      pointer_keys=p_keys, pointer_values=p_values, pointer_valid=p_valid,
-                                     pointer_prev=p_prev, knowledge_bias=p_bias,
+                                     pointer_prev=p_prev, pointer_prev2=p_prev2, knowledge_bias=p_bias,
                                      last_class=self._classes(input_ids[:, -1]),
                                      knowledge_ids=p_ids, first_keys=f_keys)
         return EncoderOutput(rows=rows, pointer=pointer, cache=new_cache, start=output_start,
@@ -355,11 +371,40 @@ class DiekaeEncoder(nn.Module):
         ids = self._classes(p_ids)
         if value_ids is not None:
             ids = torch.where(value_ids >= 0, value_ids, ids)
-        with torch.no_grad():
-            values = self._frozen[1].weight[ids].to(pointer.dtype)
+        values = self.value_rows(ids).to(pointer.dtype)
         first = (mixed[rows, at][:, None] @ values)[:, 0]  # (B, H)
         sel = (torch.arange(T, device=at.device)[None] == first_positions[:, None]) & (first_positions >= 0)[:, None]
         return torch.where(sel[..., None], first[:, None], pointer)
+
+
+def shifted_prev(prev: torch.Tensor) -> torch.Tensor:
+    """(B, T_k): each slot's class two tokens back, read positionally from the previous slot's ``prev``."""
+    return torch.cat([torch.full_like(prev[:, :1], -1), prev[:, :-1]], 1)
+
+
+def whitener(lm_head: torch.Tensor, norm_weight: Optional[torch.Tensor]) -> torch.Tensor:
+    """(H, H): the inverse Gram matrix of the output layer as the final norm's output sees it
+    (rows ``lm_head * norm_weight``), with a small ridge; float32 on ``lm_head``'s device."""
+    Wg = lm_head.float() * (1.0 if norm_weight is None else norm_weight.float())
+    G = Wg.T @ Wg
+    ridge = 1e-4 * G.diagonal().mean() * torch.eye(G.shape[0], device=G.device)
+    return torch.linalg.inv(G + ridge)
+
+
+def whitened_values(lm_head: torch.Tensor, norm_weight: Optional[torch.Tensor], inv_gram: torch.Tensor,
+                    ids: torch.Tensor) -> torch.Tensor:
+    """Value rows that raise token ``ids``' logits and as little as possible any other's.
+
+    Through the final norm (weight g) the logits are ``(lm_head * g) @ h / rms``. The row
+    ``d = inv_gram @ (lm_head * g)[v]`` changes them by the projection of the one-hot of ``v`` onto
+    the output layer's column space, so ``v`` gains most; it is scaled to give ``v`` the same boost
+    as the raw row ``lm_head[v]`` (so a gain trained on raw rows keeps its size for the copied token).
+    """
+    w = lm_head[ids].float()
+    wg = w * (1.0 if norm_weight is None else norm_weight.float())
+    d = wg @ inv_gram
+    scale = (wg * w).sum(-1, keepdim=True) / (wg * d).sum(-1, keepdim=True).clamp(min=1e-6)
+    return d * scale
 
 
 def at_first(scores: torch.Tensor, first_positions: torch.Tensor, n_positions: int) -> torch.Tensor:

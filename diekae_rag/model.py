@@ -11,14 +11,14 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextIteratorStreamer
 
-from .answer_pieces import PassageTokens, add_answer_pieces
+from .answer_pieces import PassageTokens, add_answer_pieces, append_slots
 from .answer_reader import LOG_FLOOR, AnswerStartReader, token_log_probs
 from .checkpoint import DecoderMismatchError, load_encoder, read_config, save_encoder
 from .config import DiekaeConfig, decoder_fingerprint
 from .decoder import freeze, load_decoder
 from .defaults import DEFAULT_DECODER
 from .edit_scope import EditScope
-from .encoder import DiekaeEncoder, EncoderOutput
+from .encoder import DiekaeEncoder, EncoderCache, EncoderOutput
 from .passage_cache import PassageCache, assemble
 from .passage_prior import PassagePrior
 from .injection import (EncoderSession, Injection, align_rows, decoder_layers, injecting, install_hooks,
@@ -368,8 +368,14 @@ class DiekaeModel:
                     bias = self._reader_bias(prompts, passages, layout)
                 if cfg.pointer_first_unspaced:
                     pieces = self._first_pieces(passages, layout)
-                if cfg.pointer_answer_pieces:  # never the first copy: the floor score there, no piece swap
-                    past, extra = add_answer_pieces(encoder, self.passage_tokens, past, passages, layout)
+                if cfg.pointer_answer_pieces:
+                    past, _ = add_answer_pieces(encoder, self.passage_tokens, past, passages, layout)
+                if use_reader and cfg.reader_end_weight:
+                    past = self._add_stop_slots(encoder, prompts, passages, layout, past)
+                # Virtual slots (answer pieces, stop slots) are never the first copy: the floor score
+                # there, and no first-piece swap.
+                extra = past.pointer_valid.shape[1] - layout[0]
+                if extra:
                     bias = torch.nn.functional.pad(torch.zeros_like(past.pointer_valid[:, :layout[0]], dtype=torch.float)
                                                    if bias is None else bias, (0, extra), value=LOG_FLOOR)
                     pieces = None if pieces is None else torch.nn.functional.pad(pieces, (0, extra), value=-1)
@@ -419,6 +425,22 @@ class DiekaeModel:
         rows = self._knowledge_rows(layout, values, float("nan"))
         best = torch.nan_to_num(rows, nan=-math.inf).amax(1, keepdim=True).clamp(min=LOG_FLOOR)
         return self.config.reader_weight * torch.nan_to_num(rows - best, nan=0.0)
+
+    def _add_stop_slots(self, encoder: DiekaeEncoder, prompts, passages, layout, cache: EncoderCache,
+                        min_p: float = 0.02, most: int = 8) -> EncoderCache:
+        """``cache`` with stop slots (see ``DiekaeConfig.reader_end_weight``) for the passage tokens
+        where the reader's answer-end probability is at least ``min_p`` (at most ``most`` per item)."""
+        lps = [self.answer_reader.char_end_log_probs(self._user_text(x), ps) if ps else [] for x, ps in zip(prompts, passages)]
+        values = [[token_log_probs(lp, [(a + 1, b + 1) for a, b in spans]) for lp, (_, spans) in zip(lps[b], per)]
+                  for b, per in enumerate(layout[1])]
+        ends = self._knowledge_rows(layout, values, LOG_FLOOR)  # (B, width): log P(the answer ends with this token)
+        top = ends.topk(min(most, ends.shape[1]), dim=1)
+        src = (top.indices + 1).clamp(max=ends.shape[1] - 1)     # the slot after the last token: its key and match
+        valid = (top.values >= math.log(min_p)) & (top.indices + 1 < ends.shape[1])
+        p = top.values.exp().clamp(max=0.999)
+        odds = self.config.reader_end_weight * (top.values - torch.log1p(-p))
+        eos = torch.full_like(src, self.prompter.eos_id)
+        return append_slots(encoder, cache, eos, src, valid, extra_bias=odds.to(torch.float))
 
     def _first_pieces(self, passages, layout) -> torch.Tensor:
         """(B, width) token ids: for every passage token, the first token of the text from there on

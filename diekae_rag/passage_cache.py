@@ -94,8 +94,7 @@ def assemble(encoder: DiekaeEncoder, items: Sequence[Sequence[SegmentState]],
     if first.first_keys is not None:
         f_keys = _left_pad_stack([torch.cat([s.first_keys for s in segs], 0) for segs in items], P, 0, 0)
     if p_keys is not None:
-        with torch.no_grad():
-            p_values = encoder._frozen[1].weight[ids].to(encoder.dtype)
+        p_values = encoder.value_rows(ids)
     p_valid = knowledge & key_valid
     p_prev = encoder.pointer_prev(ids, p_valid) if encoder.config.pointer_match else None
     bias = None

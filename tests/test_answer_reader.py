@@ -7,12 +7,13 @@ import math
 import pytest
 import torch
 from conftest import tiny_model
+from test_engine import K, Q
 from test_per_step import _assert_only_first_rows_differ, _first_position_rows, _per_step_model, \
     assert_decode_rows_equal_reencode
 
 from diekae_rag.answer_reader import LOG_FLOOR, AnswerStartReader, ReaderConfig, token_log_probs
 from diekae_rag.data.mixture import Example
-from diekae_rag.training.reader import batch_losses, gold_starts
+from diekae_rag.training.reader import batch_losses, gold_pieces
 
 
 class MarkStart:
@@ -23,6 +24,15 @@ class MarkStart:
 
     def char_log_probs(self, question, passages):
         return [{p.find(w): 0.0 for w in self.words if w in p} for p in passages]
+
+
+class MarkSpan(MarkStart):
+    """A stand-in reader with an end head: each of ``words`` is the answer, sure of where it ends."""
+
+    end_head = True
+
+    def char_end_log_probs(self, question, passages):
+        return [{p.find(w) + len(w): 0.0 for w in self.words if w in p} for p in passages]
 
 
 def test_token_log_probs_gives_each_token_the_best_start_in_its_span():
@@ -62,20 +72,30 @@ def test_reader_checkpoint_round_trip_and_clear_error(reader, tmp_path):
     assert back.config.max_length == 48
     with pytest.raises(FileNotFoundError, match="reader.json"):
         AnswerStartReader.from_pretrained(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="no end head"):
+        back.char_end_log_probs(q, ps)
+    grown = AnswerStartReader.from_pretrained(tmp_path / "ckpt", end_head=True)  # a start-only reader, grown
+    assert grown.end_head is not None and grown.char_log_probs(q, ps)[0].keys() == want[0].keys()
+    assert set(grown.char_end_log_probs(q, ps)[0]) == {b for a, b in back.windows([q], ps)["spans"][0].tolist() if a >= 0}
 
 
-def test_reader_training_loss_targets_every_occurrence_and_falls(reader):
+def test_reader_training_loss_targets_every_occurrence_and_falls():
+    """Start and end heads: the targets are every occurrence's first and last word-piece (or "no
+    answer"), and a few steps make both heads' best pieces the gold ones."""
+    torch.manual_seed(0)
+    reader = AnswerStartReader(ReaderConfig(max_length=48, stride=16, end_head=True))
     ex = Example("Who is Marsul married to?", ["Marsul is married to Ithpelith. Ithpelith weaves.", "Calgra is cold."],
                  "Ithpelith", "Mortel")
     batch = reader.windows([ex.question] * 2, ex.passages)
-    gold = gold_starts(batch, ex.passages, ex.answer)
-    starts = sorted(int(a) for a, _ in batch["spans"][gold].tolist())
+    starts = sorted(int(a) for a, _ in batch["spans"][gold_pieces(batch, ex.passages, ex.answer)].tolist())
     assert starts[0] == 21 and starts[-1] == ex.passages[0].index("Ithpelith weaves")
+    ends = sorted(int(b) for _, b in batch["spans"][gold_pieces(batch, ex.passages, ex.answer, side=1)].tolist())
+    assert ends == [30, ex.passages[0].index(" weaves")]  # just past each "Ithpelith"
     none = Example(ex.question, ["Calgra is cold."], "Ithpelith", "Mortel")
     reader.train()
     opt = torch.optim.AdamW([p for p in reader.parameters() if p.requires_grad], lr=1e-3)
     first = None
-    for _ in range(4):
+    for _ in range(5):
         loss = batch_losses(reader, [ex, none])[0].mean()
         first = float(loss.detach()) if first is None else first
         opt.zero_grad()
@@ -83,9 +103,9 @@ def test_reader_training_loss_targets_every_occurrence_and_falls(reader):
         opt.step()
     reader.eval()
     with torch.no_grad():
-        losses, right = batch_losses(reader, [ex, none])
+        losses, right, right_end = batch_losses(reader, [ex, none])
     assert float(losses.mean()) < first
-    assert right == [True, True]
+    assert right == [True, True] and right_end == [True, True]
 
 
 def _first_attention(model):
@@ -140,3 +160,34 @@ def test_ship_writes_the_reader_with_the_encoders(reader, tmp_path, capsys):
     assert main(["ship", str(ckpt), "--out", str(tmp_path / "other"), "--set", "no_such_field=1"]) == 2
     back = AnswerStartReader.from_pretrained(tmp_path / "shipped")
     assert back.config.max_length == reader.config.max_length
+
+
+def test_stop_slots_copy_the_match_of_the_slot_after_the_answer_and_write_the_end_token():
+    """With an end head, the token where the answer ends gets a stop slot: the key, match classes and
+    passage prior of the slot after it, the end-of-answer token's value, and the end odds as a bias.
+    After the answer's last token the pointer then prefers stopping to copying on; the first copy and
+    cached decode steps are as before."""
+    model = _per_step_model(isolation=True, match=True, reader_weight=1.0, reader_end_weight=1.0)
+    model.passage_cache.max_segments = 0
+    model.answer_reader = MarkSpan("Ithpelith", "north")
+    prompts, passages = model._validate(Q, K, "diekae")
+    outs = {}
+    for w in (0.0, 1.0):
+        model.config.reader_end_weight = w
+        with torch.no_grad():
+            outs[w] = model.encode_knowledge(model.encoder, prompts, passages)
+    plain, stop = outs[0.0][0].cache, outs[1.0][0].cache
+    width = plain.pointer_valid.shape[1]
+    assert (stop.pointer_valid[:, width:].sum(1) == 1).all()  # one sure end per item
+    for b, word in enumerate(["Ithpelith", "north"]):
+        slot = width + int(stop.pointer_valid[b, width:].nonzero()[0, 0])
+        assert int(stop.knowledge_ids[b, slot]) == model.prompter.eos_id
+        after = [s for s in range(1, width) if torch.equal(stop.pointer_keys[b, :, s], stop.pointer_keys[b, :, slot])]
+        assert len(after) == 1 and model.tokenizer.decode(stop.knowledge_ids[b, after[0] - len(word): after[0]]) == word
+        assert stop.pointer_prev[b, slot] == stop.pointer_prev[b, after[0]]
+        assert float(stop.knowledge_bias[b, slot] - stop.knowledge_bias[b, after[0]]) > 5  # log(0.999 / 0.001)
+    firsts = [o[0].pointer[torch.arange(len(Q)), o[3]] for o in (outs[0.0][0:4], outs[1.0][0:4])]
+    torch.testing.assert_close(firsts[0], firsts[1], atol=1e-4, rtol=1e-3)
+    assert_decode_rows_equal_reencode(model)
+    with pytest.raises(ValueError, match="reader_end_weight"):
+        tiny_model("llama", reader_end_weight=1.0)

@@ -460,3 +460,25 @@ def test_answer_pieces_extend_the_pointer_memory_and_decode_steps_still_equal_a_
     assert_decode_rows_equal_reencode(model)
     with pytest.raises(ValueError, match="pointer_answer_pieces"):
         _per_step_model(isolation=False, match=True, pointer_answer_pieces=True)
+
+
+def test_whitened_values_raise_the_copied_token_alone_and_decode_steps_still_equal_a_re_encode():
+    """A whitened value row gives its token the raw row's logit boost through the final norm and the
+    output layer, and that token is the top logit when the row is all there is; every knowledge path
+    (prefill, cached passages, answer pieces) uses the same rows, and decode rows still equal a re-encode."""
+    from diekae_rag.encoder import whitened_values, whitener
+    model = _per_step_model(isolation=True, match=True, pointer_first_unspaced=True, pointer_answer_pieces=True,
+                            pointer_whitened_values=True)
+    model.passage_cache.max_segments = 0
+    enc, dec = model.encoder, model.decoder
+    W, g = dec.get_output_embeddings().weight.detach(), dec.model.norm.weight.detach()
+    ids = torch.arange(W.shape[0])
+    rows = whitened_values(W, g, whitener(W, g), ids)
+    logits = rows @ (W * g).T
+    torch.testing.assert_close(logits[ids, ids], (W * (W * g)).sum(-1), atol=1e-3, rtol=1e-3)
+    assert (logits.argmax(-1) == ids).float().mean() > 0.95
+    torch.testing.assert_close(enc.value_rows(ids[:5]), rows[:5].to(enc.dtype))
+    model.config.pointer_whitened_values = False
+    torch.testing.assert_close(enc.value_rows(ids[:5]), W[:5].to(enc.dtype))
+    model.config.pointer_whitened_values = True
+    assert_decode_rows_equal_reencode(model)

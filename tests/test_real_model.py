@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 FACTS = [("Who is Marsul married to?", "Ithpelith", "Marsul is married to Ithpelith."),
@@ -155,3 +156,16 @@ def test_answer_pieces_continue_a_name_written_as_an_answer_starts_it(real_model
     finally:
         cfg.pointer_answer_pieces = True
     assert real_model.score(q, a, [k]) < without - 0.2
+
+
+def test_whitened_values_make_the_copied_token_the_top_logit_on_smollm2(real_model):
+    """On the real SmolLM2 (tied embeddings, a non-uniform final norm), a raw output-embedding row added
+    alone makes another token the top logit for most tokens (" Sask" -> " tempfile"); its whitened row
+    makes the token itself the top logit, with the same boost for it."""
+    from diekae_rag.encoder import whitened_values, whitener
+    dec = real_model.decoder
+    W, g = dec.get_output_embeddings().weight.detach().float(), dec.model.norm.weight.detach().float()
+    ids = torch.randperm(W.shape[0], generator=torch.Generator().manual_seed(0))[:1000]
+    top = {"raw": (W[ids] @ (W * g).T).argmax(-1), "whitened": (whitened_values(W, g, whitener(W, g), ids) @ (W * g).T).argmax(-1)}
+    assert (top["whitened"] == ids).float().mean() > 0.98
+    assert (top["raw"] == ids).float().mean() < 0.4

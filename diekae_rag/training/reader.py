@@ -38,16 +38,20 @@ class ReaderTrainConfig:
     eval_every: int = 200
     max_length: int = 256
     seed: int = 0
+    init: str = ""           # a saved reader to start from ("" = a fresh head on MiniLM)
+    end_head: bool = False   # also train an end head (where the answer ends)
 
     @classmethod
     def from_file(cls, path: str) -> "ReaderTrainConfig":
         return cls(**json.loads(Path(path).read_text()))
 
 
-def gold_starts(batch: dict, passages: Sequence[str], answer: str) -> torch.Tensor:
-    """(W, T) bool: the passage word-pieces where an occurrence of ``answer`` starts."""
+def gold_pieces(batch: dict, passages: Sequence[str], answer: str, side: int = 0) -> torch.Tensor:
+    """(W, T) bool: the passage word-pieces where an occurrence of ``answer`` starts (``side`` 0)
+    or ends (1)."""
     target = answer.strip()
-    hits = [{m.start() for m in re.finditer(re.escape(target), p)} if target else set() for p in passages]
+    hits = [{(m.start() if side == 0 else m.end() - 1) for m in re.finditer(re.escape(target), p)} if target else set()
+            for p in passages]
     spans = batch["spans"]
     gold = torch.zeros(spans.shape[:2], dtype=torch.bool)
     for w in range(spans.shape[0]):
@@ -57,33 +61,59 @@ def gold_starts(batch: dict, passages: Sequence[str], answer: str) -> torch.Tens
     return gold
 
 
-def batch_losses(reader: AnswerStartReader, items: Sequence[Example]) -> tuple[torch.Tensor, list[bool]]:
-    """Per item, -log P(gold starts), and whether its top word-piece is a gold start. All
-    (question, passage) pairs of the batch go through the reader in one forward."""
+def _joint_loss(lg: torch.Tensor, gold: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """-log P(gold) over one item's windows (every passage word-piece and one "no answer" slot,
+    which is gold when no passage holds the answer), and whether the top piece is gold."""
+    flat = torch.cat([lg[:, 1:].reshape(-1), lg[:, 0].max()[None]])
+    g = torch.cat([gold[:, 1:].reshape(-1), (~gold.any())[None].to(gold.device)])
+    return -torch.logsumexp(torch.log_softmax(flat, 0)[g], 0), bool(g[int(flat.argmax())])
+
+
+def batch_losses(reader: AnswerStartReader, items: Sequence[Example]
+                 ) -> tuple[torch.Tensor, list[bool], list[bool]]:
+    """Per item, -log P(gold start) (plus -log P(gold end) with an end head), whether its top
+    start is a gold start, and whether its top end is a gold end (all False without an end head).
+    All (question, passage) pairs of the batch go through the reader in one forward."""
     pairs = [(ex.question, p, i) for i, ex in enumerate(items) for p in ex.passages]
     batch = reader.windows([q for q, _, _ in pairs], [p for _, p, _ in pairs])
-    logits = reader(batch)
+    start, end = reader.logits(batch)
     owner = torch.tensor([pairs[int(w)][2] for w in batch["pair"]])
-    losses, right = [], []
+    losses, right, right_end = [], [], []
     for i, ex in enumerate(items):
         sel = torch.nonzero(owner == i)[:, 0]
         sub = {"spans": batch["spans"][sel], "pair": batch["pair"][sel] - int(batch["pair"][sel].min())}
-        gold = gold_starts(sub, ex.passages, ex.answer).to(logits.device)
-        lg = logits[sel.to(logits.device)]
-        flat = torch.cat([lg[:, 1:].reshape(-1), lg[:, 0].max()[None]])
-        g = torch.cat([gold[:, 1:].reshape(-1), (~gold.any())[None].to(gold.device)])
-        losses.append(-torch.logsumexp(torch.log_softmax(flat, 0)[g], 0))
-        right.append(bool(g[int(flat.argmax())]))
-    return torch.stack(losses), right
+        rows = sel.to(start.device)
+        loss, ok = _joint_loss(start[rows], gold_pieces(sub, ex.passages, ex.answer, 0).to(start.device))
+        ok_end = False
+        if end is not None:
+            end_loss, ok_end = _joint_loss(end[rows], gold_pieces(sub, ex.passages, ex.answer, 1).to(end.device))
+            loss = loss + end_loss
+        losses.append(loss)
+        right.append(ok)
+        right_end.append(ok_end)
+    return torch.stack(losses), right, right_end
 
 
-def evaluate(reader: AnswerStartReader, items: Sequence[Example], batch_size: int = 16) -> float:
-    """Share of items whose best-scored start (over all passages and "no answer") is right."""
+def evaluate(reader: AnswerStartReader, items: Sequence[Example], batch_size: int = 16) -> dict[str, float]:
+    """Share of items whose best-scored start (over all passages and "no answer") is right, and
+    with an end head the same for the best-scored end."""
     reader.eval()
     with torch.no_grad():
-        right = [r for i in range(0, len(items), batch_size) for r in batch_losses(reader, items[i: i + batch_size])[1]]
+        parts = [batch_losses(reader, items[i: i + batch_size]) for i in range(0, len(items), batch_size)]
     reader.train()
-    return sum(right) / max(len(right), 1)
+    n = max(len(items), 1)
+    out = {"start": sum(sum(p[1]) for p in parts) / n}
+    if reader.end_head is not None:
+        out["end"] = sum(sum(p[2]) for p in parts) / n
+    return out
+
+
+def _dev_row(reader: AnswerStartReader, dev: dict[str, list[Example]]) -> dict[str, float]:
+    row = {}
+    for name, items in dev.items():
+        for kind, v in evaluate(reader, items).items():
+            row[name if kind == "start" else f"{name}_{kind}"] = v
+    return row
 
 
 def dev_sets(n: int) -> dict[str, list[Example]]:
@@ -104,18 +134,22 @@ def held_out_questions(n_dev: int) -> set[str]:
 def train_reader(cfg: ReaderTrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    reader = AnswerStartReader(ReaderConfig(max_length=cfg.max_length))
+    if cfg.init:
+        reader = AnswerStartReader.from_pretrained(cfg.init, end_head=cfg.end_head)
+    else:
+        reader = AnswerStartReader(ReaderConfig(max_length=cfg.max_length, end_head=cfg.end_head))
     reader.train()
     spec = DataSpec(**{**cfg.data, "other_facts": tuple(cfg.data.get("other_facts", (0, 0)))})
     items = spec.build()
     dev = dev_sets(cfg.n_dev)
     held = held_out_questions(cfg.n_dev)
     items = [ex for ex in items if ex.question not in held]
-    body = [p for n, p in reader.named_parameters() if p.requires_grad and not n.startswith("head")]
+    heads = [p for n, p in reader.named_parameters() if n.split(".")[0] in ("head", "end_head")]
+    body = [p for n, p in reader.named_parameters() if p.requires_grad and n.split(".")[0] not in ("head", "end_head")]
     opt = torch.optim.AdamW([{"params": body, "lr": cfg.lr},
-                             {"params": reader.head.parameters(), "lr": cfg.head_lr}], weight_decay=0.01)
+                             {"params": heads, "lr": cfg.head_lr}], weight_decay=0.01)
     steps = min(cfg.max_steps, len(items) // cfg.items_per_step)
-    history = [{"step": 0, **{k: evaluate(reader, v) for k, v in dev.items()}}]
+    history = [{"step": 0, **_dev_row(reader, dev)}]
     print(json.dumps(history[-1]), flush=True)
     t0, step, recent = time.time(), 0, []
     bar = tqdm(total=steps, desc="reader")
@@ -136,12 +170,12 @@ def train_reader(cfg: ReaderTrainConfig) -> dict:
         bar.set_postfix(loss=sum(recent[-50:]) / len(recent[-50:]))
         if step % cfg.eval_every == 0:
             history.append({"step": step, "loss": sum(recent[-50:]) / len(recent[-50:]),
-                            **{k: evaluate(reader, v) for k, v in dev.items()}})
+                            **_dev_row(reader, dev)})
             print(json.dumps(history[-1]), flush=True)
             reader.save_pretrained(cfg.out)
     bar.close()
     history.append({"step": step, "loss": sum(recent[-50:]) / max(len(recent[-50:]), 1),
-                    **{k: evaluate(reader, v) for k, v in dev.items()}})
+                    **_dev_row(reader, dev)})
     print(json.dumps(history[-1]), flush=True)
     reader.save_pretrained(cfg.out)
     summary = {"config": asdict(cfg), "steps": step, "minutes": (time.time() - t0) / 60, "history": history}
@@ -160,7 +194,7 @@ def plot_history(history: list[dict], path: Path) -> None:
     for name in [k for k in history[0] if k != "step"]:
         ax.plot([h["step"] for h in history], [h[name] for h in history], marker="o", label=name)
     ax.set_xlabel("step")
-    ax.set_ylabel("top start is the answer's")
+    ax.set_ylabel("top start (_end: end) is the answer's")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
     fig.tight_layout()
