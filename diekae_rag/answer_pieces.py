@@ -127,12 +127,13 @@ def add_answer_pieces(encoder: DiekaeEncoder, tokens: PassageTokens, cache: Enco
 
 def append_slots(encoder: DiekaeEncoder, cache: EncoderCache, value_ids: torch.Tensor, src: torch.Tensor,
                  valid: torch.Tensor, prev: Optional[torch.Tensor] = None,
-                 extra_bias: Optional[torch.Tensor] = None) -> EncoderCache:
+                 extra_bias: Optional[torch.Tensor] = None, match_only: bool = False) -> EncoderCache:
     """``cache`` with (B, V) virtual slots appended to its pointer memory: each copies slot ``src``'s
     key, passage prior and first-scorer key, writes token ``value_ids``, and is kept where ``valid``.
     ``prev`` gives their match classes (then the class two back is read positionally, as for the
     pieces of one word); without it they copy ``src``'s match classes too (both). ``extra_bias`` is
-    added to their pointer scores at every position."""
+    added to their pointer scores at every position; with ``match_only`` they can only be chosen where
+    the token match holds (right after their ``prev`` token was written)."""
     rows = torch.arange(src.shape[0], device=src.device)[:, None]
     keys = cache.pointer_keys[rows, :, src].permute(0, 2, 1, 3)  # (B, heads, V, dk)
     values = encoder.value_rows(value_ids).to(cache.pointer_values.dtype)
@@ -152,6 +153,10 @@ def append_slots(encoder: DiekaeEncoder, cache: EncoderCache, value_ids: torch.T
 
     def cat(x, extra):
         return None if x is None or extra is None else torch.cat([x, extra], 1)
+    only = cache.match_only
+    if match_only or only is not None:
+        only = torch.cat([torch.zeros_like(cache.pointer_valid) if only is None else only,
+                          torch.full_like(valid, match_only)], 1)
     return replace(
         cache,
         pointer_keys=torch.cat([cache.pointer_keys, keys], 2),
@@ -159,6 +164,7 @@ def append_slots(encoder: DiekaeEncoder, cache: EncoderCache, value_ids: torch.T
         pointer_valid=cat(cache.pointer_valid, valid),
         pointer_prev=cat(cache.pointer_prev, prev),
         pointer_prev2=prev2,
+        match_only=only,
         knowledge_bias=cat(cache.knowledge_bias, bias),
         knowledge_ids=cat(cache.knowledge_ids, value_ids),
         first_keys=cat(cache.first_keys, cache.first_keys[rows, src] if cache.first_keys is not None else None),

@@ -134,6 +134,7 @@ class EncoderCache:
     pointer_valid: Optional[torch.Tensor] = None  # (B, T_k) bool
     pointer_prev: Optional[torch.Tensor] = None   # (B, T_k) long: match class of the knowledge token before, or -1
     pointer_prev2: Optional[torch.Tensor] = None  # (B, T_k) long: the class two before (None: pointer_prev shifted)
+    match_only: Optional[torch.Tensor] = None     # (B, T_k) bool: slots reachable only where the token match holds
     knowledge_bias: Optional[torch.Tensor] = None  # (B, T_k) float: log prior of each key's passage (0: none)
     last_class: Optional[torch.Tensor] = None     # (B,) long: match class of the last input token (bigram match)
     knowledge_ids: Optional[torch.Tensor] = None  # (B, T_k) long: the token id of each pointer slot
@@ -289,7 +290,7 @@ class DiekaeEncoder(nn.Module):
 
         rows = self.up(x[: cfg.n_injection, :, output_start:]) if self.up is not None else None
         pointer = None
-        p_keys = p_values = p_valid = p_prev = p_prev2 = p_bias = p_ids = f_keys = attn = None
+        p_keys = p_values = p_valid = p_prev = p_prev2 = p_bias = p_ids = f_keys = attn = match_only = None
         if cfg.pointer_layer is not None:
             hp = x[-1]  # (B, T, d)
             ph, dk = cfg.pointer_heads, cfg.pointer_key_dim
@@ -311,6 +312,7 @@ class DiekaeEncoder(nn.Module):
             else:
                 p_keys, p_values, p_valid = cache.pointer_keys, cache.pointer_values, cache.pointer_valid
                 p_prev, p_prev2, p_bias = cache.pointer_prev, cache.pointer_prev2, cache.knowledge_bias
+                match_only = cache.match_only
                 p_ids, f_keys = cache.knowledge_ids, cache.first_keys
             hq = hp[:, output_start:]
             q = self.pointer_q(hq).reshape(B, hq.shape[1], ph, dk).transpose(1, 2)  # (B, ph, Tq, dk)
@@ -330,6 +332,8 @@ class DiekaeEncoder(nn.Module):
                     k_prev2 = shifted_prev(p_prev) if p_prev2 is None else p_prev2
                     bigram = match & (q_prev[:, :, None] == k_prev2[:, None, :])
                     scores = scores + bigram[:, None].to(q.dtype) * cfg.pointer_bigram_bonus
+                if match_only is not None:  # e.g. stop slots: only right after their token was written
+                    scores = scores.masked_fill((match_only[:, None, :] & ~match)[:, None], float("-inf"))
             if p_bias is not None:
                 scores = scores + p_bias[:, None, None, :].to(q.dtype)
             if first_positions is not None:
@@ -356,6 +360,7 @@ class DiekaeEncoder(nn.Module):
                                      next_position=positions[:, -1] + 1,
                                      pointer_keys=p_keys, pointer_values=p_values, pointer_valid=p_valid,
                                      pointer_prev=p_prev, pointer_prev2=p_prev2, knowledge_bias=p_bias,
+                                     match_only=match_only,
                                      last_class=self._classes(input_ids[:, -1]),
                                      knowledge_ids=p_ids, first_keys=f_keys)
         return EncoderOutput(rows=rows, pointer=pointer, cache=new_cache, start=output_start,

@@ -429,7 +429,8 @@ class DiekaeModel:
     def _add_stop_slots(self, encoder: DiekaeEncoder, prompts, passages, layout, cache: EncoderCache,
                         min_p: float = 0.02, most: int = 8) -> EncoderCache:
         """``cache`` with stop slots (see ``DiekaeConfig.reader_end_weight``) for the passage tokens
-        where the reader's answer-end probability is at least ``min_p`` (at most ``most`` per item)."""
+        where the reader's answer-end probability is at least ``min_p`` (at most ``most`` per item).
+        A stop slot can only be chosen right after its token was written (``match_only``)."""
         lps = [self.answer_reader.char_end_log_probs(self._user_text(x), ps) if ps else [] for x, ps in zip(prompts, passages)]
         values = [[token_log_probs(lp, [(a + 1, b + 1) for a, b in spans]) for lp, (_, spans) in zip(lps[b], per)]
                   for b, per in enumerate(layout[1])]
@@ -440,7 +441,7 @@ class DiekaeModel:
         p = top.values.exp().clamp(max=0.999)
         odds = self.config.reader_end_weight * (top.values - torch.log1p(-p))
         eos = torch.full_like(src, self.prompter.eos_id)
-        return append_slots(encoder, cache, eos, src, valid, extra_bias=odds.to(torch.float))
+        return append_slots(encoder, cache, eos, src, valid, extra_bias=odds.to(torch.float), match_only=True)
 
     def _first_pieces(self, passages, layout) -> torch.Tensor:
         """(B, width) token ids: for every passage token, the first token of the text from there on

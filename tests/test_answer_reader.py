@@ -167,7 +167,8 @@ def test_stop_slots_copy_the_match_of_the_slot_after_the_answer_and_write_the_en
     passage prior of the slot after it, the end-of-answer token's value, and the end odds as a bias.
     After the answer's last token the pointer then prefers stopping to copying on; the first copy and
     cached decode steps are as before."""
-    model = _per_step_model(isolation=True, match=True, reader_weight=1.0, reader_end_weight=1.0)
+    model = _per_step_model(isolation=True, match=True, reader_weight=1.0, reader_end_weight=1.0,
+                            pointer_bigram_bonus=3.0)
     model.passage_cache.max_segments = 0
     model.answer_reader = MarkSpan("Ithpelith", "north")
     prompts, passages = model._validate(Q, K, "diekae")
@@ -185,6 +186,10 @@ def test_stop_slots_copy_the_match_of_the_slot_after_the_answer_and_write_the_en
         after = [s for s in range(1, width) if torch.equal(stop.pointer_keys[b, :, s], stop.pointer_keys[b, :, slot])]
         assert len(after) == 1 and model.tokenizer.decode(stop.knowledge_ids[b, after[0] - len(word): after[0]]) == word
         assert stop.pointer_prev[b, slot] == stop.pointer_prev[b, after[0]]
+        assert stop.pointer_prev2[b, slot] == stop.pointer_prev2[b, after[0]]  # the bigram match too
+        assert stop.match_only[b, slot] and not stop.match_only[b, :width].any()
+        attn = outs[1.0][0].pointer_attention[b, :, :, slot]  # exactly 0 only where masked: no token match
+        assert (attn == 0).any() and (attn[:, int(outs[1.0][3][b])] == 0).all()
         assert float(stop.knowledge_bias[b, slot] - stop.knowledge_bias[b, after[0]]) > 5  # log(0.999 / 0.001)
     firsts = [o[0].pointer[torch.arange(len(Q)), o[3]] for o in (outs[0.0][0:4], outs[1.0][0:4])]
     torch.testing.assert_close(firsts[0], firsts[1], atol=1e-4, rtol=1e-3)
