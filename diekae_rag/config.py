@@ -85,8 +85,8 @@ class DiekaeConfig:
     # Stop slots: with a reader that has an end head, each passage token where the reader puts at least
     # 2 % of its answer-end mass gets one more pointer slot, matched like the slot after that token
     # but writing the end-of-answer token, with reader_end_weight * log(p_end / (1 - p_end)) added to
-    # its score, reachable only right after that token was written: so after copying the answer's
-    # last token the copy stops there. 0 = off.
+    # its score, reachable only right after that token (and, with the bigram bonus, the one before
+    # it) was written: so after copying the answer's last token the copy stops there. 0 = off.
     reader_end_weight: float = 0.0
     # Whitened values: the pointer writes, instead of a token's output-embedding row, the direction
     # that raises that token's logit alone through the decoder's final norm and output layer

@@ -332,8 +332,9 @@ class DiekaeEncoder(nn.Module):
                     k_prev2 = shifted_prev(p_prev) if p_prev2 is None else p_prev2
                     bigram = match & (q_prev[:, :, None] == k_prev2[:, None, :])
                     scores = scores + bigram[:, None].to(q.dtype) * cfg.pointer_bigram_bonus
-                if match_only is not None:  # e.g. stop slots: only right after their token was written
-                    scores = scores.masked_fill((match_only[:, None, :] & ~match)[:, None], float("-inf"))
+                if match_only is not None:  # e.g. stop slots: only right after their token (and the one before) was written
+                    held = bigram if cfg.pointer_bigram_bonus else match
+                    scores = scores.masked_fill((match_only[:, None, :] & ~held)[:, None], float("-inf"))
             if p_bias is not None:
                 scores = scores + p_bias[:, None, None, :].to(q.dtype)
             if first_positions is not None:
