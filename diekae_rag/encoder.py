@@ -134,7 +134,7 @@ class EncoderCache:
     pointer_valid: Optional[torch.Tensor] = None  # (B, T_k) bool
     pointer_prev: Optional[torch.Tensor] = None   # (B, T_k) long: match class of the knowledge token before, or -1
     pointer_prev2: Optional[torch.Tensor] = None  # (B, T_k) long: the class two before (None: pointer_prev shifted)
-    match_only: Optional[torch.Tensor] = None     # (B, T_k) bool: slots reachable only where the token match holds
+    match_only: Optional[torch.Tensor] = None     # (B, T_k) bool: slots reachable only where the match (bigram, if on) holds
     knowledge_bias: Optional[torch.Tensor] = None  # (B, T_k) float: log prior of each key's passage (0: none)
     last_class: Optional[torch.Tensor] = None     # (B,) long: match class of the last input token (bigram match)
     knowledge_ids: Optional[torch.Tensor] = None  # (B, T_k) long: the token id of each pointer slot

@@ -419,10 +419,7 @@ class DiekaeModel:
         """(B, width): ``reader_weight`` * the reader's log P(answer starts) for every passage token,
         shifted so that each item's best token gets 0 (the others are pushed down, none up); 0 for
         the prefix, separators and padding."""
-        lps = [self.answer_reader.char_log_probs(self._user_text(x), ps) if ps else [] for x, ps in zip(prompts, passages)]
-        values = [[token_log_probs(lp, spans) for lp, (_, spans) in zip(lps[b], per)]
-                  for b, per in enumerate(layout[1])]
-        rows = self._knowledge_rows(layout, values, float("nan"))
+        rows = self._reader_rows(self.answer_reader.char_log_probs, prompts, passages, layout, fill=float("nan"))
         best = torch.nan_to_num(rows, nan=-math.inf).amax(1, keepdim=True).clamp(min=LOG_FLOOR)
         return self.config.reader_weight * torch.nan_to_num(rows - best, nan=0.0)
 
@@ -430,11 +427,10 @@ class DiekaeModel:
                         min_p: float = 0.02, most: int = 8) -> EncoderCache:
         """``cache`` with stop slots (see ``DiekaeConfig.reader_end_weight``) for the passage tokens
         where the reader's answer-end probability is at least ``min_p`` (at most ``most`` per item).
-        A stop slot can only be chosen right after its token was written (``match_only``)."""
-        lps = [self.answer_reader.char_end_log_probs(self._user_text(x), ps) if ps else [] for x, ps in zip(prompts, passages)]
-        values = [[token_log_probs(lp, [(a + 1, b + 1) for a, b in spans]) for lp, (_, spans) in zip(lps[b], per)]
-                  for b, per in enumerate(layout[1])]
-        ends = self._knowledge_rows(layout, values, LOG_FLOOR)  # (B, width): log P(the answer ends with this token)
+        A stop slot can only be chosen right after its token (and, with the bigram bonus, the one
+        before it) was written (``match_only``)."""
+        # (B, width): log P(the answer ends with this token)
+        ends = self._reader_rows(self.answer_reader.char_end_log_probs, prompts, passages, layout, end=True)
         top = ends.topk(min(most, ends.shape[1]), dim=1)
         src = (top.indices + 1).clamp(max=ends.shape[1] - 1)     # the slot after the last token: its key and match
         valid = (top.values >= math.log(min_p)) & (top.indices + 1 < ends.shape[1])
@@ -442,6 +438,16 @@ class DiekaeModel:
         odds = self.config.reader_end_weight * (top.values - torch.log1p(-p))
         eos = torch.full_like(src, self.prompter.eos_id)
         return append_slots(encoder, cache, eos, src, valid, extra_bias=odds.to(torch.float), match_only=True)
+
+    def _reader_rows(self, read, prompts, passages, layout, end: bool = False, fill: float = LOG_FLOOR) -> torch.Tensor:
+        """(B, width): the reader's log-probability per passage token (``read``: its start or end
+        log-probs by character; an end is keyed by the character just past its word-piece), ``fill``
+        outside the passages."""
+        lps = [read(self._user_text(x), ps) if ps else [] for x, ps in zip(prompts, passages)]
+        shift = 1 if end else 0
+        values = [[token_log_probs(lp, [(a + shift, b + shift) for a, b in spans]) for lp, (_, spans) in zip(lps[b], per)]
+                  for b, per in enumerate(layout[1])]
+        return self._knowledge_rows(layout, values, fill)
 
     def _first_pieces(self, passages, layout) -> torch.Tensor:
         """(B, width) token ids: for every passage token, the first token of the text from there on
