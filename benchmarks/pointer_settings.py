@@ -28,15 +28,23 @@ from diekae_rag.data.mixture import DataSpec
 from diekae_rag.evaluation import evaluate_items
 
 
-def parse_grid(specs: list[str]) -> dict[str, list[float]]:
-    """``["field=1,2", ...]`` -> ``{"field": [1.0, 2.0]}``, checking that each field exists."""
+def _value(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def parse_grid(specs: list[str]) -> dict[str, list]:
+    """``["field=1,2", "mode=a,b"]`` -> ``{"field": [1.0, 2.0], "mode": ["a", "b"]}`` (numbers as
+    floats, other values as text), checking that each field exists."""
     fields = {f.name for f in dataclasses.fields(DiekaeConfig)}
     grid = {}
     for spec in specs:
         name, sep, values = spec.partition("=")
         if not sep or name not in fields:
             raise SystemExit(f"--grid {spec!r}: write FIELD=V1,V2 with a DiekaeConfig field.")
-        grid[name] = [float(v) for v in values.split(",")]
+        grid[name] = [_value(v) for v in values.split(",")]
     return grid
 
 

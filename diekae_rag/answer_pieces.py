@@ -4,30 +4,44 @@ A passage holds " Ithpelith" as ` Ith|pel|ith`, but an answer starts it as `I|th
 first piece differs, and "th" is no passage token, so after writing "I" the copy has nowhere to
 continue. For every word whose answer-start tokenisation differs from the passage's, this adds
 one pointer slot per later piece ("th", "pel"; "ith" after "pel" is already a passage slot),
-each carrying the match class of the piece before it (so the token match continues the copy along them), the key of the passage token that
-covers its first character, and its own output embedding as value. The slots follow the real
-ones in the pointer memory; they are never chosen for the first copy.
+each carrying the match class of the piece before it (so the token match continues the copy along them), a
+borrowed key, and its own output embedding as value. The key (``DiekaeConfig.pointer_piece_keys``) is
+that of the passage token covering the piece's first character ("covering"), that of the slot after
+the token covering the previous piece's last character ("after": keys come from the state one
+position earlier, so that is the key made where the copy has reached, e.g. at " curved" after "cur"),
+or one slot with each ("both"). Each piece continues the first copy or the piece before it (for
+``pointer_continue_bonus``). The slots follow the real ones in the pointer memory; they are never
+chosen for the first copy.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import replace
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
-from .encoder import DiekaeEncoder, EncoderCache, shifted_prev
+from .encoder import DiekaeEncoder, EncoderCache, previous_slots, shifted_prev
 from .lru import LRU
 
 MAX_PIECES = 8  # pieces kept per word (a longer word's tail continues on the passage tokens)
 WORD = re.compile(r"\S+")
 
 
+class Piece(NamedTuple):
+    """One later piece of a word as an answer writes it; indices are passage token positions."""
+    id: int        # the piece's token id
+    prev: int      # the id of the piece before it
+    cover: int     # the passage token covering the piece's first character
+    after: int     # the token after the one covering the previous piece's last character
+    word: int      # the passage token the word starts at (where the first copy is)
+    j: int         # the piece's place in the word's answer tokenisation (1 = right after the first)
+
+
 def word_pieces(tokenizer, text: str, spans: Sequence[tuple[int, int]], ids: Sequence[int], classes: torch.Tensor
-                ) -> list[tuple[int, int, int]]:
-    """For each word whose answer-start tokenisation differs from the passage's: its later pieces as
-    (piece id, id of the piece before it, index of the passage token covering the piece's start)."""
+                ) -> list[Piece]:
+    """For each word whose answer-start tokenisation differs from the passage's: its later pieces."""
     starts = []  # (passage token index, word start char, word end char)
     for s, (a, b) in enumerate(spans):
         if a < b and (a == 0 or text[a].isspace() or text[a - 1].isspace()):
@@ -52,9 +66,12 @@ def word_pieces(tokenizer, text: str, spans: Sequence[tuple[int, int]], ids: Seq
             if met(j):
                 break  # the pieces have met the passage's tokens again: its own slots continue the copy
             c = w0 + offs[j][0]
+            while t + 1 < len(spans) and spans[t + 1][0] <= c - 1:
+                t += 1
+            after = t + 1  # the slot after the token holding the previous piece's last character
             while t + 1 < len(spans) and spans[t + 1][0] <= c:
                 t += 1
-            out.append((alt[j], alt[j - 1], t))
+            out.append(Piece(alt[j], alt[j - 1], t, after, s, j))
     return out
 
 
@@ -85,7 +102,7 @@ class PassageTokens:
             return [x[0] if x else -1 for x in ids]
         return self._kept.get_or_make(("first", text), make)
 
-    def word_pieces(self, text: str, classes: torch.Tensor) -> list[tuple[int, int, int]]:
+    def word_pieces(self, text: str, classes: torch.Tensor) -> list[Piece]:
         if classes is not self._classes:  # another tokenizer-to-class map: forget the old pieces
             self._kept.drop(lambda key: key[0] == "pieces")
             self._classes = classes
@@ -97,43 +114,53 @@ def add_answer_pieces(encoder: DiekaeEncoder, tokens: PassageTokens, cache: Enco
                       passages: Sequence[Sequence[str]], layout) -> tuple[EncoderCache, int]:
     """``cache`` with each item's answer pieces appended to its pointer memory (padded with invalid
     slots to the longest item), and the number of slots added. ``layout`` is the model's
-    ``(width, [per item: [(first slot, token spans) per passage]])``."""
+    ``(width, [per item: [(first slot, token spans) per passage]])``. Which key each piece borrows
+    is ``DiekaeConfig.pointer_piece_keys``; with "both" every piece has two slots, in two blocks."""
     dev = cache.pointer_keys.device
     classes = encoder.match_classes if encoder.match_classes is not None else torch.arange(
         int(encoder._frozen[1].weight.shape[0]), device=dev)
     per_item = []
     for ps, per in zip(passages, layout[1]):
-        slots = []
+        slots = []  # (piece id, previous piece id, covering slot, slot after the previous piece's end, first-copy slot or -1)
         for p, (start, spans) in zip(ps, per):  # spans: the tokens kept (a cut passage keeps its head)
-            slots += [(pid, prev, start + t) for pid, prev, t in tokens.word_pieces(p, classes) if t < len(spans)]
+            slots += [(x.id, x.prev, start + x.cover, start + (x.after if x.after < len(spans) else x.cover),
+                       start + x.word if x.j == 1 else -1)
+                      for x in tokens.word_pieces(p, classes) if x.cover < len(spans)]
         per_item.append(slots)
     V = max((len(s) for s in per_item), default=0)
     if V == 0:
         return cache, 0
     B = len(per_item)
-    pid = torch.zeros(B, V, dtype=torch.long, device=dev)
-    prev = torch.full((B, V), -1, dtype=torch.long, device=dev)
-    src = torch.zeros(B, V, dtype=torch.long, device=dev)
-    valid = torch.zeros(B, V, dtype=torch.bool, device=dev)
+    table = torch.full((B, V, 5), -1, dtype=torch.long, device=dev)
     for b, slots in enumerate(per_item):
         if slots:
-            n = len(slots)
-            pid[b, :n] = torch.tensor([s[0] for s in slots], device=dev)
-            prev[b, :n] = classes[torch.tensor([s[1] for s in slots], device=dev)]
-            src[b, :n] = torch.tensor([s[2] for s in slots], device=dev)
-            valid[b, :n] = True
-    return append_slots(encoder, cache, pid, src, valid, prev=prev), V
+            table[b, :len(slots)] = torch.tensor(slots, device=dev)
+    valid = table[..., 0] >= 0
+    pid, prev = table[..., 0].clamp(min=0), classes[table[..., 1].clamp(min=0)]
+    cover, after = table[..., 2].clamp(min=0), table[..., 3].clamp(min=0)
+    first = table[..., 4]
+
+    def block(cache: EncoderCache, src: torch.Tensor, valid: torch.Tensor) -> EncoderCache:
+        # A piece continues the first copy (j = 1) or the piece before it, the slot before it in this block.
+        at = cache.pointer_valid.shape[1] + torch.arange(V, device=dev)[None]
+        return append_slots(encoder, cache, pid, src, valid, prev=prev, pred=torch.where(first >= 0, first, at - 1))
+    mode = encoder.config.pointer_piece_keys
+    if mode == "both":  # the second block only where the two keys differ (positions kept for the bigram)
+        return block(block(cache, cover, valid), after, valid & (after != cover)), 2 * V
+    return block(cache, after if mode == "after" else cover, valid), V
 
 
 def append_slots(encoder: DiekaeEncoder, cache: EncoderCache, value_ids: torch.Tensor, src: torch.Tensor,
                  valid: torch.Tensor, prev: Optional[torch.Tensor] = None,
-                 extra_bias: Optional[torch.Tensor] = None, match_only: bool = False) -> EncoderCache:
+                 extra_bias: Optional[torch.Tensor] = None, match_only: bool = False,
+                 pred: Optional[torch.Tensor] = None) -> EncoderCache:
     """``cache`` with (B, V) virtual slots appended to its pointer memory: each copies slot ``src``'s
     key, passage prior and first-scorer key, writes token ``value_ids``, and is kept where ``valid``.
     ``prev`` gives their match classes (then the class two back is read positionally, as for the
     pieces of one word); without it they copy ``src``'s match classes too (both). ``extra_bias`` is
     added to their pointer scores at every position; with ``match_only`` they can only be chosen where
-    the token match holds (right after their ``prev`` token was written)."""
+    the token match holds (right after their ``prev`` token was written). ``pred`` (B, V) gives the
+    slot each continues (for ``pointer_continue_bonus``; default: ``src``'s)."""
     rows = torch.arange(src.shape[0], device=src.device)[:, None]
     keys = cache.pointer_keys[rows, :, src].permute(0, 2, 1, 3)  # (B, heads, V, dk)
     values = encoder.value_rows(value_ids).to(cache.pointer_values.dtype)
@@ -150,6 +177,9 @@ def append_slots(encoder: DiekaeEncoder, cache: EncoderCache, value_ids: torch.T
         else:
             prev2 = shifted_prev(torch.cat([cache.pointer_prev, prev], 1))[:, -prev.shape[1]:]
         prev2 = torch.cat([old2, prev2], 1)
+
+    old_pred = cache.pointer_pred if cache.pointer_pred is not None else previous_slots(cache.pointer_valid)
+    pred = old_pred[rows, src] if pred is None else pred
 
     def cat(x, extra):
         return None if x is None or extra is None else torch.cat([x, extra], 1)
@@ -168,4 +198,5 @@ def append_slots(encoder: DiekaeEncoder, cache: EncoderCache, value_ids: torch.T
         knowledge_bias=cat(cache.knowledge_bias, bias),
         knowledge_ids=cat(cache.knowledge_ids, value_ids),
         first_keys=cat(cache.first_keys, cache.first_keys[rows, src] if cache.first_keys is not None else None),
+        pointer_pred=torch.cat([old_pred, pred], 1),
     )

@@ -21,6 +21,9 @@ def decoder_fingerprint(decoder_config: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+PIECE_KEYS = ("covering", "after", "both")
+
+
 @dataclass
 class DiekaeConfig:
     """Shape and behaviour of one set of DIEKÆ encoders attached to one decoder.
@@ -82,6 +85,14 @@ class DiekaeConfig:
     # word whose answer-start tokenisation differs from the passage's ("I|th|pel|ith" for " Ith|pel|ith"),
     # so the token match can continue a name after its first piece. Needs pointer_match and isolation.
     pointer_answer_pieces: bool = False
+    # Which key an answer piece borrows: "covering" (of the passage token covering the piece's first
+    # character), "after" (of the slot after the token holding the previous piece's last character:
+    # the key made where the copy has reached) or "both" (two slots per piece, one with each key).
+    pointer_piece_keys: str = "covering"
+    # Continuation: where the token match holds, add this times the attention the previous position gave
+    # the slot each slot continues (the passage token before it; for an answer piece, the piece or first
+    # token before it), so a copy stays on the occurrence it started on. 0 = off. Needs pointer_match.
+    pointer_continue_bonus: float = 0.0
     # Stop slots: with a reader that has an end head, each passage token where the reader puts at least
     # 2 % of its answer-end mass gets one more pointer slot, matched like the slot after that token
     # but writing the end-of-answer token, with reader_end_weight * log(p_end / (1 - p_end)) added to
@@ -166,6 +177,11 @@ class DiekaeConfig:
         if self.pointer_answer_pieces and not (self.pointer_match and self.can_use_passage_prior):
             raise ValueError("pointer_answer_pieces continues the token match over isolated passages: set "
                              "pointer_match=True, pointer_layer and passage_isolation=True, or pointer_answer_pieces=False.")
+        if self.pointer_continue_bonus and not self.pointer_match:
+            raise ValueError("pointer_continue_bonus acts where the token match holds: set pointer_match=True "
+                             "or pointer_continue_bonus=0.")
+        if self.pointer_piece_keys not in PIECE_KEYS:
+            raise ValueError(f"pointer_piece_keys={self.pointer_piece_keys!r}: use one of {', '.join(PIECE_KEYS)}.")
         if self.passage_isolation and self.question_first:
             raise ValueError("passage_isolation and question_first cannot be combined.")
         if num_decoder_layers is not None:

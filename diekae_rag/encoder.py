@@ -139,6 +139,8 @@ class EncoderCache:
     last_class: Optional[torch.Tensor] = None     # (B,) long: match class of the last input token (bigram match)
     knowledge_ids: Optional[torch.Tensor] = None  # (B, T_k) long: the token id of each pointer slot
     first_keys: Optional[torch.Tensor] = None     # (B, T_k, r): passage side of the first-token scorer
+    pointer_pred: Optional[torch.Tensor] = None   # (B, T_k) long: the slot each slot continues, -1: none (None: s-1)
+    last_attention: Optional[torch.Tensor] = None  # (B, T_k): the last position's attention before continuation
 
 
 @dataclass
@@ -291,6 +293,7 @@ class DiekaeEncoder(nn.Module):
         rows = self.up(x[: cfg.n_injection, :, output_start:]) if self.up is not None else None
         pointer = None
         p_keys = p_values = p_valid = p_prev = p_prev2 = p_bias = p_ids = f_keys = attn = match_only = None
+        p_pred = last_attention = None
         if cfg.pointer_layer is not None:
             hp = x[-1]  # (B, T, d)
             ph, dk = cfg.pointer_heads, cfg.pointer_key_dim
@@ -313,7 +316,7 @@ class DiekaeEncoder(nn.Module):
                 p_keys, p_values, p_valid = cache.pointer_keys, cache.pointer_values, cache.pointer_valid
                 p_prev, p_prev2, p_bias = cache.pointer_prev, cache.pointer_prev2, cache.knowledge_bias
                 match_only = cache.match_only
-                p_ids, f_keys = cache.knowledge_ids, cache.first_keys
+                p_ids, f_keys, p_pred = cache.knowledge_ids, cache.first_keys, cache.pointer_pred
             hq = hp[:, output_start:]
             q = self.pointer_q(hq).reshape(B, hq.shape[1], ph, dk).transpose(1, 2)  # (B, ph, Tq, dk)
             scores = q @ p_keys.transpose(-1, -2) / math.sqrt(dk)       # (B, ph, T, Tk)
@@ -349,6 +352,23 @@ class DiekaeEncoder(nn.Module):
             scores = scores.masked_fill(~p_valid[:, None, None, :], float("-inf"))
             null = (q @ self.pointer_null.to(q.dtype)[None, :, :, None]) / math.sqrt(dk)  # (B, ph, T, 1)
             attn = torch.softmax(torch.cat([scores, null], -1) * cfg.pointer_sharpness, -1)[..., :-1]
+            if cfg.pointer_continue_bonus:
+                # Continuation (CopyNet's "selective read"): where the token match holds, a slot gets a bonus
+                # in proportion to the attention the previous position gave the slot it continues, so a copy
+                # keeps to the occurrence it started on ("487", not "49", after "4").
+                seen = attn.mean(1)  # (B, Tq, T_k), before continuation: the same in a decode step and a re-encode
+                last = cache.last_attention if cache is not None and cache.last_attention is not None else None
+                before = torch.cat([torch.zeros_like(seen[:, :1]) if last is None else last[:, None].to(seen.dtype),
+                                    seen[:, :-1]], 1)
+                pred = p_pred if p_pred is not None else previous_slots(p_valid)
+                cont = before.gather(2, pred.clamp(min=0)[:, None, :].expand(-1, seen.shape[1], -1))
+                cont = cont * (pred >= 0)[:, None, :].to(cont.dtype) * match.to(cont.dtype)
+                if first_positions is not None:  # only once the answer has begun: the question copies nothing
+                    begun = torch.arange(seen.shape[1], device=seen.device)[None, :] > first_positions[:, None]
+                    cont = cont * begun[:, :, None].to(cont.dtype)
+                scores = scores + (cfg.pointer_continue_bonus * cont)[:, None]
+                attn = torch.softmax(torch.cat([scores, null], -1) * cfg.pointer_sharpness, -1)[..., :-1]
+                last_attention = seen[:, -1] if seen.shape[1] else last
             gain = self.pointer_gain.to(q.dtype) * cfg.pointer_gain_scale
             mixed = torch.einsum("bhts,h->bts", attn, gain)  # heads first: one (T, S) @ (S, H)
             pointer = mixed @ p_values
@@ -363,7 +383,8 @@ class DiekaeEncoder(nn.Module):
                                      pointer_prev=p_prev, pointer_prev2=p_prev2, knowledge_bias=p_bias,
                                      match_only=match_only,
                                      last_class=self._classes(input_ids[:, -1]),
-                                     knowledge_ids=p_ids, first_keys=f_keys)
+                                     knowledge_ids=p_ids, first_keys=f_keys, pointer_pred=p_pred,
+                                     last_attention=last_attention)
         return EncoderOutput(rows=rows, pointer=pointer, cache=new_cache, start=output_start,
                              pointer_attention=attn)
 
@@ -381,6 +402,12 @@ class DiekaeEncoder(nn.Module):
         first = (mixed[rows, at][:, None] @ values)[:, 0]  # (B, H)
         sel = (torch.arange(T, device=at.device)[None] == first_positions[:, None]) & (first_positions >= 0)[:, None]
         return torch.where(sel[..., None], first[:, None], pointer)
+
+
+def previous_slots(valid: torch.Tensor) -> torch.Tensor:
+    """(B, T_k) long: each slot's predecessor in the pointer memory (s - 1; -1 for the first), the
+    slot a copy continues from unless virtual slots say otherwise (``EncoderCache.pointer_pred``)."""
+    return (torch.arange(valid.shape[1], device=valid.device) - 1)[None].expand(valid.shape[0], -1)
 
 
 def shifted_prev(prev: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,8 @@ import torch
 from conftest import tiny_model
 from test_engine import K, Q, _record_deltas
 
+from diekae_rag.answer_pieces import Piece
+
 N_NEW = 5
 
 
@@ -446,7 +448,7 @@ def test_answer_pieces_extend_the_pointer_memory_and_decode_steps_still_equal_a_
     # A byte tokenizer writes a word the same way everywhere, so it has no answer pieces of its own:
     # give every passage two (piece "x" after "q" keyed on token 1, "z" after "x" keyed on token 2).
     tid = model.tokenizer.convert_tokens_to_ids
-    model.passage_tokens.word_pieces = lambda text, classes: [(tid("x"), tid("q"), 1), (tid("z"), tid("x"), 2)]
+    model.passage_tokens.word_pieces = lambda text, classes: [Piece(tid("x"), tid("q"), 1, 1, 0, 1), Piece(tid("z"), tid("x"), 2, 2, 0, 2)]
     prompts, passages = model._validate(Q, K, "diekae")
     sizes, firsts = {}, {}
     for on in (False, True):
@@ -460,6 +462,32 @@ def test_answer_pieces_extend_the_pointer_memory_and_decode_steps_still_equal_a_
     assert_decode_rows_equal_reencode(model)
     with pytest.raises(ValueError, match="pointer_answer_pieces"):
         _per_step_model(isolation=False, match=True, pointer_answer_pieces=True)
+
+
+def test_answer_pieces_borrow_the_key_after_the_previous_piece_when_asked():
+    """An answer piece borrows the key of the passage token covering it, the key of the slot after the
+    token where the piece before it ends ("after"), or has a slot with each ("both")."""
+    model = _per_step_model(isolation=True, match=True, pointer_first_unspaced=True, pointer_answer_pieces=True)
+    model.passage_cache.max_segments = 0
+    tid = model.tokenizer.convert_tokens_to_ids
+    model.passage_tokens.word_pieces = lambda text, classes: [Piece(tid("x"), tid("q"), 1, 3, 0, 1)]
+    prompts, passages = model._validate(Q[:1], K[:1], "diekae")
+    keys = {}
+    for mode in ("covering", "after", "both"):
+        model.config.pointer_piece_keys = mode
+        with torch.no_grad():
+            out, _, _, _ = model.encode_knowledge(model.encoder, prompts, passages)
+        keys[mode] = out.cache.pointer_keys[0]  # (heads, slots, dk); the pieces are the last slots
+    width = keys["covering"].shape[1] - 1
+    items = [model.prompter.isolated_item(passages[0], prompts[0])]
+    start = model._knowledge_layout(passages, items, width)[1][0][0][0]  # the passage's first slot
+    assert not torch.allclose(keys["covering"][:, start + 1], keys["covering"][:, start + 3])
+    torch.testing.assert_close(keys["covering"][:, -1], keys["covering"][:, start + 1])
+    torch.testing.assert_close(keys["after"][:, -1], keys["after"][:, start + 3])
+    assert keys["both"].shape[1] == width + 2
+    torch.testing.assert_close(keys["both"][:, -2:], torch.stack([keys["covering"][:, -1], keys["after"][:, -1]], 1))
+    with pytest.raises(ValueError, match="pointer_piece_keys"):
+        _per_step_model(isolation=True, match=True, pointer_answer_pieces=True, pointer_piece_keys="next")
 
 
 def test_whitened_values_raise_the_copied_token_alone_and_decode_steps_still_equal_a_re_encode():
@@ -482,3 +510,42 @@ def test_whitened_values_raise_the_copied_token_alone_and_decode_steps_still_equ
     torch.testing.assert_close(enc.value_rows(ids[:5]), W[:5].to(enc.dtype))
     model.config.pointer_whitened_values = True
     assert_decode_rows_equal_reencode(model)
+
+
+def test_continuation_keeps_a_copy_on_the_occurrence_it_started_on():
+    """With pointer_continue_bonus, after writing "a" the slot after the "a" the previous position
+    attended to wins over the slot after another "a"; without it the two tie. Cached decode steps
+    still equal a full re-encode, with answer pieces (whose predecessors are the first copy or the
+    piece before them) and without."""
+    from dataclasses import replace
+    model = _per_step_model(isolation=True, match=True, pointer_continue_bonus=4.0)
+    model.passage_cache.max_segments = 0
+    enc, tid = model.encoder, model.tokenizer.convert_tokens_to_ids
+    with torch.no_grad():
+        enc.pointer_q.weight.zero_()  # scores: the token match and the continuation only
+    prompts, passages = model._validate(["q?"], [["mab mac"]], "diekae")
+    with torch.no_grad():
+        cache = model.encode_knowledge(enc, prompts, passages)[0].cache
+    slots = [s for s, i in enumerate(cache.knowledge_ids[0].tolist()) if i == tid("a") and cache.pointer_valid[0, s]]
+    assert len(slots) == 2
+    last = torch.zeros_like(cache.pointer_valid, dtype=torch.float)
+    last[0, slots[0]] = 1.0  # the previous position copied the first "a"
+    att = {}
+    for bonus in (0.0, 4.0):
+        model.config.pointer_continue_bonus = bonus
+        with torch.no_grad():
+            out = enc(torch.tensor([[tid("a")]]), torch.ones(1, 1, dtype=torch.bool),
+                      cache=replace(cache, last_attention=last), use_cache=True)
+        att[bonus] = out.pointer_attention[0, :, -1].mean(0)
+    after = [s + 1 for s in slots]  # "b" and "c"
+    torch.testing.assert_close(att[0.0][after[0]], att[0.0][after[1]])
+    assert att[4.0][after[0]] > 3 * att[4.0][after[1]]
+    assert out.cache.last_attention is not None and out.cache.last_attention.shape == cache.pointer_valid.shape
+    assert_decode_rows_equal_reencode(_per_step_model(isolation=True, match=True, pointer_continue_bonus=4.0))
+    model = _per_step_model(isolation=True, match=True, pointer_continue_bonus=4.0, pointer_first_unspaced=True,
+                            pointer_answer_pieces=True, pointer_piece_keys="both")
+    model.passage_tokens.word_pieces = lambda text, classes: [Piece(tid("x"), tid("q"), 1, 3, 0, 1),
+                                                              Piece(tid("z"), tid("x"), 2, 3, 0, 2)]
+    assert_decode_rows_equal_reencode(model)
+    with pytest.raises(ValueError, match="pointer_continue_bonus"):
+        _per_step_model(isolation=True, match=False, pointer_continue_bonus=4.0)

@@ -145,8 +145,10 @@ def test_answer_pieces_continue_a_name_written_as_an_answer_starts_it(real_model
     tok, text = real_model.tokenizer, "Marsul is married to Ithpelith, a weaver."
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     pieces = word_pieces(tok, text, enc["offset_mapping"], enc["input_ids"], real_model.encoder.match_classes)
-    names = [(tok.decode([p]), tok.decode([prev]), tok.decode([enc["input_ids"][t]])) for p, prev, t in pieces]
-    assert names[:2] == [("th", "I", " Ith"), ("pel", "th", "pel")], names  # then the passage's own "ith"
+    names = [(tok.decode([x.id]), tok.decode([x.prev]), tok.decode([enc["input_ids"][x.cover]]),
+              tok.decode([enc["input_ids"][x.after]])) for x in pieces]
+    # then the passage's own "ith"; the last entry is the slot after the token where the previous piece ends
+    assert names[:2] == [("th", "I", " Ith", "pel"), ("pel", "th", "pel", "pel")], names
     cfg = real_model.config
     q, a, k = FACTS[0]
     assert cfg.pointer_answer_pieces, "the shipped config switches answer pieces on"
