@@ -1,9 +1,14 @@
 """Decode-step cost of per-step injection against the bare decoder, robust to a noisy machine.
 
-    python benchmarks/decode_step.py [--ks 5 10] [--pairs 8] [--out benchmarks/results]
+    python benchmarks/decode_step.py [--ks 5 10] [--pairs 8] [--out benchmarks/results] \
+        [--variant pointer_continue_bonus=0]
 
 For each k, `none` and `diekae` (passages precomputed) alternate; each sample is
-(time for 34 new tokens − time for 2) / 32, and the medians over the pairs are compared.
+(time for 34 new tokens − time for 2) / 32, and the medians over the pairs are compared; each round
+also times one new token (time to first token, passages precomputed, the reader reading the question).
+With ``--variant FIELD=JSON ...``, a third mode, `diekae` with those serving-time settings, takes
+its turn in the same rounds (so the cost of one setting is read without the machine's drift), and
+the encoders' own decode step is timed alone under both settings (200 turns each).
 Writes <out>/<device>/decode_step.json.
 """
 import argparse
@@ -18,13 +23,44 @@ from diekae_rag.atomic import atomic_write_text
 from diekae_rag.bench import bench_passages, hardware, timed
 
 
+def encoder_step_ms(model: DiekaeModel, q: str, passages: list[str], settings: dict[str, dict], repeats: int = 200
+                    ) -> dict[str, float]:
+    """Median time (ms) of the encoders' own decode step (one token against the cached passages and
+    pointer memory) under each of ``settings`` ({label: {field: value}}), timed in turns: this part
+    of a decode step is small enough to read without the decoder's noise."""
+    prompts, knowledge = model._validate([q], [passages], "diekae")
+    ids = torch.tensor([[model.prompter.ids(" the")[0]]], device=model.device)
+    ones = torch.ones_like(ids, dtype=torch.bool)
+    times: dict[str, list[float]] = {label: [] for label in settings}
+    caches = {}
+    for label, values in settings.items():
+        for name, value in values.items():
+            setattr(model.config, name, value)
+        caches[label] = model.encode_knowledge(model.encoder, prompts, knowledge)[0].cache
+    for _ in range(repeats):
+        for label, values in settings.items():
+            for name, value in values.items():
+                setattr(model.config, name, value)
+            times[label].append(timed(lambda: model.encoder(ids, ones, cache=caches[label], use_cache=True),
+                                      model.device))
+    return {label: statistics.median(v) * 1000 for label, v in times.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ks", type=int, nargs="+", default=[5, 10])
     ap.add_argument("--pairs", type=int, default=8)
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--variant", nargs="*", default=[], help="FIELD=JSON serving-time DiekaeConfig values")
     args = ap.parse_args()
     model = DiekaeModel.from_pretrained()
+    shipped = {}
+    variant = {}
+    for spec in args.variant:
+        name, sep, value = spec.partition("=")
+        if not sep or not hasattr(model.config, name):
+            raise SystemExit(f"--variant {spec!r}: write FIELD=VALUE with a DiekaeConfig field.")
+        variant[name], shipped[name] = json.loads(value), getattr(model.config, name)
     rows = []
     out = Path(args.out) / model.device.type
     out.mkdir(parents=True, exist_ok=True)
@@ -34,20 +70,38 @@ def main() -> None:
             model.precompute(passages)
 
             def seconds(mode: str, n: int) -> float:
-                return timed(lambda: model.generate(q, passages, mode=mode, max_new_tokens=n, min_new_tokens=n),
-                             model.device)
+                for name in variant:
+                    setattr(model.config, name, (variant if mode == "variant" else shipped)[name])
+                if mode != "none" and model.answer_reader is not None:
+                    model.answer_reader.clear()  # each call reads the question anew, as a new question would
+                return timed(lambda: model.generate(q, passages, mode="diekae" if mode == "variant" else mode,
+                                                    max_new_tokens=n, min_new_tokens=n), model.device)
 
-            samples: dict[str, list[float]] = {"none": [], "diekae": []}
+            samples: dict[str, list[float]] = {"none": [], "diekae": [], **({"variant": []} if variant else {})}
             for mode in samples:
                 seconds(mode, 4)  # warm-up
+            first: dict[str, list[float]] = {mode: [] for mode in samples}  # time to first token
             for _ in range(args.pairs):
                 for mode in samples:
+                    first[mode].append(seconds(mode, 1))
                     samples[mode].append((seconds(mode, 34) - seconds(mode, 2)) / 32)
             none, diekae = statistics.median(samples["none"]), statistics.median(samples["diekae"])
-            rows.append({"k": k, "none_step_ms": none * 1000, "diekae_step_ms": diekae * 1000,
-                         "ratio": diekae / none, "samples": samples})
-            print(f"k={k}: decode step none {none * 1000:.1f} ms, diekae {diekae * 1000:.1f} ms, "
-                  f"ratio {diekae / none:.2f}", flush=True)
+            row = {"k": k, "none_step_ms": none * 1000, "diekae_step_ms": diekae * 1000,
+                   "ratio": diekae / none, "samples": samples,
+                   "ttft_ms": {mode: statistics.median(v) * 1000 for mode, v in first.items()}}
+            line = (f"k={k}: decode step none {none * 1000:.1f} ms, diekae {diekae * 1000:.1f} ms, ratio {diekae / none:.2f}"
+                    f"; TTFT (ms) " + ", ".join(f"{m} {t:.0f}" for m, t in row["ttft_ms"].items()))
+            if variant:
+                v = statistics.median(samples["variant"])
+                enc = encoder_step_ms(model, q, passages, {"diekae": shipped, "variant": variant})
+                for name, value in shipped.items():
+                    setattr(model.config, name, value)
+                row.update({"variant": variant, "variant_step_ms": v * 1000, "variant_ratio": v / none,
+                            "encoder_step_ms": enc})
+                line += (f"; with {variant}: {v * 1000:.1f} ms, ratio {v / none:.2f}; the encoders' own step "
+                         f"{enc['diekae']:.2f} ms, with the variant {enc['variant']:.2f} ms")
+            rows.append(row)
+            print(line, flush=True)
             # written after every k, so a run cut short keeps the rows it finished
             atomic_write_text(out / "decode_step.json", json.dumps({"hardware": hardware(model.device),
                                                                     "pairs": args.pairs, "rows": rows}, indent=2))

@@ -366,8 +366,10 @@ class DiekaeEncoder(nn.Module):
                 if first_positions is not None:  # only once the answer has begun: the question copies nothing
                     begun = torch.arange(seen.shape[1], device=seen.device)[None, :] > first_positions[:, None]
                     cont = cont * begun[:, :, None].to(cont.dtype)
-                scores = scores + (cfg.pointer_continue_bonus * cont)[:, None]
-                attn = torch.softmax(torch.cat([scores, null], -1) * cfg.pointer_sharpness, -1)[..., :-1]
+                # in float32: a bonus of hundreds would leave bf16 scores a resolution of several units
+                scores = scores.float() + (cfg.pointer_continue_bonus * cont.float())[:, None]
+                attn = torch.softmax(torch.cat([scores, null.float()], -1) * cfg.pointer_sharpness, -1)[..., :-1]
+                attn = attn.to(q.dtype)
                 last_attention = seen[:, -1] if seen.shape[1] else last
             gain = self.pointer_gain.to(q.dtype) * cfg.pointer_gain_scale
             mixed = torch.einsum("bhts,h->bts", attn, gain)  # heads first: one (T, S) @ (S, H)
