@@ -20,6 +20,7 @@ import torch
 
 from diekae_rag import DiekaeModel
 from diekae_rag.atomic import atomic_write_text
+from diekae_rag.config import parse_settings
 from diekae_rag.evaluation import eval_sets
 
 
@@ -59,12 +60,13 @@ def main() -> None:
     ap.add_argument("--setting", nargs="*", default=[], help="FIELD=JSON serving-time DiekaeConfig values")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    try:
+        settings = parse_settings(args.setting)
+    except ValueError as exc:
+        ap.error(f"--setting {exc}")
     model = DiekaeModel.from_pretrained(args.checkpoint)
-    for spec in args.setting:
-        name, sep, value = spec.partition("=")
-        if not sep or not hasattr(model.config, name):
-            raise SystemExit(f"--setting {spec!r}: write FIELD=VALUE with a DiekaeConfig field.")
-        setattr(model.config, name, json.loads(value))
+    for name, value in settings.items():
+        setattr(model.config, name, value)
     model.config.validate()
     items = eval_sets(n=args.n, k=args.k, squad=args.set == "squad_dev", distractors=args.distractors)[args.set]
     rows = []

@@ -21,6 +21,7 @@ import torch
 from diekae_rag import DiekaeModel
 from diekae_rag.atomic import atomic_write_text
 from diekae_rag.bench import bench_passages, hardware, timed
+from diekae_rag.config import parse_settings
 
 
 def encoder_step_ms(model: DiekaeModel, q: str, passages: list[str], settings: dict[str, dict], repeats: int = 200
@@ -53,14 +54,12 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--variant", nargs="*", default=[], help="FIELD=JSON serving-time DiekaeConfig values")
     args = ap.parse_args()
+    try:
+        variant = parse_settings(args.variant)
+    except ValueError as exc:
+        ap.error(f"--variant {exc}")
     model = DiekaeModel.from_pretrained()
-    shipped = {}
-    variant = {}
-    for spec in args.variant:
-        name, sep, value = spec.partition("=")
-        if not sep or not hasattr(model.config, name):
-            raise SystemExit(f"--variant {spec!r}: write FIELD=VALUE with a DiekaeConfig field.")
-        variant[name], shipped[name] = json.loads(value), getattr(model.config, name)
+    shipped = {name: getattr(model.config, name) for name in variant}
     rows = []
     out = Path(args.out) / model.device.type
     out.mkdir(parents=True, exist_ok=True)

@@ -66,14 +66,12 @@ def _ship(args: argparse.Namespace) -> int:
 
     from .checkpoint import load_encoder, save_encoder
     from .model import SHIPPED_WEIGHTS
+    from .config import parse_settings
     enc, _ = load_encoder(args.checkpoint)
     if args.reader_weight is not None:
         enc.config.reader_weight = args.reader_weight
-    for spec in args.set or []:
-        name, sep, value = spec.partition("=")
-        if not sep or not hasattr(enc.config, name):
-            raise ValueError(f"--set {spec!r}: write FIELD=VALUE with a DiekaeConfig field.")
-        setattr(enc.config, name, json.loads(value))
+    for name, value in parse_settings(args.set or []).items():
+        setattr(enc.config, name, value)
     enc.config.validate()
     reader = None
     if enc.config.reader_weight:  # the answer-start reader travels with the encoders

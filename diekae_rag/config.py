@@ -7,7 +7,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 FORMAT_VERSION = 1
 
@@ -22,6 +22,23 @@ def decoder_fingerprint(decoder_config: Any) -> str:
 
 
 PIECE_KEYS = ("covering", "after", "both")
+
+
+def parse_settings(specs: Sequence[str]) -> dict[str, Any]:
+    """``["FIELD=JSON", ...]`` -> ``{field: value}`` for DiekaeConfig fields (serving-time settings
+    given on a command line, e.g. ``pointer_continue_bonus=0`` or ``'pointer_piece_keys="both"'``)."""
+    fields = {f.name for f in dataclasses.fields(DiekaeConfig)}
+    out = {}
+    for spec in specs:
+        name, sep, value = spec.partition("=")
+        if not sep or name not in fields:
+            raise ValueError(f"{spec!r}: write FIELD=VALUE with a DiekaeConfig field.")
+        try:
+            out[name] = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{spec!r}: the value must be JSON (text in double quotes: "
+                             f"'{name}=\"text\"').") from exc
+    return out
 
 
 @dataclass

@@ -158,6 +158,10 @@ def test_ship_writes_the_reader_with_the_encoders(reader, tmp_path, capsys):
     cfg = read_config(tmp_path / "shipped")
     assert cfg.reader_weight == 2.0 and cfg.pointer_first_unspaced is True
     assert main(["ship", str(ckpt), "--out", str(tmp_path / "other"), "--set", "no_such_field=1"]) == 2
+    capsys.readouterr()
+    assert main(["ship", str(ckpt), "--out", str(tmp_path / "other"), "--set", "pointer_piece_keys=both"]) == 2
+    assert "double quotes" in capsys.readouterr().err  # text must be JSON: says how to write it
+    assert not (tmp_path / "other").exists()
     back = AnswerStartReader.from_pretrained(tmp_path / "shipped")
     assert back.config.max_length == reader.config.max_length
 
