@@ -14,7 +14,6 @@ k=1. Writes benchmarks/results/pointer_settings.json unless ``--out`` says other
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
 import re
@@ -23,7 +22,7 @@ from pathlib import Path
 
 from diekae_rag import DiekaeModel
 from diekae_rag.atomic import atomic_write_text
-from diekae_rag.config import DiekaeConfig
+from diekae_rag.config import split_setting
 from diekae_rag.data.mixture import DataSpec
 from diekae_rag.evaluation import evaluate_items
 
@@ -38,12 +37,12 @@ def _value(text: str):
 def parse_grid(specs: list[str]) -> dict[str, list]:
     """``["field=1,2", "mode=a,b"]`` -> ``{"field": [1.0, 2.0], "mode": ["a", "b"]}`` (numbers as
     floats, other values as text), checking that each field exists."""
-    fields = {f.name for f in dataclasses.fields(DiekaeConfig)}
     grid = {}
     for spec in specs:
-        name, sep, values = spec.partition("=")
-        if not sep or name not in fields:
-            raise SystemExit(f"--grid {spec!r}: write FIELD=V1,V2 with a DiekaeConfig field.")
+        try:
+            name, values = split_setting(spec)
+        except ValueError:
+            raise SystemExit(f"--grid {spec!r}: write FIELD=V1,V2 with a DiekaeConfig field.") from None
         grid[name] = [_value(v) for v in values.split(",")]
     return grid
 

@@ -24,15 +24,20 @@ def decoder_fingerprint(decoder_config: Any) -> str:
 PIECE_KEYS = ("covering", "after", "both")
 
 
+def split_setting(spec: str) -> tuple[str, str]:
+    """``"FIELD=TEXT"`` -> ``(field, text)``, checking that FIELD is a DiekaeConfig field."""
+    name, sep, text = spec.partition("=")
+    if not sep or name not in {f.name for f in dataclasses.fields(DiekaeConfig)}:
+        raise ValueError(f"{spec!r}: write FIELD=VALUE with a DiekaeConfig field.")
+    return name, text
+
+
 def parse_settings(specs: Sequence[str]) -> dict[str, Any]:
     """``["FIELD=JSON", ...]`` -> ``{field: value}`` for DiekaeConfig fields (serving-time settings
     given on a command line, e.g. ``pointer_continue_bonus=0`` or ``'pointer_piece_keys="both"'``)."""
-    fields = {f.name for f in dataclasses.fields(DiekaeConfig)}
     out = {}
     for spec in specs:
-        name, sep, value = spec.partition("=")
-        if not sep or name not in fields:
-            raise ValueError(f"{spec!r}: write FIELD=VALUE with a DiekaeConfig field.")
+        name, value = split_setting(spec)
         try:
             out[name] = json.loads(value)
         except json.JSONDecodeError as exc:
