@@ -22,29 +22,9 @@ from pathlib import Path
 
 from diekae_rag import DiekaeModel
 from diekae_rag.atomic import atomic_write_text
-from diekae_rag.config import split_setting
+from diekae_rag.config import parse_grid
 from diekae_rag.data.mixture import DataSpec
 from diekae_rag.evaluation import evaluate_items
-
-
-def _value(text: str):
-    try:
-        return float(text)
-    except ValueError:
-        return text
-
-
-def parse_grid(specs: list[str]) -> dict[str, list]:
-    """``["field=1,2", "mode=a,b"]`` -> ``{"field": [1.0, 2.0], "mode": ["a", "b"]}`` (numbers as
-    floats, other values as text), checking that each field exists."""
-    grid = {}
-    for spec in specs:
-        try:
-            name, values = split_setting(spec)
-        except ValueError:
-            raise SystemExit(f"--grid {spec!r}: write FIELD=V1,V2 with a DiekaeConfig field.") from None
-        grid[name] = [_value(v) for v in values.split(",")]
-    return grid
 
 
 def loops(answer: str) -> bool:
@@ -60,7 +40,10 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=96)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "pointer_settings.json")
     args = ap.parse_args()
-    grid = parse_grid(args.grid)
+    try:
+        grid = parse_grid(args.grid)
+    except ValueError as exc:
+        raise SystemExit(f"--grid: {exc}") from None
     model = DiekaeModel.from_pretrained(args.checkpoint)
     own = {name: getattr(model.config, name) for name in grid}
     sets = {

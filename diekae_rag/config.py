@@ -46,6 +46,23 @@ def parse_settings(specs: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def parse_grid(specs: Sequence[str]) -> dict[str, list]:
+    """``["FIELD=V1,V2", ...]`` -> ``{field: [v1, v2]}`` for a sweep over settings. Each value is read as
+    JSON (``true`` / ``false`` are booleans, numbers are numbers); a value that is not JSON is text."""
+    grid = {}
+    for spec in specs:
+        name, values = split_setting(spec)
+        grid[name] = [_json_or_text(v) for v in values.split(",")]
+    return grid
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
 @dataclass
 class DiekaeConfig:
     """Shape and behaviour of one set of DIEKÆ encoders attached to one decoder.
