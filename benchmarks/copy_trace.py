@@ -28,7 +28,7 @@ def trace(model: DiekaeModel, item) -> dict:
     tok, outs = model.tokenizer, []
     hook = model.encoder.register_forward_hook(lambda mod, args, out: outs.append(out))
     try:
-        prompts, passages = model._validate([item.question], [item.passages], "diekae")
+        prompts, passages = model.prepare([item.question], [item.passages], "diekae")
         answer = model.prompter.answer_ids(item.answer, True)
         with torch.no_grad():
             logits, _ = model.answer_logits(prompts, passages, [answer])

@@ -29,7 +29,7 @@ def encoder_step_ms(model: DiekaeModel, q: str, passages: list[str], settings: d
     """Median time (ms) of the encoders' own decode step (one token against the cached passages and
     pointer memory) under each of ``settings`` ({label: {field: value}}), timed in turns: this part
     of a decode step is small enough to read without the decoder's noise."""
-    prompts, knowledge = model._validate([q], [passages], "diekae")
+    prompts, knowledge = model.prepare([q], [passages], "diekae")
     ids = torch.tensor([[model.prompter.ids(" the")[0]]], device=model.device)
     ones = torch.ones_like(ids, dtype=torch.bool)
     times: dict[str, list[float]] = {label: [] for label in settings}

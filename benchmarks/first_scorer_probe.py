@@ -62,7 +62,7 @@ def extract(model: DiekaeModel, items, desc: str) -> list[dict]:
     out = []
     try:
         for it in tqdm(items, desc=desc):
-            prompts, passages = model._validate([it.question], [it.passages], "diekae")
+            prompts, passages = model.prepare([it.question], [it.passages], "diekae")
             rec.calls.clear()
             with torch.no_grad():
                 res, _, _, first = model.encode_knowledge(model.encoder, prompts, passages, None)

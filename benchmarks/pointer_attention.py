@@ -32,7 +32,7 @@ def first_token_stats(model: DiekaeModel, items) -> dict:
     mass = 0.0
     try:
         for it in items:
-            prompts, passages = model._validate([it.question], [it.passages], "diekae")
+            prompts, passages = model.prepare([it.question], [it.passages], "diekae")
             answer = model.prompter.answer_ids(it.answer, True)
             outs.clear()
             with torch.no_grad():

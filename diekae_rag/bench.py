@@ -123,7 +123,7 @@ def bench_latency(model: DiekaeModel, ks=(1, 3, 5, 10), new_tokens: int = 32, re
                 kw = {"min_new_tokens": n_new} if n_new > 1 else {}
                 model.generate(q, passages, mode=mode, max_new_tokens=n_new, **kw)
 
-            prompt_len = len(model._validate([q], [passages], mode)[0][0])
+            prompt_len = len(model.prepare([q], [passages], mode)[0][0])
             ttft = median_time(lambda: run(1), repeats, dev)
             total = median_time(lambda: run(new_tokens), max(1, repeats // 2), dev)
             with PeakMemory(dev) as mem:

@@ -207,7 +207,7 @@ class DiekaeModel:
                 errors.append(exc)
                 streamer.end()
 
-        self._validate([question], [knowledge], mode)  # fail fast, in the caller's thread
+        self.prepare([question], [knowledge], mode)  # fail fast, in the caller's thread
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
         for text in streamer:
@@ -230,7 +230,7 @@ class DiekaeModel:
         for a in answers:
             if not isinstance(a, str) or not a.strip():
                 raise ValueError("Every answer to score must be a non-empty string.")
-        prompts, passages = self._validate(questions, knowledges, mode)
+        prompts, passages = self.prepare(questions, knowledges, mode)
         ans = [self.prompter.answer_ids(a, with_eos) for a in answers]
         with torch.inference_mode():
             logits, targets = self.answer_logits(prompts, passages, ans, mode)
@@ -259,7 +259,7 @@ class DiekaeModel:
         return self.decoder.get_output_embeddings()(h).float(), targets
 
     # ------------------------------------------------------------------ internals shared with training
-    def _validate(self, questions: Sequence[str], knowledges: Optional[Sequence[Knowledge]], mode: str
+    def prepare(self, questions: Sequence[str], knowledges: Optional[Sequence[Knowledge]], mode: str = "diekae"
                   ) -> tuple[list[list[int]], list[list[str]]]:
         """Check inputs and build each item's decoder prompt ids and passages."""
         check_mode(mode)
@@ -501,7 +501,7 @@ class DiekaeModel:
     def _generate_ids(self, questions, knowledges, mode, max_new_tokens, **gen_kwargs) -> list[torch.Tensor]:
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1.")
-        prompts, passages = self._validate(questions, knowledges, mode)
+        prompts, passages = self.prepare(questions, knowledges, mode)
         if gen_kwargs.get("num_beams", 1) != 1 or gen_kwargs.get("num_return_sequences", 1) != 1:
             raise ValueError("Beam search and num_return_sequences>1 are not supported with injection.")
         ids, mask = self.prompter.pad(prompts, self.device, side="left")

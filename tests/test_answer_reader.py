@@ -110,7 +110,7 @@ def test_reader_training_loss_targets_every_occurrence_and_falls():
 
 def _first_attention(model):
     from test_engine import K, Q
-    prompts, passages = model._validate(Q, K, "diekae")
+    prompts, passages = model.prepare(Q, K, "diekae")
     with torch.no_grad():
         out, _, _, first = model.encode_knowledge(model.encoder, prompts, passages)
     attn = out.pointer_attention[torch.arange(len(Q)), :, first].sum(1)  # (B, T_k)
@@ -175,7 +175,7 @@ def test_stop_slots_copy_the_match_of_the_slot_after_the_answer_and_write_the_en
                             pointer_bigram_bonus=3.0)
     model.passage_cache.max_segments = 0
     model.answer_reader = MarkSpan("Ithpelith", "north")
-    prompts, passages = model._validate(Q, K, "diekae")
+    prompts, passages = model.prepare(Q, K, "diekae")
     outs = {}
     for w in (0.0, 1.0):
         model.config.reader_end_weight = w

@@ -34,7 +34,7 @@ def test_loads_on_cuda_in_bf16_and_zero_encoders_change_nothing():
     model = cuda_model(nonzero=False)
     assert model.device.type == DEVICE and model.decoder.dtype == torch.bfloat16
     assert all(p.device.type == DEVICE for p in model.encoder.parameters())
-    prompts, passages = model._validate(Q, K, "diekae")
+    prompts, passages = model.prepare(Q, K, "diekae")
     answers = [model.prompter.answer_ids("Ithpelith"), model.prompter.answer_ids("north")]
     ids, mask, inj = model.teacher_forcing_inputs(prompts, passages, answers, "diekae")
     with torch.no_grad():

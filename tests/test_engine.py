@@ -31,7 +31,7 @@ def _record_deltas(model):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_zero_encoders_reproduce_plain_logits(arch):
     model = tiny_model(arch, nonzero=False)
-    prompts, passages = model._validate(Q, K, "diekae")
+    prompts, passages = model.prepare(Q, K, "diekae")
     answers = [model.prompter.answer_ids("Ithpelith"), model.prompter.answer_ids("north")]
     ids, mask, inj = model.teacher_forcing_inputs(prompts, passages, answers, "diekae")
     assert inj is not None
@@ -52,7 +52,7 @@ def test_rows_land_at_chosen_layers_and_prompt_positions_only(arch):
     finally:
         for h in handles:
             h.remove()
-    prompts, _ = model._validate(Q, K, "diekae")
+    prompts, _ = model.prepare(Q, K, "diekae")
     T = max(len(p) for p in prompts)
     prefill, steps = calls[0], calls[1:]
     assert len(steps) == 2
@@ -90,7 +90,7 @@ def test_injection_changes_outputs_and_modes_differ():
 
 def test_padding_side_does_not_matter():
     model = tiny_model("llama")
-    prompts, passages = model._validate(Q, K, "diekae")
+    prompts, passages = model.prepare(Q, K, "diekae")
     outs = []
     for side in ("left", "right"):
         ids, mask = model.prompter.pad(prompts, model.device, side=side)
@@ -150,17 +150,24 @@ def test_stream_joins_to_generate():
 
 
 def test_exception_inside_call_leaves_no_injection():
+    from diekae_rag.injection import _ACTIVE
     model = tiny_model("llama")
-    before = model.generate(Q[0], mode="none", max_new_tokens=5)
+    prompts, passages = model.prepare(Q, K, "diekae")
+    ids, mask = model.prompter.pad(prompts, model.device)
+    with torch.no_grad():
+        bare = model.decoder(input_ids=ids, attention_mask=mask).logits  # no injection active: the plain decoder
     with pytest.raises(ValueError):
         model.generate(Q[0], K[0], max_new_tokens=5, num_beams=2)
-    with pytest.raises(RuntimeError):
-        prompts, passages = model._validate(Q, K, "diekae")
-        ids, mask = model.prompter.pad(prompts, model.device)
-        inj = model.build_injection(prompts, passages, mask)
+    inj = model.build_injection(prompts, passages, mask)
+    with pytest.raises(RuntimeError, match="Injection rows cover"):
         with injecting(inj):
             model.decoder(input_ids=ids[:, :-1], attention_mask=mask[:, :-1])  # wrong length: refused
-    assert model.generate(Q[0], mode="none", max_new_tokens=5) == before
+    # Checked directly, not through another generate() (which would set the injection itself):
+    # nothing is active in this context and the decoder alone gives what it gave before.
+    assert _ACTIVE.get() is None
+    with torch.no_grad():
+        after = model.decoder(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(after, bare)
 
 
 def test_generation_stops_when_the_model_opens_a_new_chat_turn():

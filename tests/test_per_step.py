@@ -30,7 +30,7 @@ def _generate_and_record(model, questions, knowledges):
 
 
 def _reencoded_rows(model, questions, knowledges, texts_ids):
-    prompts, passages = model._validate(questions, knowledges, "diekae")
+    prompts, passages = model.prepare(questions, knowledges, "diekae")
     answers = [g[:-1] for g in texts_ids]  # the last token is never fed back
     _, mask = model.prompter.pad([p + a for p, a in zip(prompts, answers)], model.device, side="right")
     with torch.no_grad():
@@ -96,7 +96,7 @@ def test_pointer_raises_the_logit_of_a_knowledge_token():
     enc = model.encoder
     with torch.no_grad():
         enc.pointer_gain.fill_(0.01)
-    prompts, passages = model._validate([Q[0]], [K[0]], "diekae")
+    prompts, passages = model.prepare([Q[0]], [K[0]], "diekae")
     items = [model.prompter.encoder_item(passages[0], prompts[0])]
     batch = model.prompter.encoder_batch(items, model.device)
     with torch.no_grad():
@@ -174,7 +174,7 @@ def test_bigram_match_keeps_the_copy_in_place_where_a_token_repeats(isolation):
         gain = float(enc.pointer_gain.detach().sum()) * enc.config.pointer_gain_scale
         outs[bonus] = (pointer[at], gain, lm)
         if bonus:  # KV-cached decode steps read the previous token from the cache: "w", then "z"
-            prompts, passages = model._validate(["which?"], [[passage]], "diekae")
+            prompts, passages = model.prepare(["which?"], [[passage]], "diekae")
             _, mask = model.prompter.pad(prompts, model.device, side="left")
             with torch.no_grad():
                 session = model.build_injection(prompts, passages, mask).sessions[0]
@@ -192,7 +192,7 @@ def test_bigram_match_keeps_the_copy_in_place_where_a_token_repeats(isolation):
 def _first_position_rows(model) -> tuple[list, list]:
     """Pointer-layer rows for Q, K in left-padded generation (plus its first decode step) and right-padded
     teacher forcing, and each item's position that predicts the first answer token in both layouts."""
-    prompts, passages = model._validate(Q, K, "diekae")
+    prompts, passages = model.prepare(Q, K, "diekae")
     answers = [model.prompter.answer_ids("Ab"), model.prompter.answer_ids("Xyz")]
     layer = model.config.pointer_layer
     _, left = model.prompter.pad(prompts, model.device, side="left")
@@ -264,7 +264,7 @@ def test_pointer_sharpness_scales_every_pointer_score():
     with torch.no_grad():
         enc.pointer_match_weight.fill_(2.0 / enc.config.pointer_match_scale)
         enc.pointer_null.normal_()
-    prompts, passages = model._validate([Q[0]], [K[0]], "diekae")
+    prompts, passages = model.prepare([Q[0]], [K[0]], "diekae")
     batch = model.prompter.encoder_batch([model.prompter.encoder_item(passages[0], prompts[0])], model.device)
 
     def pointer() -> torch.Tensor:
@@ -378,7 +378,7 @@ def test_passage_prior_steers_the_pointer_to_the_nearest_passage():
     outs = []
     enc.register_forward_hook(lambda m, args, out: outs.append(out))
     q, k = ["Does it rain there?"], [["Calgra lies in the north.", "It rains there."]]
-    prompts, passages = model._validate(q, k, "diekae")
+    prompts, passages = model.prepare(q, k, "diekae")
     ids, mask = model.prompter.pad(prompts, model.device, side="left")
 
     def session():
@@ -431,7 +431,7 @@ def test_pointer_first_unspaced_copies_the_space_less_variant_at_the_first_posit
             cos = torch.nn.functional.cosine_similarity(on.float(), lm[c].float(), dim=0)
             assert (cos.abs() > 0.999) == (not isolation), "joint: a multiple of c's embedding; isolated: not"
         _assert_only_first_rows_differ(runs[False], runs[True], firsts, copies)
-    prompts, passages = model._validate(Q, K, "diekae")
+    prompts, passages = model.prepare(Q, K, "diekae")
     items = [model.prompter.isolated_item(p, x) for x, p in zip(prompts, passages)]
     pieces = model._first_pieces(passages, model._knowledge_layout(passages, items, 80))[0]
     text = [model.tokenizer.decode([int(i)]) if i >= 0 else "" for i in pieces]
@@ -449,7 +449,7 @@ def test_answer_pieces_extend_the_pointer_memory_and_decode_steps_still_equal_a_
     # give every passage two (piece "x" after "q" keyed on token 1, "z" after "x" keyed on token 2).
     tid = model.tokenizer.convert_tokens_to_ids
     model.passage_tokens.word_pieces = lambda text, classes: [Piece(tid("x"), tid("q"), 1, 1, 0, 1), Piece(tid("z"), tid("x"), 2, 2, 0, 2)]
-    prompts, passages = model._validate(Q, K, "diekae")
+    prompts, passages = model.prepare(Q, K, "diekae")
     sizes, firsts = {}, {}
     for on in (False, True):
         model.config.pointer_answer_pieces = on
@@ -471,7 +471,7 @@ def test_answer_pieces_borrow_the_key_after_the_previous_piece_when_asked():
     model.passage_cache.max_segments = 0
     tid = model.tokenizer.convert_tokens_to_ids
     model.passage_tokens.word_pieces = lambda text, classes: [Piece(tid("x"), tid("q"), 1, 3, 0, 1)]
-    prompts, passages = model._validate(Q[:1], K[:1], "diekae")
+    prompts, passages = model.prepare(Q[:1], K[:1], "diekae")
     keys = {}
     for mode in ("covering", "after", "both"):
         model.config.pointer_piece_keys = mode
@@ -523,7 +523,7 @@ def test_continuation_keeps_a_copy_on_the_occurrence_it_started_on():
     enc, tid = model.encoder, model.tokenizer.convert_tokens_to_ids
     with torch.no_grad():
         enc.pointer_q.weight.zero_()  # scores: the token match and the continuation only
-    prompts, passages = model._validate(["q?"], [["mab mac"]], "diekae")
+    prompts, passages = model.prepare(["q?"], [["mab mac"]], "diekae")
     with torch.no_grad():
         cache = model.encode_knowledge(enc, prompts, passages)[0].cache
     slots = [s for s, i in enumerate(cache.knowledge_ids[0].tolist()) if i == tid("a") and cache.pointer_valid[0, s]]

@@ -128,7 +128,7 @@ def test_shipped_reader_finds_where_each_answer_starts(real_model):
         lps = real_model.answer_reader.char_log_probs(q, list(ks))
         i, c, _ = max(((i, c, v) for i, d in enumerate(lps) for c, v in d.items()), key=lambda x: x[2])
         assert ks[i][c:].startswith(a), (q, ks[i][c:])
-    prompts, passages = real_model._validate([qs[0]], [[ks[0]]], "diekae")
+    prompts, passages = real_model.prepare([qs[0]], [[ks[0]]], "diekae")
     items = [real_model.prompter.isolated_item(passages[0], prompts[0])]
     p_ids = real_model.prompter.ids(ks[0])
     width = sum(len(s) for s in items[0][0])

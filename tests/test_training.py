@@ -88,7 +88,7 @@ def test_phase1_and_phase2_losses_fall():
 def test_first_token_weight_is_a_weighted_mean_over_answer_tokens():
     model = tiny_model()
     ex = _examples(4)
-    prompts, passages = model._validate([e.question for e in ex], [e.passages for e in ex], "diekae")
+    prompts, passages = model.prepare([e.question for e in ex], [e.passages for e in ex], "diekae")
     answers = [model.prompter.answer_ids(e.answer, True) for e in ex]
     with torch.no_grad():
         logits, targets = model.answer_logits(prompts, passages, answers)

@@ -26,7 +26,7 @@ def _teacher_inputs(model: DiekaeModel, batch: Sequence[Example], per_step: bool
     if model.config.passage_isolation:
         raise ValueError("Phase 1 does not support passage_isolation yet: train phase 1 without it, then "
                          "fine-tune with it in phase 2 (init_from + encoder.passage_isolation).")
-    prompts, passages = model._validate([e.question for e in batch], [e.passages for e in batch], "diekae")
+    prompts, passages = model.prepare([e.question for e in batch], [e.passages for e in batch], "diekae")
     answers = [model.prompter.answer_ids(e.answer, True) if per_step else [] for e in batch]
     tails = [p + a for p, a in zip(prompts, answers)]
     heads = [model.prompter.knowledge_ids(p)[0] for p in passages]

@@ -18,7 +18,7 @@ def lm_loss(model: DiekaeModel, batch: Sequence[Example], with_eos: bool = True,
     ``first_token_weight`` > 1 weighs each answer's first token more (a weighted mean): it is
     the token where the pointer must choose which fact to copy; later ones mostly continue it.
     """
-    prompts, passages = model._validate([e.question for e in batch], [e.passages for e in batch], "diekae")
+    prompts, passages = model.prepare([e.question for e in batch], [e.passages for e in batch], "diekae")
     answers = [model.prompter.answer_ids(e.answer, with_eos) for e in batch]
     logits, targets = model.answer_logits(prompts, passages, answers)
     weights = torch.tensor([first_token_weight if j == 0 else 1.0 for a in answers for j in range(len(a))],

@@ -71,7 +71,7 @@ def pointer_choice_loss(model: DiekaeModel, batch: Sequence[Example]) -> torch.T
     enc = model.encoder
     if enc.config.pointer_layer is None:
         raise ValueError("pointer_choice_loss needs encoders with a pointer readout (pointer_layer).")
-    prompts, passages = model._validate([e.question for e in batch], [e.passages for e in batch], "diekae")
+    prompts, passages = model.prepare([e.question for e in batch], [e.passages for e in batch], "diekae")
     out, _, _, first = model.encode_knowledge(enc, prompts, passages, None)
     cache = out.cache
     if cache is None:
