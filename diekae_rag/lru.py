@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Callable, Hashable, TypeVar
+from typing import Callable, Hashable, Iterable, TypeVar
 
 V = TypeVar("V")
 
@@ -24,12 +24,28 @@ class LRU:
                 self._data.move_to_end(key)
                 return self._data[key]
         value = make()
+        self.put_many([(key, value)])
+        return value
+
+    def get_many(self, keys: Iterable[Hashable]) -> dict:
+        """The kept values of those ``keys`` that are kept (each marked as just used)."""
         with self._lock:
-            self._data[key] = value
-            self._data.move_to_end(key)
+            found = {key: self._data[key] for key in keys if key in self._data}
+            for key in found:
+                self._data.move_to_end(key)
+        return found
+
+    def put_many(self, items: Iterable[tuple[Hashable, V]]) -> None:
+        """Keep each ``(key, value)``, dropping the least recently used beyond ``max_items``."""
+        with self._lock:
+            for key, value in items:
+                self._data[key] = value
+                self._data.move_to_end(key)
             while len(self._data) > self.max_items:
                 self._data.popitem(last=False)
-        return value
+
+    def __len__(self) -> int:
+        return len(self._data)
 
     def drop(self, which: Callable[[Hashable], bool]) -> None:
         """Forget the keys for which ``which(key)`` holds."""

@@ -10,8 +10,6 @@ use) and at query time only the tail runs through the encoders.
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -19,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .encoder import DiekaeEncoder, EncoderCache
+from .lru import LRU
 from .passage_prior import segment_bias
 
 
@@ -115,8 +114,7 @@ class PassageCache:
 
     def __init__(self, max_segments: int = 128) -> None:
         self.max_segments = max_segments
-        self._data: OrderedDict = OrderedDict()
-        self._lock = threading.Lock()
+        self._kept = LRU(max_segments)
         self.hits = self.misses = 0
 
     def states(self, encoder: DiekaeEncoder, segments: Sequence[Sequence[int]], kmasks: Sequence[Sequence[bool]],
@@ -128,23 +126,18 @@ class PassageCache:
             return encode_segments(encoder, segments, kmasks, device)
         version = (id(encoder), _weights_version(encoder))
         keys = [(version, tuple(s), tuple(k)) for s, k in zip(segments, kmasks)]
-        with self._lock:
-            found = {key: self._data[key] for key in keys if key in self._data}
-            for key in found:
-                self._data.move_to_end(key)
-        todo = list(OrderedDict.fromkeys(key for key in keys if key not in found))
-        self.hits += len(keys) - len([k for k in keys if k not in found])
+        found = self._kept.get_many(keys)
+        todo = list(dict.fromkeys(key for key in keys if key not in found))
+        self.hits += sum(key in found for key in keys)
         self.misses += len(todo)
         if todo:
             new = encode_segments(encoder, [k[1] for k in todo], [k[2] for k in todo], device)
-            with self._lock:
-                for key, st in zip(todo, new):
-                    found[key] = st
-                    self._data[key] = st
-                while len(self._data) > self.max_segments:
-                    self._data.popitem(last=False)
+            found.update(zip(todo, new))
+            self._kept.put_many(zip(todo, new))
         return [found[key] for key in keys]
 
+    def __len__(self) -> int:
+        return len(self._kept)
+
     def clear(self) -> None:
-        with self._lock:
-            self._data.clear()
+        self._kept.clear()

@@ -10,11 +10,11 @@ passage gets 0, with ``strength = 1 / T``.
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from typing import Sequence
 
 import numpy as np
+
+from .lru import LRU
 
 
 class PassagePrior:
@@ -29,8 +29,7 @@ class PassagePrior:
         self.strength = float(strength)
         self._embedder = embedder
         self.max_cached = max_cached
-        self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()  # passage text -> unit vector (LRU)
-        self._lock = threading.Lock()
+        self._vectors = LRU(max_cached)  # passage text -> unit vector
 
     @property
     def embedder(self):
@@ -55,23 +54,16 @@ class PassagePrior:
 
     def passage_vectors(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """Unit vectors of ``texts``, embedding only those not in the cache (e.g. at index time)."""
-        with self._lock:
-            found = {t: self._vectors[t] for t in texts if t in self._vectors}
-            for t in found:
-                self._vectors.move_to_end(t)
+        found = self._vectors.get_many(texts)
         todo = list(dict.fromkeys(t for t in texts if t not in found))
         if todo:
             new = self.embedder.encode(todo)
-            with self._lock:
-                for t, v in zip(todo, new):
-                    found[t] = self._vectors[t] = v
-                while len(self._vectors) > self.max_cached:
-                    self._vectors.popitem(last=False)
+            found.update(zip(todo, new))
+            self._vectors.put_many(zip(todo, new))
         return found
 
     def clear(self) -> None:
-        with self._lock:
-            self._vectors.clear()
+        self._vectors.clear()
 
 
 def segment_bias(priors: Sequence[float], segment_lengths: Sequence[int]) -> np.ndarray:
