@@ -5,7 +5,8 @@ means only the query side can choose *which* span to copy. This reader is the qu
 half: a MiniLM (the retriever's own embedder, fine-tuned as an extractive reader) reads each
 (question, passage) pair and scores every word-piece as the start of the answer. Its
 log-probabilities, mapped onto the decoder's passage tokens, are added to the pointer's scores
-at the one position that predicts the answer's first token (``DiekaeConfig.reader_weight``).
+at the one position that predicts the answer's first token (``CopyConfig.reader_weight``,
+through :class:`diekae_rag.copy.ReaderScores`).
 The decoder still reads only the question.
 
 Saved like the encoders (PEFT-style): ``reader.json`` + ``reader.safetensors``, holding the head
@@ -31,7 +32,7 @@ from .lru import LRU
 READER_CONFIG = "reader.json"
 READER_WEIGHTS = "reader.safetensors"
 FROZEN = "embeddings.word_embeddings.weight"
-LOG_FLOOR = -30.0  # log-probability given to a token no answer can start at
+from .copy.memory import LOG_FLOOR  # log-probability given to a token no answer can start at
 
 
 @dataclass
@@ -39,7 +40,14 @@ class ReaderConfig:
     base: str = ""            # MiniLM folder ("" = the installed all-MiniLM-L6-v2)
     max_length: int = 256     # word-pieces per window (question + passage)
     stride: int = 64          # overlap between windows of a long passage
-    end_head: bool = False    # also score where the answer ends (the pointer's stop slots)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ReaderConfig":
+        data = dict(data)
+        if data.pop("end_head", False):  # retired (docs/decisions.md): a saved reader may carry it only off
+            raise ValueError("This reader has an end head, which was removed (docs/decisions.md); use a reader "
+                             "saved without one.")
+        return cls(**data)
 
     def base_path(self) -> str:
         if self.base:
@@ -60,7 +68,6 @@ class AnswerStartReader(nn.Module):
         self.bert = AutoModel.from_pretrained(path)
         self.bert.get_input_embeddings().weight.requires_grad_(False)
         self.head = nn.Linear(self.bert.config.hidden_size, 1)
-        self.end_head = nn.Linear(self.bert.config.hidden_size, 1) if self.config.end_head else None
         self._lock = threading.Lock()  # a fast tokenizer with truncation/padding is not thread-safe
         self._recent = LRU(256)  # the last answers, by (question, passages)
 
@@ -101,48 +108,27 @@ class AnswerStartReader(nn.Module):
     def forward(self, batch: dict) -> torch.Tensor:
         """(W, T) start logits; positions that cannot start an answer (question, padding,
         special tokens except [CLS]) are -inf."""
-        return self.logits(batch)[0]
-
-    def logits(self, batch: dict) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """(W, T) start logits and, with an end head, (W, T) end logits (else None), masked as
-        in :meth:`forward`."""
         kw = {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask", "token_type_ids")
               if batch.get(k) is not None}
         h = self.bert(**kw).last_hidden_state
         allowed = batch["spans"][..., 0].to(self.device) >= 0
         allowed[:, 0] = True
-        heads = [self.head] + ([self.end_head] if self.end_head is not None else [])
-        out = [hd(h).squeeze(-1).float().masked_fill(~allowed, float("-inf")) for hd in heads]
-        return out[0], (out[1] if len(out) > 1 else None)
+        return self.head(h).squeeze(-1).float().masked_fill(~allowed, float("-inf"))
 
     def char_log_probs(self, question: str, passages: Sequence[str]) -> list[dict[int, float]]:
         """For each passage, {character offset: log P(answer starts at the word-piece there)},
         normalised jointly over every passage's word-pieces and one "no answer" slot. The last
         256 answers are kept (scoring and generating the same question reuse them); training
         mode always recomputes."""
-        return self._read(question, passages)[0]
-
-    def char_end_log_probs(self, question: str, passages: Sequence[str]) -> list[dict[int, float]]:
-        """For each passage, {character offset just past a word-piece: log P(answer ends with that
-        word-piece)}, normalised like :meth:`char_log_probs`. Needs a reader with an end head."""
-        if self.end_head is None:
-            raise ValueError("This reader has no end head: train one with \"end_head\": true in the "
-                             "`diekae-rag train-reader` config.")
-        return self._read(question, passages)[1]
-
-    def _read(self, question: str, passages: Sequence[str]) -> tuple[list[dict[int, float]], list[dict[int, float]]]:
         if not passages:
-            return [], []
+            return []
         return self._recent.get_or_make((question, tuple(passages)),
                                         lambda: self._char_log_probs(question, passages), reuse=not self.training)
 
     @torch.no_grad()
-    def _char_log_probs(self, question: str, passages: Sequence[str]
-                        ) -> tuple[list[dict[int, float]], list[dict[int, float]]]:
+    def _char_log_probs(self, question: str, passages: Sequence[str]) -> list[dict[int, float]]:
         batch = self.windows([question] * len(passages), passages)
-        start, end = self.logits(batch)
-        return (joint_char_log_probs(start.cpu(), batch, len(passages), 0),
-                [] if end is None else joint_char_log_probs(end.cpu(), batch, len(passages), 1))
+        return joint_char_log_probs(self(batch).cpu(), batch, len(passages))
 
     def save_pretrained(self, path: Union[str, Path]) -> Path:
         """Write reader.json + reader.safetensors (the frozen word embeddings are left out)."""
@@ -156,40 +142,35 @@ class AnswerStartReader(nn.Module):
         return path
 
     @classmethod
-    def from_pretrained(cls, path: Union[str, Path], device: Optional[Union[str, torch.device]] = None,
-                        end_head: Optional[bool] = None) -> "AnswerStartReader":
-        """Load a reader saved by :meth:`save_pretrained` onto its base MiniLM. ``end_head=True``
-        adds an untrained end head to a reader saved without one (to train it further)."""
+    def from_pretrained(cls, path: Union[str, Path], device: Optional[Union[str, torch.device]] = None
+                        ) -> "AnswerStartReader":
+        """Load a reader saved by :meth:`save_pretrained` onto its base MiniLM."""
         from safetensors.torch import load_file
         path = Path(path)
         if not (path / READER_CONFIG).exists() or not (path / READER_WEIGHTS).exists():
             raise FileNotFoundError(f"No answer-start reader in {path}: expected {READER_CONFIG} and "
                                     f"{READER_WEIGHTS} (train one with `diekae-rag train-reader CONFIG`).")
-        cfg = ReaderConfig(**json.loads((path / READER_CONFIG).read_text()))
-        new_end = bool(end_head) and not cfg.end_head
-        if end_head is not None:
-            cfg.end_head = end_head
+        cfg = ReaderConfig.from_dict(json.loads((path / READER_CONFIG).read_text()))
         reader = cls(cfg)
         state = load_file(str(path / READER_WEIGHTS))
         missing, unexpected = reader.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-        missing = [k for k in missing if not k.endswith(FROZEN) and not (new_end and k.startswith("end_head."))]
+        missing = [k for k in missing if not k.endswith(FROZEN)]
         if missing or unexpected:
             raise ValueError(f"Reader weights in {path} do not fit its base {cfg.base_path()}: "
                              f"missing {missing[:3]}, unexpected {unexpected[:3]}.")
         return reader.to(device or "cpu").eval()
 
 
-def joint_char_log_probs(logits: torch.Tensor, batch: dict, n_passages: int, side: int) -> list[dict[int, float]]:
+def joint_char_log_probs(logits: torch.Tensor, batch: dict, n_passages: int) -> list[dict[int, float]]:
     """Per passage, {character offset: log-probability} from (W, T) window ``logits``, normalised
     jointly over every passage's word-pieces and one "no answer" slot (the best [CLS] logit). The
-    offset is each word-piece's first character (``side`` 0, starts) or the one just past it (1, ends);
-    where windows overlap, the higher logit counts."""
+    offset is each word-piece's first character; where windows overlap, the higher logit counts."""
     null = logits[:, 0].max()
     out: list[dict[int, float]] = [{} for _ in range(n_passages)]
     for w in range(logits.shape[0]):
         p = int(batch["pair"][w])
         for t in torch.nonzero(torch.isfinite(logits[w, 1:]))[:, 0].tolist():
-            c = int(batch["spans"][w, t + 1, side])
+            c = int(batch["spans"][w, t + 1, 0])
             out[p][c] = max(out[p].get(c, -math.inf), float(logits[w, t + 1]))
     every = torch.tensor([v for s in out for v in s.values()] + [float(null)])
     norm = float(torch.logsumexp(every, 0))

@@ -117,7 +117,7 @@ def bench_latency(model: DiekaeModel, ks=(1, 3, 5, 10), new_tokens: int = 32, re
                 if mode == "diekae" and model.answer_reader is not None:
                     model.answer_reader.clear()  # the reader reads each new question: never a kept answer
                 if label == "diekae_cold":
-                    model.passage_cache.clear()
+                    model.knowledge.passage_cache.clear()
                     if model.passage_prior is not None:
                         model.passage_prior.clear()
                 kw = {"min_new_tokens": n_new} if n_new > 1 else {}

@@ -1,8 +1,14 @@
-"""The encoder checkpoint format: ``model.safetensors`` + ``config.json`` (like a PEFT adapter).
+"""The encoder checkpoint format, like a PEFT adapter: a config plus weights, attached to a base model.
 
-The config is also stored inside the safetensors metadata, which is the source of truth:
-each file is written atomically, so a crash between the two writes still leaves a
-weights file that describes itself. Nothing here ever unpickles.
+    model.safetensors   the encoders' weights; their EncoderConfig is also in its metadata
+    config.json         the EncoderConfig (shape, layers, template): pinned to the weights
+    copy.json           the CopyConfig: the copy readout's serving-time settings (edit freely)
+
+Each file is written atomically, so a crash between two writes still leaves a weights file that
+describes itself. A ``config.json`` that disagrees with the weights' own config is refused (the
+shape cannot be edited; serving settings belong in ``copy.json``). Checkpoints of format 1
+(one config for both, other weight names) load through :func:`diekae_rag.config.migrate`.
+Nothing here ever unpickles.
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_write, atomic_write_text
-from .config import DiekaeConfig
+from .config import EncoderConfig, migrate, read_json
+from .copy.config import CopyConfig
 from .encoder import DiekaeEncoder
 
 WEIGHTS_NAME = "model.safetensors"
@@ -32,9 +39,16 @@ class DecoderMismatchError(CheckpointError):
     """A checkpoint was trained for a different decoder than the one it is attached to."""
 
 
+# Format 1 kept the copy head's weights on the encoder itself.
+FORMAT1_WEIGHTS = {"pointer_q.weight": "copy_head.q.weight", "pointer_k.weight": "copy_head.k.weight",
+                   "pointer_null": "copy_head.null", "pointer_gain": "copy_head.gain",
+                   "pointer_match_weight": "copy_head.match_weight"}
+
+
 def save_encoder(encoder: DiekaeEncoder, path: str | Path, extra_tensors: Optional[dict] = None,
-                 dtype: Optional[torch.dtype] = None) -> Path:
-    """Write ``encoder`` to the folder ``path`` (created if needed), atomically per file.
+                 dtype: Optional[torch.dtype] = None, copy: Optional[CopyConfig] = None) -> Path:
+    """Write ``encoder`` (and its copy settings ``copy``, when given) to the folder ``path`` (created
+    if needed), atomically per file.
 
     ``dtype`` (e.g. ``torch.float16`` for the shipped weights) converts floating tensors."""
     path = Path(path)
@@ -46,11 +60,22 @@ def save_encoder(encoder: DiekaeEncoder, path: str | Path, extra_tensors: Option
     meta = {_META_KEY: encoder.config.to_json(), "format": "pt"}
     atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp), metadata=meta))
     atomic_write_text(path / CONFIG_NAME, encoder.config.to_json() + "\n")
+    if copy is not None:
+        copy.save(path)
     return path
 
 
-def read_config(path: str | Path) -> DiekaeConfig:
-    """The config of the checkpoint at ``path`` (read from the weights file's metadata)."""
+def read_config(path: str | Path) -> EncoderConfig:
+    """The encoder config of the checkpoint at ``path`` (from the weights file's metadata)."""
+    return _read(path)[0]
+
+
+def read_copy_config(path: str | Path) -> Optional[CopyConfig]:
+    """The checkpoint's copy settings: its ``copy.json``, else a format-1 config's, else None."""
+    return CopyConfig.load(path) or _read(path)[1]
+
+
+def _read(path: str | Path) -> tuple[EncoderConfig, Optional[CopyConfig]]:
     weights = _weights_file(path)
     try:
         from safetensors import safe_open
@@ -58,14 +83,25 @@ def read_config(path: str | Path) -> DiekaeConfig:
             meta = fh.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{weights} is corrupt or truncated ({exc}). Restore it or re-save the encoders.") from exc
-    if _META_KEY not in meta:
-        cfg_file = Path(path) / CONFIG_NAME
-        if not cfg_file.exists():
-            raise CheckpointError(f"{weights} carries no diekae config and {cfg_file} is missing.")
-        return DiekaeConfig.from_json_file(cfg_file)
+    cfg_file = Path(path) / CONFIG_NAME
     try:
-        return DiekaeConfig.from_dict(json.loads(meta[_META_KEY]))
+        if _META_KEY not in meta:
+            if not cfg_file.exists():
+                raise CheckpointError(f"{weights} carries no diekae config and {cfg_file} is missing.")
+            return migrate(read_json(cfg_file))
+        config, copy = migrate(json.loads(meta[_META_KEY]))
+        if cfg_file.exists():
+            edited = migrate(read_json(cfg_file))[0].to_dict()
+            differ = sorted(k for k, v in config.to_dict().items() if edited.get(k) != v)
+            if differ:
+                raise CheckpointError(
+                    f"{cfg_file} differs from the config saved with the weights in {weights.name} ({', '.join(differ)}). "
+                    "The weights' shape and template cannot be edited; copy settings belong in copy.json. "
+                    "Restore config.json or re-save the encoders.")
+        return config, copy
     except (ValueError, TypeError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
         raise CheckpointError(f"{weights}: bad encoder config ({exc}).") from exc
 
 
@@ -78,6 +114,7 @@ def load_encoder(path: str | Path, device: torch.device | str = "cpu", dtype: Op
         state = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{weights} is corrupt or truncated ({exc}). Restore it or re-save the encoders.") from exc
+    state = {FORMAT1_WEIGHTS.get(k, k): v for k, v in state.items()}
     encoder = DiekaeEncoder(config)
     own = encoder.state_dict()
     missing = sorted(set(own) - set(state))

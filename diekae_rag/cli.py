@@ -64,23 +64,25 @@ def _bench(args: argparse.Namespace) -> int:
 def _ship(args: argparse.Namespace) -> int:
     import torch
 
-    from .checkpoint import load_encoder, save_encoder
-    from .model import SHIPPED_WEIGHTS
+    from .checkpoint import load_encoder, read_copy_config, save_encoder
     from .config import parse_settings
+    from .copy import CopyConfig
+    from .model import SHIPPED_WEIGHTS
     enc, _ = load_encoder(args.checkpoint)
+    copy = read_copy_config(args.checkpoint) or CopyConfig.plain().for_encoder(enc.config)
+    changes = parse_settings(args.set or [])
     if args.reader_weight is not None:
-        enc.config.reader_weight = args.reader_weight
-    for name, value in parse_settings(args.set or []).items():
-        setattr(enc.config, name, value)
-    enc.config.validate()
+        changes["reader_weight"] = args.reader_weight
+    copy = copy.replace(**changes)
+    copy.check_for(enc.config)
     reader = None
-    if enc.config.reader_weight:  # the answer-start reader travels with the encoders
+    if copy.reader_weight:  # the answer-start reader travels with the encoders
         from .answer_reader import AnswerStartReader
         reader = AnswerStartReader.from_pretrained(args.reader or args.checkpoint)
-    out = save_encoder(enc, args.out or SHIPPED_WEIGHTS, dtype=torch.float16)
+    out = save_encoder(enc, args.out or SHIPPED_WEIGHTS, dtype=torch.float16, copy=copy)
     if reader is not None:
         reader.save_pretrained(out)
-    print(f"wrote {out} (float16)")
+    print(f"wrote {out} (float16 weights, config.json, copy.json)")
     return 0
 
 
@@ -131,9 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--out", default=None)
     sh.add_argument("--reader", default=None, help="answer-start reader folder to ship with the encoders "
                     "(default: the checkpoint's own, if its config sets reader_weight)")
-    sh.add_argument("--reader-weight", type=float, default=None, help="set config.reader_weight (0: no reader)")
+    sh.add_argument("--reader-weight", type=float, default=None, help="set copy.reader_weight (0: no reader)")
     sh.add_argument("--set", action="append", metavar="FIELD=JSON",
-                    help="set a serving-time DiekaeConfig field, e.g. --set pointer_first_unspaced=true")
+                    help="set a copy setting (copy.json), e.g. --set first_unspaced=true")
     sh.set_defaults(func=_ship)
     ed = sub.add_parser("edit", help="train editing encoders from an edits JSONL")
     ed.add_argument("edits")

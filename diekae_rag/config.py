@@ -1,4 +1,9 @@
-"""DiekaeConfig: everything needed to rebuild a set of DIEKÆ encoders, stored as JSON."""
+"""EncoderConfig: what a set of DIEKÆ encoders' weights need (shape, layers, prompt template).
+
+It is pinned to the weights (stored in the safetensors metadata and in ``config.json``). The copy
+readout's serving-time settings live apart, in :class:`diekae_rag.copy.CopyConfig` (``copy.json``).
+Checkpoints of format 1 held both in one config; :func:`migrate` splits them.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-FORMAT_VERSION = 1
+from .copy.config import FIELDS as COPY_FIELDS
+from .copy.config import FORMAT1_NAMES, CopyConfig
+
+FORMAT_VERSION = 2
+
+# Settings that were measured, not shipped, and removed (docs/decisions.md); an old checkpoint
+# may carry them only at the value that switched them off.
+RETIRED = {
+    "pointer_first_scorer": (0, "the first-token scorer was removed"),
+    "reader_end_weight": (0.0, "the reader's stop slots were removed"),
+    "question_first": (False, "question-first encoding was removed"),
+}
 
 
 def decoder_fingerprint(decoder_config: Any) -> str:
@@ -21,20 +37,17 @@ def decoder_fingerprint(decoder_config: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-PIECE_KEYS = ("covering", "after", "both")
-
-
 def split_setting(spec: str) -> tuple[str, str]:
-    """``"FIELD=TEXT"`` -> ``(field, text)``, checking that FIELD is a DiekaeConfig field."""
+    """``"FIELD=TEXT"`` -> ``(field, text)``, checking that FIELD is a CopyConfig setting."""
     name, sep, text = spec.partition("=")
-    if not sep or name not in {f.name for f in dataclasses.fields(DiekaeConfig)}:
-        raise ValueError(f"{spec!r}: write FIELD=VALUE with a DiekaeConfig field.")
+    if not sep or name not in COPY_FIELDS:
+        raise ValueError(f"{spec!r}: write FIELD=VALUE with a copy setting ({', '.join(COPY_FIELDS)}).")
     return name, text
 
 
 def parse_settings(specs: Sequence[str]) -> dict[str, Any]:
-    """``["FIELD=JSON", ...]`` -> ``{field: value}`` for DiekaeConfig fields (serving-time settings
-    given on a command line, e.g. ``pointer_continue_bonus=0`` or ``'pointer_piece_keys="both"'``)."""
+    """``["FIELD=JSON", ...]`` -> ``{field: value}`` for copy settings given on a command line
+    (e.g. ``continue_bonus=0`` or ``first_unspaced=false``)."""
     out = {}
     for spec in specs:
         name, value = split_setting(spec)
@@ -64,11 +77,12 @@ def _json_or_text(text: str) -> Any:
 
 
 @dataclass
-class DiekaeConfig:
-    """Shape and behaviour of one set of DIEKÆ encoders attached to one decoder.
+class EncoderConfig:
+    """Shape of one set of DIEKÆ encoders attached to one decoder, and the template they read.
 
-    The default is the paper's form: encoders for layers 3-8 whose rows are added to
-    the MLP outputs at the question's positions only (``per_step=False``, no pointer).
+    The default is the paper's form: encoders for layers 3-8 whose rows are added to the MLP
+    outputs at the question's positions only (``per_step=False``, no pointer). ``configs/shipped.json``
+    holds the shipped form.
     """
 
     decoder_name: str = "embedded:SmolLM2-135M-Instruct"
@@ -85,66 +99,14 @@ class DiekaeConfig:
     passage_separator: str = "\n"
     # Per-step injection: the encoder also reads the answer so far, every position gets a row.
     per_step: bool = False
-    # Pointer readout: copy-attention over knowledge tokens into this layer's MLP output.
+    # Copy readout (diekae_rag.copy): a copy-attention over knowledge tokens into this layer's MLP output.
     pointer_layer: Optional[int] = None
     pointer_heads: int = 1
     pointer_key_dim: int = 64
-    pointer_gain_scale: float = 100.0
-    # Multiplies every pointer score (keys, token-match bonus and the "nothing" slot): above 1
-    # the copy-attention is sharper, so the readout pushes one knowledge token, not a blend.
-    pointer_sharpness: float = 1.0
-    # Multiplies the pointer's output at the one position that predicts the answer's first token
-    # (where it chooses what to copy); later steps keep the trained gain, so answers still stop.
-    pointer_first_gain: float = 1.0
-    # Passage prior: with several passages, every knowledge token's pointer score gets
-    # passage_prior * (cos(question, its passage) - best passage's cos), cosines from the
-    # retriever's sentence embedder (diekae_rag.passage_prior); 0 = off. Needs passage_isolation.
-    passage_prior: float = 0.0
-    # Token match: a learned bonus on pointer scores where the knowledge token before a key equals
-    # the query's own token (an explicit induction prior, so a copied name continues where it is).
+    # Token match: a learned bonus (times this scale) on copy scores where the knowledge token before
+    # a slot equals the query's own token (an explicit induction prior).
     pointer_match: bool = False
     pointer_match_scale: float = 100.0
-    # Bigram match: a fixed extra bonus (in pointer-score units) where the knowledge token two
-    # before a key also equals the query's previous token; 0 = off. Needs pointer_match.
-    pointer_bigram_bonus: float = 0.0
-    # First-token scorer: hidden width of a small MLP that, at the position predicting the answer's
-    # first token only, adds a score to every knowledge token from the question's pointer state and
-    # the token's own passage states (at s-1 and s), so choosing *which* fact to copy can use the
-    # question; 0 = off. Its passage side is cached with each passage.
-    pointer_first_scorer: int = 0
-    # Answer-start reader (diekae_rag.answer_reader, saved next to the encoders as reader.*): a
-    # question-aware MiniLM reads each (question, passage) pair; reader_weight * its log P(answer
-    # starts here) is added to each passage token's pointer score at the position predicting the
-    # answer's first token only; 0 = off. Needs pointer_layer and passage_isolation.
-    reader_weight: float = 0.0
-    # At the position predicting the answer's first token, copy each passage token as its variant
-    # without the leading space (" Ithp" -> "Ithp"), as a chat answer's first token is written.
-    pointer_first_unspaced: bool = False
-    # Answer pieces (diekae_rag.answer_pieces): extra pointer slots for the later pieces of every
-    # word whose answer-start tokenisation differs from the passage's ("I|th|pel|ith" for " Ith|pel|ith"),
-    # so the token match can continue a name after its first piece. Needs pointer_match and isolation.
-    pointer_answer_pieces: bool = False
-    # Which key an answer piece borrows: "covering" (of the passage token covering the piece's first
-    # character), "after" (of the slot after the token holding the previous piece's last character:
-    # the key made where the copy has reached) or "both" (two slots per piece, one with each key).
-    pointer_piece_keys: str = "covering"
-    # Continuation: where the token match holds, add this times the attention the previous position gave
-    # the slot each slot continues (the passage token before it; for an answer piece, the piece or first
-    # token before it), so a copy stays on the occurrence it started on. 0 = off. Needs pointer_match.
-    pointer_continue_bonus: float = 0.0
-    # Stop slots: with a reader that has an end head, each passage token where the reader puts at least
-    # 2 % of its answer-end mass gets one more pointer slot, matched like the slot after that token
-    # but writing the end-of-answer token, with reader_end_weight * log(p_end / (1 - p_end)) added to
-    # its score, reachable only right after that token (and, with the bigram bonus, the one before
-    # it) was written: so after copying the answer's last token the copy stops there. 0 = off.
-    reader_end_weight: float = 0.0
-    # Whitened values: the pointer writes, instead of a token's output-embedding row, the direction
-    # that raises that token's logit alone through the decoder's final norm and output layer
-    # (diekae_rag.encoder.whitened_values), scaled to give the token the same logit boost. A raw
-    # row also raises its look-alikes, often more than the token itself (" Sask" -> " tempfile").
-    pointer_whitened_values: bool = False
-    # Question-aware encoding: the encoder reads x + K + x instead of K + x.
-    question_first: bool = False
     # Passage isolation: each passage is encoded on its own (cacheable per passage); only the
     # suffix + prompt run through the encoders at query time.
     passage_isolation: bool = False
@@ -164,13 +126,8 @@ class DiekaeConfig:
 
     @property
     def n_trunks(self) -> int:
-        """Encoder trunks: one per injected layer, plus one for the pointer readout."""
+        """Encoder trunks: one per injected layer, plus one for the copy readout."""
         return len(self.layers) + (1 if self.pointer_layer is not None else 0)
-
-    @property
-    def can_use_passage_prior(self) -> bool:
-        """The passage prior biases the pointer over isolated passages: it needs both."""
-        return self.pointer_layer is not None and self.passage_isolation
 
     @property
     def hooked_layers(self) -> list[int]:
@@ -180,49 +137,13 @@ class DiekaeConfig:
     def validate(self, num_decoder_layers: Optional[int] = None) -> None:
         """Raise ValueError with a fix for any inconsistent setting."""
         if not self.layers and self.pointer_layer is None:
-            raise ValueError("DiekaeConfig needs at least one injection layer or a pointer_layer.")
+            raise ValueError("EncoderConfig needs at least one injection layer or a pointer_layer.")
         if len(set(self.layers)) != len(self.layers):
             raise ValueError(f"Duplicate layers in {self.layers}; list each decoder layer once.")
         if self.d_enc % self.n_heads or (self.d_enc // self.n_heads) % 2:
             raise ValueError(f"d_enc={self.d_enc} must split into n_heads={self.n_heads} even-sized heads.")
         if self.pointer_match and self.pointer_layer is None:
-            raise ValueError("pointer_match needs a pointer readout: set pointer_layer too.")
-        if self.pointer_bigram_bonus and not self.pointer_match:
-            raise ValueError("pointer_bigram_bonus extends the token match: set pointer_match=True too, "
-                             "or pointer_bigram_bonus=0.")
-        if self.pointer_first_scorer and self.pointer_layer is None:
-            raise ValueError("pointer_first_scorer scores the pointer's first copy: set pointer_layer too, "
-                             "or pointer_first_scorer=0.")
-        if self.pointer_first_scorer < 0:
-            raise ValueError(f"pointer_first_scorer is a hidden width (0 = off), got {self.pointer_first_scorer!r}.")
-        for name in ("pointer_sharpness", "pointer_first_gain"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be a positive number, got {getattr(self, name)!r}.")
-        if self.passage_prior < 0 or self.passage_prior != self.passage_prior:
-            raise ValueError(f"passage_prior must be 0 (off) or a positive strength, got {self.passage_prior!r}.")
-        if self.passage_prior and not self.can_use_passage_prior:
-            raise ValueError("passage_prior biases the pointer readout of isolated passages: set pointer_layer "
-                             "and passage_isolation=True, or passage_prior=0.")
-        if self.reader_weight < 0 or self.reader_weight != self.reader_weight:
-            raise ValueError(f"reader_weight must be 0 (off) or a positive weight, got {self.reader_weight!r}.")
-        if self.reader_weight and not self.can_use_passage_prior:
-            raise ValueError("reader_weight biases the pointer readout of isolated passages: set pointer_layer "
-                             "and passage_isolation=True, or reader_weight=0.")
-        if self.reader_end_weight < 0 or self.reader_end_weight != self.reader_end_weight:
-            raise ValueError(f"reader_end_weight must be 0 (off) or a positive weight, got {self.reader_end_weight!r}.")
-        if self.reader_end_weight and not (self.pointer_match and self.can_use_passage_prior):
-            raise ValueError("reader_end_weight adds stop slots to the token match over isolated passages: set "
-                             "pointer_match=True, pointer_layer and passage_isolation=True, or reader_end_weight=0.")
-        if self.pointer_answer_pieces and not (self.pointer_match and self.can_use_passage_prior):
-            raise ValueError("pointer_answer_pieces continues the token match over isolated passages: set "
-                             "pointer_match=True, pointer_layer and passage_isolation=True, or pointer_answer_pieces=False.")
-        if self.pointer_continue_bonus and not self.pointer_match:
-            raise ValueError("pointer_continue_bonus acts where the token match holds: set pointer_match=True "
-                             "or pointer_continue_bonus=0.")
-        if self.pointer_piece_keys not in PIECE_KEYS:
-            raise ValueError(f"pointer_piece_keys={self.pointer_piece_keys!r}: use one of {', '.join(PIECE_KEYS)}.")
-        if self.passage_isolation and self.question_first:
-            raise ValueError("passage_isolation and question_first cannot be combined.")
+            raise ValueError("pointer_match needs a copy readout: set pointer_layer too.")
         if num_decoder_layers is not None:
             bad = [l for l in self.hooked_layers if not 0 <= l < num_decoder_layers]
             if bad:
@@ -233,26 +154,59 @@ class DiekaeConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "DiekaeConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"Unknown DiekaeConfig keys {unknown}; this checkpoint needs a newer diekae-rag.")
-        if data.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
-            raise ValueError(f"Checkpoint format {data['format_version']} is newer than supported "
-                             f"({FORMAT_VERSION}); upgrade diekae-rag.")
-        return cls(**data)
+    def from_dict(cls, data: dict[str, Any]) -> "EncoderConfig":
+        """From a config of any format (format 1's serving settings are dropped: see :func:`migrate`)."""
+        return migrate(data)[0]
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json_file(cls, path: str | Path) -> "DiekaeConfig":
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"Cannot read encoder config {path}: {exc}. Re-save the checkpoint.") from exc
-        if not isinstance(data, dict):
-            raise ValueError(f"Encoder config {path} is not a JSON object. Re-save the checkpoint.")
-        return cls.from_dict(data)
+    def from_json_file(cls, path: str | Path) -> "EncoderConfig":
+        return migrate(read_json(path))[0]
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"Cannot read encoder config {path}: {exc}. Re-save the checkpoint.") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"Encoder config {path} is not a JSON object. Re-save the checkpoint.")
+    return data
+
+
+def migrate(data: dict[str, Any]) -> tuple[EncoderConfig, Optional[CopyConfig]]:
+    """An encoder config of format 1 or 2 -> (EncoderConfig, its copy settings or None).
+
+    Format 1 kept the copy settings in the encoder config, under other names; they become a
+    CopyConfig (their format-1 defaults were the settings' off values). A retired key is accepted
+    only at its off value; otherwise the error says what changed.
+    """
+    data = dict(data)
+    version = data.get("format_version", 1)
+    if version > FORMAT_VERSION:
+        raise ValueError(f"Checkpoint format {version} is newer than supported ({FORMAT_VERSION}); "
+                         "upgrade diekae-rag.")
+    copy = None
+    if version < 2:
+        for key, (off, what) in RETIRED.items():
+            if key in data and data.pop(key) != off:
+                raise ValueError(f"This checkpoint sets {key}, but {what} (docs/decisions.md): it cannot be "
+                                 "loaded as it was trained. Use a checkpoint without it.")
+        keys_mode = data.pop("pointer_piece_keys", "both")
+        plain = CopyConfig.plain().to_dict()
+        copy_values = {new: data.pop(old, plain[new]) for old, new in FORMAT1_NAMES.items()}
+        if copy_values["answer_pieces"] and keys_mode != "both":
+            raise ValueError(f"This checkpoint gives answer pieces the {keys_mode!r} key; only the two keys of "
+                             "'both' remain (docs/decisions.md). Set pointer_piece_keys to \"both\" in its "
+                             "config, or pointer_answer_pieces to false.")
+        copy = CopyConfig.from_dict(copy_values)
+        data["format_version"] = FORMAT_VERSION
+    known = {f.name for f in dataclasses.fields(EncoderConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"Unknown encoder config keys {unknown}; copy settings belong in copy.json "
+                         f"({', '.join(COPY_FIELDS)}), or this checkpoint needs a newer diekae-rag.")
+    return EncoderConfig(**data), copy

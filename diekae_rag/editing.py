@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .checkpoint import load_encoder, save_encoder
-from .config import DiekaeConfig
+from .config import EncoderConfig
 from .data.edits import read_jsonl
 from .edit_scope import to_template
 from .encoder import DiekaeEncoder
@@ -30,9 +30,9 @@ EDIT_KEYS = ("subject", "prompt", "target_old", "target_new")
 EDIT_SCOPES = ("fact", "subject", "all")
 
 
-def edit_config(model: DiekaeModel, layers: Sequence[int] = (3, 4, 5, 6, 7, 8)) -> DiekaeConfig:
+def edit_config(model: DiekaeModel, layers: Sequence[int] = (3, 4, 5, 6, 7, 8)) -> EncoderConfig:
     """Prompt-only encoders: no knowledge template, rows at the prompt's positions."""
-    base = DiekaeConfig(layers=list(layers), n_blocks=2, knowledge_prefix="", knowledge_suffix="",
+    base = EncoderConfig(layers=list(layers), n_blocks=2, knowledge_prefix="", knowledge_suffix="",
                         system_prompt=model.config.system_prompt)
     return fresh_config(base, model.decoder, model.config.decoder_name)
 
@@ -85,7 +85,7 @@ def train_edit_encoder(model: DiekaeModel, edits: Sequence[dict], retain: Sequen
     pairs = [(e["prompt"], e["target_new"]) for e in edits]
     retain_ids = [model.prompter.prompt_ids(q) for q in retain]
     if cfg.edit_scope:  # out-of-scope prompts get no rows: nothing to keep
-        retain_ids = [r for r, active in zip(retain_ids, model._in_edit_scope(enc, retain_ids)) if active]
+        retain_ids = [r for r, active in zip(retain_ids, model.in_edit_scope(enc, retain_ids)) if active]
     try:
         for step in tqdm(range(steps), desc="training edit encoder", disable=not progress):
             batch = rng.sample(pairs, min(batch_size, len(pairs)))

@@ -32,15 +32,15 @@ def contains(answer: str, gold: str) -> bool:
 
 
 def evaluate_items(model: DiekaeModel, items: Sequence[Example], mode: str, batch_size: int = 16,
-                   max_new_tokens: int = 24) -> dict:
-    """Metrics for one mode on ``items`` (and the per-item records)."""
+                   max_new_tokens: int = 24, copy=None) -> dict:
+    """Metrics for one mode on ``items`` (and the per-item records); ``copy`` overrides copy settings."""
     records = []
     for i in range(0, len(items), batch_size):
         batch = items[i: i + batch_size]
         qs, ks = [e.question for e in batch], [e.passages for e in batch]
-        right = model.score_batch(qs, [e.answer for e in batch], ks, mode=mode)
-        wrong = model.score_batch(qs, [e.distractor for e in batch], ks, mode=mode)
-        texts = model.generate_batch(qs, ks, mode=mode, max_new_tokens=max_new_tokens)
+        right = model.score_batch(qs, [e.answer for e in batch], ks, mode=mode, copy=copy)
+        wrong = model.score_batch(qs, [e.distractor for e in batch], ks, mode=mode, copy=copy)
+        texts = model.generate_batch(qs, ks, mode=mode, max_new_tokens=max_new_tokens, copy=copy)
         for e, r, w, t in zip(batch, right, wrong, texts):
             records.append({"question": e.question, "gold": e.answer, "output": t, "nll": r, "nll_wrong": w,
                             "pref": float(r < w), "acc": float(contains(t, e.answer)),

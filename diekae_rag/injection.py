@@ -14,12 +14,15 @@ from __future__ import annotations
 import contextlib
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 
 from .encoder import DiekaeEncoder, EncoderCache
+
+if TYPE_CHECKING:
+    from .copy import CopyReadout
 
 _ACTIVE: ContextVar[Optional["Injection"]] = ContextVar("diekae_active_injection", default=None)
 
@@ -36,13 +39,15 @@ def decoder_layers(decoder: nn.Module) -> nn.ModuleList:
 
 @dataclass
 class EncoderSession:
-    """One encoder's state for one call: its cache and how its rows map onto decoder positions."""
+    """One encoder's state for one call: its cache, its copy readout, and how its rows map onto
+    decoder positions."""
 
     encoder: DiekaeEncoder
     cache: Optional[EncoderCache]
     layer_rows: dict[int, torch.Tensor]   # decoder layer -> (B, T_dec, hidden) for the prefill
     per_step: bool
     active: Optional[torch.Tensor] = None  # (B,) bool: items that have knowledge
+    readout: Optional["CopyReadout"] = None
 
     def step(self, input_ids: torch.Tensor) -> dict[int, torch.Tensor]:
         """Rows for one KV-cached decode step (only in per-step mode)."""
@@ -50,17 +55,16 @@ class EncoderSession:
             return {}
         out = self.encoder(input_ids, torch.ones_like(input_ids, dtype=torch.bool), cache=self.cache, use_cache=True)
         self.cache = out.cache
-        rows = layer_rows_from(self.encoder, out.rows, out.pointer)
+        pointer = self.readout(out.states, input_ids) if self.readout is not None else None
+        rows = layer_rows_from(self.encoder.config, out.rows, pointer)
         if self.active is not None:
             keep = self.active[:, None, None]
             rows = {layer: r * keep.to(r.dtype) for layer, r in rows.items()}
         return rows
 
 
-def layer_rows_from(encoder: DiekaeEncoder, rows: Optional[torch.Tensor],
-                    pointer: Optional[torch.Tensor]) -> dict[int, torch.Tensor]:
-    """Map the encoder's stacked outputs to ``{decoder layer: (B, T, hidden)}``."""
-    cfg = encoder.config
+def layer_rows_from(cfg, rows: Optional[torch.Tensor], pointer: Optional[torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Map the encoders' stacked rows and the copy rows to ``{decoder layer: (B, T, hidden)}``."""
     out: dict[int, torch.Tensor] = {}
     if rows is not None:
         for i, layer in enumerate(cfg.layers):
@@ -69,12 +73,6 @@ def layer_rows_from(encoder: DiekaeEncoder, rows: Optional[torch.Tensor],
         layer = cfg.pointer_layer
         out[layer] = out[layer] + pointer if layer in out else pointer
     return out
-
-
-def scale_at(rows: torch.Tensor, positions: torch.Tensor, factor: float) -> torch.Tensor:
-    """``rows`` (B, T, hidden) with row ``positions[b]`` of each item multiplied by ``factor``."""
-    at = torch.arange(rows.shape[1], device=rows.device)[None, :] == positions[:, None]
-    return rows * torch.where(at, factor, 1.0)[..., None].to(rows.dtype)
 
 
 def align_rows(rows: dict[int, torch.Tensor], enc_offset: torch.Tensor, n_rows: torch.Tensor,

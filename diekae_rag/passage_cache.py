@@ -11,23 +11,21 @@ use) and at query time only the tail runs through the encoders.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .encoder import DiekaeEncoder, EncoderCache
 from .lru import LRU
-from .passage_prior import segment_bias
 
 
 @dataclass(frozen=True)
 class SegmentState:
     ids: torch.Tensor                      # (L,)
     kv: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per block: (n, h, L, hd) each
-    pointer_keys: Optional[torch.Tensor]   # (ph, L, dk)
+    pointer_keys: Optional[torch.Tensor]   # (ph, L, dk): the copy memory's keys
     knowledge: torch.Tensor                # (L,) bool: copyable passage tokens
-    first_keys: Optional[torch.Tensor] = None  # (L, r): passage side of the first-token scorer
 
 
 def encode_segments(encoder: DiekaeEncoder, segments: Sequence[Sequence[int]], kmasks: Sequence[Sequence[bool]],
@@ -43,20 +41,17 @@ def encode_segments(encoder: DiekaeEncoder, segments: Sequence[Sequence[int]], k
     for i, (s, k) in enumerate(zip(segments, kmasks)):
         ids[i, L - len(s):], valid[i, L - len(s):], km[i, L - len(s):] = torch.tensor(s), True, torch.tensor(k)
     ids, valid, km = ids.to(device), valid.to(device), km.to(device)
-    out = encoder(ids, valid, km, use_cache=True, output_start=L)  # states only, no outputs
-    c = out.cache
+    out = encoder(ids, valid, use_cache=True, output_start=L)  # states only, no rows
     # unbind, not c.kv[..][:, i]: under autograd each indexed view would back-propagate through a
     # zero tensor of the whole batch (quadratic in the number of segments); unbind's backward is one stack.
-    per_seg_kv = [(k.unbind(1), v.unbind(1)) for k, v in c.kv]
-    per_seg_pk = c.pointer_keys.unbind(0) if c.pointer_keys is not None else None
-    per_seg_fk = c.first_keys.unbind(0) if c.first_keys is not None else None
+    per_seg_kv = [(k.unbind(1), v.unbind(1)) for k, v in out.cache.kv]
+    per_seg_pk = encoder.copy_head.keys(out.states).unbind(0) if encoder.copy_head is not None else None
     states = []
     for i, s in enumerate(segments):
         a = L - len(s)
         kv = tuple((k[i][:, :, a:], v[i][:, :, a:]) for k, v in per_seg_kv)
         pk = per_seg_pk[i][:, a:] if per_seg_pk is not None else None
-        fk = per_seg_fk[i][a:] if per_seg_fk is not None else None
-        states.append(SegmentState(ids[i, a:], kv, pk, km[i, a:], fk))
+        states.append(SegmentState(ids[i, a:], kv, pk, km[i, a:]))
     return states
 
 
@@ -70,12 +65,17 @@ def _left_pad_stack(parts: Sequence[torch.Tensor], length: int, dim: int, stack_
     return torch.stack(padded, stack_dim)
 
 
-def assemble(encoder: DiekaeEncoder, items: Sequence[Sequence[SegmentState]],
-             priors: Optional[Sequence[Sequence[float]]] = None) -> EncoderCache:
-    """Concatenate each item's segment states into a left-padded past for the tail.
+class Assembled(NamedTuple):
+    """Each item's segment states side by side, left-padded: the encoders' past for the tail, and the
+    knowledge tokens' ids, copyable mask (B, P) and copy keys (B, heads, P, dk; None without a readout)."""
+    cache: EncoderCache
+    ids: torch.Tensor
+    knowledge: torch.Tensor
+    keys: Optional[torch.Tensor]
 
-    ``priors``: per item, one log prior per passage (see :mod:`diekae_rag.passage_prior`),
-    added to the pointer's scores of that passage's tokens."""
+
+def assemble(items: Sequence[Sequence[SegmentState]]) -> Assembled:
+    """Concatenate each item's segment states into a left-padded past for the tail."""
     lens = [sum(int(s.ids.shape[0]) for s in segs) for segs in items]
     P = max(lens)
     first = items[0][0]
@@ -87,22 +87,11 @@ def assemble(encoder: DiekaeEncoder, items: Sequence[Sequence[SegmentState]],
     key_valid = _left_pad_stack([torch.ones(n, dtype=torch.bool, device=first.ids.device) for n in lens], P, 0, 0)
     ids = _left_pad_stack([torch.cat([s.ids for s in segs]) for segs in items], P, 0, 0)
     knowledge = _left_pad_stack([torch.cat([s.knowledge for s in segs]) for segs in items], P, 0, 0)
-    p_keys = p_values = f_keys = None
+    keys = None
     if first.pointer_keys is not None:
-        p_keys = _left_pad_stack([torch.cat([s.pointer_keys for s in segs], 1) for segs in items], P, 1, 0)
-    if first.first_keys is not None:
-        f_keys = _left_pad_stack([torch.cat([s.first_keys for s in segs], 0) for segs in items], P, 0, 0)
-    if p_keys is not None:
-        p_values = encoder.value_rows(ids)
-    p_valid = knowledge & key_valid
-    p_prev = encoder.pointer_prev(ids, p_valid) if encoder.config.pointer_match else None
-    bias = None
-    if priors is not None and p_keys is not None:
-        bias = _left_pad_stack([torch.from_numpy(segment_bias(pr, [int(s.ids.shape[0]) for s in segs])).to(ids.device)
-                                for pr, segs in zip(priors, items)], P, 0, 0)
-    return EncoderCache(kv=kv, key_valid=key_valid, next_position=torch.tensor(lens, device=ids.device),
-                        pointer_keys=p_keys, pointer_values=p_values, pointer_valid=p_valid, pointer_prev=p_prev,
-                        knowledge_bias=bias, knowledge_ids=ids, first_keys=f_keys)
+        keys = _left_pad_stack([torch.cat([s.pointer_keys for s in segs], 1) for segs in items], P, 1, 0)
+    cache = EncoderCache(kv=kv, key_valid=key_valid, next_position=torch.tensor(lens, device=ids.device))
+    return Assembled(cache, ids, knowledge & key_valid, keys)
 
 
 def _weights_version(encoder: DiekaeEncoder) -> int:
@@ -113,9 +102,18 @@ class PassageCache:
     """A thread-safe LRU of segment states, valid for one set of encoder weights."""
 
     def __init__(self, max_segments: int = 128) -> None:
-        self.max_segments = max_segments
         self._kept = LRU(max_segments)
         self.hits = self.misses = 0
+
+    @property
+    def max_segments(self) -> int:
+        """How many segments are kept (0: none, every call encodes its passages)."""
+        return self._kept.max_items
+
+    @max_segments.setter
+    def max_segments(self, n: int) -> None:
+        self._kept.max_items = n
+        self._kept.put_many([])  # drop what no longer fits
 
     def states(self, encoder: DiekaeEncoder, segments: Sequence[Sequence[int]], kmasks: Sequence[Sequence[bool]],
                device: torch.device) -> list[SegmentState]:

@@ -3,7 +3,7 @@
 decoder (none / diekae):  chat(question)
 decoder (in_context):     chat(passages + question)
 encoder:                  "Imagine that {" K "} " [eos] chat(question) [answer so far]
-encoder (question_first): chat(question) "Imagine that {" K "} " [eos] chat(question) [...]
+encoder (isolated):       segments "Imagine that {", "\n" K_1, "\n" K_2, ... then "} " [eos] chat(question) [...]
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from .config import DiekaeConfig
+from .config import EncoderConfig
 
 MODES = ("diekae", "in_context", "none")
 
@@ -87,12 +87,13 @@ class EncoderBatch:
 class Prompter:
     """Builds token ids for the decoder and the encoders from one tokenizer and one config."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, config: DiekaeConfig) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, config: EncoderConfig) -> None:
         self.tok = tokenizer
         self.config = config
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         self._encode = functools.lru_cache(maxsize=4096)(self._encode_uncached)
+        self._chat_frame: Optional[tuple[str, str]] = None
         self.stop_ids = [self.eos_id] + [t for t in [self._turn_start_id()] if t is not None and t != self.eos_id]
 
     def _turn_start_id(self) -> Optional[int]:
@@ -131,6 +132,20 @@ class Prompter:
 
     def prompt_ids(self, question: str, passages: Sequence[str] = ()) -> list[int]:
         return self.ids(self.prompt_text(question, passages))
+
+    def user_text(self, prompt: list[int]) -> str:
+        """The user's part of a prompt (the question, and in-context passages): the chat template's
+        frame, found once by rendering a marker question, is cut off."""
+        if self._chat_frame is None:
+            marker = "QQSENTINELQQ"
+            probe = self.tok.decode(self.prompt_ids(marker), skip_special_tokens=True)
+            head, _, tail = probe.partition(marker)
+            self._chat_frame = (head, tail)
+        head, tail = self._chat_frame
+        text = self.tok.decode(prompt, skip_special_tokens=True)
+        if text.startswith(head) and text.endswith(tail) and len(text) >= len(head) + len(tail):
+            text = text[len(head): len(text) - len(tail)]
+        return text.strip()
 
     def answer_ids(self, answer: str, with_eos: bool = False) -> list[int]:
         return self.ids(answer) + ([self.eos_id] if with_eos else [])
@@ -189,10 +204,7 @@ class Prompter:
     def encoder_item(self, passages: Sequence[str], x_ids: list[int], answer_ids: Optional[list[int]] = None
                      ) -> tuple[list[int], list[bool], int, int]:
         """One item's encoder ids, knowledge mask, offset of x and number of rows."""
-        k_ids, k_mask = self.knowledge_ids(passages)
-        head, head_mask = k_ids, k_mask
-        if self.config.question_first:
-            head, head_mask = x_ids + k_ids, [False] * len(x_ids) + k_mask
+        head, head_mask = self.knowledge_ids(passages)
         tail = x_ids + (list(answer_ids) if (answer_ids and self.config.per_step) else [])
         return head + tail, head_mask + [False] * len(tail), len(head), len(tail)
 

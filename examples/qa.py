@@ -64,7 +64,7 @@ def main(argv=None) -> int:
         return 2
     print(f"Index: {len(store)} chunks from {args.docs}")
     model = DiekaeModel.from_pretrained(args.checkpoint)
-    if model.config.passage_isolation and len(store) <= model.passage_cache.max_segments:
+    if model.config.passage_isolation and len(store) <= model.knowledge.passage_cache.max_segments:
         model.precompute([c["text"] for c in store.chunks])  # index time: queries then encode only the prompt
     if args.question:
         answer(model, store, " ".join(args.question), args.k, args.compare, args.max_new_tokens)

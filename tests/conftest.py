@@ -47,12 +47,15 @@ def tiny_decoder(arch: str = "llama", seed: int = 0, layers: int = 4):
 
 
 def tiny_model(arch: str = "llama", nonzero: bool = True, seed: int = 0, device=None, dtype=None, **cfg_kwargs):
-    """A DiekaeModel on a tiny random decoder; ``nonzero`` gives encoders random up-projections."""
-    from diekae_rag import DiekaeConfig, DiekaeModel
+    """A DiekaeModel on a tiny random decoder; ``nonzero`` gives encoders random up-projections.
+    ``cfg_kwargs``: EncoderConfig fields, and CopyConfig fields (on top of the plain readout)."""
+    from diekae_rag import CopyConfig, DiekaeModel, EncoderConfig
+    from diekae_rag.copy.config import FIELDS
     base = dict(layers=[1, 2], d_enc=32, n_blocks=2, n_heads=2, system_prompt="")
-    base.update(cfg_kwargs)
+    base.update({k: v for k, v in cfg_kwargs.items() if k not in FIELDS})
+    copy = CopyConfig.plain().replace(**{k: v for k, v in cfg_kwargs.items() if k in FIELDS})
     model = DiekaeModel.from_pretrained(decoder=tiny_decoder(arch, seed).to(device, dtype), tokenizer=byte_tokenizer(),
-                                        config=DiekaeConfig(**base))
+                                        config=EncoderConfig(**base), copy=copy)
     if nonzero:
         randomize(model.encoder, seed)
     return model
@@ -64,12 +67,11 @@ def randomize(encoder, seed: int = 0) -> None:
     with torch.no_grad():
         if encoder.up is not None:
             encoder.up.weight.copy_(torch.randn(encoder.up.weight.shape, generator=g) * 0.3)
-        if encoder.config.pointer_layer is not None:
-            encoder.pointer_gain.copy_(torch.rand(encoder.pointer_gain.shape, generator=g) * 0.05 + 0.01)
+        head = encoder.copy_head
+        if head is not None:
+            head.gain.copy_(torch.rand(head.gain.shape, generator=g) * 0.05 + 0.01)
         if encoder.config.pointer_match:
-            encoder.pointer_match_weight.copy_(torch.rand(encoder.pointer_match_weight.shape, generator=g) * 0.2 + 0.1)
-        if encoder.config.pointer_first_scorer:
-            encoder.first_v.copy_(torch.randn(encoder.first_v.shape, generator=g))
+            head.match_weight.copy_(torch.rand(head.match_weight.shape, generator=g) * 0.2 + 0.1)
 
 
 @pytest.fixture(scope="session")

@@ -26,15 +26,6 @@ class MarkStart:
         return [{p.find(w): 0.0 for w in self.words if w in p} for p in passages]
 
 
-class MarkSpan(MarkStart):
-    """A stand-in reader with an end head: each of ``words`` is the answer, sure of where it ends."""
-
-    end_head = True
-
-    def char_end_log_probs(self, question, passages):
-        return [{p.find(w) + len(w): 0.0 for w in self.words if w in p} for p in passages]
-
-
 def test_token_log_probs_gives_each_token_the_best_start_in_its_span():
     lp = {1: -0.5, 3: -2.0, 9: -1.0}
     assert token_log_probs(lp, [(0, 3), (3, 5), (5, 9), (9, 10)]) == [-0.5, -2.0, LOG_FLOOR, -1.0]
@@ -72,25 +63,25 @@ def test_reader_checkpoint_round_trip_and_clear_error(reader, tmp_path):
     assert back.config.max_length == 48
     with pytest.raises(FileNotFoundError, match="reader.json"):
         AnswerStartReader.from_pretrained(tmp_path / "nowhere")
-    with pytest.raises(ValueError, match="no end head"):
-        back.char_end_log_probs(q, ps)
-    grown = AnswerStartReader.from_pretrained(tmp_path / "ckpt", end_head=True)  # a start-only reader, grown
-    assert grown.end_head is not None and grown.char_log_probs(q, ps)[0].keys() == want[0].keys()
-    assert set(grown.char_end_log_probs(q, ps)[0]) == {b for a, b in back.windows([q], ps)["spans"][0].tolist() if a >= 0}
+    import json
+    cfg = json.loads((tmp_path / "ckpt" / "reader.json").read_text())
+    (tmp_path / "ckpt" / "reader.json").write_text(json.dumps({**cfg, "end_head": True}))
+    with pytest.raises(ValueError, match="end head, which was removed"):  # a retired part, switched on
+        AnswerStartReader.from_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "reader.json").write_text(json.dumps({**cfg, "end_head": False}))
+    assert AnswerStartReader.from_pretrained(tmp_path / "ckpt").char_log_probs(q, ps)[0].keys() == want[0].keys()
 
 
 def test_reader_training_loss_targets_every_occurrence_and_falls():
-    """Start and end heads: the targets are every occurrence's first and last word-piece (or "no
-    answer"), and a few steps make both heads' best pieces the gold ones."""
+    """The targets are every occurrence's first word-piece (or "no answer"), and a few steps make the
+    best pieces the gold ones."""
     torch.manual_seed(0)
-    reader = AnswerStartReader(ReaderConfig(max_length=48, stride=16, end_head=True))
+    reader = AnswerStartReader(ReaderConfig(max_length=48, stride=16))
     ex = Example("Who is Marsul married to?", ["Marsul is married to Ithpelith. Ithpelith weaves.", "Calgra is cold."],
                  "Ithpelith", "Mortel")
     batch = reader.windows([ex.question] * 2, ex.passages)
     starts = sorted(int(a) for a, _ in batch["spans"][gold_pieces(batch, ex.passages, ex.answer)].tolist())
     assert starts[0] == 21 and starts[-1] == ex.passages[0].index("Ithpelith weaves")
-    ends = sorted(int(b) for _, b in batch["spans"][gold_pieces(batch, ex.passages, ex.answer, side=1)].tolist())
-    assert ends == [30, ex.passages[0].index(" weaves")]  # just past each "Ithpelith"
     none = Example(ex.question, ["Calgra is cold."], "Ithpelith", "Mortel")
     reader.train()
     opt = torch.optim.AdamW([p for p in reader.parameters() if p.requires_grad], lr=1e-3)
@@ -103,28 +94,29 @@ def test_reader_training_loss_targets_every_occurrence_and_falls():
         opt.step()
     reader.eval()
     with torch.no_grad():
-        losses, right, right_end = batch_losses(reader, [ex, none])
+        losses, right = batch_losses(reader, [ex, none])
     assert float(losses.mean()) < first
-    assert right == [True, True] and right_end == [True, True]
+    assert right == [True, True]
 
 
 def _first_attention(model):
     from test_engine import K, Q
     prompts, passages = model.prepare(Q, K, "diekae")
     with torch.no_grad():
-        out, _, _, first = model.encode_knowledge(model.encoder, prompts, passages)
-    attn = out.pointer_attention[torch.arange(len(Q)), :, first].sum(1)  # (B, T_k)
-    return attn, out.cache.knowledge_ids
+        out = model.knowledge.encode(model.encoder, prompts, passages, copy=model.copy,
+                                     providers=model.providers(model.copy))
+    attn = out.readout.attention[torch.arange(len(Q)), :, out.first].sum(1)  # (B, S)
+    return attn, out.readout.memory.ids
 
 
 def test_reader_bias_steers_only_the_first_copy_to_where_the_reader_says():
     """With a reader weight, the pointer's first copy goes to the passage token where the reader puts
     the answer's start (here: "Ithpelith" and "north"); every other row and decode step is unchanged."""
     model = _per_step_model(isolation=True, match=True)
-    model.passage_cache.max_segments = 0
+    model.knowledge.passage_cache.max_segments = 0
     runs = {}
     for weight in (0.0, 1.0):
-        model.config.reader_weight = weight
+        model.copy = model.copy.replace(reader_weight=weight)
         model.answer_reader = MarkStart("Ithpelith", "north") if weight else None
         runs[weight], firsts = _first_position_rows(model)
 
@@ -132,7 +124,7 @@ def test_reader_bias_steers_only_the_first_copy_to_where_the_reader_says():
         assert (on - off).abs().max() > 1e-3
     _assert_only_first_rows_differ(runs[0.0], runs[1.0], firsts, moved)
 
-    model.config.reader_weight = 20.0
+    model.copy = model.copy.replace(reader_weight=20.0)
     for marked in (["Ithpelith", "north"], ["married", "rains"]):
         model.answer_reader = MarkStart(*marked)
         attn, ids = _first_attention(model)
@@ -140,12 +132,15 @@ def test_reader_bias_steers_only_the_first_copy_to_where_the_reader_says():
             top = int(attn[b].argmax())
             assert model.tokenizer.decode(ids[b, top: top + len(word)]) == word
     assert_decode_rows_equal_reencode(model)
-    with pytest.raises(ValueError, match="reader_weight"):
+    with pytest.raises(ValueError, match="reader_weight needs a pointer over isolated passages"):
         tiny_model("llama", reader_weight=1.0)
+    model.answer_reader = None
+    with pytest.raises(ValueError, match="no answer-start reader"):
+        model.generate(Q[0], K[0], max_new_tokens=2)
 
 
 def test_ship_writes_the_reader_with_the_encoders(reader, tmp_path, capsys):
-    from diekae_rag.checkpoint import read_config
+    from diekae_rag.checkpoint import read_copy_config
     from diekae_rag.cli import main
     model = _per_step_model(isolation=True, match=True)
     ckpt = model.save_pretrained(tmp_path / "enc")
@@ -154,49 +149,13 @@ def test_ship_writes_the_reader_with_the_encoders(reader, tmp_path, capsys):
     assert "reader.json" in capsys.readouterr().err  # no reader in the checkpoint: says what is missing
     assert not (tmp_path / "shipped").exists()
     assert main(["ship", str(ckpt), "--out", str(tmp_path / "shipped"), "--reader", str(tmp_path / "reader"),
-                 "--reader-weight", "2", "--set", "pointer_first_unspaced=true"]) == 0
-    cfg = read_config(tmp_path / "shipped")
-    assert cfg.reader_weight == 2.0 and cfg.pointer_first_unspaced is True
+                 "--reader-weight", "2", "--set", "first_unspaced=true"]) == 0
+    copy = read_copy_config(tmp_path / "shipped")
+    assert copy.reader_weight == 2.0 and copy.first_unspaced is True
     assert main(["ship", str(ckpt), "--out", str(tmp_path / "other"), "--set", "no_such_field=1"]) == 2
     capsys.readouterr()
-    assert main(["ship", str(ckpt), "--out", str(tmp_path / "other"), "--set", "pointer_piece_keys=both"]) == 2
+    assert main(["ship", str(ckpt), "--out", str(tmp_path / "other"), "--set", "first_unspaced=yes"]) == 2
     assert "double quotes" in capsys.readouterr().err  # text must be JSON: says how to write it
     assert not (tmp_path / "other").exists()
     back = AnswerStartReader.from_pretrained(tmp_path / "shipped")
     assert back.config.max_length == reader.config.max_length
-
-
-def test_stop_slots_copy_the_match_of_the_slot_after_the_answer_and_write_the_end_token():
-    """With an end head, the token where the answer ends gets a stop slot: the key, match classes and
-    passage prior of the slot after it, the end-of-answer token's value, and the end odds as a bias.
-    After the answer's last token the pointer then prefers stopping to copying on; the first copy and
-    cached decode steps are as before."""
-    model = _per_step_model(isolation=True, match=True, reader_weight=1.0, reader_end_weight=1.0,
-                            pointer_bigram_bonus=3.0)
-    model.passage_cache.max_segments = 0
-    model.answer_reader = MarkSpan("Ithpelith", "north")
-    prompts, passages = model.prepare(Q, K, "diekae")
-    outs = {}
-    for w in (0.0, 1.0):
-        model.config.reader_end_weight = w
-        with torch.no_grad():
-            outs[w] = model.encode_knowledge(model.encoder, prompts, passages)
-    plain, stop = outs[0.0][0].cache, outs[1.0][0].cache
-    width = plain.pointer_valid.shape[1]
-    assert (stop.pointer_valid[:, width:].sum(1) == 1).all()  # one sure end per item
-    for b, word in enumerate(["Ithpelith", "north"]):
-        slot = width + int(stop.pointer_valid[b, width:].nonzero()[0, 0])
-        assert int(stop.knowledge_ids[b, slot]) == model.prompter.eos_id
-        after = [s for s in range(1, width) if torch.equal(stop.pointer_keys[b, :, s], stop.pointer_keys[b, :, slot])]
-        assert len(after) == 1 and model.tokenizer.decode(stop.knowledge_ids[b, after[0] - len(word): after[0]]) == word
-        assert stop.pointer_prev[b, slot] == stop.pointer_prev[b, after[0]]
-        assert stop.pointer_prev2[b, slot] == stop.pointer_prev2[b, after[0]]  # the bigram match too
-        assert stop.match_only[b, slot] and not stop.match_only[b, :width].any()
-        attn = outs[1.0][0].pointer_attention[b, :, :, slot]  # exactly 0 only where masked: no token match
-        assert (attn == 0).any() and (attn[:, int(outs[1.0][3][b])] == 0).all()
-        assert float(stop.knowledge_bias[b, slot] - stop.knowledge_bias[b, after[0]]) > 5  # log(0.999 / 0.001)
-    firsts = [o[0].pointer[torch.arange(len(Q)), o[3]] for o in (outs[0.0][0:4], outs[1.0][0:4])]
-    torch.testing.assert_close(firsts[0], firsts[1], atol=1e-4, rtol=1e-3)
-    assert_decode_rows_equal_reencode(model)
-    with pytest.raises(ValueError, match="reader_end_weight"):
-        tiny_model("llama", reader_end_weight=1.0)

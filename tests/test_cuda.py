@@ -36,7 +36,8 @@ def test_loads_on_cuda_in_bf16_and_zero_encoders_change_nothing():
     assert all(p.device.type == DEVICE for p in model.encoder.parameters())
     prompts, passages = model.prepare(Q, K, "diekae")
     answers = [model.prompter.answer_ids("Ithpelith"), model.prompter.answer_ids("north")]
-    ids, mask, inj = model.teacher_forcing_inputs(prompts, passages, answers, "diekae")
+    ids, mask = model.prompter.pad([p + a for p, a in zip(prompts, answers)], model.device, side="right")
+    inj = model.build_injection(prompts, passages, mask, answers)
     with torch.no_grad():
         plain = model.decoder(input_ids=ids, attention_mask=mask).logits
         with injecting(inj):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import byte_tokenizer, tiny_decoder, tiny_model
 
-from diekae_rag import DecoderMismatchError, DiekaeConfig, DiekaeModel
+from diekae_rag import DecoderMismatchError, EncoderConfig, DiekaeModel
 from diekae_rag.injection import decoder_layers, injecting
 
 ARCHS = ["llama", "mistral", "qwen2"]
@@ -33,7 +33,8 @@ def test_zero_encoders_reproduce_plain_logits(arch):
     model = tiny_model(arch, nonzero=False)
     prompts, passages = model.prepare(Q, K, "diekae")
     answers = [model.prompter.answer_ids("Ithpelith"), model.prompter.answer_ids("north")]
-    ids, mask, inj = model.teacher_forcing_inputs(prompts, passages, answers, "diekae")
+    ids, mask = model.prompter.pad([p + a for p, a in zip(prompts, answers)], model.device, side="right")
+    inj = model.build_injection(prompts, passages, mask, answers)
     assert inj is not None
     with torch.no_grad():
         plain = model.decoder(input_ids=ids, attention_mask=mask).logits
@@ -122,7 +123,7 @@ def test_mismatched_decoder_is_refused(tmp_path):
 
 def test_config_rejects_layers_the_decoder_lacks():
     with pytest.raises(ValueError, match="do not exist"):
-        DiekaeConfig(layers=[1, 9]).validate(4)
+        EncoderConfig(layers=[1, 9]).validate(4)
 
 
 def test_threads_get_their_own_answers():

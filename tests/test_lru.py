@@ -7,7 +7,7 @@ import numpy as np
 from conftest import tiny_model
 from diekae_rag.lru import LRU
 from diekae_rag.passage_cache import PassageCache
-from diekae_rag.passage_prior import PassagePrior
+from diekae_rag.copy import PassagePrior
 
 
 class CountingEmbedder:
@@ -29,7 +29,7 @@ def test_lru_keeps_the_most_recently_used():
 
 
 def test_passage_prior_and_passage_cache_share_the_lru():
-    prior = PassagePrior(30, embedder=CountingEmbedder(), max_cached=2)
+    prior = PassagePrior(embedder=CountingEmbedder(), max_cached=2)
     assert isinstance(prior._vectors, LRU)
     prior.passage_vectors(["one", "three"])
     prior.passage_vectors(["one", "sixsix"])     # "one" kept, "three" dropped
@@ -39,7 +39,7 @@ def test_passage_prior_and_passage_cache_share_the_lru():
     model = tiny_model("llama", pointer_layer=3, passage_isolation=True)
     cache = PassageCache(max_segments=2)
     assert isinstance(cache._kept, LRU)
-    model.passage_cache = cache
+    model.knowledge.passage_cache = cache
     model.precompute(["alpha beta", "gamma delta", "epsilon"])
     assert len(cache) == 2 and cache.misses == 4  # the prefix segment and three passages, two kept
     hits = cache.hits

@@ -1,4 +1,4 @@
-"""Per-step injection and the pointer readout: cached decode rows equal a full re-encode."""
+"""Per-step injection and the copy readout: cached decode rows equal a full re-encode."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import torch
 from conftest import tiny_model
 from test_engine import K, Q, _record_deltas
 
-from diekae_rag.answer_pieces import Piece
+from diekae_rag.copy import KnowledgeLayout
+from diekae_rag.copy.pieces import Piece, first_piece_ids
 
 N_NEW = 5
 
@@ -65,9 +66,9 @@ def assert_decode_rows_equal_reencode(model, atol: float = 2e-4, rtol: float = 1
 def test_decode_step_rows_equal_full_reencode(pointer, isolation, match, bigram):
     extra = {}
     if bigram:  # the bigram match reads the previous token from the cache
-        extra = {"pointer_bigram_bonus": 3.0}
+        extra = {"bigram_bonus": 3.0}
     model = _per_step_model(pointer, isolation, match, **extra)
-    model.passage_cache.max_segments = 0  # recompute everything: the check is on the maths
+    model.knowledge.passage_cache.max_segments = 0  # recompute everything: the check is on the maths
     assert_decode_rows_equal_reencode(model)
 
 
@@ -91,38 +92,31 @@ def test_per_step_streaming_and_threads_match_generate(isolation):
 
 
 def test_pointer_raises_the_logit_of_a_knowledge_token():
-    """With a large gain and a sharp query, the pointer's output is the copied token's lm_head row."""
+    """With a large gain and a sharp query, the copy rows are a mix of knowledge tokens' lm_head rows."""
     model = tiny_model("llama", layers=[], per_step=True, pointer_layer=3, pointer_heads=1)
     enc = model.encoder
     with torch.no_grad():
-        enc.pointer_gain.fill_(0.01)
+        enc.copy_head.gain.fill_(0.01)
     prompts, passages = model.prepare([Q[0]], [K[0]], "diekae")
-    items = [model.prompter.encoder_item(passages[0], prompts[0])]
-    batch = model.prompter.encoder_batch(items, model.device)
     with torch.no_grad():
-        out = enc(batch.input_ids, batch.attention_mask, batch.knowledge_mask)
+        out = model.knowledge.encode(enc, prompts, passages, copy=model.copy)
     # The output is a convex mix (times the gain) of lm_head rows of knowledge tokens only.
     lm = model.decoder.get_output_embeddings().weight
-    k_ids = batch.input_ids[0][batch.knowledge_mask[0]].unique()
-    basis = lm[k_ids]                                  # (n_k, H)
-    last = out.pointer[0, -1] / (0.01 * enc.config.pointer_gain_scale)
+    memory = out.readout.memory
+    basis = lm[memory.ids[0][memory.valid[0]].unique()]  # (n_k, H)
+    last = out.pointer[0, -1] / (0.01 * model.copy.gain_scale)
     coef = torch.linalg.lstsq(basis.T, last[:, None]).solution
     torch.testing.assert_close(basis.T @ coef, last[:, None], atol=1e-4, rtol=1e-3)
     assert 0 <= float(coef.sum()) <= 1 + 1e-4
 
 
 def _pointer_at_answer(model, question: str, answer: str, passage: str) -> tuple[torch.Tensor, list[int]]:
-    """The pointer output (T, H) of a teacher-forced ``score`` call, and the encoder input ids it covers."""
-    calls = []
-    handle = model.encoder.register_forward_hook(lambda m, args, kwargs, out: calls.append((args[0], kwargs, out)),
-                                                 with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model.score(question, answer, [passage])
-    finally:
-        handle.remove()
-    input_ids, kwargs, out = calls[-1]
-    return out.pointer[0], input_ids[0, kwargs.get("output_start", 0):].tolist()
+    """The copy rows (T, H) of a teacher-forced call, and the encoder input ids they cover."""
+    prompts, passages = model.prepare([question], [[passage]], "diekae")
+    with torch.no_grad():
+        out = model.knowledge.encode(model.encoder, prompts, passages, [model.prompter.answer_ids(answer)],
+                                     model.copy, model.providers(model.copy))
+    return out.pointer[0], out.ids[0].tolist()
 
 
 def _match_only_model(isolation: bool, **cfg):
@@ -131,9 +125,9 @@ def _match_only_model(isolation: bool, **cfg):
     model = _per_step_model(isolation=isolation, match=True, **cfg)
     enc = model.encoder
     with torch.no_grad():
-        enc.pointer_q.weight.zero_()
-        enc.pointer_null.fill_(0.0)
-        enc.pointer_match_weight.fill_(50.0 / enc.config.pointer_match_scale)
+        enc.copy_head.q.weight.zero_()
+        enc.copy_head.null.fill_(0.0)
+        enc.copy_head.match_weight.fill_(50.0 / enc.config.pointer_match_scale)
     return model
 
 
@@ -151,7 +145,7 @@ def test_token_match_copies_the_token_after_the_query_token(isolation):
     pointer, inputs = _pointer_at_answer(model, "which?", "z", passage)  # the answer "z" follows the prompt
     at = len(inputs) - 1 - inputs[::-1].index(z)  # the answer's "z"
     lm = model.decoder.get_output_embeddings().weight
-    gain = float(enc.pointer_gain.detach().sum()) * enc.config.pointer_gain_scale
+    gain = float(enc.copy_head.gain.detach().sum()) * model.copy.gain_scale
     torch.testing.assert_close(pointer[at], gain * lm[after_z], atol=1e-3, rtol=1e-3)
 
 
@@ -161,7 +155,7 @@ def test_bigram_match_keeps_the_copy_in_place_where_a_token_repeats(isolation):
     the tokens after both, the bigram bonus picks the one after "w z"."""
     outs = {}
     for bonus in (0.0, 50.0):
-        model = _match_only_model(isolation, pointer_bigram_bonus=bonus)
+        model = _match_only_model(isolation, bigram_bonus=bonus)
         enc = model.encoder
         passage = "qzk wzm"
         ids = model.prompter.ids(passage)
@@ -171,7 +165,7 @@ def test_bigram_match_keeps_the_copy_in_place_where_a_token_repeats(isolation):
         pointer, inputs = _pointer_at_answer(model, "which?", "wz", passage)
         at = len(inputs) - 1 - inputs[::-1].index(z)  # the answer's "z"
         lm = model.decoder.get_output_embeddings().weight
-        gain = float(enc.pointer_gain.detach().sum()) * enc.config.pointer_gain_scale
+        gain = float(enc.copy_head.gain.detach().sum()) * model.copy.gain_scale
         outs[bonus] = (pointer[at], gain, lm)
         if bonus:  # KV-cached decode steps read the previous token from the cache: "w", then "z"
             prompts, passages = model.prepare(["which?"], [[passage]], "diekae")
@@ -185,8 +179,8 @@ def test_bigram_match_keeps_the_copy_in_place_where_a_token_repeats(isolation):
     torch.testing.assert_close(p0, gain * 0.5 * (lm[lm_tokens["k"]] + lm[lm_tokens["m"]]), atol=1e-3, rtol=1e-3)
     p1, gain, lm = outs[50.0]
     torch.testing.assert_close(p1, gain * lm[lm_tokens["m"]], atol=1e-3, rtol=1e-3)
-    with pytest.raises(ValueError, match="pointer_match"):
-        _per_step_model(pointer_bigram_bonus=3.0)
+    with pytest.raises(ValueError, match="bigram_bonus needs the token match"):
+        _per_step_model(bigram_bonus=3.0)
 
 
 def _first_position_rows(model) -> tuple[list, list]:
@@ -225,68 +219,41 @@ def test_pointer_first_gain_scales_only_the_row_that_predicts_the_first_answer_t
     model = _per_step_model(isolation=isolation, match=True)
     runs = {}
     for gain in (1.0, 3.0):
-        model.config.pointer_first_gain = gain
+        model.copy = model.copy.replace(first_gain=gain)
         runs[gain], firsts = _first_position_rows(model)
     _assert_only_first_rows_differ(runs[1.0], runs[3.0], firsts,
                                    lambda r1, r3: torch.testing.assert_close(r3, 3.0 * r1))
-    with pytest.raises(ValueError, match="pointer_first_gain"):
-        _per_step_model(pointer_first_gain=0.0)
-
-
-@pytest.mark.parametrize("isolation", [False, True])
-def test_first_scorer_acts_only_where_the_answer_begins(isolation):
-    """The first-token scorer changes the pointer row that predicts the answer's first token (the same
-    row in left-padded generation and right-padded teacher forcing) and no other; decode steps
-    still equal a full re-encode."""
-    model = _per_step_model(isolation=isolation, match=True, pointer_first_scorer=16)
-    model.passage_cache.max_segments = 0
-    v = model.encoder.first_v.detach().clone()
-    runs = {}
-    for on in (False, True):
-        with torch.no_grad():
-            model.encoder.first_v.copy_(v * 3 if on else torch.zeros_like(v))
-        runs[on], firsts = _first_position_rows(model)
-
-    def moved(off, on):
-        assert (on - off).abs().max() > 1e-3, "the scorer moves the first copy"
-    _assert_only_first_rows_differ(runs[False], runs[True], firsts, moved)
-    for b, (at_gen, at_forced) in enumerate(firsts):
-        torch.testing.assert_close(runs[True][0][b, at_gen], runs[True][1][b, at_forced], atol=2e-4, rtol=1e-3)
-    assert_decode_rows_equal_reencode(model)
-    with pytest.raises(ValueError, match="pointer_first_scorer"):
-        tiny_model("llama", pointer_first_scorer=8)
+    with pytest.raises(ValueError, match="first_gain must be a positive number"):
+        _per_step_model(first_gain=0.0)
 
 
 def test_pointer_sharpness_scales_every_pointer_score():
     """Sharpness s equals s-times larger queries and match weight (scores, bonus and "nothing" slot alike)."""
     model = _per_step_model(match=True)
-    enc = model.encoder
+    head = model.encoder.copy_head
     with torch.no_grad():
-        enc.pointer_match_weight.fill_(2.0 / enc.config.pointer_match_scale)
-        enc.pointer_null.normal_()
+        head.match_weight.fill_(2.0 / model.config.pointer_match_scale)
+        head.null.normal_()
     prompts, passages = model.prepare([Q[0]], [K[0]], "diekae")
-    batch = model.prompter.encoder_batch([model.prompter.encoder_item(passages[0], prompts[0])], model.device)
 
-    def pointer() -> torch.Tensor:
+    def read(**copy):
         with torch.no_grad():
-            return enc(batch.input_ids, batch.attention_mask, batch.knowledge_mask).pointer
+            return model.knowledge.encode(model.encoder, prompts, passages, copy=model.copy.replace(**copy))
 
-    plain = pointer()
-    enc.config.pointer_sharpness = 3.0
-    sharp = pointer()
-    enc.config.pointer_sharpness = 1.0
+    plain = read().pointer
+    sharp = read(sharpness=3.0).pointer
     with torch.no_grad():
-        enc.pointer_q.weight.mul_(3.0)
-        enc.pointer_match_weight.mul_(3.0)
-    torch.testing.assert_close(sharp, pointer(), atol=1e-5, rtol=1e-4)
-    with torch.no_grad():
-        attn = enc(batch.input_ids, batch.attention_mask, batch.knowledge_mask).pointer_attention
-    # (B, heads, T, T_k); the rest of each row is the "nothing" slot
-    assert attn.shape[:3] == (1, 2, batch.input_ids.shape[1]) and float(attn.sum(-1).max()) <= 1 + 1e-5
-    assert float(attn[0, :, :, ~batch.knowledge_mask[0]].abs().max()) == 0, "only knowledge tokens are read"
+        head.q.weight.mul_(3.0)
+        head.match_weight.mul_(3.0)
+    out = read()
+    torch.testing.assert_close(sharp, out.pointer, atol=1e-5, rtol=1e-4)
+    attn, valid = out.readout.attention, out.readout.memory.valid
+    # (B, heads, T, S); the rest of each row is the "nothing" slot
+    assert attn.shape[:3] == (1, 2, out.pointer.shape[1]) and float(attn.sum(-1).max()) <= 1 + 1e-5
+    assert float(attn[0, :, :, ~valid[0]].abs().max()) == 0, "only knowledge tokens are read"
     assert not torch.allclose(sharp, plain, atol=1e-3), "sharpness changes the readout"
-    with pytest.raises(ValueError, match="pointer_sharpness"):
-        tiny_model("llama", layers=[], per_step=True, pointer_layer=3, pointer_sharpness=0.0)
+    with pytest.raises(ValueError, match="sharpness must be a positive number"):
+        tiny_model("llama", layers=[], per_step=True, pointer_layer=3, sharpness=0.0)
 
 
 def test_match_classes_join_word_start_pieces():
@@ -304,16 +271,16 @@ def test_match_classes_join_word_start_pieces():
 
 def test_isolated_passages_are_cached_and_exact():
     model = _per_step_model(isolation=True)
-    model.passage_cache.max_segments = 0
+    model.knowledge.passage_cache.max_segments = 0
     cold = model.generate_batch(Q, K, max_new_tokens=N_NEW)
     cold_score = model.score(Q[1], "north", K[1])
-    model.passage_cache.max_segments = 64
+    model.knowledge.passage_cache.max_segments = 64
     assert model.precompute([p for ps in K for p in ps]) == 3
-    misses = model.passage_cache.misses
+    misses = model.knowledge.passage_cache.misses
     assert model.generate_batch(Q, K, max_new_tokens=N_NEW) == cold
     assert model.score(Q[1], "north", K[1]) == pytest.approx(cold_score, abs=1e-5)
-    assert model.passage_cache.misses == misses, "every passage came from the cache"
-    assert model.passage_cache.hits > 0
+    assert model.knowledge.passage_cache.misses == misses, "every passage came from the cache"
+    assert model.knowledge.passage_cache.hits > 0
     # Segments keep their own positions, so the passages act as a set: order does not matter.
     assert model.score(Q[1], "north", list(reversed(K[1]))) == pytest.approx(cold_score, abs=1e-5)
     assert model.score(Q[1], "north", K[1][:1]) != pytest.approx(cold_score, abs=1e-4)
@@ -353,60 +320,52 @@ class _KeywordEmbedder:
 
 
 def test_passage_prior_is_zero_for_the_nearest_passage_and_scaled_cosine_below():
-    from diekae_rag.passage_prior import PassagePrior, segment_bias
+    from diekae_rag.copy import PassagePrior
     embedder = _KeywordEmbedder()
-    prior = PassagePrior(10.0, embedder=embedder)
-    got = prior(["Does it rain?", "Where?", "x"], [["Calgra lies north.", "It rains there."], ["a", "b"], ["one"]])
+    prior = PassagePrior(embedder=embedder)
+    got = prior(["Does it rain?", "Where?", "x"], [["Calgra lies north.", "It rains there."], ["a", "b"], ["one"]], 10.0)
     assert got[0] == pytest.approx([10.0 * (0.6 - 1.0), 0.0])  # cosines 0.6 and 1.0
     assert got[1] == pytest.approx([0.0, 0.0]) and got[2] == [0.0], "ties and single passages get no penalty"
     embedder.texts.clear()
-    assert prior(["Is it wet?"], [["a", "It rains there."]]) == [pytest.approx([0.0, -4.0])]
+    assert prior(["Is it wet?"], [["a", "It rains there."]], 10.0) == [pytest.approx([0.0, -4.0])]
     assert embedder.texts == ["Is it wet?"], "passage vectors come from the cache; only the question is embedded"
-    assert prior(["q"], [["solo"]]) == [[0.0]] and embedder.texts == ["Is it wet?"], "one passage: no embedding"
-    assert segment_bias([-4.0, 0.0], [2, 3, 1]).tolist() == [0, 0, -4, -4, -4, 0]
-    with pytest.raises(ValueError, match="2 passage priors for 1"):
-        segment_bias([0.0, 0.0], [2, 3])
+    assert prior(["q"], [["solo"]], 10.0) == [[0.0]] and embedder.texts == ["Is it wet?"], "one passage: no embedding"
     with pytest.raises(ValueError, match="positive"):
-        PassagePrior(0.0)
+        prior(["q"], [["a", "b"]], 0.0)
 
 
 def test_passage_prior_steers_the_pointer_to_the_nearest_passage():
-    """The prior reaches the pointer's scores (prefill and cached decode steps) and nothing else."""
-    from diekae_rag.passage_prior import PassagePrior
+    """The prior reaches the copy scores (prefill and cached decode steps) and nothing else."""
+    from diekae_rag.copy import PassagePrior
     model = _per_step_model(isolation=True)
-    enc = model.encoder
-    outs = []
-    enc.register_forward_hook(lambda m, args, out: outs.append(out))
     q, k = ["Does it rain there?"], [["Calgra lies in the north.", "It rains there."]]
     prompts, passages = model.prepare(q, k, "diekae")
     ids, mask = model.prompter.pad(prompts, model.device, side="left")
 
-    def session():
+    def session(strength):
         with torch.no_grad():
-            return model.build_injection(prompts, passages, mask).sessions[0]
+            return model.build_injection(prompts, passages, mask, copy={"passage_prior": strength}).sessions[0]
 
-    plain = session()
-    model.passage_prior = PassagePrior(100.0, embedder=_KeywordEmbedder())
-    biased = session()
-    bias = biased.cache.knowledge_bias[0]
-    far = bias < -1
-    far_segment = model.prompter.ids(model.config.passage_separator + "Calgra lies in the north.")
-    assert int(far.sum()) == len(far_segment), "the far passage's segment only"
-    attn = outs[-1].pointer_attention[0]
-    assert float(attn[..., far].sum()) < 1e-6 < float(attn[..., ~far & biased.cache.pointer_valid[0]].sum())
+    model.passage_prior = PassagePrior(embedder=_KeywordEmbedder())
+    plain, biased = session(0.0), session(100.0)
+    memory = biased.readout.memory
+    far = memory.prior[0] < -1
+    assert int(far.sum()) == len(model.prompter.ids("Calgra lies in the north.")), "the far passage's tokens only"
+    attn = biased.readout.attention[0]
+    assert float(attn[..., far].sum()) < 1e-6 < float(attn[..., ~far & memory.valid[0]].sum())
     with torch.no_grad():
         rows = biased.step(ids[:, -1:])
-    assert float(outs[-1].pointer_attention[0][..., far].sum()) < 1e-6, "decode steps keep the prior"
-    assert plain.cache.knowledge_bias is None
+    assert float(biased.readout.attention[0][..., far].sum()) < 1e-6, "decode steps keep the prior"
+    assert plain.readout.memory.prior is None
     layer = model.config.pointer_layer
     assert not torch.allclose(plain.layer_rows[layer], biased.layer_rows[layer])
-    for l in model.config.layers:  # the per-step rows are not biased (layer 3 is pointer-only)
+    for l in model.config.layers:  # the per-step rows are not biased (layer 3 is copy-only)
         torch.testing.assert_close(plain.layer_rows[l], biased.layer_rows[l])
     assert set(rows) == set(model.config.hooked_layers)
-    with pytest.raises(ValueError, match="passage_isolation"):
+    with pytest.raises(ValueError, match="passage_prior needs a pointer over isolated passages"):
         tiny_model("llama", layers=[1], per_step=True, pointer_layer=3, passage_prior=30.0)
     with pytest.raises(ValueError, match="would do nothing"):
-        _per_step_model().passage_prior = PassagePrior(30.0, embedder=_KeywordEmbedder())
+        _per_step_model().passage_prior = PassagePrior(embedder=_KeywordEmbedder())
 
 
 def test_pointer_first_unspaced_copies_the_space_less_variant_at_the_first_position_only():
@@ -417,13 +376,13 @@ def test_pointer_first_unspaced_copies_the_space_less_variant_at_the_first_posit
     lm = None
     for isolation in (False, True):
         model = _per_step_model(isolation=isolation, match=True)
-        model.passage_cache.max_segments = 0
+        model.knowledge.passage_cache.max_segments = 0
         lm = model.decoder.get_output_embeddings().weight.detach()
         c = 7
-        model.encoder.set_match_classes(torch.full((lm.shape[0],), c, dtype=torch.long))
+        model.knowledge.classes = torch.full((lm.shape[0],), c, dtype=torch.long)
         runs = {}
         for on in (False, True):
-            model.config.pointer_first_unspaced = on
+            model.copy = model.copy.replace(first_unspaced=on)
             runs[on], firsts = _first_position_rows(model)
 
         def copies(off, on):
@@ -433,7 +392,9 @@ def test_pointer_first_unspaced_copies_the_space_less_variant_at_the_first_posit
         _assert_only_first_rows_differ(runs[False], runs[True], firsts, copies)
     prompts, passages = model.prepare(Q, K, "diekae")
     items = [model.prompter.isolated_item(p, x) for x, p in zip(prompts, passages)]
-    pieces = model._first_pieces(passages, model._knowledge_layout(passages, items, 80))[0]
+    layout = KnowledgeLayout.of([it[0] for it in items], [it[1] for it in items], model.knowledge.passage_tokens.spans,
+                                passages, 80)
+    pieces = first_piece_ids(model.knowledge.passage_tokens, passages, layout, model.device)[0]
     text = [model.tokenizer.decode([int(i)]) if i >= 0 else "" for i in pieces]
     at = len(text) - len(K[0][0]) + K[0][0].index(" Ithpelith")  # the space before the name
     assert text[at] == "I" and text[at + 1] == "I" and text[at - 1] == "o" and text[0] == ""
@@ -443,61 +404,56 @@ def test_answer_pieces_extend_the_pointer_memory_and_decode_steps_still_equal_a_
     """With answer pieces the pointer memory gets extra slots (one per later piece of each word whose
     answer-start tokenisation differs), which never change the first copy; decode rows still equal a
     full re-encode of the same sequence."""
-    model = _per_step_model(isolation=True, match=True, pointer_first_unspaced=True)
-    model.passage_cache.max_segments = 0
+    model = _per_step_model(isolation=True, match=True, first_unspaced=True)
+    model.knowledge.passage_cache.max_segments = 0
     # A byte tokenizer writes a word the same way everywhere, so it has no answer pieces of its own:
     # give every passage two (piece "x" after "q" keyed on token 1, "z" after "x" keyed on token 2).
     tid = model.tokenizer.convert_tokens_to_ids
-    model.passage_tokens.word_pieces = lambda text, classes: [Piece(tid("x"), tid("q"), 1, 1, 0, 1), Piece(tid("z"), tid("x"), 2, 2, 0, 2)]
+    model.knowledge.passage_tokens.word_pieces = lambda text, classes: [Piece(tid("x"), tid("q"), 1, 1, 0, 1), Piece(tid("z"), tid("x"), 2, 2, 0, 2)]
     prompts, passages = model.prepare(Q, K, "diekae")
     sizes, firsts = {}, {}
     for on in (False, True):
-        model.config.pointer_answer_pieces = on
+        model.copy = model.copy.replace(answer_pieces=on)
         with torch.no_grad():
-            out, _, _, first = model.encode_knowledge(model.encoder, prompts, passages)
-        sizes[on] = out.cache.pointer_valid.sum(1)
-        firsts[on] = out.pointer[torch.arange(len(Q)), first]
+            out = model.knowledge.encode(model.encoder, prompts, passages, copy=model.copy)
+        sizes[on] = out.readout.memory.valid.sum(1)
+        firsts[on] = out.pointer[torch.arange(len(Q)), out.first]
     assert (sizes[True] == sizes[False] + torch.tensor([2, 4])).all()  # two slots per passage
     torch.testing.assert_close(firsts[True], firsts[False], atol=1e-4, rtol=1e-3)
     assert_decode_rows_equal_reencode(model)
-    with pytest.raises(ValueError, match="pointer_answer_pieces"):
-        _per_step_model(isolation=False, match=True, pointer_answer_pieces=True)
+    with pytest.raises(ValueError, match="answer_pieces needs the token match over isolated passages"):
+        _per_step_model(isolation=False, match=True, answer_pieces=True)
 
 
-def test_answer_pieces_borrow_the_key_after_the_previous_piece_when_asked():
-    """An answer piece borrows the key of the passage token covering it, the key of the slot after the
-    token where the piece before it ends ("after"), or has a slot with each ("both")."""
-    model = _per_step_model(isolation=True, match=True, pointer_first_unspaced=True, pointer_answer_pieces=True)
-    model.passage_cache.max_segments = 0
+def test_answer_pieces_have_a_slot_with_each_key():
+    """An answer piece has a slot with the key of the passage token covering it and, where it differs,
+    one with the key of the slot after the token where the piece before it ends."""
+    model = _per_step_model(isolation=True, match=True, first_unspaced=True, answer_pieces=True)
+    model.knowledge.passage_cache.max_segments = 0
     tid = model.tokenizer.convert_tokens_to_ids
-    model.passage_tokens.word_pieces = lambda text, classes: [Piece(tid("x"), tid("q"), 1, 3, 0, 1)]
+    model.knowledge.passage_tokens.word_pieces = lambda text, classes: [Piece(tid("x"), tid("q"), 1, 3, 0, 1)]
     prompts, passages = model.prepare(Q[:1], K[:1], "diekae")
-    keys = {}
-    for mode in ("covering", "after", "both"):
-        model.config.pointer_piece_keys = mode
-        with torch.no_grad():
-            out, _, _, _ = model.encode_knowledge(model.encoder, prompts, passages)
-        keys[mode] = out.cache.pointer_keys[0]  # (heads, slots, dk); the pieces are the last slots
-    width = keys["covering"].shape[1] - 1
+    with torch.no_grad():
+        memory = model.knowledge.encode(model.encoder, prompts, passages, copy=model.copy).readout.memory
+    keys = memory.keys[0]  # (heads, slots, dk); the piece's two slots are the last
+    width = keys.shape[1] - 2
     items = [model.prompter.isolated_item(passages[0], prompts[0])]
-    start = model._knowledge_layout(passages, items, width)[1][0][0][0]  # the passage's first slot
-    assert not torch.allclose(keys["covering"][:, start + 1], keys["covering"][:, start + 3])
-    torch.testing.assert_close(keys["covering"][:, -1], keys["covering"][:, start + 1])
-    torch.testing.assert_close(keys["after"][:, -1], keys["after"][:, start + 3])
-    assert keys["both"].shape[1] == width + 2
-    torch.testing.assert_close(keys["both"][:, -2:], torch.stack([keys["covering"][:, -1], keys["after"][:, -1]], 1))
-    with pytest.raises(ValueError, match="pointer_piece_keys"):
-        _per_step_model(isolation=True, match=True, pointer_answer_pieces=True, pointer_piece_keys="next")
+    layout = KnowledgeLayout.of([items[0][0]], [items[0][1]], model.knowledge.passage_tokens.spans, passages, width)
+    start = layout.items[0][0][0]  # the passage's first slot
+    assert not torch.allclose(keys[:, start + 1], keys[:, start + 3])
+    torch.testing.assert_close(keys[:, -2], keys[:, start + 1])
+    torch.testing.assert_close(keys[:, -1], keys[:, start + 3])
+    assert memory.ids[0, -2:].tolist() == [tid("x")] * 2 and memory.valid[0, -2:].all()
 
 
 def test_whitened_values_raise_the_copied_token_alone_and_decode_steps_still_equal_a_re_encode():
     """A whitened value row gives its token the raw row's logit boost through the final norm and the
     output layer, and that token is the top logit when the row is all there is; every knowledge path
     (prefill, cached passages, answer pieces) uses the same rows, and decode rows still equal a re-encode."""
-    from diekae_rag.encoder import whitened_values, whitener
-    model = _per_step_model(isolation=True, match=True, pointer_first_unspaced=True, pointer_answer_pieces=True,
-                            pointer_whitened_values=True)
-    model.passage_cache.max_segments = 0
+    from diekae_rag.copy.values import whitened_values, whitener
+    model = _per_step_model(isolation=True, match=True, first_unspaced=True, answer_pieces=True,
+                            whitened_values=True)
+    model.knowledge.passage_cache.max_segments = 0
     enc, dec = model.encoder, model.decoder
     W, g = dec.get_output_embeddings().weight.detach(), dec.model.norm.weight.detach()
     ids = torch.arange(W.shape[0])
@@ -505,47 +461,49 @@ def test_whitened_values_raise_the_copied_token_alone_and_decode_steps_still_equ
     logits = rows @ (W * g).T
     torch.testing.assert_close(logits[ids, ids], (W * (W * g)).sum(-1), atol=1e-3, rtol=1e-3)
     assert (logits.argmax(-1) == ids).float().mean() > 0.95
-    torch.testing.assert_close(enc.value_rows(ids[:5]), rows[:5].to(enc.dtype))
-    model.config.pointer_whitened_values = False
-    torch.testing.assert_close(enc.value_rows(ids[:5]), W[:5].to(enc.dtype))
-    model.config.pointer_whitened_values = True
+    values = model.knowledge.values
+    torch.testing.assert_close(values.rows(ids[:5], True, enc.dtype), rows[:5].to(enc.dtype))
+    torch.testing.assert_close(values.rows(ids[:5], False, enc.dtype), W[:5].to(enc.dtype))
     assert_decode_rows_equal_reencode(model)
 
 
 def test_continuation_keeps_a_copy_on_the_occurrence_it_started_on():
-    """With pointer_continue_bonus, after writing "a" the slot after the "a" the previous position
-    attended to wins over the slot after another "a"; without it the two tie. Cached decode steps
-    still equal a full re-encode, with answer pieces (whose predecessors are the first copy or the
-    piece before them) and without."""
-    from dataclasses import replace
-    model = _per_step_model(isolation=True, match=True, pointer_continue_bonus=4.0)
-    model.passage_cache.max_segments = 0
+    """With continue_bonus, after writing "a" the slot after the "a" the previous position attended to
+    wins over the slot after another "a"; without it the two tie. Cached decode steps still equal a full
+    re-encode, with answer pieces (whose predecessors are the first copy or the piece before them) and
+    without."""
+    from diekae_rag.copy import CopyReadout
+    model = _per_step_model(isolation=True, match=True, continue_bonus=4.0)
+    model.knowledge.passage_cache.max_segments = 0
     enc, tid = model.encoder, model.tokenizer.convert_tokens_to_ids
     with torch.no_grad():
-        enc.pointer_q.weight.zero_()  # scores: the token match and the continuation only
+        enc.copy_head.q.weight.zero_()  # scores: the token match and the continuation only
     prompts, passages = model.prepare(["q?"], [["mab mac"]], "diekae")
     with torch.no_grad():
-        cache = model.encode_knowledge(enc, prompts, passages)[0].cache
-    slots = [s for s, i in enumerate(cache.knowledge_ids[0].tolist()) if i == tid("a") and cache.pointer_valid[0, s]]
+        prefill = model.knowledge.encode(enc, prompts, passages, copy=model.copy)
+    memory = prefill.readout.memory
+    slots = [s for s, i in enumerate(memory.ids[0].tolist()) if i == tid("a") and memory.valid[0, s]]
     assert len(slots) == 2
-    last = torch.zeros_like(cache.pointer_valid, dtype=torch.float)
+    last = torch.zeros_like(memory.valid, dtype=torch.float)
     last[0, slots[0]] = 1.0  # the previous position copied the first "a"
     att = {}
     for bonus in (0.0, 4.0):
-        model.config.pointer_continue_bonus = bonus
+        readout = CopyReadout(enc.copy_head, memory, model.copy.replace(continue_bonus=bonus), model.knowledge.classes,
+                              model.knowledge.values, model.config.pointer_match_scale)
+        readout.last_class, readout.last_attention = prefill.readout.last_class, last
+        tok = torch.tensor([[tid("a")]])
         with torch.no_grad():
-            out = enc(torch.tensor([[tid("a")]]), torch.ones(1, 1, dtype=torch.bool),
-                      cache=replace(cache, last_attention=last), use_cache=True)
-        att[bonus] = out.pointer_attention[0, :, -1].mean(0)
+            out = enc(tok, torch.ones(1, 1, dtype=torch.bool), cache=prefill.out.cache, use_cache=True)
+            readout(out.states, tok)
+        att[bonus] = readout.attention[0, :, -1].mean(0)
     after = [s + 1 for s in slots]  # "b" and "c"
     torch.testing.assert_close(att[0.0][after[0]], att[0.0][after[1]])
     assert att[4.0][after[0]] > 3 * att[4.0][after[1]]
-    assert out.cache.last_attention is not None and out.cache.last_attention.shape == cache.pointer_valid.shape
-    assert_decode_rows_equal_reencode(_per_step_model(isolation=True, match=True, pointer_continue_bonus=4.0))
-    model = _per_step_model(isolation=True, match=True, pointer_continue_bonus=4.0, pointer_first_unspaced=True,
-                            pointer_answer_pieces=True, pointer_piece_keys="both")
-    model.passage_tokens.word_pieces = lambda text, classes: [Piece(tid("x"), tid("q"), 1, 3, 0, 1),
-                                                              Piece(tid("z"), tid("x"), 2, 3, 0, 2)]
+    assert readout.last_attention is not None and readout.last_attention.shape == memory.valid.shape
+    assert_decode_rows_equal_reencode(_per_step_model(isolation=True, match=True, continue_bonus=4.0))
+    model = _per_step_model(isolation=True, match=True, continue_bonus=4.0, first_unspaced=True, answer_pieces=True)
+    model.knowledge.passage_tokens.word_pieces = lambda text, classes: [Piece(tid("x"), tid("q"), 1, 3, 0, 1),
+                                                                        Piece(tid("z"), tid("x"), 2, 3, 0, 2)]
     assert_decode_rows_equal_reencode(model)
-    with pytest.raises(ValueError, match="pointer_continue_bonus"):
-        _per_step_model(isolation=True, match=False, pointer_continue_bonus=4.0)
+    with pytest.raises(ValueError, match="continue_bonus needs the token match"):
+        _per_step_model(isolation=True, match=False, continue_bonus=4.0)

@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from diekae_rag.copy import KnowledgeLayout
+from diekae_rag.copy.pieces import first_piece_ids
+
 ROOT = Path(__file__).resolve().parents[1]
 FACTS = [("Who is Marsul married to?", "Ithpelith", "Marsul is married to Ithpelith."),
          ("Where was Quorvane born?", "Stelmarth", "Quorvane was born in Stelmarth."),
@@ -52,19 +55,14 @@ def test_passage_prior_picks_the_asked_passage_with_real_minilm(real_model):
     it puts 0 on the right passage, a clear penalty on the others, and lowers the answers' NLL
     (measured with the answer-start reader off, which also picks the passage for the first copy)."""
     qs, ans, ks = zip(*FACTS)
-    cfg = real_model.config
-    assert cfg.passage_prior > 0, "the shipped encoders switch the prior on"
-    priors = real_model.passage_prior(list(qs), [list(ks)] * 3)
+    strength = real_model.copy.passage_prior
+    assert strength > 0, "the shipped copy settings switch the prior on"
+    priors = real_model.passage_prior(list(qs), [list(ks)] * 3, strength)
     for i, pr in enumerate(priors):
         assert pr[i] == 0 and max(p for j, p in enumerate(pr) if j != i) < -3, priors
-    strength, reader_weight = cfg.passage_prior, cfg.reader_weight
-    try:
-        cfg.reader_weight = 0.0
-        with_prior = real_model.score_batch(list(qs), list(ans), [list(ks)] * 3)
-        cfg.passage_prior = 0.0
-        without = real_model.score_batch(list(qs), list(ans), [list(ks)] * 3)
-    finally:
-        cfg.passage_prior, cfg.reader_weight = strength, reader_weight
+    with_prior = real_model.score_batch(list(qs), list(ans), [list(ks)] * 3, copy={"reader_weight": 0.0})
+    without = real_model.score_batch(list(qs), list(ans), [list(ks)] * 3,
+                                     copy={"reader_weight": 0.0, "passage_prior": 0.0})
     assert sum(with_prior) < sum(without) - 0.3, (with_prior, without)
 
 
@@ -121,8 +119,8 @@ def test_edit_set_neighbours_are_facts_the_decoder_keeps_apart(real_model, monke
 def test_shipped_reader_finds_where_each_answer_starts(real_model):
     """The shipped answer-start reader (the real MiniLM, fine-tuned) puts its best start on each answer
     among all three passages, and the first copy uses the name's first token as an answer writes it."""
-    cfg = real_model.config
-    assert cfg.reader_weight > 0 and cfg.pointer_first_unspaced, "the shipped config switches the reader on"
+    copy = real_model.copy
+    assert copy.reader_weight > 0 and copy.first_unspaced, "the shipped copy settings switch the reader on"
     qs, ans, ks = zip(*FACTS)
     for q, a in zip(qs, ans):
         lps = real_model.answer_reader.char_log_probs(q, list(ks))
@@ -132,7 +130,9 @@ def test_shipped_reader_finds_where_each_answer_starts(real_model):
     items = [real_model.prompter.isolated_item(passages[0], prompts[0])]
     p_ids = real_model.prompter.ids(ks[0])
     width = sum(len(s) for s in items[0][0])
-    pieces = real_model._first_pieces(passages, real_model._knowledge_layout(passages, items, width))[0, -len(p_ids):]
+    tokens = real_model.knowledge.passage_tokens
+    layout = KnowledgeLayout.of([items[0][0]], [items[0][1]], tokens.spans, passages, width)
+    pieces = first_piece_ids(tokens, passages, layout, real_model.device)[0, -len(p_ids):]
     at = [real_model.tokenizer.decode([t]) for t in p_ids].index(" Ith")
     assert int(pieces[at]) == real_model.tokenizer("Ithpelith", add_special_tokens=False)["input_ids"][0]
 
@@ -141,22 +141,17 @@ def test_answer_pieces_continue_a_name_written_as_an_answer_starts_it(real_model
     """" Ithpelith" is ` Ith|pel|ith` in a passage but `I|th|pel|ith` in an answer: the answer pieces
     are th and pel (then the passage's own "ith" continues), each after the piece before it, keyed on the token that
     covers it; with them the answer's NLL falls."""
-    from diekae_rag.answer_pieces import word_pieces
+    from diekae_rag.copy.pieces import word_pieces
     tok, text = real_model.tokenizer, "Marsul is married to Ithpelith, a weaver."
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-    pieces = word_pieces(tok, text, enc["offset_mapping"], enc["input_ids"], real_model.encoder.match_classes)
+    pieces = word_pieces(tok, text, enc["offset_mapping"], enc["input_ids"], real_model.knowledge.classes)
     names = [(tok.decode([x.id]), tok.decode([x.prev]), tok.decode([enc["input_ids"][x.cover]]),
               tok.decode([enc["input_ids"][x.after]])) for x in pieces]
     # then the passage's own "ith"; the last entry is the slot after the token where the previous piece ends
     assert names[:2] == [("th", "I", " Ith", "pel"), ("pel", "th", "pel", "pel")], names
-    cfg = real_model.config
     q, a, k = FACTS[0]
-    assert cfg.pointer_answer_pieces, "the shipped config switches answer pieces on"
-    try:
-        cfg.pointer_answer_pieces = False
-        without = real_model.score(q, a, [k])
-    finally:
-        cfg.pointer_answer_pieces = True
+    assert real_model.copy.answer_pieces, "the shipped copy settings switch answer pieces on"
+    without = real_model.score(q, a, [k], copy={"answer_pieces": False})
     assert real_model.score(q, a, [k]) < without - 0.2
 
 
@@ -164,7 +159,7 @@ def test_whitened_values_make_the_copied_token_the_top_logit_on_smollm2(real_mod
     """On the real SmolLM2 (tied embeddings, a non-uniform final norm), a raw output-embedding row added
     alone makes another token the top logit for most tokens (" Sask" -> " tempfile"); its whitened row
     makes the token itself the top logit, with the same boost for it."""
-    from diekae_rag.encoder import whitened_values, whitener
+    from diekae_rag.copy.values import whitened_values, whitener
     dec = real_model.decoder
     W, g = dec.get_output_embeddings().weight.detach().float(), dec.model.norm.weight.detach().float()
     ids = torch.randperm(W.shape[0], generator=torch.Generator().manual_seed(0))[:1000]

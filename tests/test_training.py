@@ -13,7 +13,6 @@ from diekae_rag.data.fictional import HELD_OUT, make_facts
 from diekae_rag.data.mixture import DataSpec, Example
 from diekae_rag.training.phase1 import DeltaCache, difference_loss, teacher_deltas
 from diekae_rag.training.phase2 import lm_loss
-from diekae_rag.training.pointer_choice import answer_starts, pointer_choice_loss
 from diekae_rag.training.trainer import TrainConfig, build_model, lr_at, train
 
 
@@ -118,42 +117,40 @@ def test_train_writes_checkpoints_and_resumes(tmp_path):
     assert [h["step"] for h in summary["history"]] == [1, 2, 3, 4]
 
 
-def test_answer_starts_marks_the_knowledge_token_where_the_answer_begins():
-    pieces = ["Ann", " married", " Ith", "p", "elith", ".", " Ith", "p", "elith"]
-    knowledge = [True] * 6 + [False] * 3
-    assert answer_starts(pieces, knowledge, "Ithpelith") == [False, False, True] + [False] * 6
-    assert answer_starts(pieces, [True] * 9, " Ithpelith ") == [False, False, True, False, False, False, True,
-                                                                 False, False]
-    assert answer_starts(pieces, knowledge, "Bo") == [False] * 9
-    assert answer_starts(pieces, knowledge, "") == [False] * 9
-
-
-def test_pointer_choice_objective_trains_only_the_named_parameters(tmp_path):
-    """objective "pointer_choice" + trainable ["first_"]: the first-token scorer learns to put the
-    pointer's attention where the answer starts; every other encoder weight stays as it was."""
+def test_trainable_prefixes_train_only_the_named_parameters(tmp_path):
+    """trainable ["copy_head."]: only the copy readout's learned head changes; every other encoder
+    weight stays as it was. A prefix that names nothing is refused before training."""
     model = tiny_model("llama", layers=[1, 2], per_step=True, pointer_layer=3, pointer_heads=2,
-                       passage_isolation=True, pointer_first_scorer=32)
-    with torch.no_grad():
-        model.encoder.first_v.zero_()
+                       passage_isolation=True, pointer_match=True)
     before = {n: p.detach().clone() for n, p in model.encoder.named_parameters()}
-    cfg = TrainConfig(out=str(tmp_path / "run"), data={"fictional": 72, "k": 2}, batch_size=8, epochs=6,
-                      dev_size=8, eval_every=50, warmup_steps=1, lr=1e-2, objective="pointer_choice",
-                      trainable=["first_"])
-    examples = DataSpec(**cfg.data).build()
-    with torch.no_grad():
-        start = float(pointer_choice_loss(model, examples[8:40]))
+    cfg = TrainConfig(out=str(tmp_path / "run"), data={"fictional": 24, "k": 2}, batch_size=8, epochs=1,
+                      dev_size=8, eval_every=50, warmup_steps=1, lr=1e-2, trainable=["copy_head."])
     train(cfg, model=model)
-    model.encoder.eval()
-    with torch.no_grad():
-        end = float(pointer_choice_loss(model, examples[8:40]))
-    assert end < start - 0.5, (start, end)
     for name, p in model.encoder.named_parameters():
         changed = not torch.equal(p.detach(), before[name])
-        assert changed == name.startswith("first_"), name
-    with pytest.raises(ValueError, match="objective"):
-        TrainConfig(objective="bleu")
+        assert changed == name.startswith("copy_head."), name
     with pytest.raises(ValueError, match="names no encoder parameter"):
         train(TrainConfig(out=str(tmp_path / "bad"), data={"fictional": 24}, dev_size=8, trainable=["nope"]), model=model)
+
+
+def test_training_copy_settings_are_checked_and_saved(tmp_path):
+    """``copy`` sets the readout trained with, and is saved as the checkpoint's copy.json; a config
+    written for format-1 checkpoints (copy settings among the encoder fields) is read the same way."""
+    from diekae_rag.checkpoint import read_copy_config
+    old = TrainConfig(encoder={"pointer_layer": 3, "pointer_bigram_bonus": 3.0, "layers": [1]})
+    assert old.copy == {"bigram_bonus": 3.0} and old.encoder == {"pointer_layer": 3, "layers": [1]}
+    with pytest.raises(ValueError, match="Unknown copy settings"):
+        TrainConfig(copy={"bonus": 1})
+    model = tiny_model("llama", layers=[1, 2], per_step=True, pointer_layer=3, passage_isolation=True,
+                       pointer_match=True)
+    cfg = TrainConfig(out=str(tmp_path / "run"), data={"fictional": 40, "k": 2}, batch_size=8, epochs=0.5,
+                      dev_size=8, eval_every=50, warmup_steps=1, copy={"sharpness": 2.0, "continue_bonus": 8.0})
+    train(cfg, model=model)
+    saved = read_copy_config(tmp_path / "run" / "last")
+    assert saved.sharpness == 2.0 and saved.continue_bonus == 8.0
+    plain = tiny_model("llama", layers=[1], pointer_layer=3)
+    with pytest.raises(ValueError, match="needs the token match"):
+        train(TrainConfig(out=str(tmp_path / "bad"), data={"fictional": 16}, copy={"bigram_bonus": 3.0}), model=plain)
 
 
 DIST_SCRIPT = """
@@ -226,13 +223,13 @@ def test_init_from_can_switch_the_token_match_on(tmp_path):
     cfg = TrainConfig(out=str(tmp_path / "run"), init_from=str(tmp_path / "enc"), decoder=str(tmp_path / "decoder"),
                       encoder={"pointer_match": True})
     matched = build_model(cfg)
-    assert matched.config.pointer_match and float(matched.encoder.pointer_match_weight.detach().abs().sum()) == 0
+    assert matched.config.pointer_match and float(matched.encoder.copy_head.match_weight.detach().abs().sum()) == 0
     q, k = "Who?", ["Ann met Bo. Bo met Cy."]
     want = model.score(q, "Bo", k)
     matched.encoder.eval()
     assert matched.score(q, "Bo", k) == pytest.approx(want, abs=1e-4)
     with torch.no_grad():
-        matched.encoder.pointer_match_weight.fill_(0.5)
+        matched.encoder.copy_head.match_weight.fill_(0.5)
     assert matched.score(q, "Bo", k) != pytest.approx(want, abs=1e-3), "the match weight is used"
     matched.save_pretrained(tmp_path / "matched")
     assert read_config(tmp_path / "matched").pointer_match

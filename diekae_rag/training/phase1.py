@@ -94,7 +94,7 @@ def difference_loss(model: DiekaeModel, batch: Sequence[Example], deltas: Sequen
     passages = [e.passages for e in batch]
     items = [model.prompter.encoder_item(p, t) for p, t in zip(passages, tails)]
     enc_batch = model.prompter.encoder_batch(items, model.device)
-    rows = model.encoder(enc_batch.input_ids, enc_batch.attention_mask, enc_batch.knowledge_mask).rows
+    rows = model.encoder(enc_batch.input_ids, enc_batch.attention_mask).rows
     total, count = rows.new_zeros(()), 0
     for b, d in enumerate(deltas):
         off = int(enc_batch.x_offset[b])

@@ -39,18 +39,16 @@ class ReaderTrainConfig:
     max_length: int = 256
     seed: int = 0
     init: str = ""           # a saved reader to start from ("" = a fresh head on MiniLM)
-    end_head: bool = False   # also train an end head (where the answer ends)
 
     @classmethod
     def from_file(cls, path: str) -> "ReaderTrainConfig":
         return cls(**json.loads(Path(path).read_text()))
 
 
-def gold_pieces(batch: dict, passages: Sequence[str], answer: str, side: int = 0) -> torch.Tensor:
-    """(W, T) bool: the passage word-pieces where an occurrence of ``answer`` starts (``side`` 0)
-    or ends (1)."""
+def gold_pieces(batch: dict, passages: Sequence[str], answer: str) -> torch.Tensor:
+    """(W, T) bool: the passage word-pieces where an occurrence of ``answer`` starts."""
     target = answer.strip()
-    hits = [{(m.start() if side == 0 else m.end() - 1) for m in re.finditer(re.escape(target), p)} if target else set()
+    hits = [{m.start() for m in re.finditer(re.escape(target), p)} if target else set()
             for p in passages]
     spans = batch["spans"]
     gold = torch.zeros(spans.shape[:2], dtype=torch.bool)
@@ -69,43 +67,30 @@ def _joint_loss(lg: torch.Tensor, gold: torch.Tensor) -> tuple[torch.Tensor, boo
     return -torch.logsumexp(torch.log_softmax(flat, 0)[g], 0), bool(g[int(flat.argmax())])
 
 
-def batch_losses(reader: AnswerStartReader, items: Sequence[Example]
-                 ) -> tuple[torch.Tensor, list[bool], list[bool]]:
-    """Per item, -log P(gold start) (plus -log P(gold end) with an end head), whether its top
-    start is a gold start, and whether its top end is a gold end (all False without an end head).
-    All (question, passage) pairs of the batch go through the reader in one forward."""
+def batch_losses(reader: AnswerStartReader, items: Sequence[Example]) -> tuple[torch.Tensor, list[bool]]:
+    """Per item, -log P(gold start) and whether its top start is a gold start. All (question,
+    passage) pairs of the batch go through the reader in one forward."""
     pairs = [(ex.question, p, i) for i, ex in enumerate(items) for p in ex.passages]
     batch = reader.windows([q for q, _, _ in pairs], [p for _, p, _ in pairs])
-    start, end = reader.logits(batch)
+    start = reader(batch)
     owner = torch.tensor([pairs[int(w)][2] for w in batch["pair"]])
-    losses, right, right_end = [], [], []
+    losses, right = [], []
     for i, ex in enumerate(items):
         sel = torch.nonzero(owner == i)[:, 0]
         sub = {"spans": batch["spans"][sel], "pair": batch["pair"][sel] - int(batch["pair"][sel].min())}
-        rows = sel.to(start.device)
-        loss, ok = _joint_loss(start[rows], gold_pieces(sub, ex.passages, ex.answer, 0).to(start.device))
-        ok_end = False
-        if end is not None:
-            end_loss, ok_end = _joint_loss(end[rows], gold_pieces(sub, ex.passages, ex.answer, 1).to(end.device))
-            loss = loss + end_loss
+        loss, ok = _joint_loss(start[sel.to(start.device)], gold_pieces(sub, ex.passages, ex.answer).to(start.device))
         losses.append(loss)
         right.append(ok)
-        right_end.append(ok_end)
-    return torch.stack(losses), right, right_end
+    return torch.stack(losses), right
 
 
 def evaluate(reader: AnswerStartReader, items: Sequence[Example], batch_size: int = 16) -> dict[str, float]:
-    """Share of items whose best-scored start (over all passages and "no answer") is right, and
-    with an end head the same for the best-scored end."""
+    """Share of items whose best-scored start (over all passages and "no answer") is right."""
     reader.eval()
     with torch.no_grad():
         parts = [batch_losses(reader, items[i: i + batch_size]) for i in range(0, len(items), batch_size)]
     reader.train()
-    n = max(len(items), 1)
-    out = {"start": sum(sum(p[1]) for p in parts) / n}
-    if reader.end_head is not None:
-        out["end"] = sum(sum(p[2]) for p in parts) / n
-    return out
+    return {"start": sum(sum(p[1]) for p in parts) / max(len(items), 1)}
 
 
 def _dev_row(reader: AnswerStartReader, dev: dict[str, list[Example]]) -> dict[str, float]:
@@ -117,7 +102,7 @@ def _dev_row(reader: AnswerStartReader, dev: dict[str, list[Example]]) -> dict[s
 
 
 def dev_sets(n: int) -> dict[str, list[Example]]:
-    """Training-style items never trained on: the dev items of ``benchmarks/pointer_settings.py``
+    """Training-style items never trained on: the dev items of ``benchmarks/copy_settings.py``
     (seed 999: fictional, and SQuAD-Shifts *train* items; the SQuAD dev file stays for evaluation)
     and multi-fact fictional passages."""
     return {"fictional_k1": DataSpec(fictional=n, k=1, seed=999).build(),
@@ -126,7 +111,7 @@ def dev_sets(n: int) -> dict[str, list[Example]]:
 
 
 def held_out_questions(n_dev: int) -> set[str]:
-    """Questions the reader must not train on: its dev sets and pointer_settings.py's (n=96)."""
+    """Questions the reader must not train on: its dev sets and copy_settings.py's (n=96)."""
     sets = [*dev_sets(n_dev).values(), *dev_sets(96).values()]
     return {ex.question for d in sets for ex in d}
 
@@ -135,17 +120,17 @@ def train_reader(cfg: ReaderTrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     if cfg.init:
-        reader = AnswerStartReader.from_pretrained(cfg.init, end_head=cfg.end_head)
+        reader = AnswerStartReader.from_pretrained(cfg.init)
     else:
-        reader = AnswerStartReader(ReaderConfig(max_length=cfg.max_length, end_head=cfg.end_head))
+        reader = AnswerStartReader(ReaderConfig(max_length=cfg.max_length))
     reader.train()
     spec = DataSpec(**{**cfg.data, "other_facts": tuple(cfg.data.get("other_facts", (0, 0)))})
     items = spec.build()
     dev = dev_sets(cfg.n_dev)
     held = held_out_questions(cfg.n_dev)
     items = [ex for ex in items if ex.question not in held]
-    heads = [p for n, p in reader.named_parameters() if n.split(".")[0] in ("head", "end_head")]
-    body = [p for n, p in reader.named_parameters() if p.requires_grad and n.split(".")[0] not in ("head", "end_head")]
+    heads = [p for n, p in reader.named_parameters() if n.split(".")[0] == "head"]
+    body = [p for n, p in reader.named_parameters() if p.requires_grad and n.split(".")[0] != "head"]
     opt = torch.optim.AdamW([{"params": body, "lr": cfg.lr},
                              {"params": heads, "lr": cfg.head_lr}], weight_decay=0.01)
     steps = min(cfg.max_steps, len(items) // cfg.items_per_step)
@@ -194,7 +179,7 @@ def plot_history(history: list[dict], path: Path) -> None:
     for name in [k for k in history[0] if k != "step"]:
         ax.plot([h["step"] for h in history], [h[name] for h in history], marker="o", label=name)
     ax.set_xlabel("step")
-    ax.set_ylabel("top start (_end: end) is the answer's")
+    ax.set_ylabel("top start is the answer's")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -32,18 +32,15 @@ from tqdm import tqdm
 
 from ..atomic import atomic_directory, atomic_write_text
 from ..checkpoint import read_config, save_encoder
-from ..config import DiekaeConfig
+from ..config import EncoderConfig
+from ..copy.config import FORMAT1_NAMES, CopyConfig
 from ..data.mixture import DataSpec
 from ..injection import decoder_layers
 from ..model import DiekaeModel
 from .phase1 import DeltaCache, difference_loss
 from .phase2 import lm_loss
-from .pointer_choice import pointer_choice_loss
 
 log = logging.getLogger(__name__)
-
-
-OBJECTIVES = ("answer", "pointer_choice")
 
 
 @dataclass
@@ -51,7 +48,8 @@ class TrainConfig:
     """One training run. ``phase`` is 1 (difference, cached Δ) or 2 (LM loss)."""
 
     out: str = "runs/default"
-    encoder: dict = field(default_factory=dict)   # DiekaeConfig fields
+    encoder: dict = field(default_factory=dict)   # EncoderConfig fields
+    copy: dict = field(default_factory=dict)      # CopyConfig fields to train with (default: the model's own)
     data: dict = field(default_factory=dict)      # DataSpec fields
     phase: int = 2
     init_from: Optional[str] = None                # start from this encoder checkpoint
@@ -68,19 +66,17 @@ class TrainConfig:
     seed: int = 0
     decoder: Optional[str] = None
     first_token_weight: float = 1.0                # phase 2: weight of each answer's first token (dev loss: 1)
-    # phase 2: "answer" (the LM loss on the answer) or "pointer_choice" (the pointer's attention on
-    # the answer's first token, encoders only: see training/pointer_choice.py); both for train and dev.
-    objective: str = "answer"
-    # Train only parameters whose names start with one of these (e.g. ["first_"]); None: all.
+    # Train only parameters whose names start with one of these (e.g. ["copy_head."]); None: all.
     trainable: Optional[list[str]] = None
 
     def __post_init__(self) -> None:
         if not self.first_token_weight > 0:
             raise ValueError(f"first_token_weight must be a positive number, got {self.first_token_weight!r}.")
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}.")
-        if self.objective != "answer" and self.phase != 2:
-            raise ValueError(f"objective {self.objective!r} is a phase-2 objective; set phase to 2.")
+        # A config written for format-1 checkpoints set copy settings among the encoder's fields.
+        for old, new in FORMAT1_NAMES.items():
+            if old in self.encoder:
+                self.copy.setdefault(new, self.encoder.pop(old))
+        CopyConfig.plain().replace(**self.copy)  # an unknown or invalid copy setting fails here, before training
 
     @classmethod
     def from_file(cls, path: str | Path) -> "TrainConfig":
@@ -114,7 +110,7 @@ def _load_optimizer_state(opt: torch.optim.Optimizer, tensors: dict, meta: dict)
 def save_training_state(model: DiekaeModel, opt, step: int, best: float, folder: Path) -> None:
     tensors, meta = _optimizer_state(opt)
     with atomic_directory(folder) as tmp:
-        save_encoder(model.encoder, tmp)
+        save_encoder(model.encoder, tmp, copy=model.copy)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "best_dev": best, "optimizer": meta}))
 
@@ -222,11 +218,9 @@ def build_model(cfg: TrainConfig, device: Optional[torch.device] = None) -> Diek
         model.config.validate()
         if model.config.pointer_match:
             model.encoder.add_pointer_match()  # a new match weight starts at zero: exactly where init_from is
-        if model.config.pointer_first_scorer:
-            model.encoder.add_first_scorer(model.config.pointer_first_scorer)  # zero output weight: as init_from
     else:
         model = DiekaeModel.from_pretrained(Path(cfg.out) / "last" if (Path(cfg.out) / "last").exists() else None,
-                                            decoder=cfg.decoder, config=DiekaeConfig(**cfg.encoder), device=device)
+                                            decoder=cfg.decoder, config=EncoderConfig(**cfg.encoder), device=device)
     # Train in fp32 master weights; bf16 autocast on CUDA.
     model.encoder.float().train()
     return model
@@ -243,6 +237,9 @@ def train(cfg: TrainConfig, model: Optional[DiekaeModel] = None) -> dict:
     with procs.main_first():
         if model is None:
             model = build_model(cfg, procs.device)
+        if cfg.copy:  # the readout to train with (saved with the checkpoints as copy.json)
+            model.copy = model.copy.replace(**cfg.copy)
+            model.copy.check_for(model.config)
         dev, train_set = split_examples(cfg)
     model.encoder.float().train()
     if not train_set:
@@ -271,8 +268,6 @@ def train(cfg: TrainConfig, model: Optional[DiekaeModel] = None) -> dict:
         if cfg.phase == 1:
             d = dev_deltas if split is dev else deltas
             return difference_loss(model, batch, [d[i] for i in batch_idx])
-        if cfg.objective == "pointer_choice":
-            return pointer_choice_loss(model, batch)
         # The dev loss stays the plain answer NLL, comparable across runs.
         return lm_loss(model, batch, first_token_weight=1.0 if split is dev else cfg.first_token_weight)
 
@@ -316,7 +311,7 @@ def train(cfg: TrainConfig, model: Optional[DiekaeModel] = None) -> dict:
                 best, bad = dl, 0
                 if procs.is_main:
                     with atomic_directory(out / "best") as tmp:
-                        save_encoder(model.encoder, tmp)
+                        save_encoder(model.encoder, tmp, copy=model.copy)
             else:
                 bad += 1
             if procs.is_main:

@@ -1,0 +1,152 @@
+"""CopyConfig: the copy readout's serving-time settings, apart from the weights.
+
+Like a ``GenerationConfig``: saved as ``copy.json`` beside the encoders, its defaults are the
+shipped values, and any call can override it (``model.generate(..., copy={"sharpness": 1})``).
+None of these settings changes a weight; :meth:`CopyConfig.plain` is the readout as trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+COPY_NAME = "copy.json"
+
+# The names these settings had when they lived in the encoder config (checkpoint format 1).
+FORMAT1_NAMES = {
+    "pointer_gain_scale": "gain_scale", "pointer_sharpness": "sharpness", "pointer_first_gain": "first_gain",
+    "pointer_bigram_bonus": "bigram_bonus", "pointer_continue_bonus": "continue_bonus",
+    "passage_prior": "passage_prior", "reader_weight": "reader_weight",
+    "pointer_first_unspaced": "first_unspaced", "pointer_answer_pieces": "answer_pieces",
+    "pointer_whitened_values": "whitened_values",
+}
+
+
+@dataclass(frozen=True)
+class CopyConfig:
+    """How the copy readout turns the pointer's scores into what it writes (see :func:`copy_scores`).
+
+    ``gain_scale``: the learned per-head gain is multiplied by this. ``sharpness``: every score,
+    the "nothing" slot's too, is multiplied by this before the softmax. ``first_gain``: the copy
+    at the position that predicts the answer's first token is multiplied by this.
+    ``bigram_bonus``: added where the two tokens before a slot equal the last two written.
+    ``continue_bonus``: times the attention the previous position gave the slot a slot continues.
+    ``passage_prior``: strength of the question-passage cosine prior (0: off). ``reader_weight``:
+    weight of the answer-start reader's log-probabilities at the answer's first position (0: off).
+    ``first_unspaced``: the first copy writes a passage token as an answer starts it (no space).
+    ``answer_pieces``: extra slots that continue a word written with other pieces than the passage's.
+    ``whitened_values``: write the direction that raises the copied token's logit alone.
+    """
+
+    gain_scale: float = 140.0
+    sharpness: float = 2.0
+    first_gain: float = 1.4
+    bigram_bonus: float = 3.0
+    continue_bonus: float = 1024.0
+    passage_prior: float = 30.0
+    reader_weight: float = 1.0
+    first_unspaced: bool = True
+    answer_pieces: bool = True
+    whitened_values: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("gain_scale", "sharpness", "first_gain"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ValueError(f"CopyConfig.{name} must be a positive number, got {value!r}.")
+        for name in ("bigram_bonus", "continue_bonus", "passage_prior", "reader_weight"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+                raise ValueError(f"CopyConfig.{name} must be 0 (off) or a positive number, got {value!r}.")
+        for name in ("first_unspaced", "answer_pieces", "whitened_values"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"CopyConfig.{name} must be true or false, got {getattr(self, name)!r}.")
+
+    @classmethod
+    def plain(cls) -> "CopyConfig":
+        """The readout as trained: learned scores only, no serving-time term."""
+        return cls(gain_scale=100.0, sharpness=1.0, first_gain=1.0, bigram_bonus=0.0, continue_bonus=0.0,
+                   passage_prior=0.0, reader_weight=0.0, first_unspaced=False, answer_pieces=False,
+                   whitened_values=False)
+
+    def replace(self, **changes: Any) -> "CopyConfig":
+        """A copy with ``changes``; an unknown name raises with the list of settings."""
+        unknown = sorted(set(changes) - set(FIELDS))
+        if unknown:
+            raise ValueError(f"Unknown copy settings {unknown}; the settings are {', '.join(FIELDS)}.")
+        return dataclasses.replace(self, **changes)
+
+    def with_overrides(self, copy: Union["CopyConfig", Mapping[str, Any], None]) -> "CopyConfig":
+        """``copy`` itself (a CopyConfig), this config with ``copy``'s fields changed (a dict), or this one."""
+        if copy is None:
+            return self
+        if isinstance(copy, CopyConfig):
+            return copy
+        if isinstance(copy, Mapping):
+            return self.replace(**copy)
+        raise TypeError(f"copy= takes a CopyConfig or a dict of its fields, got {type(copy).__name__}.")
+
+    def check_for(self, encoder_config) -> None:
+        """Raise ValueError when a setting needs a part the encoders do not have."""
+        has_pointer = encoder_config.pointer_layer is not None
+        isolated = has_pointer and encoder_config.passage_isolation
+        match = has_pointer and encoder_config.pointer_match
+        needs = {
+            "passage_prior": (self.passage_prior > 0, isolated, "a pointer over isolated passages"),
+            "reader_weight": (self.reader_weight > 0, isolated, "a pointer over isolated passages"),
+            "answer_pieces": (self.answer_pieces, isolated and match, "the token match over isolated passages"),
+            "bigram_bonus": (self.bigram_bonus > 0, match, "the token match (pointer_match)"),
+            "continue_bonus": (self.continue_bonus > 0, match, "the token match (pointer_match)"),
+        }
+        for name, (on, available, what) in needs.items():
+            if on and not available:
+                raise ValueError(f"CopyConfig.{name} needs {what}, which these encoders do not have: "
+                                 f"set {name} to its off value (copy={{'{name}': 0}}) or use encoders that have it.")
+
+    def for_encoder(self, encoder_config) -> "CopyConfig":
+        """This config with the settings the encoders cannot use switched off."""
+        has_pointer = encoder_config.pointer_layer is not None
+        isolated = has_pointer and encoder_config.passage_isolation
+        match = has_pointer and encoder_config.pointer_match
+        return dataclasses.replace(
+            self, passage_prior=self.passage_prior if isolated else 0.0,
+            reader_weight=self.reader_weight if isolated else 0.0,
+            answer_pieces=self.answer_pieces and isolated and match,
+            bigram_bonus=self.bigram_bonus if match else 0.0, continue_bonus=self.continue_bonus if match else 0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "CopyConfig":
+        unknown = sorted(set(data) - set(FIELDS))
+        if unknown:
+            raise ValueError(f"Unknown copy settings {unknown}; the settings are {', '.join(FIELDS)}.")
+        return cls(**data)
+
+    def save(self, folder: Union[str, Path]) -> Path:
+        from ..atomic import atomic_write_text
+        path = Path(folder) / COPY_NAME
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, folder: Union[str, Path]) -> Optional["CopyConfig"]:
+        """The ``copy.json`` in ``folder``, or None when there is none."""
+        path = Path(folder) / COPY_NAME
+        if not path.exists():
+            return None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+            return cls.from_dict(data)
+        except (OSError, ValueError, TypeError) as exc:
+            raise ValueError(f"Cannot read copy settings {path}: {exc}. Fix the file or delete it "
+                             "(the readout then uses the settings saved with the weights).") from exc
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(CopyConfig))

@@ -1,0 +1,147 @@
+"""Answer pieces: extra copy slots so that a name can be copied as an answer writes it.
+
+A passage holds " Ithpelith" as ` Ith|pel|ith`, but an answer starts it as `I|th|pel|ith`: the
+first piece differs, and "th" is no passage token, so after writing "I" the copy has nowhere to
+continue. For every word whose answer-start tokenisation differs from the passage's, this adds
+slots for its later pieces ("th", "pel"; "ith" after "pel" is already a passage slot) until the
+pieces meet the passage's own tokens again. Each piece has two slots, one with the key of the
+passage token covering its first character and one with the key made where the copy has reached
+(the slot after the token holding the previous piece's last character); it carries the match
+class of the piece before it, so the token match continues the copy along them, and continues the
+first copy or the piece before it. They are never chosen for the first copy.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+
+from ..lru import LRU
+from .memory import CopyMemory, KnowledgeLayout, append_slots
+
+MAX_PIECES = 8  # pieces kept per word (a longer word's tail continues on the passage tokens)
+WORD = re.compile(r"\S+")
+
+
+class Piece(NamedTuple):
+    """One later piece of a word as an answer writes it; indices are passage token positions."""
+    id: int        # the piece's token id
+    prev: int      # the id of the piece before it
+    cover: int     # the passage token covering the piece's first character
+    after: int     # the token after the one covering the previous piece's last character
+    word: int      # the passage token the word starts at (where the first copy is)
+    j: int         # the piece's place in the word's answer tokenisation (1 = right after the first)
+
+
+def word_pieces(tokenizer, text: str, spans: Sequence[tuple[int, int]], ids: Sequence[int], classes: torch.Tensor
+                ) -> list[Piece]:
+    """For each word whose answer-start tokenisation differs from the passage's: its later pieces."""
+    starts = []  # (passage token index, word start char, word end char)
+    for s, (a, b) in enumerate(spans):
+        if a < b and (a == 0 or text[a].isspace() or text[a - 1].isspace()):
+            m = WORD.search(text, a)
+            if m and m.start() < b:
+                starts.append((s, m.start(), m.end()))
+    if not starts:
+        return []
+    enc = tokenizer([text[w0:w1] for _, w0, w1 in starts], add_special_tokens=False, return_offsets_mapping=True)
+    ends = {b: t for t, (_, b) in enumerate(spans)}  # passage token by the character it ends at
+    out = []
+    for (s, w0, _), alt, offs in zip(starts, enc["input_ids"], enc["offset_mapping"]):
+        if len(alt) < 2 or alt[0] == int(classes[ids[s]]):
+            continue
+
+        def met(j: int) -> bool:  # piece j-1 ends where a passage token of its class ends, and piece j is the next one
+            t = ends.get(w0 + offs[j - 1][1])
+            return (t is not None and t + 1 < len(ids) and int(classes[ids[t]]) == int(classes[alt[j - 1]])
+                    and ids[t + 1] == alt[j] and spans[t + 1][1] == w0 + offs[j][1])
+        t = s
+        for j in range(1, min(len(alt), MAX_PIECES)):
+            if met(j):
+                break  # the pieces have met the passage's tokens again: its own slots continue the copy
+            c = w0 + offs[j][0]
+            while t + 1 < len(spans) and spans[t + 1][0] <= c - 1:
+                t += 1
+            after = t + 1  # the slot after the token holding the previous piece's last character
+            while t + 1 < len(spans) and spans[t + 1][0] <= c:
+                t += 1
+            out.append(Piece(alt[j], alt[j - 1], t, after, s, j))
+    return out
+
+
+class PassageTokens:
+    """What the copy needs of each passage text, computed once per text (a thread-safe LRU): its
+    tokens' character spans, each token's first piece (the first token of the text from there on,
+    without the leading space: " Ithpelith" -> "I"), and its answer pieces (:func:`word_pieces`)."""
+
+    def __init__(self, tokenizer, max_passages: int = 4096) -> None:
+        self.tokenizer = tokenizer
+        self._kept = LRU(max_passages)
+        self._classes = None
+
+    def spans(self, text: str) -> list[tuple[int, int]]:
+        return self._encoded(text)[1]
+
+    def _encoded(self, text: str):
+        def make():
+            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            return enc["input_ids"], [tuple(x) for x in enc["offset_mapping"]]
+        return self._kept.get_or_make(("enc", text), make)
+
+    def first_pieces(self, text: str) -> list[int]:
+        def make():
+            texts = [text[a: a + 32].lstrip() or text[a: a + 32] for a, _ in self.spans(text)]
+            ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+            return [x[0] if x else -1 for x in ids]
+        return self._kept.get_or_make(("first", text), make)
+
+    def word_pieces(self, text: str, classes: torch.Tensor) -> list[Piece]:
+        if classes is not self._classes:  # another tokenizer-to-class map: forget the old pieces
+            self._kept.drop(lambda key: key[0] == "pieces")
+            self._classes = classes
+        ids, spans = self._encoded(text)
+        return self._kept.get_or_make(("pieces", text), lambda: word_pieces(self.tokenizer, text, spans, ids, classes))
+
+
+def first_piece_ids(tokens: PassageTokens, passages: Sequence[Sequence[str]], layout: KnowledgeLayout,
+                    device: torch.device) -> torch.Tensor:
+    """(B, width) token ids: each passage token's first piece (see :class:`PassageTokens`); -1 elsewhere."""
+    values = [[tokens.first_pieces(p)[: len(spans)] for p, (_, spans) in zip(ps, per)]
+              for ps, per in zip(passages, layout.items)]
+    return layout.rows(values, -1, torch.long, device)
+
+
+def add_answer_pieces(memory: CopyMemory, tokens: PassageTokens, classes: torch.Tensor,
+                      value_rows: Callable[[torch.Tensor], torch.Tensor], passages: Sequence[Sequence[str]],
+                      layout: KnowledgeLayout) -> CopyMemory:
+    """``memory`` with each item's answer pieces appended (padded with invalid slots to the longest
+    item), in two blocks: the pieces with the covering token's key, then, where it differs, with the
+    key of the slot after the previous piece's end."""
+    dev = memory.keys.device
+    per_item = []
+    for ps, per in zip(passages, layout.items):
+        slots = []  # (piece id, previous piece id, covering slot, slot after the previous piece's end, first-copy slot or -1)
+        for p, (start, spans) in zip(ps, per):  # spans: the tokens kept (a cut passage keeps its head)
+            slots += [(x.id, x.prev, start + x.cover, start + (x.after if x.after < len(spans) else x.cover),
+                       start + x.word if x.j == 1 else -1)
+                      for x in tokens.word_pieces(p, classes) if x.cover < len(spans)]
+        per_item.append(slots)
+    V = max((len(s) for s in per_item), default=0)
+    if V == 0:
+        return memory
+    table = torch.full((len(per_item), V, 5), -1, dtype=torch.long, device=dev)
+    for b, slots in enumerate(per_item):
+        if slots:
+            table[b, :len(slots)] = torch.tensor(slots, device=dev)
+    valid = table[..., 0] >= 0
+    pid, prev = table[..., 0].clamp(min=0), classes[table[..., 1].clamp(min=0)]
+    cover, after, first = table[..., 2].clamp(min=0), table[..., 3].clamp(min=0), table[..., 4]
+    values = value_rows(pid)
+
+    def block(memory: CopyMemory, src: torch.Tensor, valid: torch.Tensor) -> CopyMemory:
+        # A piece continues the first copy (j = 1) or the piece before it, the slot before it in this block.
+        at = memory.width + torch.arange(V, device=dev)[None]
+        return append_slots(memory, values, pid, src, valid, prev, torch.where(first >= 0, first, at - 1))
+    return block(block(memory, cover, valid), after, valid & (after != cover))

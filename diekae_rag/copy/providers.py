@@ -1,0 +1,112 @@
+"""Scores from outside the encoders, per memory slot: the passage prior and the answer-start reader.
+
+The encoders compute each passage's keys from the passage alone (so passages can be cached), so
+the keys cannot know the question. A :class:`ScoreProvider` reads the question against the
+passages and gives one score per slot: the passage prior at every position (which passage the
+question is about), the reader at the answer's first position (where in it the answer starts).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from ..lru import LRU
+from .config import CopyConfig
+from .memory import LOG_FLOOR, KnowledgeLayout
+
+
+class ScoreProvider(Protocol):
+    """One score per memory slot for each (question, passages) item, or None when it has none;
+    added at every position, or with ``at_first`` at the answer's first position only."""
+
+    at_first: bool
+
+    def slot_scores(self, questions: Sequence[str], passages: Sequence[Sequence[str]], layout: KnowledgeLayout,
+                    copy: CopyConfig, device: torch.device) -> Optional[torch.Tensor]:
+        """(B, layout.width) scores, 0 outside the passages."""
+
+
+class PassagePrior:
+    """Which retrieved passage the question is about, from the retriever's own sentence embedder.
+
+    Every token of passage ``i`` gets ``strength * (cos(question, passage_i) - max_j cos(question,
+    passage_j))``: 0 for the passage nearest the question, negative for the others (a log softmax of
+    the cosines at temperature ``1 / strength``, shifted so the best passage gets 0). The strength is
+    ``CopyConfig.passage_prior``. ``embedder``: anything with ``encode(texts) -> (n, dim)`` unit
+    vectors (default: the retriever's MiniLM, loaded on first use)."""
+
+    at_first = False
+
+    def __init__(self, embedder=None, max_cached: int = 4096) -> None:
+        self._embedder = embedder
+        self._vectors = LRU(max_cached)  # passage text -> unit vector
+
+    @property
+    def embedder(self):
+        if self._embedder is None:
+            from diekae_rag.retrievers.embeddings import Embedder
+            self._embedder = Embedder()
+        return self._embedder
+
+    def __call__(self, questions: Sequence[str], passages: Sequence[Sequence[str]], strength: float
+                 ) -> list[list[float]]:
+        """For each question, one log prior per passage (0 for the nearest; [] without passages)."""
+        if not strength > 0:
+            raise ValueError(f"The passage prior's strength must be positive, got {strength!r}.")
+        multi = [(q, ps) for q, ps in zip(questions, passages) if len(ps) > 1]  # one passage: no choice
+        qv = dict(zip([q for q, _ in multi], self.embedder.encode([q for q, _ in multi]))) if multi else {}
+        pv = self.passage_vectors([p for _, ps in multi for p in ps]) if multi else {}
+        out = []
+        for q, ps in zip(questions, passages):
+            if len(ps) > 1:
+                cos = np.stack([pv[p] for p in ps]) @ qv[q]
+                out.append([float(x) for x in strength * (cos - cos.max())])
+            else:
+                out.append([0.0] * len(ps))
+        return out
+
+    def passage_vectors(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """Unit vectors of ``texts``, embedding only those not kept (e.g. at index time)."""
+        found = self._vectors.get_many(texts)
+        todo = list(dict.fromkeys(t for t in texts if t not in found))
+        if todo:
+            new = self.embedder.encode(todo)
+            found.update(zip(todo, new))
+            self._vectors.put_many(zip(todo, new))
+        return found
+
+    def clear(self) -> None:
+        self._vectors.clear()
+
+    def slot_scores(self, questions, passages, layout, copy, device):
+        if not copy.passage_prior or not any(len(p) > 1 for p in passages):
+            return None
+        priors = self(questions, passages, copy.passage_prior)
+        values = [[[pr] * len(spans) for pr, (_, spans) in zip(item, per)] for item, per in zip(priors, layout.items)]
+        return layout.rows(values, 0.0, torch.float32, device)
+
+
+class ReaderScores:
+    """The answer-start reader (:class:`diekae_rag.answer_reader.AnswerStartReader`) as slot scores:
+    ``reader_weight`` × its log P(answer starts at this token), shifted so that each item's best
+    token gets 0 (the others are pushed down, none up)."""
+
+    at_first = True
+
+    def __init__(self, reader) -> None:
+        self.reader = reader
+
+    def slot_scores(self, questions, passages, layout, copy, device):
+        if not copy.reader_weight:
+            return None
+        from ..answer_reader import token_log_probs
+        lps = [self.reader.char_log_probs(q, ps) if ps else [] for q, ps in zip(questions, passages)]
+        values = [[token_log_probs(lp, spans) for lp, (_, spans) in zip(lps[b], per)]
+                  for b, per in enumerate(layout.items)]
+        rows = layout.rows(values, float("nan"), None, device)
+        best = torch.nan_to_num(rows, nan=-math.inf).amax(1, keepdim=True).clamp(min=LOG_FLOOR)
+        return copy.reader_weight * torch.nan_to_num(rows - best, nan=0.0)

@@ -1,0 +1,174 @@
+"""Knowledge for one call: the encoders read the passages and the question, the copy readout reads
+its memory, and their rows are aligned with the decoder's positions.
+
+    passages -> segment states (passage_cache, cached) -> trunk over the question (encoder)
+             -> copy memory + score providers (copy) -> rows on decoder positions (injection)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional, Sequence
+
+import torch
+
+from .copy import CopyConfig, CopyMemory, CopyReadout, KnowledgeLayout, ScoreProvider
+from .copy.pieces import PassageTokens, add_answer_pieces, first_piece_ids
+from .copy.values import ValueRows
+from .encoder import DiekaeEncoder, EncoderOutput
+from .injection import EncoderSession, align_rows, layer_rows_from
+from .passage_cache import PassageCache, assemble
+from .prompts import Prompter, clean_passages, match_classes
+
+
+@dataclass
+class Encoded:
+    """One encoder's reading of a call: its trunk output, the copy rows and readout (with a pointer),
+    the token ids at its output positions, and per item the output position of the prompt's first
+    token, the number of rows, and the position that predicts the answer's first token."""
+
+    out: EncoderOutput
+    ids: torch.Tensor
+    pointer: Optional[torch.Tensor]
+    readout: Optional[CopyReadout]
+    offsets: torch.Tensor
+    n_rows: torch.Tensor
+    first: torch.Tensor
+
+
+class KnowledgeEncoding:
+    """What the encoders of one decoder share across calls: passage states, passage token facts,
+    match classes, value rows, and a prompter per encoder layout."""
+
+    def __init__(self, decoder: torch.nn.Module, tokenizer, main: DiekaeEncoder) -> None:
+        self.device = decoder.device
+        self.passage_cache = PassageCache()
+        self.passage_tokens = PassageTokens(tokenizer)
+        self.classes = match_classes(tokenizer).to(self.device)
+        self.values = ValueRows(decoder)
+        self.tokenizer = tokenizer
+        self.main = main
+        self.prompter = Prompter(tokenizer, main.config)
+        self._prompters: dict[int, Prompter] = {}
+
+    def prompter_for(self, encoder: DiekaeEncoder) -> Prompter:
+        """The prompter for an encoder's layout, built once per encoder (its token cache is kept)."""
+        if encoder is self.main:
+            return self.prompter
+        p = self._prompters.get(id(encoder))
+        if p is None or p.config is not encoder.config:
+            p = self._prompters[id(encoder)] = Prompter(self.tokenizer, encoder.config)
+        return p
+
+    def session(self, encoder: DiekaeEncoder, prompts, passages, decoder_mask: torch.Tensor, answers,
+                active: Sequence[bool], copy: CopyConfig, providers: Sequence[ScoreProvider] = ()) -> EncoderSession:
+        """The encoder's session for one call: its rows on the decoder's positions, and what its
+        decode steps need (items not ``active`` get no rows)."""
+        enc = self.encode(encoder, prompts, passages, answers, copy, providers)
+        active_t = torch.tensor(active, device=self.device)
+        rows = layer_rows_from(encoder.config, enc.out.rows, enc.pointer)
+        rows = align_rows(rows, enc.offsets, enc.n_rows * active_t, decoder_mask)
+        return EncoderSession(encoder, enc.out.cache, rows, encoder.config.per_step, active_t, enc.readout)
+
+    def encode(self, encoder: DiekaeEncoder, prompts: Sequence[list[int]], passages: Sequence[list[str]],
+               answers: Optional[Sequence[list[int]]] = None, copy: Optional[CopyConfig] = None,
+               providers: Sequence[ScoreProvider] = ()) -> Encoded:
+        """Run ``encoder`` over passages + prompts (+ answers, per-step) and its copy readout over them."""
+        copy = copy or CopyConfig.plain()
+        if encoder.config.passage_isolation:
+            return self._encode_isolated(encoder, prompts, passages, answers, copy, providers)
+        return self._encode_joint(encoder, prompts, passages, answers, copy)
+
+    def _readout(self, encoder: DiekaeEncoder, memory: CopyMemory, copy: CopyConfig) -> CopyReadout:
+        return CopyReadout(encoder.copy_head, memory, copy, self.classes, self.values, encoder.config.pointer_match_scale)
+
+    def _value_rows(self, ids: torch.Tensor, copy: CopyConfig, encoder: DiekaeEncoder) -> torch.Tensor:
+        return self.values.rows(ids, copy.whitened_values, encoder.dtype)
+
+    def _encode_joint(self, encoder, prompts, passages, answers, copy) -> Encoded:
+        """Passages and prompt in one sequence (the paper's layout)."""
+        prompter = self.prompter_for(encoder)
+        items = [prompter.encoder_item(p, x, None if answers is None else answers[i])
+                 for i, (x, p) in enumerate(zip(prompts, passages))]
+        batch = prompter.encoder_batch(items, self.device)
+        start = int(batch.x_offset.min())  # rows are only ever read from the decoder's positions on
+        offsets, n_rows = batch.x_offset - start, batch.n_rows
+        first = offsets + torch.tensor([len(x) for x in prompts], device=self.device) - 1
+        out = encoder(batch.input_ids, batch.attention_mask, use_cache=encoder.config.per_step, output_start=start)
+        pointer = readout = None
+        if encoder.copy_head is not None:
+            ids = batch.input_ids
+            valid = batch.knowledge_mask & batch.attention_mask
+            memory = CopyMemory.build(encoder.copy_head.keys(out.states), ids, valid, self.classes,
+                                      self._value_rows(ids, copy, encoder), encoder.config.pointer_match)
+            valid = valid.clone()
+            valid[:, 0] = False
+            readout = self._readout(encoder, replace(memory, valid=valid), copy)
+            pointer = readout(out.states[:, start:], ids[:, start:], ids[:, start - 1] if start > 0 else None, first)
+        return Encoded(out, batch.input_ids[:, start:], pointer, readout, offsets, n_rows, first)
+
+    def _encode_isolated(self, encoder, prompts, passages, answers, copy, providers) -> Encoded:
+        """Each passage encoded on its own (cached), then only the tail runs through the encoders."""
+        prompter = self.prompter_for(encoder)
+        items = [prompter.isolated_item(p, x, None if answers is None else answers[i])
+                 for i, (x, p) in enumerate(zip(prompts, passages))]
+        past = assemble(self.segment_states(encoder, items))
+        tails = [it[2] for it in items]
+        ids, mask = prompter.pad(tails, self.device, side="left")
+        T = ids.shape[1]
+        offsets = torch.tensor([T - len(t) + it[3] for t, it in zip(tails, items)], device=self.device)
+        n_rows = torch.tensor([it[4] for it in items], device=self.device)
+        first = offsets + torch.tensor([len(x) for x in prompts], device=self.device) - 1
+        out = encoder(ids, mask.bool(), cache=past.cache, use_cache=encoder.config.per_step)
+        pointer = readout = None
+        if encoder.copy_head is not None:
+            memory = self.memory(encoder, items, prompts, passages, past, copy, providers)
+            readout = self._readout(encoder, memory, copy)
+            pointer = readout(out.states, ids, None, first)
+        return Encoded(out, ids, pointer, readout, offsets, n_rows, first)
+
+    def memory(self, encoder, items, prompts, passages, past, copy: CopyConfig,
+               providers: Sequence[ScoreProvider]) -> CopyMemory:
+        """The copy memory of isolated passages: a slot per knowledge token, the providers' scores,
+        first pieces and answer pieces as ``copy`` asks."""
+        memory = CopyMemory.build(past.keys, past.ids, past.knowledge, self.classes,
+                                  self._value_rows(past.ids, copy, encoder), encoder.config.pointer_match)
+        layout = KnowledgeLayout.of([it[0] for it in items], [it[1] for it in items], self.passage_tokens.spans,
+                                    passages, memory.width)
+        questions = [self.prompter.user_text(x) for x in prompts]
+        for provider in providers:
+            scores = provider.slot_scores(questions, passages, layout, copy, self.device)
+            if scores is not None:
+                field = "first_bias" if getattr(provider, "at_first", False) else "prior"
+                memory = replace(memory, **{field: scores})
+        if copy.first_unspaced:
+            memory = replace(memory, first_ids=first_piece_ids(self.passage_tokens, passages, layout, self.device))
+        if copy.answer_pieces:
+            memory = add_answer_pieces(memory, self.passage_tokens, self.classes,
+                                       lambda ids: self._value_rows(ids, copy, encoder), passages, layout)
+        return memory
+
+    def segment_states(self, encoder: DiekaeEncoder, items) -> list[list]:
+        """Each isolated item's segment states, from the passage cache (one batched encode for misses)."""
+        states = self.passage_cache.states(encoder, [s for it in items for s in it[0]],
+                                           [k for it in items for k in it[1]], self.device)
+        per_item, i = [], 0
+        for it in items:
+            per_item.append(states[i: i + len(it[0])])
+            i += len(it[0])
+        return per_item
+
+    def precompute(self, passages: Sequence[str], copy: CopyConfig, prior=None) -> int:
+        """Encode passages ahead of queries (e.g. at index time), with what the copy needs of them."""
+        passages = clean_passages(list(passages))
+        if prior is not None and copy.passage_prior:
+            prior.passage_vectors(passages)
+        for p in passages:
+            if copy.first_unspaced:
+                self.passage_tokens.first_pieces(p)
+            if copy.answer_pieces:
+                self.passage_tokens.word_pieces(p, self.classes)
+        with torch.inference_mode():
+            for i in range(0, len(passages), 32):
+                self.segment_states(self.main, [self.prompter.isolated_item([p], []) for p in passages[i: i + 32]])
+        return len(passages)
