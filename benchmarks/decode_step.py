@@ -26,24 +26,27 @@ from diekae_rag.config import parse_settings
 
 def encoder_step_ms(model: DiekaeModel, q: str, passages: list[str], settings: dict[str, dict], repeats: int = 200
                     ) -> dict[str, float]:
-    """Median time (ms) of the encoders' own decode step (one token against the cached passages and
-    pointer memory) under each of ``settings`` ({label: {field: value}}), timed in turns: this part
-    of a decode step is small enough to read without the decoder's noise."""
+    """Median time (ms) of the encoders' own decode step (one token through the trunk against the cached
+    passages, then the copy readout) under each of ``settings`` ({label: {copy field: value}}), timed in
+    turns: this part of a decode step is small enough to read without the decoder's noise."""
     prompts, knowledge = model.prepare([q], [passages], "diekae")
     ids = torch.tensor([[model.prompter.ids(" the")[0]]], device=model.device)
     ones = torch.ones_like(ids, dtype=torch.bool)
     times: dict[str, list[float]] = {label: [] for label in settings}
-    caches = {}
+    prefills = {}
     for label, values in settings.items():
-        for name, value in values.items():
-            setattr(model.config, name, value)
-        caches[label] = model.encode_knowledge(model.encoder, prompts, knowledge)[0].cache
+        copy = model.copy.replace(**values)
+        with torch.inference_mode():
+            prefills[label] = model.knowledge.encode(model.encoder, prompts, knowledge, copy=copy,
+                                                     providers=model.providers(copy))
+
+    def step(label: str) -> None:
+        out = model.encoder(ids, ones, cache=prefills[label].out.cache, use_cache=True)
+        prefills[label].readout(out.states, ids)
     for _ in range(repeats):
-        for label, values in settings.items():
-            for name, value in values.items():
-                setattr(model.config, name, value)
-            times[label].append(timed(lambda: model.encoder(ids, ones, cache=caches[label], use_cache=True),
-                                      model.device))
+        for label in settings:
+            with torch.inference_mode():
+                times[label].append(timed(lambda: step(label), model.device))
     return {label: statistics.median(v) * 1000 for label, v in times.items()}
 
 
@@ -52,14 +55,14 @@ def main() -> None:
     ap.add_argument("--ks", type=int, nargs="+", default=[5, 10])
     ap.add_argument("--pairs", type=int, default=8)
     ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--variant", nargs="*", default=[], help="FIELD=JSON serving-time DiekaeConfig values")
+    ap.add_argument("--variant", nargs="*", default=[], help="FIELD=JSON copy settings (CopyConfig) to time against the shipped ones")
     args = ap.parse_args()
     try:
         variant = parse_settings(args.variant)
     except ValueError as exc:
         ap.error(f"--variant {exc}")
     model = DiekaeModel.from_pretrained()
-    shipped = {name: getattr(model.config, name) for name in variant}
+    shipped = {name: getattr(model.copy, name) for name in variant}
     rows = []
     out = Path(args.out) / model.device.type
     out.mkdir(parents=True, exist_ok=True)
@@ -69,12 +72,11 @@ def main() -> None:
             model.precompute(passages)
 
             def seconds(mode: str, n: int) -> float:
-                for name in variant:
-                    setattr(model.config, name, (variant if mode == "variant" else shipped)[name])
                 if mode != "none" and model.answer_reader is not None:
                     model.answer_reader.clear()  # each call reads the question anew, as a new question would
                 return timed(lambda: model.generate(q, passages, mode="diekae" if mode == "variant" else mode,
-                                                    max_new_tokens=n, min_new_tokens=n), model.device)
+                                                    max_new_tokens=n, min_new_tokens=n,
+                                                    copy=variant if mode == "variant" else None), model.device)
 
             samples: dict[str, list[float]] = {"none": [], "diekae": [], **({"variant": []} if variant else {})}
             for mode in samples:
@@ -93,8 +95,6 @@ def main() -> None:
             if variant:
                 v = statistics.median(samples["variant"])
                 enc = encoder_step_ms(model, q, passages, {"diekae": shipped, "variant": variant})
-                for name, value in shipped.items():
-                    setattr(model.config, name, value)
                 row.update({"variant": variant, "variant_step_ms": v * 1000, "variant_ratio": v / none,
                             "encoder_step_ms": enc})
                 line += (f"; with {variant}: {v * 1000:.1f} ms, ratio {v / none:.2f}; the encoders' own step "

@@ -6,7 +6,7 @@
 Records the greedy answers (``mode="diekae"``, 24 new tokens, as ``diekae-rag eval``) of the
 shipped model on the nine eval rows (fictional seen / unseen and SQuAD dev A; k=1, k=5 with random
 distractors, k=5 with retrieved ones; 60 items each) and on 200 dev items (fictional k=1 and k=5,
-SQuAD-Shifts train k=1, seed 999, as ``pointer_settings.py``), and the gold answer's NLL on the dev
+SQuAD-Shifts train k=1, seed 999, as ``copy_settings.py``), and the gold answer's NLL on the dev
 items. ``--compare`` prints how many answers are identical per row and the largest NLL difference,
 and exits 1 when any answer differs. A behaviour-preserving change must give 0 differences.
 """

@@ -1,14 +1,13 @@
-"""Serving-time pointer settings on trained encoders: accuracy per setting, on dev items.
+"""Copy settings on trained encoders: accuracy per setting, on dev items.
 
-    python benchmarks/pointer_settings.py [CHECKPOINT] \
-        --grid pointer_bigram_bonus=3 pointer_sharpness=2 pointer_first_gain=1.4,2 --n 96
+    python benchmarks/copy_settings.py [CHECKPOINT] --grid bigram_bonus=3 sharpness=2 first_gain=1.4,2 --n 96
 
-Each combination of the ``--grid`` values (``DiekaeConfig`` fields that change no weights) is one
+Each combination of the ``--grid`` values (``CopyConfig`` fields: they change no weights) is one
 row, scored like ``diekae-rag eval`` (preference, greedy contains-answer accuracy, length, NLL, and
 ``loops``: the share of answers that repeat a word of four or more letters, i.e. that run on) on
 dev items that are not the eval sets: fictional items built like training data from another seed
 (as ``match_probe.py``) at k=1 and k=5 (random distractors), and SQuAD-Shifts training items at
-k=1. Writes benchmarks/results/pointer_settings.json unless ``--out`` says otherwise.
+k=1. Writes benchmarks/results/copy_settings.json unless ``--out`` says otherwise.
 """
 
 from __future__ import annotations
@@ -38,14 +37,14 @@ def main() -> None:
     ap.add_argument("checkpoint", nargs="?", default=None)
     ap.add_argument("--grid", nargs="+", required=True)
     ap.add_argument("--n", type=int, default=96)
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "pointer_settings.json")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "copy_settings.json")
     args = ap.parse_args()
     try:
         grid = parse_grid(args.grid)
     except ValueError as exc:
         raise SystemExit(f"--grid: {exc}") from None
     model = DiekaeModel.from_pretrained(args.checkpoint)
-    own = {name: getattr(model.config, name) for name in grid}
+    own = {name: getattr(model.copy, name) for name in grid}
     sets = {
         "fictional_k1": DataSpec(fictional=args.n, k=1, seed=999).build(),
         "squad_train_k1": DataSpec(fictional=0, squad=args.n, k=1, seed=999).build(),
@@ -54,20 +53,17 @@ def main() -> None:
     rows = []
     for values in itertools.product(*grid.values()):
         setting = dict(zip(grid, values))
-        for name, value in setting.items():
-            setattr(model.config, name, value)
-        model.config.validate()
+        copy = model.copy.replace(**setting)
+        copy.check_for(model.config)
         row = {"setting": setting}
         for set_name, items in sets.items():
             t0 = time.time()
-            r = evaluate_items(model, items, "diekae")
+            r = evaluate_items(model, items, "diekae", copy=copy)
             row[set_name] = {**{m: round(r[m], 4) for m in ("pref", "acc", "len", "nll")},
                              "loops": round(sum(loops(x["output"]) for x in r["records"]) / len(items), 4),
                              "seconds": round(time.time() - t0, 1)}
         print(json.dumps(row), flush=True)
         rows.append(row)
-    for name, value in own.items():
-        setattr(model.config, name, value)
     atomic_write_text(args.out, json.dumps({"checkpoint": args.checkpoint or "shipped", "n": args.n,
                                             "checkpoint_setting": own, "rows": rows}, indent=2))
 

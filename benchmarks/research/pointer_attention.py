@@ -1,6 +1,6 @@
 """Where the pointer looks when it must choose an answer: its attention at the answer's first token.
 
-    python benchmarks/pointer_attention.py [CHECKPOINT] --k 1 5
+    python benchmarks/research/pointer_attention.py [CHECKPOINT] --k 1 5
 
 On 48 fictional items built like training data but from another seed (not the eval sets;
 the same items as ``match_probe.py``), teacher-forced, for the position that predicts the
@@ -24,30 +24,24 @@ from diekae_rag.data.mixture import DataSpec
 
 
 def first_token_stats(model: DiekaeModel, items) -> dict:
-    enc = model.encoder
-    classes = enc.match_classes
-    outs = []
-    hook = enc.register_forward_hook(lambda mod, args, out: outs.append(out))
+    classes = model.knowledge.classes
     n = pred_ok = top_ok = 0
     mass = 0.0
-    try:
-        for it in items:
-            prompts, passages = model.prepare([it.question], [it.passages], "diekae")
-            answer = model.prompter.answer_ids(it.answer, True)
-            outs.clear()
-            with torch.no_grad():
-                logits, targets = model.answer_logits(prompts, passages, [answer])
-            attn = outs[-1].pointer_attention[0]          # (heads, T, T_k): question tail + answer
-            q = attn.shape[1] - len(answer) - 1            # the position that predicts the first token
-            # The slots whose token is of the gold token's class (whatever form their value rows take).
-            gold = classes[outs[-1].cache.knowledge_ids[0]] == classes[targets[0]]
-            at = attn[:, q]
-            n += 1
-            pred_ok += int(classes[logits[0].argmax()] == classes[targets[0]])
-            top_ok += int(gold[at.sum(0).argmax()])
-            mass += float((at * gold).sum(-1).mean())
-    finally:
-        hook.remove()
+    for it in items:
+        prompts, passages = model.prepare([it.question], [it.passages], "diekae")
+        answer = model.prompter.answer_ids(it.answer, True)
+        with torch.no_grad():
+            logits, targets = model.answer_logits(prompts, passages, [answer])
+        readout = model.inspect(it.question, it.passages, it.answer).readout
+        attn = readout.attention[0]                    # (heads, T, slots): question tail + answer
+        q = attn.shape[1] - len(answer) - 1            # the position that predicts the first token
+        # The slots whose token is of the gold token's class (whatever form their value rows take).
+        gold = classes[readout.memory.ids[0]] == classes[targets[0]]
+        at = attn[:, q]
+        n += 1
+        pred_ok += int(classes[logits[0].argmax()] == classes[targets[0]])
+        top_ok += int(gold[at.sum(0).argmax()])
+        mass += float((at * gold).sum(-1).mean())
     return {"n": n, "first_token_right": pred_ok / n, "pointer_top_is_gold": top_ok / n, "gold_mass": mass / n}
 
 
@@ -56,7 +50,7 @@ def main() -> None:
     ap.add_argument("checkpoint", nargs="?", default=None)
     ap.add_argument("--k", type=int, nargs="+", default=[1, 5])
     ap.add_argument("--n", type=int, default=48)
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "pointer_attention.json")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "results" / "pointer_attention.json")
     args = ap.parse_args()
     model = DiekaeModel.from_pretrained(args.checkpoint)
     if model.config.pointer_layer is None or not model.config.per_step:

@@ -1,6 +1,6 @@
 """The passage prior at serving time: accuracy with k=5 passages per pointer-prior strength.
 
-    python benchmarks/passage_prior.py [CHECKPOINT] --strength 0 10 30 100 oracle
+    python benchmarks/research/passage_prior.py [CHECKPOINT] --strength 0 10 30 100 oracle
 
 Each strength is one row (0: no prior; "oracle": the gold passage gets 0, every other -100,
 an upper bound for passage choice), scored like ``diekae-rag eval`` (preference, greedy
@@ -24,7 +24,7 @@ from diekae_rag import DiekaeModel
 from diekae_rag.atomic import atomic_write_text
 from diekae_rag.data.mixture import DataSpec
 from diekae_rag.evaluation import contains, evaluate_items
-from diekae_rag.passage_prior import PassagePrior
+from diekae_rag.copy import PassagePrior
 
 
 def gold_index(item) -> int:
@@ -33,13 +33,14 @@ def gold_index(item) -> int:
     return hits[0] if len(hits) == 1 else -1
 
 
-class OraclePrior:
+class OraclePrior(PassagePrior):
     """The gold passage 0, all others -100 (items without a unique gold passage: no prior)."""
 
     def __init__(self, items) -> None:
+        super().__init__()
         self.gold = {it.question: gold_index(it) for it in items}
 
-    def __call__(self, questions, passages):
+    def __call__(self, questions, passages, strength):
         out = []
         for q, ps in zip(questions, passages):
             g = self.gold.get(q, -1)
@@ -53,7 +54,7 @@ def main() -> None:
     ap.add_argument("--strength", nargs="+", default=["0", "10", "30", "100", "oracle"])
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--n", type=int, default=48)
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "passage_prior.json")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "results" / "passage_prior.json")
     args = ap.parse_args()
     model = DiekaeModel.from_pretrained(args.checkpoint)
     sets = {
@@ -61,16 +62,17 @@ def main() -> None:
         "fictional_retrieved": DataSpec(fictional=args.n, k=args.k, seed=999, distractors="retrieved").build(),
         "squad_train_random": DataSpec(fictional=0, squad=args.n, k=args.k, seed=999).build(),
     }
-    probe = PassagePrior(1.0)
+    probe = model.passage_prior
     out: dict = {"checkpoint": args.checkpoint or "shipped", "n": args.n, "k": args.k, "sets": {}}
     for name, items in sets.items():
         golds = [gold_index(it) for it in items]
-        priors = probe([it.question for it in items], [it.passages for it in items])
+        priors = probe([it.question for it in items], [it.passages for it in items], 1.0)
         known = [(g, p) for g, p in zip(golds, priors) if g >= 0]
         top1 = float(np.mean([int(np.argmax(p)) == g for g, p in known])) if known else None
         rows = []
         for s in args.strength:
-            model.passage_prior = OraclePrior(items) if s == "oracle" else (PassagePrior(float(s)) if float(s) else None)
+            model.passage_prior = OraclePrior(items) if s == "oracle" else probe
+            model.copy = model.copy.replace(passage_prior=1.0 if s == "oracle" else float(s))
             t0 = time.time()
             r = evaluate_items(model, items, "diekae")
             row = {"strength": s, **{m: round(r[m], 4) for m in ("pref", "acc", "len", "nll")},
@@ -79,7 +81,6 @@ def main() -> None:
             rows.append(row)
         out["sets"][name] = {"gold_found": len(known), "embedder_top1_is_gold": top1, "rows": rows}
         print(name, "embedder top-1 is gold:", top1, f"({len(known)} items with one gold passage)", flush=True)
-    model.passage_prior = None
     atomic_write_text(args.out, json.dumps(out, indent=2))
 
 

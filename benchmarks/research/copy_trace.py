@@ -1,6 +1,6 @@
 """Trace a copy: for eval items, teacher-forced, what the pointer attends to at each answer token.
 
-    python benchmarks/copy_trace.py [CHECKPOINT] --items 34 44 --set squad_dev --k 1 \
+    python benchmarks/research/copy_trace.py [CHECKPOINT] --items 34 44 --set squad_dev --k 1 \
         [--setting pointer_continue_bonus=0]
 
 For each item (by index in ``diekae-rag eval``'s set of the same --n, --k and --distractors) and each
@@ -25,18 +25,14 @@ from diekae_rag.evaluation import eval_sets
 
 
 def trace(model: DiekaeModel, item) -> dict:
-    tok, outs = model.tokenizer, []
-    hook = model.encoder.register_forward_hook(lambda mod, args, out: outs.append(out))
-    try:
-        prompts, passages = model.prepare([item.question], [item.passages], "diekae")
-        answer = model.prompter.answer_ids(item.answer, True)
-        with torch.no_grad():
-            logits, _ = model.answer_logits(prompts, passages, [answer])
-    finally:
-        hook.remove()
-    out = outs[-1]
-    attn = out.pointer_attention[0].mean(0)                  # (T, slots)
-    slot_ids = out.cache.knowledge_ids[0]
+    tok = model.tokenizer
+    prompts, passages = model.prepare([item.question], [item.passages], "diekae")
+    answer = model.prompter.answer_ids(item.answer, True)
+    with torch.no_grad():
+        logits, _ = model.answer_logits(prompts, passages, [answer])
+    readout = model.inspect(item.question, item.passages, item.answer).readout
+    attn = readout.attention[0].mean(0)                      # (T, slots)
+    slot_ids = readout.memory.ids[0]
     q0 = attn.shape[0] - len(answer) - 1                     # the position that predicts the first token
     steps = []
     for j, t in enumerate(answer):
@@ -57,17 +53,14 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=1)
     ap.add_argument("--n", type=int, default=60)
     ap.add_argument("--distractors", default="random", choices=["random", "retrieved"])
-    ap.add_argument("--setting", nargs="*", default=[], help="FIELD=JSON serving-time DiekaeConfig values")
+    ap.add_argument("--setting", nargs="*", default=[], help="FIELD=JSON copy settings (CopyConfig)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     try:
         settings = parse_settings(args.setting)
     except ValueError as exc:
         ap.error(f"--setting {exc}")
-    model = DiekaeModel.from_pretrained(args.checkpoint)
-    for name, value in settings.items():
-        setattr(model.config, name, value)
-    model.config.validate()
+    model = DiekaeModel.from_pretrained(args.checkpoint, copy=settings)
     items = eval_sets(n=args.n, k=args.k, squad=args.set == "squad_dev", distractors=args.distractors)[args.set]
     rows = []
     for i in args.items:

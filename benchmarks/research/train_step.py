@@ -1,6 +1,6 @@
 """Phase-2 training step (forward + backward) in the isolated and the joint encoder layout.
 
-    python benchmarks/train_step.py [--batch 16] [--k 3] [--repeats 3]
+    python benchmarks/research/train_step.py [--batch 16] [--k 3] [--repeats 3]
 
 Same examples (fictional facts, k passages each) and the shipped encoders in both layouts;
 prints the median seconds per step and writes benchmarks/results/<device>/train_step.json.

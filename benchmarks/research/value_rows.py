@@ -1,6 +1,6 @@
 """Which value row makes the pointer's copied token the decoder's top token.
 
-    python benchmarks/value_rows.py [--n 3000]
+    python benchmarks/research/value_rows.py [--n 3000]
 
 The pointer adds ``gain * value`` to the last layer's output; once that term dominates, the decoder's
 logits are ``(lm_head * final_norm.weight) @ value`` up to a positive scale. For ``--n`` random
@@ -21,13 +21,13 @@ import torch
 
 from diekae_rag.atomic import atomic_write_text
 from diekae_rag.decoder import load_decoder
-from diekae_rag.encoder import whitened_values, whitener
+from diekae_rag.copy.values import whitened_values, whitener
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=3000)
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "value_rows.json")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "results" / "value_rows.json")
     args = ap.parse_args()
     decoder, _ = load_decoder()
     W = decoder.get_output_embeddings().weight.detach().float()

@@ -1,6 +1,6 @@
 """Dev loss of an encoder checkpoint on a training config's dev split (the trainer's own measure).
 
-    python benchmarks/dev_loss.py configs/cpu_move_14_19.json [CHECKPOINT]
+    python benchmarks/research/dev_loss.py configs/cpu_move_14_19.json [CHECKPOINT]
 
 CHECKPOINT defaults to the shipped encoders; prints one JSON line.
 """

@@ -1,7 +1,7 @@
 """The pointer's token-match bonus and sharpness set by hand in trained encoders: accuracy per setting.
 
-    python benchmarks/match_probe.py [CHECKPOINT] --bonus 0 3 6 10 --k 1
-    python benchmarks/match_probe.py [CHECKPOINT] --sharpness 1 2 3 --k 1 --out benchmarks/results/sharpness_probe_k1.json
+    python benchmarks/research/match_probe.py [CHECKPOINT] --bonus 0 3 6 10 --k 1
+    python benchmarks/research/match_probe.py [CHECKPOINT] --sharpness 1 2 3 --k 1 --out benchmarks/results/sharpness_probe_k1.json
 
 ``--bonus`` adds the token-match weight to encoders trained without it (default: the shipped
 ones) and sets it so the bonus on pointer scores is 0, 3, ...; without ``--bonus`` the
@@ -41,22 +41,22 @@ def main() -> None:
         raise SystemExit("These encoders have no pointer readout (pointer_layer); the probe needs one.")
     if args.bonus != [None]:
         model.encoder.add_pointer_match()
-    own_sharpness = model.config.pointer_sharpness
+    own_sharpness = model.copy.sharpness
     items = DataSpec(fictional=args.n, k=args.k, seed=999).build()
     rows = []
     for bonus, sharpness in itertools.product(args.bonus, args.sharpness):
         if bonus is not None:
             with torch.no_grad():
-                model.encoder.pointer_match_weight.fill_(bonus / model.config.pointer_match_scale)
-        model.config.pointer_sharpness = own_sharpness if sharpness is None else sharpness
+                model.encoder.copy_head.match_weight.fill_(bonus / model.config.pointer_match_scale)
+        model.copy = model.copy.replace(sharpness=own_sharpness if sharpness is None else sharpness)
         t0 = time.time()
         r = evaluate_items(model, items, "diekae")
-        row = {"bonus": bonus, "sharpness": model.config.pointer_sharpness,
+        row = {"bonus": bonus, "sharpness": model.copy.sharpness,
                **{m: round(r[m], 4) for m in ("pref", "acc", "len", "nll")},
                "seconds": round(time.time() - t0, 1), "examples": [(x["gold"], x["output"]) for x in r["records"][:8]]}
         print(json.dumps({k: v for k, v in row.items() if k != "examples"}), flush=True)
         rows.append(row)
-    out = args.out or Path(__file__).parent / "results" / f"match_probe_k{args.k}.json"
+    out = args.out or Path(__file__).parents[1] / "results" / f"match_probe_k{args.k}.json"
     atomic_write_text(out, json.dumps({"checkpoint": args.checkpoint or "shipped", "n": args.n, "k": args.k,
                                        "rows": rows}, indent=2))
 
