@@ -38,7 +38,7 @@ def encoder_step_ms(model: DiekaeModel, q: str, passages: list[str], settings: d
         copy = model.copy.replace(**values)
         with torch.inference_mode():
             prefills[label] = model.knowledge.encode(model.encoder, prompts, knowledge, copy=copy,
-                                                     providers=model.providers(copy))
+                                                     providers=model.knowledge.providers(copy))
 
     def step(label: str) -> None:
         out = model.encoder(ids, ones, cache=prefills[label].out.cache, use_cache=True)

@@ -150,6 +150,19 @@ class EncoderConfig:
                 raise ValueError(f"Layers {bad} do not exist: the decoder has {num_decoder_layers} layers "
                                  f"(valid: 0..{num_decoder_layers - 1}).")
 
+    def for_decoder(self, decoder_config: Any, name: str) -> "EncoderConfig":
+        """A copy with the decoder-dependent fields filled from ``decoder_config`` (layers beyond the
+        decoder's are dropped, a pointer layer beyond it moves to its last layer)."""
+        c = EncoderConfig.from_dict(self.to_dict())
+        c.decoder_name, c.decoder_fingerprint = name, decoder_fingerprint(decoder_config)
+        c.hidden_size, c.vocab_size = decoder_config.hidden_size, decoder_config.vocab_size
+        n = decoder_config.num_hidden_layers
+        c.layers = [l for l in c.layers if l < n] or [min(1, n - 1)]
+        if c.pointer_layer is not None and c.pointer_layer >= n:
+            c.pointer_layer = n - 1
+        c.validate(n)
+        return c
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

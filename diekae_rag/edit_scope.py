@@ -82,3 +82,23 @@ class EditScope:
         for (i, s), j in zip(checks, nearest):
             verdict[i] = verdict.get(i, False) or self.keys[j] in self.own[s]
         return [ok and verdict.get(i, True) for i, ok in enumerate(out)]
+
+
+class EditScopes:
+    """Each edit encoder's scope, made once per encoder config (its MiniLM key vectors are kept)."""
+
+    def __init__(self) -> None:
+        self._scopes: dict[int, tuple[object, EditScope]] = {}
+
+    def active(self, config, texts: Sequence[str]) -> list[bool]:
+        """Which ``texts`` (the user's part of each prompt) an encoder with ``config`` applies to: they
+        must name an edited subject, and in fact scope also be worded like one of that subject's edits."""
+        if not config.edit_scope:
+            return [True] * len(texts)
+        scope = self._scopes.get(id(config))
+        if scope is None or scope[0] is not config:
+            scope = self._scopes[id(config)] = (config, EditScope(config.edit_scope, config.edit_templates))
+        return scope[1].active(texts)
+
+    def clear(self) -> None:
+        self._scopes.clear()

@@ -24,7 +24,7 @@ from .data.edits import read_jsonl
 from .edit_scope import to_template
 from .encoder import DiekaeEncoder
 from .injection import injecting
-from .model import DiekaeModel, fresh_config
+from .model import DiekaeModel
 
 EDIT_KEYS = ("subject", "prompt", "target_old", "target_new")
 EDIT_SCOPES = ("fact", "subject", "all")
@@ -34,7 +34,7 @@ def edit_config(model: DiekaeModel, layers: Sequence[int] = (3, 4, 5, 6, 7, 8)) 
     """Prompt-only encoders: no knowledge template, rows at the prompt's positions."""
     base = EncoderConfig(layers=list(layers), n_blocks=2, knowledge_prefix="", knowledge_suffix="",
                         system_prompt=model.config.system_prompt)
-    return fresh_config(base, model.decoder, model.config.decoder_name)
+    return base.for_decoder(model.decoder.config, model.config.decoder_name)
 
 
 def _retain_kl(model: DiekaeModel, prompts: list[list[int]]) -> torch.Tensor:

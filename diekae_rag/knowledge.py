@@ -8,11 +8,13 @@ its memory, and their rows are aligned with the decoder's positions.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
-from .copy import CopyConfig, CopyMemory, CopyReadout, KnowledgeLayout, ScoreProvider
+from .answer_reader import AnswerStartReader
+from .copy import CopyConfig, CopyMemory, CopyReadout, KnowledgeLayout, PassagePrior, ReaderScores, ScoreProvider
 from .copy.pieces import PassageTokens, add_answer_pieces, first_piece_ids
 from .copy.values import ValueRows
 from .encoder import DiekaeEncoder, EncoderOutput
@@ -38,9 +40,11 @@ class Encoded:
 
 class KnowledgeEncoding:
     """What the encoders of one decoder share across calls: passage states, passage token facts,
-    match classes, value rows, and a prompter per encoder layout."""
+    match classes, value rows, a prompter per encoder layout, and the copy's score providers (the
+    passage prior, and the answer-start reader saved in ``reader_dir``, loaded on first use)."""
 
-    def __init__(self, decoder: torch.nn.Module, tokenizer, main: DiekaeEncoder) -> None:
+    def __init__(self, decoder: torch.nn.Module, tokenizer, main: DiekaeEncoder,
+                 reader_dir: Optional[Path] = None) -> None:
         self.device = decoder.device
         self.passage_cache = PassageCache()
         self.passage_tokens = PassageTokens(tokenizer)
@@ -50,6 +54,34 @@ class KnowledgeEncoding:
         self.main = main
         self.prompter = Prompter(tokenizer, main.config)
         self._prompters: dict[int, Prompter] = {}
+        self.passage_prior: Optional[ScoreProvider] = PassagePrior()
+        self.reader_dir = reader_dir
+        self._reader: Optional[AnswerStartReader] = None
+        self._reader_set = False
+
+    @property
+    def answer_reader(self) -> Optional[AnswerStartReader]:
+        if not self._reader_set and self._reader is None:
+            if self.reader_dir is None or not (self.reader_dir / "reader.json").exists():
+                return None
+            self._reader = AnswerStartReader.from_pretrained(self.reader_dir, self.device)
+        return self._reader
+
+    @answer_reader.setter
+    def answer_reader(self, reader: Optional[AnswerStartReader]) -> None:
+        self._reader, self._reader_set = reader, True
+
+    def providers(self, copy: CopyConfig) -> list[ScoreProvider]:
+        """The question-aware slot scores ``copy`` switches on (see :mod:`diekae_rag.copy.providers`)."""
+        out: list[ScoreProvider] = []
+        if copy.passage_prior and self.passage_prior is not None:
+            out.append(self.passage_prior)
+        if copy.reader_weight:
+            if self.answer_reader is None:
+                raise ValueError("copy.reader_weight is set but these encoders have no answer-start reader: "
+                                 "assign model.answer_reader, or pass copy={'reader_weight': 0}.")
+            out.append(ReaderScores(self.answer_reader))
+        return out
 
     def prompter_for(self, encoder: DiekaeEncoder) -> Prompter:
         """The prompter for an encoder's layout, built once per encoder (its token cache is kept)."""

@@ -13,10 +13,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextIteratorS
 from .answer_reader import AnswerStartReader
 from .checkpoint import DecoderMismatchError, load_encoder, read_config, read_copy_config, save_encoder
 from .config import EncoderConfig, decoder_fingerprint
-from .copy import CopyConfig, PassagePrior, ReaderScores, ScoreProvider
+from .copy import CopyConfig, PassagePrior, ScoreProvider
 from .decoder import freeze, load_decoder
 from .defaults import DEFAULT_DECODER
-from .edit_scope import EditScope
+from .edit_scope import EditScopes
 from .encoder import DiekaeEncoder
 from .injection import Injection, decoder_layers, injecting, install_hooks
 from .knowledge import Encoded, KnowledgeEncoding
@@ -56,14 +56,10 @@ class DiekaeModel:
         self.config = cfg
         self.copy = copy if copy is not None else CopyConfig.plain().for_encoder(cfg)
         self.copy.check_for(cfg)
-        self.knowledge = KnowledgeEncoding(self.decoder, tokenizer, self.encoder)
+        self.knowledge = KnowledgeEncoding(self.decoder, tokenizer, self.encoder, Path(source) if source else None)
         self.prompter = self.knowledge.prompter
-        self.checkpoint_dir = Path(source) if source else None
         self.edit_encoders: list[DiekaeEncoder] = []
-        self._edit_scopes: dict[int, tuple[EncoderConfig, EditScope]] = {}
-        self._passage_prior: Optional[ScoreProvider] = PassagePrior()
-        self._answer_reader: Optional[AnswerStartReader] = None
-        self._answer_reader_set = False
+        self.edit_scopes = EditScopes()
         install_hooks(decoder)
 
     # ------------------------------------------------------------------ loading / saving
@@ -97,7 +93,7 @@ class DiekaeModel:
             enc, _ = load_encoder(path, dec.device, dec.dtype)
             saved = read_copy_config(path) or CopyConfig.plain().for_encoder(enc.config)
         else:
-            cfg = fresh_config(config or EncoderConfig(), dec, decoder if isinstance(decoder, str) else DEFAULT_DECODER)
+            cfg = (config or EncoderConfig()).for_decoder(dec.config, decoder if isinstance(decoder, str) else DEFAULT_DECODER)
             if config is None:
                 log.warning("!!! No trained DIEKÆ encoders found: using freshly initialised encoders, which "
                             "inject NOTHING (mode='diekae' answers like mode='none'). Train some with "
@@ -126,50 +122,33 @@ class DiekaeModel:
     def remove_edits(self) -> None:
         """Detach all editing encoders; the decoder is exactly as before."""
         self.edit_encoders = []
-        self._edit_scopes.clear()
+        self.edit_scopes.clear()
 
     @property
     def passage_prior(self) -> Optional[ScoreProvider]:
         """Which passage the question is about (strength: ``copy.passage_prior``): the retriever's
         MiniLM by default; assign ``PassagePrior(embedder=yours)``, another provider, or None."""
-        return self._passage_prior
+        return self.knowledge.passage_prior
 
     @passage_prior.setter
     def passage_prior(self, prior: Optional[ScoreProvider]) -> None:
-        self._check_copy_part("A passage prior", prior)
-        self._passage_prior = prior
+        self.knowledge.passage_prior = self._copy_part("A passage prior", prior)
 
     @property
     def answer_reader(self) -> Optional[AnswerStartReader]:
         """The answer-start reader whose scores steer the first copy (weight: ``copy.reader_weight``):
         loaded once from the checkpoint folder, unless one was assigned (None switches it off)."""
-        if not self._answer_reader_set and self._answer_reader is None:
-            if self.checkpoint_dir is None or not (self.checkpoint_dir / "reader.json").exists():
-                return None
-            self._answer_reader = AnswerStartReader.from_pretrained(self.checkpoint_dir, self.device)
-        return self._answer_reader
+        return self.knowledge.answer_reader
 
     @answer_reader.setter
     def answer_reader(self, reader: Optional[AnswerStartReader]) -> None:
-        self._check_copy_part("An answer-start reader", reader)
-        self._answer_reader, self._answer_reader_set = reader, True
+        self.knowledge.answer_reader = self._copy_part("An answer-start reader", reader)
 
-    def _check_copy_part(self, what: str, part) -> None:
+    def _copy_part(self, what: str, part):
         if part is not None and not (self.config.pointer_layer is not None and self.config.passage_isolation):
             raise ValueError(f"{what} biases the copy readout of isolated passages; these encoders have no "
                              "pointer_layer or no passage_isolation, so it would do nothing.")
-
-    def providers(self, copy: CopyConfig) -> list[ScoreProvider]:
-        """The question-aware slot scores ``copy`` switches on (see :mod:`diekae_rag.copy.providers`)."""
-        out: list[ScoreProvider] = []
-        if copy.passage_prior and self.passage_prior is not None:
-            out.append(self.passage_prior)
-        if copy.reader_weight:
-            if self.answer_reader is None:
-                raise ValueError("copy.reader_weight is set but these encoders have no answer-start reader: "
-                                 "assign model.answer_reader, or pass copy={'reader_weight': 0}.")
-            out.append(ReaderScores(self.answer_reader))
-        return out
+        return part
 
     @property
     def device(self) -> torch.device:
@@ -290,23 +269,15 @@ class DiekaeModel:
         has_k = [bool(p) for p in passages]
         if any(has_k):
             sessions.append(self.knowledge.session(self.encoder, prompts, passages, decoder_mask, answers, has_k,
-                                                   copy, self.providers(copy)))
+                                                   copy, self.knowledge.providers(copy)))
         for enc in self.edit_encoders:
             sessions.append(self.knowledge.session(enc, prompts, [[] for _ in prompts], decoder_mask, answers,
                                                    self.in_edit_scope(enc, prompts), copy))
         return Injection(self.decoder, sessions) if sessions else None
 
     def in_edit_scope(self, encoder: DiekaeEncoder, prompts: Sequence[list[int]]) -> list[bool]:
-        """Which prompts an edit encoder applies to (see :mod:`diekae_rag.edit_scope`): their text
-        (the question, and in-context passages) must name an edited subject, and in fact scope
-        also be worded like one of that subject's edits."""
-        cfg = encoder.config
-        if not cfg.edit_scope:
-            return [True] * len(prompts)
-        scope = self._edit_scopes.get(id(encoder))
-        if scope is None or scope[0] is not cfg:
-            scope = self._edit_scopes[id(encoder)] = (cfg, EditScope(cfg.edit_scope, cfg.edit_templates))
-        return scope[1].active([self.prompter.user_text(p) for p in prompts])
+        """Which prompts an edit encoder applies to (see :mod:`diekae_rag.edit_scope`)."""
+        return self.edit_scopes.active(encoder.config, [self.prompter.user_text(p) for p in prompts])
 
     def inspect(self, question: str, knowledge: Knowledge, answer: Optional[str] = None, copy: CopyOverride = None
                 ) -> Encoded:
@@ -317,7 +288,7 @@ class DiekaeModel:
         prompts, passages = self.prepare([question], [knowledge])
         answers = None if answer is None else [self.prompter.answer_ids(answer, with_eos=True)]
         with torch.inference_mode():
-            return self.knowledge.encode(self.encoder, prompts, passages, answers, copy, self.providers(copy))
+            return self.knowledge.encode(self.encoder, prompts, passages, answers, copy, self.knowledge.providers(copy))
 
     def precompute(self, passages: Sequence[str], copy: CopyOverride = None) -> int:
         """Encode passages ahead of queries (e.g. at index time) so that queries only encode
@@ -343,18 +314,3 @@ class DiekaeModel:
                                             pad_token_id=self.prompter.pad_id, eos_token_id=self.prompter.stop_ids,
                                             **gen_kwargs)
         return [o[ids.shape[1]:] for o in out]
-
-
-def fresh_config(config: EncoderConfig, decoder: PreTrainedModel, name: str) -> EncoderConfig:
-    """Fill a config's decoder-dependent fields from ``decoder``."""
-    c = EncoderConfig.from_dict(config.to_dict())
-    c.decoder_name = name
-    c.decoder_fingerprint = decoder_fingerprint(decoder.config)
-    c.hidden_size = decoder.config.hidden_size
-    c.vocab_size = decoder.config.vocab_size
-    n = decoder.config.num_hidden_layers
-    c.layers = [l for l in c.layers if l < n] or [min(1, n - 1)]
-    if c.pointer_layer is not None and c.pointer_layer >= n:
-        c.pointer_layer = n - 1
-    c.validate(n)
-    return c

@@ -104,7 +104,7 @@ def _first_attention(model):
     prompts, passages = model.prepare(Q, K, "diekae")
     with torch.no_grad():
         out = model.knowledge.encode(model.encoder, prompts, passages, copy=model.copy,
-                                     providers=model.providers(model.copy))
+                                     providers=model.knowledge.providers(model.copy))
     attn = out.readout.attention[torch.arange(len(Q)), :, out.first].sum(1)  # (B, S)
     return attn, out.readout.memory.ids
 

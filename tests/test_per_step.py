@@ -115,7 +115,7 @@ def _pointer_at_answer(model, question: str, answer: str, passage: str) -> tuple
     prompts, passages = model.prepare([question], [[passage]], "diekae")
     with torch.no_grad():
         out = model.knowledge.encode(model.encoder, prompts, passages, [model.prompter.answer_ids(answer)],
-                                     model.copy, model.providers(model.copy))
+                                     model.copy, model.knowledge.providers(model.copy))
     return out.pointer[0], out.ids[0].tolist()
 
 
