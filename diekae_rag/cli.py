@@ -1,4 +1,4 @@
-"""The ``diekae-rag`` command line: train, eval, data, bench, edit, ask."""
+"""The ``diekae-rag`` command line: train, train-reader, rebuild, eval, data, bench, ship, edit, ask."""
 
 from __future__ import annotations
 
@@ -86,6 +86,12 @@ def _ship(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rebuild(args: argparse.Namespace) -> int:
+    from .training.chain import rebuild
+    print(f"wrote {rebuild(args.chain, args.out, args.install)}")
+    return 0
+
+
 def _edit(args: argparse.Namespace) -> int:
     from .editing import edit_command
     return edit_command(args)
@@ -137,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--set", action="append", metavar="FIELD=JSON",
                     help="set a copy setting (copy.json), e.g. --set first_unspaced=true")
     sh.set_defaults(func=_ship)
+    rb = sub.add_parser("rebuild", help="train a committed chain of configs (configs/shipped.json: the shipped encoders)")
+    rb.add_argument("chain")
+    rb.add_argument("--out", default="runs/shipped", help="folder for each step's run and the final encoders")
+    rb.add_argument("--install", action="store_true", help="write the result over the package's shipped encoders")
+    rb.set_defaults(func=_rebuild)
     ed = sub.add_parser("edit", help="train editing encoders from an edits JSONL")
     ed.add_argument("edits")
     ed.add_argument("-o", "--out", required=True)

@@ -1,0 +1,69 @@
+"""Rebuild encoders from a committed chain of training configs: ``diekae-rag rebuild configs/shipped.json``.
+
+A chain file lists training configs (each continuing the one before it), the answer-start
+reader's config, and the copy settings to ship with them::
+
+    {"steps": ["configs/shipped/1_....json", ...], "reader": "configs/shipped/reader.json", "copy": {...}}
+
+Step ``i`` writes ``OUT/<its name>`` and starts from step ``i-1``'s best checkpoint, so a chain needs
+nothing that is not committed. Each step resumes where an interrupted run left off.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from ..copy import CopyConfig
+from .trainer import TrainConfig
+from .reader import ReaderTrainConfig
+
+
+def chain_steps(chain: str | Path, out: str | Path) -> tuple[list[TrainConfig], Optional[ReaderTrainConfig], CopyConfig]:
+    """The chain's training configs (with their ``out`` and ``init_from`` set), the reader's, and the
+    copy settings; a step that names its own ``init_from`` or ``out`` is refused (the chain sets them)."""
+    data = json.loads(Path(chain).read_text(encoding="utf-8"))
+    unknown = sorted(set(data) - {"steps", "reader", "copy"})
+    if unknown or not data.get("steps"):
+        raise ValueError(f"{chain}: a chain has 'steps' (training config files), 'reader' and 'copy'; got {sorted(data)}.")
+    steps, prev = [], None
+    for path in data["steps"]:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        if "init_from" in raw or "out" in raw:
+            raise ValueError(f"{path}: a chain step must not set init_from or out; the chain sets them "
+                             "(each step starts from the previous step's best checkpoint).")
+        cfg = TrainConfig.from_file(path)
+        cfg.out = str(Path(out) / Path(path).stem)
+        cfg.init_from = None if prev is None else str(Path(prev) / "best")
+        steps.append(cfg)
+        prev = cfg.out
+    reader = None
+    if data.get("reader"):
+        reader = ReaderTrainConfig.from_file(data["reader"])
+        reader.out = str(Path(out) / "reader")
+    return steps, reader, CopyConfig.plain().replace(**data.get("copy", {}))
+
+
+def rebuild(chain: str | Path, out: str | Path = "runs/shipped", install: bool = False) -> Path:
+    """Train every step of ``chain`` in turn and the reader, then write the result (float16 encoders,
+    copy.json, the reader) to ``OUT/final``, or over the package's shipped encoders with ``install``."""
+    import torch
+
+    from ..answer_reader import AnswerStartReader
+    from ..checkpoint import load_encoder, save_encoder
+    from ..model import SHIPPED_WEIGHTS
+    from .reader import train_reader
+    from .trainer import train
+    steps, reader_cfg, copy = chain_steps(chain, out)
+    for cfg in steps:
+        print(f"== {cfg.out} (from {cfg.init_from or 'fresh encoders'})", flush=True)
+        train(cfg)
+    enc, _ = load_encoder(Path(steps[-1].out) / "best")
+    copy.check_for(enc.config)
+    target = SHIPPED_WEIGHTS if install else Path(out) / "final"
+    save_encoder(enc, target, dtype=torch.float16, copy=copy)
+    if reader_cfg is not None:
+        train_reader(reader_cfg)
+        AnswerStartReader.from_pretrained(reader_cfg.out).save_pretrained(target)
+    return target
