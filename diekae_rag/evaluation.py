@@ -1,15 +1,19 @@
 """Evaluation behind ``diekae-rag eval``: none / in_context / diekae on the same items.
 
 Metrics per (set, k, mode): answer NLL, preference (NLL(right) < NLL(same-type wrong answer)),
-contains-answer accuracy of greedy answers, mean answer length; and for DIEKÆ the share of the
-in-context gain it recovers, per metric.
+contains-answer accuracy of greedy answers, SQuAD's exact match and token F1 (which, unlike
+``contains``, do not reward an answer that runs on past the answer), the copy rate (answers with
+three or more consecutive words from the passages), mean answer length; and for DIEKÆ the share
+of the in-context gain it recovers, per metric.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import string
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -21,6 +25,7 @@ from .data.mixture import Example, eval_sets
 from .model import DiekaeModel
 
 MODES = ("none", "in_context", "diekae")
+METRICS = ("nll", "pref", "acc", "em", "f1", "copy", "len")
 
 
 def normalize(text: str) -> str:
@@ -29,6 +34,36 @@ def normalize(text: str) -> str:
 
 def contains(answer: str, gold: str) -> bool:
     return normalize(gold) in normalize(answer)
+
+
+def squad_normalize(text: str) -> str:
+    """SQuAD's official answer normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def exact_match(answer: str, gold: str) -> float:
+    return float(squad_normalize(answer) == squad_normalize(gold))
+
+
+def f1(answer: str, gold: str) -> float:
+    """SQuAD's token F1 between an answer and the gold answer."""
+    pred, ref = squad_normalize(answer).split(), squad_normalize(gold).split()
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if not pred or not ref:
+        return float(pred == ref)
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def copies(answer: str, passages: Sequence[str], n: int = 3) -> bool:
+    """True when ``answer`` has ``n`` or more consecutive words that also occur in a row in a passage."""
+    words = normalize(answer).split()
+    grams = {" ".join(words[i: i + n]) for i in range(len(words) - n + 1)}
+    texts = [f" {normalize(p)} " for p in passages]
+    return any(f" {g} " in t for t in texts for g in grams)
 
 
 def evaluate_items(model: DiekaeModel, items: Sequence[Example], mode: str, batch_size: int = 16,
@@ -44,11 +79,10 @@ def evaluate_items(model: DiekaeModel, items: Sequence[Example], mode: str, batc
         for e, r, w, t in zip(batch, right, wrong, texts):
             records.append({"question": e.question, "gold": e.answer, "output": t, "nll": r, "nll_wrong": w,
                             "pref": float(r < w), "acc": float(contains(t, e.answer)),
+                            "em": exact_match(t, e.answer), "f1": f1(t, e.answer), "copy": float(copies(t, e.passages)),
                             "len": len(model.tokenizer(t, add_special_tokens=False)["input_ids"])})
     n = max(len(records), 1)
-    return {"nll": sum(r["nll"] for r in records) / n, "pref": sum(r["pref"] for r in records) / n,
-            "acc": sum(r["acc"] for r in records) / n, "len": sum(r["len"] for r in records) / n,
-            "n": len(records), "records": records}
+    return {**{m: sum(r[m] for r in records) / n for m in METRICS}, "n": len(records), "records": records}
 
 
 def recovered(none: float, ctx: float, diekae: float, lower_is_better: bool = False) -> Optional[float]:
@@ -89,7 +123,7 @@ def run_eval(checkpoint: Optional[str] = None, n: int = 60, ks: Sequence[int] = 
                 res["diekae"] = evaluate_items(model, data[name], "diekae")
             else:
                 res = {m: evaluate_items(model, data[name], m) for m in tqdm(MODES, desc=key)}
-            row = {m: {x: round(res[m][x], 4) for x in ("nll", "pref", "acc", "len")} for m in MODES}
+            row = {m: {x: round(res[m][x], 4) for x in METRICS if x in res[m]} for m in MODES}
             row["recovered"] = {
                 "pref": recovered(res["none"]["pref"], res["in_context"]["pref"], res["diekae"]["pref"]),
                 "acc": recovered(res["none"]["acc"], res["in_context"]["acc"], res["diekae"]["acc"]),

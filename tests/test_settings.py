@@ -22,3 +22,14 @@ def test_grid_text_without_quotes_stays_text_and_unknown_fields_are_refused():
 def test_settings_are_json():
     assert parse_settings(["continue_bonus=0", "first_unspaced=false"]) == {"continue_bonus": 0,
                                                                            "first_unspaced": False}
+
+
+def test_squad_metrics_and_the_copy_rate():
+    from diekae_rag.evaluation import contains, copies, exact_match, f1
+    assert exact_match("The Saxon Garden.", "saxon garden") == 1.0 and exact_match("Saxon Gardens", "Saxon Garden") == 0
+    run_on = "22 per cent of classes in maintained primary schools"
+    assert contains(run_on, "22") and exact_match(run_on, "22") == 0 and 0 < f1(run_on, "22") < 0.25
+    assert f1("Ithpelith, a weaver", "Ithpelith") == pytest.approx(2 / 3) and f1("", "x") == 0.0 and f1("", "") == 1.0
+    passage = "Marsul Vantrel is a glassmaker from Calgra."
+    assert copies("He is a glassmaker from Calgra", [passage]) and not copies("a glassmaker", [passage])
+    assert not copies("glassmaker from Paris", [passage]) and not copies("Vantrel a glassmaker", [passage])
