@@ -1,5 +1,6 @@
 """Print markdown tables from result JSON files (eval, bench, edits), for README / docs/results.md.
 
+    python benchmarks/report.py readme        # the README's quality and cost tables (make figures runs what they need)
     python benchmarks/report.py eval runs/eval/results.json [...]
     python benchmarks/report.py bench benchmarks/results/cpu/bench.json
     python benchmarks/report.py edits benchmarks/results/edits/edit_results.json
@@ -71,7 +72,51 @@ def edits_table(path):
         print(f"| {name} | {_f(row['efficacy'])} | {_f(row['paraphrase'])} | {_f(row['neighborhood'])} |")
 
 
+NAMES = {"fictional_seen": "fictional, seen relations", "fictional_unseen": "fictional, unseen relations",
+         "squad_dev": "SQuAD v1.1 dev A"}
+
+
+def readme_quality(paths):
+    """One row per eval row: contains-answer accuracy, exact match and F1 for in-context RAG and DIEKÆ."""
+    print("| set | k | none acc | in-context acc / EM / F1 / len | **DIEKÆ** acc / EM / F1 / len |")
+    print("|---|---|---|---|---|")
+    for path in paths:
+        r = json.load(open(path))
+        tag = " retrieved" if r.get("distractors") == "retrieved" else ""
+        for key, row in r["summary"].items():
+            name, k = key.split("@k=")
+            n, c, d = row["none"], row["in_context"], row["diekae"]
+            print(f"| {NAMES.get(name, name)} | {k}{tag} | {_f(n['acc'])} | {_f(c['acc'])} / {_f(c.get('em'))} / "
+                  f"{_f(c.get('f1'))} / {_f(c['len'], 0)} | **{_f(d['acc'])}** / {_f(d.get('em'))} / {_f(d.get('f1'))} / "
+                  f"{_f(d['len'], 0)} |")
+
+
+def readme_cost(bench_path, step_path):
+    """TTFT and decode step at k=5, one row per configuration."""
+    r, steps = json.load(open(bench_path)), json.load(open(step_path))
+    lat = {x["mode"]: x for x in r["latency"] if x["k"] == 5}
+    step = next(x for x in steps["rows"] if x["k"] == 5)
+    none = lat["none"]["ttft_s"]
+    print(f"| k=5, {r['hardware']} | decoder reads | time to first token | decode step |")
+    print("|---|---|---|---|")
+    rows = [("no knowledge", "none", f"{step['none_step_ms']:.1f} ms"),
+            ("in-context RAG", "in_context", f"{lat['in_context']['decode_step_s'] * 1000:.1f} ms"),
+            ("DIEKÆ, passages precomputed", "diekae", f"{step['diekae_step_ms']:.1f} ms ({step['ratio']:.2f}× none)"),
+            ("DIEKÆ, passages encoded in the call", "diekae_cold", "as above")]
+    for label, mode, dec in rows:
+        x = lat[mode]
+        ratio = "" if mode == "none" else (f" ({x['ttft_s'] / lat['in_context']['ttft_s']:.2f}× in-context, "
+                                           f"{x['ttft_s'] / none:.2f}× none)" if mode != "in_context" else "")
+        print(f"| {label} | {x['decoder_tokens']} tokens | {x['ttft_s'] * 1000:.0f} ms{ratio} | {dec} |")
+
+
+def readme_tables():
+    readme_quality(["runs/eval_shipped/results.json", "runs/eval_shipped_retrieved/results.json"])
+    print()
+    readme_cost("benchmarks/results/cpu/bench.json", "benchmarks/results/cpu/decode_step.json")
+
+
 if __name__ == "__main__":
     kind, paths = sys.argv[1], sys.argv[2:]
     {"eval": lambda: eval_table(paths), "bench": lambda: bench_table(paths[0]),
-     "edits": lambda: edits_table(paths[0])}[kind]()
+     "edits": lambda: edits_table(paths[0]), "readme": readme_tables}[kind]()

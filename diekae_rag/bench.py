@@ -306,7 +306,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.skip and (out / "bench.json").exists():  # a partial run updates the sections it ran
         res = json.loads((out / "bench.json").read_text())
     res.update({"hardware": hardware(model.device), "dtype": str(model.decoder.dtype),
-                "encoder": model.config.to_dict(), "torch": torch.__version__})
+                "encoder": model.config.to_dict(), "copy": model.copy.to_dict(), "torch": torch.__version__})
 
     def save() -> None:  # after every section, so that an interrupted run keeps what it measured
         atomic_write_text(out / "bench.json", json.dumps(res, indent=2))

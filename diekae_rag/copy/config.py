@@ -91,9 +91,7 @@ class CopyConfig:
 
     def check_for(self, encoder_config) -> None:
         """Raise ValueError when a setting needs a part the encoders do not have."""
-        has_pointer = encoder_config.pointer_layer is not None
-        isolated = has_pointer and encoder_config.passage_isolation
-        match = has_pointer and encoder_config.pointer_match
+        isolated, match = _parts(encoder_config)
         needs = {
             "passage_prior": (self.passage_prior > 0, isolated, "a pointer over isolated passages"),
             "reader_weight": (self.reader_weight > 0, isolated, "a pointer over isolated passages"),
@@ -108,9 +106,7 @@ class CopyConfig:
 
     def for_encoder(self, encoder_config) -> "CopyConfig":
         """This config with the settings the encoders cannot use switched off."""
-        has_pointer = encoder_config.pointer_layer is not None
-        isolated = has_pointer and encoder_config.passage_isolation
-        match = has_pointer and encoder_config.pointer_match
+        isolated, match = _parts(encoder_config)
         return dataclasses.replace(
             self, passage_prior=self.passage_prior if isolated else 0.0,
             reader_weight=self.reader_weight if isolated else 0.0,
@@ -147,6 +143,12 @@ class CopyConfig:
         except (OSError, ValueError, TypeError) as exc:
             raise ValueError(f"Cannot read copy settings {path}: {exc}. Fix the file or delete it "
                              "(the readout then uses the settings saved with the weights).") from exc
+
+
+def _parts(encoder_config) -> tuple[bool, bool]:
+    """Whether the encoders have a copy readout over isolated passages, and one with the token match."""
+    has_pointer = encoder_config.pointer_layer is not None
+    return has_pointer and encoder_config.passage_isolation, has_pointer and encoder_config.pointer_match
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(CopyConfig))
