@@ -120,13 +120,21 @@ class AnswerStartReader(nn.Module):
         normalised jointly over every passage's word-pieces and one "no answer" slot. The last
         256 answers are kept (scoring and generating the same question reuse them); training
         mode always recomputes."""
+        return self._read(question, passages)[0]
+
+    def no_answer_log_prob(self, question: str, passages: Sequence[str]) -> float:
+        """log P("no answer here") for the question over all the passages (the [CLS] slot of
+        :meth:`char_log_probs`' joint normalisation); 0.0 without passages."""
+        return self._read(question, passages)[1]
+
+    def _read(self, question: str, passages: Sequence[str]) -> tuple[list[dict[int, float]], float]:
         if not passages:
-            return []
+            return [], 0.0
         return self._recent.get_or_make((question, tuple(passages)),
                                         lambda: self._char_log_probs(question, passages), reuse=not self.training)
 
     @torch.no_grad()
-    def _char_log_probs(self, question: str, passages: Sequence[str]) -> list[dict[int, float]]:
+    def _char_log_probs(self, question: str, passages: Sequence[str]) -> tuple[list[dict[int, float]], float]:
         batch = self.windows([question] * len(passages), passages)
         return joint_char_log_probs(self(batch).cpu(), batch, len(passages))
 
@@ -161,10 +169,11 @@ class AnswerStartReader(nn.Module):
         return reader.to(device or "cpu").eval()
 
 
-def joint_char_log_probs(logits: torch.Tensor, batch: dict, n_passages: int) -> list[dict[int, float]]:
+def joint_char_log_probs(logits: torch.Tensor, batch: dict, n_passages: int) -> tuple[list[dict[int, float]], float]:
     """Per passage, {character offset: log-probability} from (W, T) window ``logits``, normalised
-    jointly over every passage's word-pieces and one "no answer" slot (the best [CLS] logit). The
-    offset is each word-piece's first character; where windows overlap, the higher logit counts."""
+    jointly over every passage's word-pieces and one "no answer" slot (the best [CLS] logit), and
+    that slot's log-probability. The offset is each word-piece's first character; where windows
+    overlap, the higher logit counts."""
     null = logits[:, 0].max()
     out: list[dict[int, float]] = [{} for _ in range(n_passages)]
     for w in range(logits.shape[0]):
@@ -174,7 +183,7 @@ def joint_char_log_probs(logits: torch.Tensor, batch: dict, n_passages: int) -> 
             out[p][c] = max(out[p].get(c, -math.inf), float(logits[w, t + 1]))
     every = torch.tensor([v for s in out for v in s.values()] + [float(null)])
     norm = float(torch.logsumexp(every, 0))
-    return [{c: v - norm for c, v in s.items()} for s in out]
+    return [{c: v - norm for c, v in s.items()} for s in out], float(null) - norm
 
 
 def token_log_probs(char_lp: dict[int, float], offsets: Sequence[tuple[int, int]]) -> list[float]:

@@ -22,9 +22,11 @@ from tqdm import tqdm
 
 from .atomic import atomic_write_text
 from .data.mixture import Example, eval_sets
+from .data.negatives import closed_book, unanswerable
 from .model import DiekaeModel
 
 MODES = ("none", "in_context", "diekae")
+NEGATIVE_SETS = ("closed_book", "unanswerable")
 METRICS = ("nll", "pref", "acc", "em", "f1", "copy", "len")
 
 
@@ -85,6 +87,26 @@ def evaluate_items(model: DiekaeModel, items: Sequence[Example], mode: str, batc
     return {**{m: sum(r[m] for r in records) / n for m in METRICS}, "n": len(records), "records": records}
 
 
+def evaluate_negatives(model: DiekaeModel, items, mode: str, batch_size: int = 16, max_new_tokens: int = 24,
+                       copy=None) -> dict:
+    """Metrics for one mode on items whose passages do not answer (:mod:`diekae_rag.data.negatives`):
+    accuracy, EM and F1 against any accepted answer, the copy rate and the abstention rate."""
+    records = []
+    for i in range(0, len(items), batch_size):
+        batch = items[i: i + batch_size]
+        texts = model.generate_batch([e.question for e in batch], [e.passages for e in batch], mode=mode,
+                                     max_new_tokens=max_new_tokens, copy=copy)
+        for e, t in zip(batch, texts):
+            records.append({"question": e.question, "gold": e.answers, "output": t,
+                            "acc": float(any(contains(t, a) for a in e.answers)),
+                            "em": max(exact_match(t, a) for a in e.answers), "f1": max(f1(t, a) for a in e.answers),
+                            "copy": float(copies(t, e.passages)), "abstain": float(t == model.copy.no_answer_text),
+                            "len": len(model.tokenizer(t, add_special_tokens=False)["input_ids"])})
+    n = max(len(records), 1)
+    return {**{m: sum(r[m] for r in records) / n for m in ("acc", "em", "f1", "copy", "abstain", "len")},
+            "n": len(records), "records": records}
+
+
 def recovered(none: float, ctx: float, diekae: float, lower_is_better: bool = False) -> Optional[float]:
     """Share of the in-context gain over no knowledge that DIEKÆ recovers."""
     gain = (none - ctx) if lower_is_better else (ctx - none)
@@ -108,13 +130,23 @@ def run_eval(checkpoint: Optional[str] = None, n: int = 60, ks: Sequence[int] = 
         raise ValueError(f"--baseline {baseline} was run with another --n or --distractors; the items must be "
                          "the same.")
     base_runs = base["runs"]
+    known = {"fictional_seen", "fictional_unseen", "squad_dev", *NEGATIVE_SETS}
+    if set(sets) - known:
+        raise ValueError(f"Unknown eval sets {sorted(set(sets) - known)}; choose from {sorted(known)}.")
     model = model or DiekaeModel.from_pretrained(checkpoint)
     torch.manual_seed(0)
     results: dict = {"checkpoint": str(checkpoint or "shipped"), "config": model.config.to_dict(),
                      "device": str(model.device), "n": n, "distractors": distractors, "baseline": baseline, "runs": {}}
     summary = {}
     t0 = time.time()
-    for k in ks:
+    for name in [x for x in sets if x in NEGATIVE_SETS]:  # fixed k: closed_book 3, unanswerable 5
+        items = closed_book("eval", n) if name == "closed_book" else unanswerable("eval", n)
+        key = f"{name}@k={len(items[0].passages)}"
+        res = {m: evaluate_negatives(model, items, m) for m in tqdm(MODES, desc=key)}
+        summary[key] = {m: {x: round(res[m][x], 4) for x in ("acc", "em", "f1", "copy", "abstain", "len")} for m in MODES}
+        results["runs"][key] = res
+    sets = [x for x in sets if x not in NEGATIVE_SETS]
+    for k in ks if sets else ():
         data = eval_sets(n=n, k=k, squad="squad_dev" in sets, other_facts=other_facts, distractors=distractors)
         for name in sets:
             key = f"{name}@k={k}"
@@ -145,15 +177,16 @@ def plot_summary(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     keys = list(summary)
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(keys)), 4))
-    for ax, metric in zip(axes, ("pref", "acc")):
+    titles = {"acc": "contains-answer accuracy", "f1": "SQuAD F1", "copy": "copy rate (3+ passage words)"}
+    fig, axes = plt.subplots(1, 3, figsize=(max(10, 2.2 * len(keys)), 4))
+    for ax, metric in zip(axes, titles):
         width = 0.27
         for j, m in enumerate(MODES):
-            ax.bar([i + (j - 1) * width for i in range(len(keys))], [summary[k][m][metric] for k in keys], width,
-                   label=m)
+            ax.bar([i + (j - 1) * width for i in range(len(keys))], [summary[k][m].get(metric, 0.0) for k in keys],
+                   width, label=m)
         ax.set_xticks(range(len(keys)))
         ax.set_xticklabels(keys, rotation=30, ha="right", fontsize=8)
-        ax.set_title({"pref": "preference (right < wrong NLL)", "acc": "contains-answer accuracy"}[metric])
+        ax.set_title(titles[metric])
         ax.set_ylim(0, 1)
     axes[0].legend()
     fig.tight_layout()

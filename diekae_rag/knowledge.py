@@ -15,6 +15,7 @@ import torch
 
 from .answer_reader import AnswerStartReader
 from .copy import CopyConfig, CopyMemory, CopyReadout, KnowledgeLayout, PassagePrior, ReaderScores, ScoreProvider
+from .copy.gate import gate_open
 from .copy.pieces import PassageTokens, add_answer_pieces, first_piece_ids
 from .copy.values import ValueRows
 from .encoder import DiekaeEncoder, EncoderOutput
@@ -91,6 +92,14 @@ class KnowledgeEncoding:
         if p is None or p.config is not encoder.config:
             p = self._prompters[id(encoder)] = Prompter(self.tokenizer, encoder.config)
         return p
+
+    def gate(self, prompts: Sequence[list[int]], passages: Sequence[list[str]], copy: CopyConfig) -> list[bool]:
+        """Whether each item's passages get through the copy gate (:mod:`diekae_rag.copy.gate`)."""
+        if not copy.gated:
+            return [True] * len(prompts)
+        prior = self.passage_prior if isinstance(self.passage_prior, PassagePrior) else None
+        return gate_open([self.prompter.user_text(x) for x in prompts], passages, copy, prior,
+                         self.answer_reader if copy.gate_no_answer < 1 else None)
 
     def session(self, encoder: DiekaeEncoder, prompts, passages, decoder_mask: torch.Tensor, answers,
                 active: Sequence[bool], copy: CopyConfig, providers: Sequence[ScoreProvider] = ()) -> EncoderSession:

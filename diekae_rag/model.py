@@ -164,9 +164,11 @@ class DiekaeModel:
     def generate_batch(self, questions: Sequence[str], knowledges: Optional[Sequence[Knowledge]] = None, *,
                        mode: str = "diekae", max_new_tokens: int = 128, copy: CopyOverride = None,
                        **gen_kwargs) -> list[str]:
-        """Answer several questions in one padded batch; equals calling :meth:`generate` on each."""
+        """Answer several questions in one padded batch; equals calling :meth:`generate` on each. Where
+        the copy gate closes and ``copy.on_no_answer`` is ``"abstain"``, the answer is ``copy.no_answer_text``."""
         out = self._generate_ids(questions, knowledges, mode, max_new_tokens, copy, **gen_kwargs)
-        return [self.tokenizer.decode(o, skip_special_tokens=True).strip() for o in out]
+        return [self.tokenizer.decode(o, skip_special_tokens=True).strip() if o is not None
+                else self.copy.with_overrides(copy).no_answer_text for o in out]
 
     def stream(self, question: str, knowledge: Knowledge = None, *, mode: str = "diekae",
                max_new_tokens: int = 128, copy: CopyOverride = None, **gen_kwargs) -> Iterator[str]:
@@ -182,7 +184,10 @@ class DiekaeModel:
                 errors.append(exc)
                 streamer.end()
 
-        self.prepare([question], [knowledge], mode)  # fail fast, in the caller's thread
+        prompts, passages = self.prepare([question], [knowledge], mode)  # fail fast, in the caller's thread
+        if self._abstains(prompts, passages, mode, self._copy(copy))[0]:
+            yield self._copy(copy).no_answer_text
+            return
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
         for text in streamer:
@@ -260,11 +265,9 @@ class DiekaeModel:
         Items with no passages get no rows. ``answers`` (teacher forcing) are read by the
         encoders in per-step mode. Edit encoders, when applied, are added on top.
         """
-        if copy is None:
-            copy = self.copy
-        else:
-            copy = self.copy.with_overrides(copy)
-            copy.check_for(self.config)
+        copy = self._copy(copy)
+        if any(passages):  # the gate: where it closes, the item gets no knowledge (exactly mode="none")
+            passages = [p if g else [] for p, g in zip(passages, self.knowledge.gate(prompts, passages, copy))]
         sessions = []
         has_k = [bool(p) for p in passages]
         if any(has_k):
@@ -274,6 +277,19 @@ class DiekaeModel:
             sessions.append(self.knowledge.session(enc, prompts, [[] for _ in prompts], decoder_mask, answers,
                                                    self.in_edit_scope(enc, prompts), copy))
         return Injection(self.decoder, sessions) if sessions else None
+
+    def _abstains(self, prompts, passages, mode: str, copy: CopyConfig) -> list[bool]:
+        """Which items get ``copy.no_answer_text``: knowledge given, the gate closed, abstention on."""
+        if mode != "diekae" or copy.on_no_answer != "abstain" or not copy.gated:
+            return [False] * len(prompts)
+        return [bool(p) and not g for p, g in zip(passages, self.knowledge.gate(prompts, passages, copy))]
+
+    def _copy(self, copy: CopyOverride) -> CopyConfig:
+        if copy is None:
+            return self.copy
+        copy = self.copy.with_overrides(copy)
+        copy.check_for(self.config)
+        return copy
 
     def in_edit_scope(self, encoder: DiekaeEncoder, prompts: Sequence[list[int]]) -> list[bool]:
         """Which prompts an edit encoder applies to (see :mod:`diekae_rag.edit_scope`)."""
@@ -298,7 +314,9 @@ class DiekaeModel:
         prior = self.passage_prior if isinstance(self.passage_prior, PassagePrior) else None
         return self.knowledge.precompute(passages, self.copy.with_overrides(copy), prior)
 
-    def _generate_ids(self, questions, knowledges, mode, max_new_tokens, copy=None, **gen_kwargs) -> list[torch.Tensor]:
+    def _generate_ids(self, questions, knowledges, mode, max_new_tokens, copy=None, **gen_kwargs
+                      ) -> list[Optional[torch.Tensor]]:
+        """Each answer's new token ids (None where the gate closed and the model abstains)."""
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1.")
         prompts, passages = self.prepare(questions, knowledges, mode)
@@ -306,6 +324,10 @@ class DiekaeModel:
             raise ValueError("Beam search and num_return_sequences>1 are not supported with injection.")
         ids, mask = self.prompter.pad(prompts, self.device, side="left")
         gen_kwargs.setdefault("do_sample", False)
+        copy = self._copy(copy)
+        abstain = self._abstains(prompts, passages, mode, copy)
+        if all(abstain):
+            return [None] * len(prompts)
         with torch.inference_mode():
             inj = self.build_injection(prompts, passages if mode == "diekae" else [[] for _ in prompts], mask,
                                        copy=copy)
@@ -313,4 +335,4 @@ class DiekaeModel:
                 out = self.decoder.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                             pad_token_id=self.prompter.pad_id, eos_token_id=self.prompter.stop_ids,
                                             **gen_kwargs)
-        return [o[ids.shape[1]:] for o in out]
+        return [None if a else o[ids.shape[1]:] for o, a in zip(out, abstain)]

@@ -39,6 +39,13 @@ class CopyConfig:
     ``first_unspaced``: the first copy writes a passage token as an answer starts it (no space).
     ``answer_pieces``: extra slots that continue a word written with other pieces than the passage's.
     ``whitened_values``: write the direction that raises the copied token's logit alone.
+
+    The gate (:mod:`diekae_rag.copy.gate`) decides per question whether the passages answer it;
+    where it closes, the decoder sees exactly what it sees with no knowledge. ``gate_cosine``: it
+    closes when no passage's MiniLM cosine to the question reaches this (0: off). ``gate_no_answer``:
+    it closes when the answer-start reader's probability of "no answer here" exceeds this (1: off).
+    ``on_no_answer``: where it closes, ``"decoder"`` answers from its own knowledge and
+    ``"abstain"`` returns ``no_answer_text``.
     """
 
     gain_scale: float = 140.0
@@ -51,6 +58,10 @@ class CopyConfig:
     first_unspaced: bool = True
     answer_pieces: bool = True
     whitened_values: bool = True
+    gate_cosine: float = 0.0
+    gate_no_answer: float = 1.0
+    on_no_answer: str = "decoder"
+    no_answer_text: str = "The documents do not say."
 
     def __post_init__(self) -> None:
         for name in ("gain_scale", "sharpness", "first_gain"):
@@ -64,6 +75,19 @@ class CopyConfig:
         for name in ("first_unspaced", "answer_pieces", "whitened_values"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"CopyConfig.{name} must be true or false, got {getattr(self, name)!r}.")
+        if not (isinstance(self.gate_cosine, (int, float)) and 0 <= self.gate_cosine < 1):
+            raise ValueError(f"CopyConfig.gate_cosine must be in [0, 1) (0: off), got {self.gate_cosine!r}.")
+        if not (isinstance(self.gate_no_answer, (int, float)) and 0 < self.gate_no_answer <= 1):
+            raise ValueError(f"CopyConfig.gate_no_answer must be in (0, 1] (1: off), got {self.gate_no_answer!r}.")
+        if self.on_no_answer not in ("decoder", "abstain"):
+            raise ValueError(f"CopyConfig.on_no_answer must be 'decoder' or 'abstain', got {self.on_no_answer!r}.")
+        if not isinstance(self.no_answer_text, str) or not self.no_answer_text.strip():
+            raise ValueError("CopyConfig.no_answer_text must be a non-empty sentence.")
+
+    @property
+    def gated(self) -> bool:
+        """Whether the gate can close (a threshold is set)."""
+        return self.gate_cosine > 0 or self.gate_no_answer < 1
 
     @classmethod
     def plain(cls) -> "CopyConfig":

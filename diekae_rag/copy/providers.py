@@ -57,17 +57,25 @@ class PassagePrior:
         """For each question, one log prior per passage (0 for the nearest; [] without passages)."""
         if not strength > 0:
             raise ValueError(f"The passage prior's strength must be positive, got {strength!r}.")
-        multi = [(q, ps) for q, ps in zip(questions, passages) if len(ps) > 1]  # one passage: no choice
-        qv = dict(zip([q for q, _ in multi], self.embedder.encode([q for q, _ in multi]))) if multi else {}
-        pv = self.passage_vectors([p for _, ps in multi for p in ps]) if multi else {}
+        multi = [len(ps) > 1 for ps in passages]  # one passage: no choice, nothing to embed
+        cos = self.cosines([q for q, m in zip(questions, multi) if m], [ps for ps, m in zip(passages, multi) if m])
         out = []
-        for q, ps in zip(questions, passages):
-            if len(ps) > 1:
-                cos = np.stack([pv[p] for p in ps]) @ qv[q]
-                out.append([float(x) for x in strength * (cos - cos.max())])
+        for ps, m in zip(passages, multi):
+            if m:
+                c = cos.pop(0)
+                out.append([float(x) for x in strength * (c - c.max())])
             else:
                 out.append([0.0] * len(ps))
         return out
+
+    def cosines(self, questions: Sequence[str], passages: Sequence[Sequence[str]]) -> list[np.ndarray]:
+        """For each question, its cosine to each of its passages (passage vectors cached)."""
+        if not questions:
+            return []
+        qv = self.embedder.encode(list(questions))
+        pv = self.passage_vectors([p for ps in passages for p in ps])
+        return [np.stack([pv[p] for p in ps]) @ q if ps else np.zeros(0, dtype=np.float32)
+                for q, ps in zip(qv, passages)]
 
     def passage_vectors(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """Unit vectors of ``texts``, embedding only those not kept (e.g. at index time)."""

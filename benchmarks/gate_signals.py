@@ -1,0 +1,88 @@
+"""The copy gate's signals on dev items: how well they keep answerable items and gate the rest.
+
+    python benchmarks/gate_signals.py [CHECKPOINT] [--n 60]
+
+For dev items that hold the answer (fictional and SQuAD-Shifts *train* items, seed 999, at k=1 and
+at k=5 with retrieved distractors) and dev items that do not (``closed_book`` dev, ``unanswerable``
+dev), it records the best question-passage MiniLM cosine and the answer-start reader's P(no answer),
+then, for a grid of thresholds, the share of answerable items kept and of the others gated.
+Never the eval sets. Writes benchmarks/results/gate_signals.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from diekae_rag import DiekaeModel
+from diekae_rag.atomic import atomic_write_text
+from diekae_rag.data.mixture import DataSpec
+from diekae_rag.data.negatives import closed_book, unanswerable
+
+COSINES = (0.0, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5)
+NO_ANSWER = (1.0, 0.9, 0.7, 0.5, 0.3, 0.1)
+
+
+def signals(model: DiekaeModel, items) -> dict[str, list[float]]:
+    qs, ps = [it.question for it in items], [list(it.passages) for it in items]
+    best = [float(c.max()) for c in model.passage_prior.cosines(qs, ps)]
+    null = [math.exp(model.answer_reader.no_answer_log_prob(q, p)) for q, p in zip(qs, ps)]
+    return {"cosine": best, "no_answer": null}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("checkpoint", nargs="?", default=None)
+    ap.add_argument("--n", type=int, default=60)
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "gate_signals.json")
+    args = ap.parse_args()
+    model = DiekaeModel.from_pretrained(args.checkpoint)
+    n = args.n
+    answerable = {
+        "fictional_k1": DataSpec(fictional=n, k=1, seed=999).build(),
+        "fictional_k5_retrieved": DataSpec(fictional=n, k=5, seed=999, distractors="retrieved").build(),
+        "squad_train_k1": DataSpec(fictional=0, squad=n, k=1, seed=999).build(),
+        "squad_train_k5_retrieved": DataSpec(fictional=0, squad=n, k=5, seed=999, distractors="retrieved").build(),
+    }
+    negative = {"closed_book_dev": closed_book("dev"), "unanswerable_dev": unanswerable("dev", n)}
+    sig = {name: signals(model, items) for name, items in {**answerable, **negative}.items()}
+    grid = []
+    for c in COSINES:
+        for a in NO_ANSWER:
+            row = {"gate_cosine": c, "gate_no_answer": a}
+            for name, s in sig.items():
+                open_ = [x >= c and y <= a for x, y in zip(s["cosine"], s["no_answer"])]
+                row[f"{'kept' if name in answerable else 'gated'}:{name}"] = round(
+                    float(np.mean(open_ if name in answerable else [not o for o in open_])), 3)
+            grid.append(row)
+    medians = {name: {k: round(float(np.median(v)), 3) for k, v in s.items()} for name, s in sig.items()}
+    print(json.dumps(medians, indent=1))
+    for row in grid:
+        print(json.dumps(row))
+    atomic_write_text(args.out, json.dumps({"checkpoint": args.checkpoint or "shipped", "n": n, "medians": medians,
+                                            "grid": grid, "signals": sig}, indent=1))
+    plot(sig, answerable, args.out.with_suffix(".png"))
+
+
+def plot(sig: dict, answerable: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    for name, s in sig.items():
+        ax.scatter(s["cosine"], s["no_answer"], s=12, alpha=0.7, marker="o" if name in answerable else "x", label=name)
+    ax.set_xlabel("best question-passage cosine (MiniLM)")
+    ax.set_ylabel("reader P(no answer)")
+    ax.set_title("Copy gate signals on dev items (o: answerable, x: not)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

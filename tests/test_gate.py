@@ -1,0 +1,83 @@
+"""The copy gate: where the passages do not answer, the decoder sees exactly what it sees with no knowledge."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from conftest import tiny_model
+
+from diekae_rag import CopyConfig
+from diekae_rag.copy import PassagePrior
+from diekae_rag.data.negatives import NegativeItem
+from diekae_rag.evaluation import evaluate_negatives
+
+ON_TOPIC = ["Calgra lies in the north of Vell.", "It rains in Calgra."]
+OFF_TOPIC = ["The harbour froze early that winter.", "Prices of wool fell again."]
+
+
+class TopicEmbedder:
+    """A stand-in sentence embedder: texts naming Calgra point one way, all others another."""
+
+    def encode(self, texts):
+        return np.array([[1.0, 0.0] if "calgra" in t.lower() else [0.0, 1.0] for t in texts], dtype=np.float32)
+
+
+class NullReader:
+    """A stand-in reader sure that passages about wool hold no answer."""
+
+    def char_log_probs(self, question, passages):
+        return [{0: -1.0} for _ in passages]
+
+    def no_answer_log_prob(self, question, passages):
+        return math.log(0.95) if any("wool" in p for p in passages) else math.log(0.05)
+
+
+def _model(**copy):
+    model = tiny_model("llama", layers=[1, 2], per_step=True, pointer_layer=3, pointer_heads=2, passage_isolation=True,
+                       pointer_match=True, **copy)
+    model.passage_prior = PassagePrior(embedder=TopicEmbedder())
+    return model
+
+
+def test_a_closed_gate_gives_exactly_the_answer_without_knowledge():
+    model = _model(gate_cosine=0.5)
+    q = "Where is Calgra?"
+    none = model.generate(q, mode="none", max_new_tokens=8)
+    assert model.generate(q, OFF_TOPIC, max_new_tokens=8) == none
+    assert model.score(q, "north", OFF_TOPIC) == model.score(q, "north", mode="none")
+    open_ = model.generate(q, ON_TOPIC, max_new_tokens=8, copy={"gate_cosine": 0.0})
+    assert model.generate(q, ON_TOPIC, max_new_tokens=8) == open_, "an answering passage passes the gate unchanged"
+    assert model.score(q, "north", ON_TOPIC) != model.score(q, "north", mode="none")
+    both = model.generate_batch([q, q], [OFF_TOPIC, ON_TOPIC], max_new_tokens=8)
+    assert both == [none, open_], "the gate acts per item in a batch"
+
+
+def test_abstention_returns_the_fixed_sentence_where_the_gate_closes():
+    model = _model(gate_cosine=0.5, on_no_answer="abstain", no_answer_text="Not in the documents.")
+    q = "Where is Calgra?"
+    assert model.generate(q, OFF_TOPIC, max_new_tokens=8) == "Not in the documents."
+    assert "".join(model.stream(q, OFF_TOPIC, max_new_tokens=8)) == "Not in the documents."
+    assert model.generate(q, ON_TOPIC, max_new_tokens=8) != "Not in the documents."
+    assert model.generate(q, max_new_tokens=8) != "Not in the documents.", "no knowledge: nothing to gate"
+    assert model.generate(q, OFF_TOPIC, mode="in_context", max_new_tokens=8) != "Not in the documents."
+    items = [NegativeItem(q, OFF_TOPIC, ["north"]), NegativeItem(q, ON_TOPIC, ["north"])]
+    res = evaluate_negatives(model, items, "diekae", max_new_tokens=8)
+    assert res["abstain"] == 0.5 and res["n"] == 2 and 0 <= res["copy"] <= 1
+
+
+def test_the_reader_signal_closes_the_gate_and_bad_settings_are_refused():
+    model = _model(gate_no_answer=0.5)
+    model.answer_reader = NullReader()
+    q = "Where is Calgra?"
+    wool = ["Calgra sells wool.", "Prices of wool fell again."]
+    assert model.generate(q, wool, max_new_tokens=8) == model.generate(q, mode="none", max_new_tokens=8)
+    assert model.knowledge.gate(*model.prepare([q, q], [wool, ON_TOPIC]), model.copy) == [False, True]
+    with pytest.raises(ValueError, match="gate_cosine must be in"):
+        CopyConfig(gate_cosine=1.5)
+    with pytest.raises(ValueError, match="on_no_answer must be"):
+        CopyConfig(on_no_answer="refuse")
+    model.answer_reader = None
+    with pytest.raises(ValueError, match="needs an answer-start reader"):
+        model.generate(q, wool, max_new_tokens=2)
