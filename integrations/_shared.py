@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from typing import Optional
 
 from diekae_rag.model import DiekaeModel
 
@@ -35,3 +36,11 @@ def passage_texts(passages) -> list[str]:
         else:
             raise TypeError(f"Cannot use {type(p).__name__} as a passage; pass str, Document or a node.")
     return out
+
+
+def copy_overrides(copy: Optional[dict], on_no_answer: Optional[str]) -> Optional[dict]:
+    """A component's copy settings for each call: its ``copy`` dict, with ``on_no_answer`` when set."""
+    out = dict(copy or {})
+    if on_no_answer is not None:
+        out["on_no_answer"] = on_no_answer
+    return out or None

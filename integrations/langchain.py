@@ -27,13 +27,15 @@ from pydantic import ConfigDict, Field
 
 from diekae_rag.model import DiekaeModel
 
-from ._shared import default_model, passage_texts
+from ._shared import copy_overrides, default_model, passage_texts
 
 
 class _DiekaeMixin:
     model: Optional[DiekaeModel] = Field(default=None, exclude=True)
     max_new_tokens: int = 128
     mode: str = "diekae"
+    copy_settings: Optional[dict] = None  # CopyConfig fields for every call, e.g. {"gate_cosine": 0.3}
+    on_no_answer: Optional[str] = None    # "decoder" or "abstain" where the copy gate closes
 
     def _diekae(self) -> DiekaeModel:
         if self.model is None:
@@ -56,14 +58,16 @@ class DiekaeLLM(_DiekaeMixin, LLM):
     def _call(self, prompt: str, stop: Optional[list[str]] = None,
               run_manager: Optional[CallbackManagerForLLMRun] = None, **kwargs: Any) -> str:
         passages = passage_texts(kwargs.pop("passages", None))
-        text = self._diekae().generate(prompt, passages, mode=self._mode(passages), max_new_tokens=self.max_new_tokens)
+        text = self._diekae().generate(prompt, passages, mode=self._mode(passages), max_new_tokens=self.max_new_tokens,
+                                       copy=copy_overrides(self.copy_settings, self.on_no_answer))
         return _apply_stop(text, stop)
 
     def _stream(self, prompt: str, stop: Optional[list[str]] = None,
                 run_manager: Optional[CallbackManagerForLLMRun] = None, **kwargs: Any) -> Iterator[GenerationChunk]:
         passages = passage_texts(kwargs.pop("passages", None))
         for delta in self._diekae().stream(prompt, passages, mode=self._mode(passages),
-                                           max_new_tokens=self.max_new_tokens):
+                                           max_new_tokens=self.max_new_tokens,
+                                           copy=copy_overrides(self.copy_settings, self.on_no_answer)):
             chunk = GenerationChunk(text=delta)
             if run_manager:
                 run_manager.on_llm_new_token(delta, chunk=chunk)
@@ -94,7 +98,8 @@ class ChatDiekae(_DiekaeMixin, BaseChatModel):
                   run_manager: Optional[CallbackManagerForLLMRun] = None, **kwargs: Any) -> ChatResult:
         passages = passage_texts(kwargs.pop("passages", None))
         text = self._diekae().generate(self._question(messages), passages, mode=self._mode(passages),
-                                       max_new_tokens=self.max_new_tokens)
+                                       max_new_tokens=self.max_new_tokens,
+                                       copy=copy_overrides(self.copy_settings, self.on_no_answer))
         return ChatResult(generations=[ChatGeneration(message=AIMessage(content=_apply_stop(text, stop)))])
 
     def _stream(self, messages: list[BaseMessage], stop: Optional[list[str]] = None,
@@ -102,7 +107,8 @@ class ChatDiekae(_DiekaeMixin, BaseChatModel):
                 ) -> Iterator[ChatGenerationChunk]:
         passages = passage_texts(kwargs.pop("passages", None))
         for delta in self._diekae().stream(self._question(messages), passages, mode=self._mode(passages),
-                                           max_new_tokens=self.max_new_tokens):
+                                           max_new_tokens=self.max_new_tokens,
+                                           copy=copy_overrides(self.copy_settings, self.on_no_answer)):
             chunk = ChatGenerationChunk(message=AIMessageChunk(content=delta))
             if run_manager:
                 run_manager.on_llm_new_token(delta, chunk=chunk)

@@ -34,7 +34,7 @@ from pydantic import PrivateAttr
 
 from diekae_rag.model import DiekaeModel
 
-from ._shared import default_model
+from ._shared import copy_overrides, default_model
 
 _CONTEXT_KEYS = ("context_str", "context_msg")
 # LlamaIndex packs retrieved chunks into one context string with blank lines between them
@@ -71,6 +71,8 @@ class DiekaeLLM(CustomLLM):
     max_new_tokens: int = 128
     mode: str = "diekae"
     context_window: int = 100_000
+    copy_settings: Optional[dict] = None  # CopyConfig fields for every call, e.g. {"gate_cosine": 0.3}
+    on_no_answer: Optional[str] = None   # "decoder" or "abstain" where the copy gate closes
     _model: DiekaeModel = PrivateAttr()
 
     def __init__(self, *, model: Optional[DiekaeModel] = None, callback_manager: Optional[CallbackManager] = None,
@@ -97,7 +99,7 @@ class DiekaeLLM(CustomLLM):
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         knowledge = kwargs.pop("knowledge", None)
         text = self._model.generate(prompt, knowledge, mode=self._mode_for(knowledge),
-                                    max_new_tokens=self.max_new_tokens)
+                                    max_new_tokens=self.max_new_tokens, copy=copy_overrides(self.copy_settings, self.on_no_answer))
         return CompletionResponse(text=text)
 
     @llm_completion_callback()
@@ -107,7 +109,8 @@ class DiekaeLLM(CustomLLM):
 
         def gen() -> CompletionResponseGen:
             text = ""
-            for delta in self._model.stream(prompt, knowledge, mode=mode, max_new_tokens=self.max_new_tokens):
+            for delta in self._model.stream(prompt, knowledge, mode=mode, max_new_tokens=self.max_new_tokens,
+                                            copy=copy_overrides(self.copy_settings, self.on_no_answer)):
                 text += delta
                 yield CompletionResponse(text=text, delta=delta)
         return gen()

@@ -81,3 +81,18 @@ def test_the_reader_signal_closes_the_gate_and_bad_settings_are_refused():
     model.answer_reader = None
     with pytest.raises(ValueError, match="needs an answer-start reader"):
         model.generate(q, wool, max_new_tokens=2)
+
+
+def test_framework_components_pass_abstention_through():
+    from diekae_rag.integrations.langchain import ChatDiekae, DiekaeLLM
+    from diekae_rag.integrations.llamaindex import DiekaeLLM as LlamaDiekaeLLM
+    from langchain_core.messages import HumanMessage
+    model = _model(gate_cosine=0.5)
+    q = "Where is Calgra?"
+    assert DiekaeLLM(model=model, max_new_tokens=8, on_no_answer="abstain").invoke(q, passages=OFF_TOPIC) == \
+        model.copy.no_answer_text
+    chat = ChatDiekae(model=model, max_new_tokens=8, copy_settings={"on_no_answer": "abstain", "no_answer_text": "Unknown."})
+    assert chat.invoke([HumanMessage(q)], passages=OFF_TOPIC).content == "Unknown."
+    llm = LlamaDiekaeLLM(model=model, max_new_tokens=8, on_no_answer="abstain")
+    assert llm.complete(q, knowledge=OFF_TOPIC).text == model.copy.no_answer_text
+    assert llm.complete(q, knowledge=ON_TOPIC).text != model.copy.no_answer_text
