@@ -31,10 +31,11 @@ bench: $(STAMP)
 eval: $(STAMP)
 	$(VENV)/bin/diekae-rag eval
 
-# Everything behind the README's quality and cost tables, then the tables (about 40 CPU minutes).
+# Everything behind the README's quality and cost tables, then the tables (about an hour of CPU).
 figures: $(STAMP)
 	$(VENV)/bin/diekae-rag eval --n 60 --k 1 5 --out runs/eval_shipped
 	$(VENV)/bin/diekae-rag eval --n 60 --k 5 --distractors retrieved --out runs/eval_shipped_retrieved
+	$(VENV)/bin/diekae-rag eval --sets closed_book unanswerable --n 76 --out runs/eval_negatives
 	$(PY) benchmarks/run.py --skip batch training retrieval load --ks 5
 	$(PY) benchmarks/decode_step.py --ks 5
 	$(PY) benchmarks/report.py readme

@@ -91,6 +91,19 @@ def readme_quality(paths):
                   f"{_f(d['len'], 0)} |")
 
 
+def readme_negatives(path):
+    """Passages that do not answer: accuracy, F1 and copy rate per mode (and abstention where on)."""
+    r = json.load(open(path))
+    print("| set (passages do not answer) | k | none acc / F1 | in-context acc / F1 / copy | **DIEKÆ** acc / F1 / copy "
+          "| DIEKÆ abstains |")
+    print("|---|---|---|---|---|---|")
+    for key, row in r["summary"].items():
+        name, k = key.split("@k=")
+        n, c, d = row["none"], row["in_context"], row["diekae"]
+        print(f"| {name} | {k} | {_f(n['acc'])} / {_f(n['f1'])} | {_f(c['acc'])} / {_f(c['f1'])} / {_f(c['copy'])} | "
+              f"**{_f(d['acc'])}** / {_f(d['f1'])} / {_f(d['copy'])} | {_f(d['abstain'])} |")
+
+
 def readme_cost(bench_path, step_path):
     """TTFT and decode step at k=5, one row per configuration."""
     r, steps = json.load(open(bench_path)), json.load(open(step_path))
@@ -112,6 +125,8 @@ def readme_cost(bench_path, step_path):
 
 def readme_tables():
     readme_quality(["runs/eval_shipped/results.json", "runs/eval_shipped_retrieved/results.json"])
+    print()
+    readme_negatives("runs/eval_negatives/results.json")
     print()
     readme_cost("benchmarks/results/cpu/bench.json", "benchmarks/results/cpu/decode_step.json")
 

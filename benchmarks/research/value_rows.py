@@ -5,7 +5,7 @@
 The pointer adds ``gain * value`` to the last layer's output; once that term dominates, the decoder's
 logits are ``(lm_head * final_norm.weight) @ value`` up to a positive scale. For ``--n`` random
 tokens of the embedded SmolLM2 this counts how often the token itself is then the top logit, for
-its raw output-embedding row (what the pointer wrote until the twelfth session), that row centred
+its raw output-embedding row (what the pointer wrote before whitened values), that row centred
 (the vocabulary mean removed) and its whitened row (``diekae_rag.encoder.whitened_values``, shipped),
 and gives the mean logit boost of the token against the largest boost of any other token.
 Writes benchmarks/results/value_rows.json unless ``--out`` says otherwise.
