@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import logging
-import threading
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextIteratorStreamer
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .answer_reader import AnswerStartReader
 from .checkpoint import DecoderMismatchError, load_encoder, read_config, read_copy_config, save_encoder
@@ -21,6 +20,7 @@ from .encoder import DiekaeEncoder
 from .injection import Injection, decoder_layers, injecting, install_hooks
 from .knowledge import Encoded, KnowledgeEncoding
 from .prompts import check_mode, check_question, clean_passages
+from .streaming import stream_generation
 
 log = logging.getLogger(__name__)
 
@@ -172,30 +172,17 @@ class DiekaeModel:
 
     def stream(self, question: str, knowledge: Knowledge = None, *, mode: str = "diekae",
                max_new_tokens: int = 128, copy: CopyOverride = None, **gen_kwargs) -> Iterator[str]:
-        """Yield the answer's text as it is generated."""
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                self._generate_ids([question], [knowledge], mode, max_new_tokens, copy, streamer=streamer,
-                                   **gen_kwargs)
-            except BaseException as exc:  # re-raised in the caller's thread
-                errors.append(exc)
-                streamer.end()
-
+        """Yield the answer's text as it is generated. Closing the generator (or breaking out of the
+        loop) stops generation within one decode step."""
         prompts, passages = self.prepare([question], [knowledge], mode)  # fail fast, in the caller's thread
         if self._abstains(prompts, passages, mode, self._copy(copy))[0]:
             yield self._copy(copy).no_answer_text
             return
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        for text in streamer:
-            if text:
-                yield text
-        thread.join()
-        if errors:
-            raise errors[0]
+        user = gen_kwargs.pop("stopping_criteria", None)
+        yield from stream_generation(
+            lambda streamer, criteria: self._generate_ids([question], [knowledge], mode, max_new_tokens, copy,
+                                                          streamer=streamer, stopping_criteria=criteria, **gen_kwargs),
+            self.tokenizer, user)
 
     def score(self, question: str, answer: str, knowledge: Knowledge = None, *, mode: str = "diekae",
               copy: CopyOverride = None) -> float:

@@ -1,0 +1,83 @@
+"""Streaming generation on a worker thread that stops when nobody reads it any more.
+
+``generate`` runs on a thread and hands text to a ``TextIteratorStreamer``; the caller's generator
+yields it. When that generator is closed or dropped (a ``break``, a client that disconnects) an
+event flips a stopping criterion, so generation ends within one decode step and the thread exits.
+Streams still open when the interpreter exits are stopped the same way, before Python tears its
+threads down (a generation thread killed inside a torch op aborts the process).
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+from typing import Callable, Iterator
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+
+class Cancel(StoppingCriteria):
+    """Stops every sequence once :meth:`set` is called."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def set(self) -> None:
+        self.event.set()
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+_LIVE: dict[int, tuple[Cancel, threading.Thread]] = {}
+_LOCK = threading.Lock()
+
+
+@atexit.register
+def _stop_open_streams() -> None:
+    with _LOCK:
+        live = list(_LIVE.values())
+    for cancel, _ in live:
+        cancel.set()
+    for _, thread in live:
+        thread.join(timeout=30)
+
+
+def live_streams() -> int:
+    """How many generation threads are running for streams."""
+    with _LOCK:
+        return sum(t.is_alive() for _, t in _LIVE.values())
+
+
+def stream_generation(run: Callable[[TextIteratorStreamer, StoppingCriteriaList], object], tokenizer,
+                      stopping_criteria=None) -> Iterator[str]:
+    """Yield the text that ``run(streamer, criteria)`` generates on a worker thread; ``criteria``
+    holds the cancel criterion (and ``stopping_criteria``, when given) and must reach ``generate``."""
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    cancel = Cancel()
+    criteria = StoppingCriteriaList([cancel, *(stopping_criteria or [])])
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            run(streamer, criteria)
+        except BaseException as exc:  # re-raised in the caller's thread
+            errors.append(exc)
+            streamer.end()
+
+    thread = threading.Thread(target=target, daemon=True)
+    with _LOCK:
+        _LIVE[id(thread)] = (cancel, thread)
+    thread.start()
+    try:
+        for text in streamer:
+            if text:
+                yield text
+    finally:  # also when the consumer stops early: generation ends within one decode step
+        cancel.set()
+        thread.join()
+        with _LOCK:
+            _LIVE.pop(id(thread), None)
+    if errors:
+        raise errors[0]
