@@ -20,7 +20,7 @@ from .encoder import DiekaeEncoder
 from .injection import Injection, decoder_layers, injecting, install_hooks
 from .knowledge import Encoded, KnowledgeEncoding
 from .prompts import check_mode, check_question, clean_passages
-from .streaming import stream_generation
+from .streaming import cut_at_stop, held_back, stream_generation
 
 log = logging.getLogger(__name__)
 
@@ -156,33 +156,38 @@ class DiekaeModel:
 
     # ------------------------------------------------------------------ public API
     def generate(self, question: str, knowledge: Knowledge = None, *, mode: str = "diekae",
-                 max_new_tokens: int = 128, copy: CopyOverride = None, **gen_kwargs) -> str:
-        """Answer ``question``; ``knowledge`` is a list of passages."""
+                 max_new_tokens: int = 128, copy: CopyOverride = None, stop: Optional[Sequence[str]] = None,
+                 **gen_kwargs) -> str:
+        """Answer ``question``; ``knowledge`` is a list of passages. Generation ends at any ``stop``
+        string, which is not returned."""
         return self.generate_batch([question], [knowledge], mode=mode, max_new_tokens=max_new_tokens, copy=copy,
-                                   **gen_kwargs)[0]
+                                   stop=stop, **gen_kwargs)[0]
 
     def generate_batch(self, questions: Sequence[str], knowledges: Optional[Sequence[Knowledge]] = None, *,
                        mode: str = "diekae", max_new_tokens: int = 128, copy: CopyOverride = None,
-                       **gen_kwargs) -> list[str]:
+                       stop: Optional[Sequence[str]] = None, **gen_kwargs) -> list[str]:
         """Answer several questions in one padded batch; equals calling :meth:`generate` on each. Where
         the copy gate closes and ``copy.on_no_answer`` is ``"abstain"``, the answer is ``copy.no_answer_text``."""
-        out = self._generate_ids(questions, knowledges, mode, max_new_tokens, copy, **gen_kwargs)
-        return [self.tokenizer.decode(o, skip_special_tokens=True).strip() if o is not None
+        stop = _stop_strings(stop, gen_kwargs)
+        out = self._generate_ids(questions, knowledges, mode, max_new_tokens, copy, stop=stop, **gen_kwargs)
+        return [cut_at_stop(self.tokenizer.decode(o, skip_special_tokens=True), stop).strip() if o is not None
                 else self.copy.with_overrides(copy).no_answer_text for o in out]
 
     def stream(self, question: str, knowledge: Knowledge = None, *, mode: str = "diekae",
-               max_new_tokens: int = 128, copy: CopyOverride = None, **gen_kwargs) -> Iterator[str]:
-        """Yield the answer's text as it is generated. Closing the generator (or breaking out of the
-        loop) stops generation within one decode step."""
+               max_new_tokens: int = 128, copy: CopyOverride = None, stop: Optional[Sequence[str]] = None,
+               **gen_kwargs) -> Iterator[str]:
+        """Yield the answer's text as it is generated, up to any ``stop`` string (not yielded).
+        Closing the generator (or breaking out of the loop) stops generation within one decode step."""
+        stop = _stop_strings(stop, gen_kwargs)
         prompts, passages = self.prepare([question], [knowledge], mode)  # fail fast, in the caller's thread
         if self._abstains(prompts, passages, mode, self._copy(copy))[0]:
             yield self._copy(copy).no_answer_text
             return
         user = gen_kwargs.pop("stopping_criteria", None)
-        yield from stream_generation(
-            lambda streamer, criteria: self._generate_ids([question], [knowledge], mode, max_new_tokens, copy,
+        yield from held_back(stream_generation(
+            lambda streamer, criteria: self._generate_ids([question], [knowledge], mode, max_new_tokens, copy, stop=stop,
                                                           streamer=streamer, stopping_criteria=criteria, **gen_kwargs),
-            self.tokenizer, user)
+            self.tokenizer, user), stop)
 
     def score(self, question: str, answer: str, knowledge: Knowledge = None, *, mode: str = "diekae",
               copy: CopyOverride = None) -> float:
@@ -301,9 +306,12 @@ class DiekaeModel:
         prior = self.passage_prior if isinstance(self.passage_prior, PassagePrior) else None
         return self.knowledge.precompute(passages, self.copy.with_overrides(copy), prior)
 
-    def _generate_ids(self, questions, knowledges, mode, max_new_tokens, copy=None, **gen_kwargs
+    def _generate_ids(self, questions, knowledges, mode, max_new_tokens, copy=None, stop=(), **gen_kwargs
                       ) -> list[Optional[torch.Tensor]]:
-        """Each answer's new token ids (None where the gate closed and the model abstains)."""
+        """Each answer's new token ids (None where the gate closed and the model abstains); generation
+        ends at a ``stop`` string through transformers' own ``stop_strings``."""
+        if stop:
+            gen_kwargs.update(stop_strings=list(stop), tokenizer=self.tokenizer)
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1.")
         prompts, passages = self.prepare(questions, knowledges, mode)
@@ -323,3 +331,10 @@ class DiekaeModel:
                                             pad_token_id=self.prompter.pad_id, eos_token_id=self.prompter.stop_ids,
                                             **gen_kwargs)
         return [None if a else o[ids.shape[1]:] for o, a in zip(out, abstain)]
+
+
+def _stop_strings(stop: Optional[Sequence[str]], gen_kwargs: dict) -> list[str]:
+    """``stop`` and any ``stop_strings`` given the transformers way, as one list of non-empty strings."""
+    extra = gen_kwargs.pop("stop_strings", None)
+    out = [*([stop] if isinstance(stop, str) else stop or []), *([extra] if isinstance(extra, str) else extra or [])]
+    return [x for x in out if x]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import atexit
 import threading
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
@@ -48,6 +48,35 @@ def live_streams() -> int:
     """How many generation threads are running for streams."""
     with _LOCK:
         return sum(t.is_alive() for _, t in _LIVE.values())
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """``text`` up to the first occurrence of any ``stop`` string (the stop text itself is dropped)."""
+    at = min((i for i in (text.find(x) for x in stop if x) if i >= 0), default=len(text))
+    return text[:at]
+
+
+def held_back(pieces: Iterator[str], stop: Sequence[str]) -> Iterator[str]:
+    """``pieces`` with any stop string and what follows it left out: text that could still become the
+    start of a stop string is held until the next piece says otherwise."""
+    if not stop:
+        yield from pieces
+        return
+    keep = max(len(x) for x in stop) - 1
+    text, sent = "", 0
+    for piece in pieces:
+        text += piece
+        cut = cut_at_stop(text, stop)
+        if len(cut) < len(text):  # a stop string appeared: send what comes before it and end
+            if cut[sent:]:
+                yield cut[sent:]
+            return
+        safe = max(len(text) - keep, sent)
+        if safe > sent:
+            yield text[sent:safe]
+            sent = safe
+    if text[sent:]:
+        yield text[sent:]
 
 
 def stream_generation(run: Callable[[TextIteratorStreamer, StoppingCriteriaList], object], tokenizer,

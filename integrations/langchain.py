@@ -58,15 +58,14 @@ class DiekaeLLM(_DiekaeMixin, LLM):
     def _call(self, prompt: str, stop: Optional[list[str]] = None,
               run_manager: Optional[CallbackManagerForLLMRun] = None, **kwargs: Any) -> str:
         passages = passage_texts(kwargs.pop("passages", None))
-        text = self._diekae().generate(prompt, passages, mode=self._mode(passages), max_new_tokens=self.max_new_tokens,
-                                       copy=copy_overrides(self.copy_settings, self.on_no_answer))
-        return _apply_stop(text, stop)
+        return self._diekae().generate(prompt, passages, mode=self._mode(passages), max_new_tokens=self.max_new_tokens,
+                                       copy=copy_overrides(self.copy_settings, self.on_no_answer), stop=stop)
 
     def _stream(self, prompt: str, stop: Optional[list[str]] = None,
                 run_manager: Optional[CallbackManagerForLLMRun] = None, **kwargs: Any) -> Iterator[GenerationChunk]:
         passages = passage_texts(kwargs.pop("passages", None))
         for delta in self._diekae().stream(prompt, passages, mode=self._mode(passages),
-                                           max_new_tokens=self.max_new_tokens,
+                                           max_new_tokens=self.max_new_tokens, stop=stop,
                                            copy=copy_overrides(self.copy_settings, self.on_no_answer)):
             chunk = GenerationChunk(text=delta)
             if run_manager:
@@ -98,16 +97,16 @@ class ChatDiekae(_DiekaeMixin, BaseChatModel):
                   run_manager: Optional[CallbackManagerForLLMRun] = None, **kwargs: Any) -> ChatResult:
         passages = passage_texts(kwargs.pop("passages", None))
         text = self._diekae().generate(self._question(messages), passages, mode=self._mode(passages),
-                                       max_new_tokens=self.max_new_tokens,
+                                       max_new_tokens=self.max_new_tokens, stop=stop,
                                        copy=copy_overrides(self.copy_settings, self.on_no_answer))
-        return ChatResult(generations=[ChatGeneration(message=AIMessage(content=_apply_stop(text, stop)))])
+        return ChatResult(generations=[ChatGeneration(message=AIMessage(content=text))])
 
     def _stream(self, messages: list[BaseMessage], stop: Optional[list[str]] = None,
                 run_manager: Optional[CallbackManagerForLLMRun] = None, **kwargs: Any
                 ) -> Iterator[ChatGenerationChunk]:
         passages = passage_texts(kwargs.pop("passages", None))
         for delta in self._diekae().stream(self._question(messages), passages, mode=self._mode(passages),
-                                           max_new_tokens=self.max_new_tokens,
+                                           max_new_tokens=self.max_new_tokens, stop=stop,
                                            copy=copy_overrides(self.copy_settings, self.on_no_answer)):
             chunk = ChatGenerationChunk(message=AIMessageChunk(content=delta))
             if run_manager:
@@ -157,8 +156,3 @@ def create_diekae_chain(retriever: BaseRetriever, llm: Optional[DiekaeLLM | Chat
     return RunnableGenerator(transform, atransform, name="diekae_chain")
 
 
-def _apply_stop(text: str, stop: Optional[list[str]]) -> str:
-    for s in stop or []:
-        if s in text:
-            text = text[: text.index(s)]
-    return text

@@ -58,3 +58,28 @@ print(next(iter(s)) != "", flush=True)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "True" and time.time() - t0 < 60
+
+
+def test_stop_strings_end_generation_and_are_not_returned():
+    from diekae_rag.integrations.langchain import DiekaeLLM
+    model = tiny_model("llama", per_step=True, pointer_layer=3)
+    calls = _slow(model, 0.0)
+    full = model.generate(Q[0], K[0], max_new_tokens=40, min_new_tokens=40)
+    full_steps = len(calls)
+    stop = next(full[i: i + 3] for i in range(8, 30) if all(32 < ord(c) < 127 for c in full[i: i + 3]))
+    want = full[: full.index(stop)].strip()
+    calls.clear()
+    got = model.generate(Q[0], K[0], max_new_tokens=40, min_new_tokens=40, stop=[stop])
+    assert got == want and stop not in got
+    assert len(calls) < full_steps - 5, "generation ended at the stop string, not at max_new_tokens"
+    assert "".join(model.stream(Q[0], K[0], max_new_tokens=40, min_new_tokens=40, stop=[stop])).strip() == want
+    assert model.generate_batch([Q[0]], [K[0]], max_new_tokens=40, min_new_tokens=40, stop_strings=stop) == [want]
+    llm = DiekaeLLM(model=model, max_new_tokens=40)
+    assert llm.invoke(Q[0], stop=[stop], passages=K[0], min_new_tokens=40) in (want, full[: full.index(stop)])
+
+
+def test_held_back_text_never_shows_a_stop_string():
+    from diekae_rag.streaming import held_back
+    assert "".join(held_back(iter(["Ans", "wer: Ith", "pel", "ith\\nQ", "uestion: x"]), ["\\nQuestion:"])) == "Answer: Ithpelith"
+    assert "".join(held_back(iter(["a", "b", "c"]), [])) == "abc"
+    assert list(held_back(iter(["ab", "cd"]), ["zz"])) == ["a", "bc", "d"]
