@@ -20,7 +20,7 @@ from .encoder import DiekaeEncoder
 from .injection import Injection, decoder_layers, injecting, install_hooks
 from .knowledge import Encoded, KnowledgeEncoding
 from .prompts import check_mode, check_question, clean_passages
-from .streaming import cut_at_stop, held_back, stream_generation
+from .streaming import cut_at_stop, held_back, stop_list, stream_generation
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ class DiekaeModel:
                        stop: Optional[Sequence[str]] = None, **gen_kwargs) -> list[str]:
         """Answer several questions in one padded batch; equals calling :meth:`generate` on each. Where
         the copy gate closes and ``copy.on_no_answer`` is ``"abstain"``, the answer is ``copy.no_answer_text``."""
-        stop = _stop_strings(stop, gen_kwargs)
+        stop = stop_list(stop, gen_kwargs.pop("stop_strings", None))
         out = self._generate_ids(questions, knowledges, mode, max_new_tokens, copy, stop=stop, **gen_kwargs)
         return [cut_at_stop(self.tokenizer.decode(o, skip_special_tokens=True), stop).strip() if o is not None
                 else self.copy.with_overrides(copy).no_answer_text for o in out]
@@ -178,7 +178,7 @@ class DiekaeModel:
                **gen_kwargs) -> Iterator[str]:
         """Yield the answer's text as it is generated, up to any ``stop`` string (not yielded).
         Closing the generator (or breaking out of the loop) stops generation within one decode step."""
-        stop = _stop_strings(stop, gen_kwargs)
+        stop = stop_list(stop, gen_kwargs.pop("stop_strings", None))
         prompts, passages = self.prepare([question], [knowledge], mode)  # fail fast, in the caller's thread
         if self._abstains(prompts, passages, mode, self._copy(copy))[0]:
             yield self._copy(copy).no_answer_text
@@ -332,9 +332,3 @@ class DiekaeModel:
                                             **gen_kwargs)
         return [None if a else o[ids.shape[1]:] for o, a in zip(out, abstain)]
 
-
-def _stop_strings(stop: Optional[Sequence[str]], gen_kwargs: dict) -> list[str]:
-    """``stop`` and any ``stop_strings`` given the transformers way, as one list of non-empty strings."""
-    extra = gen_kwargs.pop("stop_strings", None)
-    out = [*([stop] if isinstance(stop, str) else stop or []), *([extra] if isinstance(extra, str) else extra or [])]
-    return [x for x in out if x]

@@ -50,6 +50,15 @@ def live_streams() -> int:
         return sum(t.is_alive() for _, t in _LIVE.values())
 
 
+def stop_list(stop, stop_strings=None) -> list[str]:
+    """``stop`` and ``stop_strings`` (each a string or a list, as LangChain and transformers give them)
+    as one list of non-empty strings."""
+    out = []
+    for x in (stop, stop_strings):
+        out += [x] if isinstance(x, str) else list(x or [])
+    return [x for x in out if x]
+
+
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     """``text`` up to the first occurrence of any ``stop`` string (the stop text itself is dropped)."""
     at = min((i for i in (text.find(x) for x in stop if x) if i >= 0), default=len(text))
