@@ -97,9 +97,12 @@ class KnowledgeEncoding:
         """Whether each item's passages get through the copy gate (:mod:`diekae_rag.copy.gate`)."""
         if not copy.gated:
             return [True] * len(prompts)
-        prior = self.passage_prior if isinstance(self.passage_prior, PassagePrior) else None
-        return gate_open([self.prompter.user_text(x) for x in prompts], passages, copy, prior,
+        return gate_open([self.prompter.user_text(x) for x in prompts], passages, copy, self._embedding_prior(),
                          self.answer_reader if copy.gate_no_answer < 1 else None)
+
+    def _embedding_prior(self) -> Optional[PassagePrior]:
+        """The passage prior when it is the sentence-embedding one (whose vectors can be cached)."""
+        return self.passage_prior if isinstance(self.passage_prior, PassagePrior) else None
 
     def session(self, encoder: DiekaeEncoder, prompts, passages, decoder_mask: torch.Tensor, answers,
                 active: Sequence[bool], copy: CopyConfig, providers: Sequence[ScoreProvider] = ()) -> EncoderSession:
@@ -180,7 +183,7 @@ class KnowledgeEncoding:
         for provider in providers:
             scores = provider.slot_scores(questions, passages, layout, copy, self.device)
             if scores is not None:
-                field = "first_bias" if getattr(provider, "at_first", False) else "prior"
+                field = "first_bias" if provider.at_first else "prior"
                 memory = replace(memory, **{field: scores})
         if copy.first_unspaced:
             memory = replace(memory, first_ids=first_piece_ids(self.passage_tokens, passages, layout, self.device))
@@ -199,10 +202,11 @@ class KnowledgeEncoding:
             i += len(it[0])
         return per_item
 
-    def precompute(self, passages: Sequence[str], copy: CopyConfig, prior=None) -> int:
+    def precompute(self, passages: Sequence[str], copy: CopyConfig) -> int:
         """Encode passages ahead of queries (e.g. at index time), with what the copy needs of them."""
         passages = clean_passages(list(passages))
-        if prior is not None and copy.passage_prior:
+        prior = self._embedding_prior()
+        if prior is not None and (copy.passage_prior or copy.gate_cosine):
             prior.passage_vectors(passages)
         for p in passages:
             if copy.first_unspaced:

@@ -12,7 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .answer_reader import AnswerStartReader
 from .checkpoint import DecoderMismatchError, load_encoder, read_config, read_copy_config, save_encoder
 from .config import EncoderConfig, decoder_fingerprint
-from .copy import CopyConfig, PassagePrior, ScoreProvider
+from .copy import CopyConfig, ScoreProvider
 from .decoder import freeze, load_decoder
 from .defaults import DEFAULT_DECODER
 from .edit_scope import EditScopes
@@ -180,13 +180,16 @@ class DiekaeModel:
         Closing the generator (or breaking out of the loop) stops generation within one decode step."""
         stop = stop_list(stop, gen_kwargs.pop("stop_strings", None))
         prompts, passages = self.prepare([question], [knowledge], mode)  # fail fast, in the caller's thread
-        if self._abstains(prompts, passages, mode, self._copy(copy))[0]:
-            yield self._copy(copy).no_answer_text
+        resolved = self._copy(copy)
+        gate, abstain = self._gate(prompts, passages, mode, resolved)
+        if abstain[0]:
+            yield resolved.no_answer_text
             return
         user = gen_kwargs.pop("stopping_criteria", None)
         yield from held_back(stream_generation(
-            lambda streamer, criteria: self._generate_ids([question], [knowledge], mode, max_new_tokens, copy, stop=stop,
-                                                          streamer=streamer, stopping_criteria=criteria, **gen_kwargs),
+            lambda streamer, criteria: self._generate_ids([question], [knowledge], mode, max_new_tokens, resolved,
+                                                          stop=stop, gate=gate, streamer=streamer,
+                                                          stopping_criteria=criteria, **gen_kwargs),
             self.tokenizer, user), stop)
 
     def score(self, question: str, answer: str, knowledge: Knowledge = None, *, mode: str = "diekae",
@@ -251,15 +254,17 @@ class DiekaeModel:
 
     def build_injection(self, prompts: Sequence[list[int]], passages: Sequence[list[str]],
                         decoder_mask: torch.Tensor, answers: Optional[Sequence[list[int]]] = None,
-                        copy: CopyOverride = None) -> Optional[Injection]:
+                        copy: CopyOverride = None, gate: Optional[Sequence[bool]] = None) -> Optional[Injection]:
         """Encode the passages and align the rows with the decoder's (padded) prompts.
 
         Items with no passages get no rows. ``answers`` (teacher forcing) are read by the
         encoders in per-step mode. Edit encoders, when applied, are added on top.
         """
         copy = self._copy(copy)
-        if any(passages):  # the gate: where it closes, the item gets no knowledge (exactly mode="none")
-            passages = [p if g else [] for p, g in zip(passages, self.knowledge.gate(prompts, passages, copy))]
+        if gate is None and any(passages):
+            gate = self.knowledge.gate(prompts, passages, copy)
+        if gate is not None:  # the gate: where it closes, the item gets no knowledge (exactly mode="none")
+            passages = [p if g else [] for p, g in zip(passages, gate)]
         sessions = []
         has_k = [bool(p) for p in passages]
         if any(has_k):
@@ -270,11 +275,14 @@ class DiekaeModel:
                                                    self.in_edit_scope(enc, prompts), copy))
         return Injection(self.decoder, sessions) if sessions else None
 
-    def _abstains(self, prompts, passages, mode: str, copy: CopyConfig) -> list[bool]:
-        """Which items get ``copy.no_answer_text``: knowledge given, the gate closed, abstention on."""
-        if mode != "diekae" or copy.on_no_answer != "abstain" or not copy.gated:
-            return [False] * len(prompts)
-        return [bool(p) and not g for p, g in zip(passages, self.knowledge.gate(prompts, passages, copy))]
+    def _gate(self, prompts, passages, mode: str, copy: CopyConfig) -> tuple[Optional[list[bool]], list[bool]]:
+        """The copy gate of a diekae call (None when it cannot close), and which items get
+        ``copy.no_answer_text`` instead of an answer: knowledge given, the gate closed, abstention on."""
+        if mode != "diekae" or not copy.gated or not any(passages):
+            return None, [False] * len(prompts)
+        gate = self.knowledge.gate(prompts, passages, copy)
+        abstain = copy.on_no_answer == "abstain"
+        return gate, [abstain and bool(p) and not g for p, g in zip(passages, gate)]
 
     def _copy(self, copy: CopyOverride) -> CopyConfig:
         if copy is None:
@@ -303,10 +311,9 @@ class DiekaeModel:
         the prompt. Needs ``passage_isolation``; returns how many passages are now cached."""
         if not self.config.passage_isolation:
             raise ValueError("precompute() needs encoders trained with passage_isolation=True.")
-        prior = self.passage_prior if isinstance(self.passage_prior, PassagePrior) else None
-        return self.knowledge.precompute(passages, self.copy.with_overrides(copy), prior)
+        return self.knowledge.precompute(passages, self.copy.with_overrides(copy))
 
-    def _generate_ids(self, questions, knowledges, mode, max_new_tokens, copy=None, stop=(), **gen_kwargs
+    def _generate_ids(self, questions, knowledges, mode, max_new_tokens, copy=None, stop=(), gate=None, **gen_kwargs
                       ) -> list[Optional[torch.Tensor]]:
         """Each answer's new token ids (None where the gate closed and the model abstains); generation
         ends at a ``stop`` string through transformers' own ``stop_strings``."""
@@ -320,12 +327,14 @@ class DiekaeModel:
         ids, mask = self.prompter.pad(prompts, self.device, side="left")
         gen_kwargs.setdefault("do_sample", False)
         copy = self._copy(copy)
-        abstain = self._abstains(prompts, passages, mode, copy)
+        abstain = [False] * len(prompts)  # a caller that passes the gate has handled abstention
+        if gate is None:  # None from _gate itself costs nothing: the gate cannot close
+            gate, abstain = self._gate(prompts, passages, mode, copy)
         if all(abstain):
             return [None] * len(prompts)
         with torch.inference_mode():
             inj = self.build_injection(prompts, passages if mode == "diekae" else [[] for _ in prompts], mask,
-                                       copy=copy)
+                                       copy=copy, gate=gate)
             with injecting(inj):
                 out = self.decoder.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                             pad_token_id=self.prompter.pad_id, eos_token_id=self.prompter.stop_ids,

@@ -20,7 +20,11 @@ OFF_TOPIC = ["The harbour froze early that winter.", "Prices of wool fell again.
 class TopicEmbedder:
     """A stand-in sentence embedder: texts naming Calgra point one way, all others another."""
 
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+
     def encode(self, texts):
+        self.texts += list(texts)
         return np.array([[1.0, 0.0] if "calgra" in t.lower() else [0.0, 1.0] for t in texts], dtype=np.float32)
 
 
@@ -59,7 +63,13 @@ def test_abstention_returns_the_fixed_sentence_where_the_gate_closes():
     q = "Where is Calgra?"
     assert model.generate(q, OFF_TOPIC, max_new_tokens=8) == "Not in the documents."
     assert "".join(model.stream(q, OFF_TOPIC, max_new_tokens=8)) == "Not in the documents."
+    embedder = model.passage_prior.embedder
+    embedder.texts.clear()
     assert model.generate(q, ON_TOPIC, max_new_tokens=8) != "Not in the documents."
+    assert embedder.texts.count(q) == 1, "the gate is computed once per call"
+    embedder.texts.clear()
+    "".join(model.stream(q, ON_TOPIC, max_new_tokens=8))
+    assert embedder.texts.count(q) == 1, "and once per stream"
     assert model.generate(q, max_new_tokens=8) != "Not in the documents.", "no knowledge: nothing to gate"
     assert model.generate(q, OFF_TOPIC, mode="in_context", max_new_tokens=8) != "Not in the documents."
     items = [NegativeItem(q, OFF_TOPIC, ["north"]), NegativeItem(q, ON_TOPIC, ["north"])]

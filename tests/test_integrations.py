@@ -29,9 +29,9 @@ def spy(model):
     h = base.register_forward_pre_hook(pre, with_kwargs=True)
     orig = model.build_injection
 
-    def build(prompts_ids, passages, mask, answers=None, copy=None):
+    def build(prompts_ids, passages, mask, answers=None, **kwargs):
         knowledge.extend(passages)
-        return orig(prompts_ids, passages, mask, answers, copy)
+        return orig(prompts_ids, passages, mask, answers, **kwargs)
 
     model.build_injection = build
     try:
