@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import warnings
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -37,12 +37,32 @@ def match_classes(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
     return classes
 
 
-def check_question(question: object) -> str:
-    if not isinstance(question, str):
-        raise TypeError(f"question must be a str, got {type(question).__name__}.")
-    if not question.strip():
-        raise ValueError("The question is empty; pass the text you want answered.")
-    return question
+Question = Union[str, Sequence[Mapping[str, str]]]
+"""A question string, or a conversation: ``{"role": "user" | "assistant", "content": str}`` turns
+that end with the user's question. Earlier turns reach the decoder as chat turns."""
+
+_ROLES = ("user", "assistant")
+
+
+def check_question(question: object) -> Question:
+    """``question`` checked: a non-empty string, or a conversation of user/assistant turns that ends
+    with a user turn (returned as a list of plain dicts)."""
+    if isinstance(question, str):
+        if not question.strip():
+            raise ValueError("The question is empty; pass the text you want answered.")
+        return question
+    if not isinstance(question, (list, tuple)):
+        raise TypeError(f"question must be a str or a list of chat turns, got {type(question).__name__}.")
+    turns = []
+    for t in question:
+        role, content = (t.get("role"), t.get("content")) if isinstance(t, Mapping) else (None, None)
+        if role not in _ROLES or not isinstance(content, str):
+            raise TypeError('Each chat turn must be {"role": "user" or "assistant", "content": str}; '
+                            f"got {t!r}. Give system instructions through the model's config, not as a turn.")
+        turns.append({"role": role, "content": content})
+    if not turns or turns[-1]["role"] != "user" or not turns[-1]["content"].strip():
+        raise ValueError("A conversation must end with a non-empty user turn: the question to answer.")
+    return turns
 
 
 def clean_passages(knowledge: object) -> list[str]:
@@ -117,34 +137,42 @@ class Prompter:
     def ids(self, text: str) -> list[int]:
         return list(self._encode(text))
 
-    def prompt_text(self, question: str, passages: Sequence[str] = ()) -> str:
-        """The decoder's prompt: chat template, passages in the user turn only when given."""
-        user = question
+    def prompt_text(self, question: Question, passages: Sequence[str] = ()) -> str:
+        """The decoder's prompt: chat template, passages in the (last) user turn only when given.
+        A conversation's earlier turns come before it as turns of their own."""
+        turns = [{"role": "user", "content": question}] if isinstance(question, str) else [dict(t) for t in question]
         if passages:
-            user = "Passages:\n" + "\n\n".join(passages) + "\n\nQuestion: " + question
+            turns[-1]["content"] = "Passages:\n" + "\n\n".join(passages) + "\n\nQuestion: " + turns[-1]["content"]
         if getattr(self.tok, "chat_template", None):
-            msgs = [{"role": "user", "content": user}]
             if self.config.system_prompt:
-                msgs.insert(0, {"role": "system", "content": self.config.system_prompt})
-            return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+                turns.insert(0, {"role": "system", "content": self.config.system_prompt})
+            return self.tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
         prefix = f"{self.config.system_prompt}\n" if self.config.system_prompt else ""
-        return f"{prefix}{user}\nAnswer:"
+        history = "".join(f"{t['role'].capitalize()}: {t['content']}\n" for t in turns[:-1])
+        last = ("User: " if history else "") + turns[-1]["content"]
+        return f"{prefix}{history}{last}\nAnswer:"
 
-    def prompt_ids(self, question: str, passages: Sequence[str] = ()) -> list[int]:
+    def prompt_ids(self, question: Question, passages: Sequence[str] = ()) -> list[int]:
         return self.ids(self.prompt_text(question, passages))
 
     def user_text(self, prompt: list[int]) -> str:
-        """The user's part of a prompt (the question, and in-context passages): the chat template's
-        frame, found once by rendering a marker question, is cut off."""
+        """The last user turn of a prompt (the question, and in-context passages): the chat
+        template's frame, found once by rendering marker conversations, is cut off."""
         if self._chat_frame is None:
-            marker = "QQSENTINELQQ"
-            probe = self.tok.decode(self.prompt_ids(marker), skip_special_tokens=True)
-            head, _, tail = probe.partition(marker)
-            self._chat_frame = (head, tail)
-        head, tail = self._chat_frame
-        text = self.tok.decode(prompt, skip_special_tokens=True)
+            a, b, c = "QQONEQQ", "QQTWOQQ", "QQTHREEQQ"
+            one = self.tok.decode(self.prompt_ids(a))
+            head, _, tail = one.partition(a)
+            three = self.tok.decode(self.prompt_ids([{"role": "user", "content": a},
+                                                     {"role": "assistant", "content": b},
+                                                     {"role": "user", "content": c}]))
+            turn = three[three.index(b) + len(b): three.index(c)]  # from an answer's end to a question's start
+            self._chat_frame = (head, tail, turn)
+        head, tail, turn = self._chat_frame
+        text = self.tok.decode(prompt)
         if text.startswith(head) and text.endswith(tail) and len(text) >= len(head) + len(tail):
             text = text[len(head): len(text) - len(tail)]
+        if turn and turn in text:
+            text = text[text.rindex(turn) + len(turn):]
         return text.strip()
 
     def answer_ids(self, answer: str, with_eos: bool = False) -> list[int]:
