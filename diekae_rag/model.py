@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, AsyncIterator, Iterator, Mapping, NamedTuple, Optional, Sequence, Union
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -19,8 +20,8 @@ from .edit_scope import EditScopes
 from .encoder import DiekaeEncoder
 from .injection import Injection, decoder_layers, injecting, install_hooks
 from .knowledge import Encoded, KnowledgeEncoding
-from .prompts import check_mode, check_question, clean_passages
-from .streaming import cut_at_stop, held_back, stop_list, stream_generation
+from .prompts import KnowledgeTruncatedWarning, Question, check_mode, check_question, clean_passages
+from .streaming import cut_at_stop, held_back, iterate_in_thread, stop_list, stream_generation
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,14 @@ SHIPPED_WEIGHTS = Path(__file__).parent / "weights" / "smollm2-135m"
 
 Knowledge = Optional[Sequence[str]]
 CopyOverride = Union[CopyConfig, Mapping[str, Any], None]
+
+
+class Usage(NamedTuple):
+    """Token counts of one call (see :meth:`DiekaeModel.usage`)."""
+
+    input_tokens: int      # the decoder's prompt
+    output_tokens: int     # the answer
+    knowledge_tokens: int  # passage tokens the encoders read
 
 
 class DiekaeModel:
@@ -155,7 +164,7 @@ class DiekaeModel:
         return self.decoder.device
 
     # ------------------------------------------------------------------ public API
-    def generate(self, question: str, knowledge: Knowledge = None, *, mode: str = "diekae",
+    def generate(self, question: Question, knowledge: Knowledge = None, *, mode: str = "diekae",
                  max_new_tokens: int = 128, copy: CopyOverride = None, stop: Optional[Sequence[str]] = None,
                  **gen_kwargs) -> str:
         """Answer ``question``; ``knowledge`` is a list of passages. Generation ends at any ``stop``
@@ -163,7 +172,7 @@ class DiekaeModel:
         return self.generate_batch([question], [knowledge], mode=mode, max_new_tokens=max_new_tokens, copy=copy,
                                    stop=stop, **gen_kwargs)[0]
 
-    def generate_batch(self, questions: Sequence[str], knowledges: Optional[Sequence[Knowledge]] = None, *,
+    def generate_batch(self, questions: Sequence[Question], knowledges: Optional[Sequence[Knowledge]] = None, *,
                        mode: str = "diekae", max_new_tokens: int = 128, copy: CopyOverride = None,
                        stop: Optional[Sequence[str]] = None, **gen_kwargs) -> list[str]:
         """Answer several questions in one padded batch; equals calling :meth:`generate` on each. Where
@@ -173,7 +182,7 @@ class DiekaeModel:
         return [cut_at_stop(self.tokenizer.decode(o, skip_special_tokens=True), stop).strip() if o is not None
                 else self.copy.with_overrides(copy).no_answer_text for o in out]
 
-    def stream(self, question: str, knowledge: Knowledge = None, *, mode: str = "diekae",
+    def stream(self, question: Question, knowledge: Knowledge = None, *, mode: str = "diekae",
                max_new_tokens: int = 128, copy: CopyOverride = None, stop: Optional[Sequence[str]] = None,
                **gen_kwargs) -> Iterator[str]:
         """Yield the answer's text as it is generated, up to any ``stop`` string (not yielded).
@@ -191,6 +200,21 @@ class DiekaeModel:
                                                           stop=stop, gate=gate, streamer=streamer,
                                                           stopping_criteria=criteria, **gen_kwargs),
             self.tokenizer, user), stop)
+
+    async def astream(self, question: Question, knowledge: Knowledge = None, **kwargs) -> AsyncIterator[str]:
+        """:meth:`stream` for asyncio: each piece as it is generated, the event loop free meanwhile.
+        ``aclose()`` (or leaving the ``async for``) stops generation."""
+        async for piece in iterate_in_thread(lambda: self.stream(question, knowledge, **kwargs)):
+            yield piece
+
+    def usage(self, question: Question, knowledge: Knowledge, answer: str, mode: str = "diekae") -> Usage:
+        """Token counts of one call: the decoder's prompt, the answer, and the passage tokens that the
+        encoders read (in-context passages count as input tokens instead)."""
+        prompts, passages = self.prepare([question], [knowledge], mode)
+        with warnings.catch_warnings():  # the call itself has warned about any cut
+            warnings.simplefilter("ignore", KnowledgeTruncatedWarning)
+            read = sum(map(len, self.prompter.passage_ids(passages[0]))) if mode == "diekae" else 0
+        return Usage(len(prompts[0]), len(self.prompter.ids(answer)) if answer else 0, read)
 
     def score(self, question: str, answer: str, knowledge: Knowledge = None, *, mode: str = "diekae",
               copy: CopyOverride = None) -> float:

@@ -9,25 +9,38 @@ threads down (a generation thread killed inside a torch op aborts the process).
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import threading
-from typing import Callable, Iterator, Sequence
+from contextvars import ContextVar
+from typing import AsyncIterator, Callable, Iterator, Optional, Sequence, TypeVar
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
+T = TypeVar("T")
+
+
+# Set by iterate_in_thread on its worker thread: closing the async iterator ends the generation
+# that runs for it at the next decode step, not at the next piece of text.
+_CLOSED: ContextVar[Optional[threading.Event]] = ContextVar("diekae_stream_closed", default=None)
+
 
 class Cancel(StoppingCriteria):
-    """Stops every sequence once :meth:`set` is called."""
+    """Stops every sequence once :meth:`set` is called (or the ``also`` event is set)."""
 
-    def __init__(self) -> None:
+    def __init__(self, also: Optional[threading.Event] = None) -> None:
         self.event = threading.Event()
+        self.also = also
 
     def set(self) -> None:
         self.event.set()
 
+    def is_set(self) -> bool:
+        return self.event.is_set() or (self.also is not None and self.also.is_set())
+
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+        return torch.full((input_ids.shape[0],), self.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 _LIVE: dict[int, tuple[Cancel, threading.Thread]] = {}
@@ -93,7 +106,7 @@ def stream_generation(run: Callable[[TextIteratorStreamer, StoppingCriteriaList]
     """Yield the text that ``run(streamer, criteria)`` generates on a worker thread; ``criteria``
     holds the cancel criterion (and ``stopping_criteria``, when given) and must reach ``generate``."""
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    cancel = Cancel()
+    cancel = Cancel(_CLOSED.get())
     criteria = StoppingCriteriaList([cancel, *(stopping_criteria or [])])
     errors: list[BaseException] = []
 
@@ -119,3 +132,52 @@ def stream_generation(run: Callable[[TextIteratorStreamer, StoppingCriteriaList]
             _LIVE.pop(id(thread), None)
     if errors:
         raise errors[0]
+
+
+async def iterate_in_thread(make: Callable[[], Iterator[T]]) -> AsyncIterator[T]:
+    """Each item of the iterator that ``make()`` returns, as it comes, without blocking the event
+    loop: a worker thread runs the iterator and hands items over through an ``asyncio.Queue``.
+
+    Closing the async iterator (``aclose()``, a ``break`` in ``async for``, a cancelled task) closes
+    the sync iterator at its next item; for :func:`stream_generation` that ends generation.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    closed = threading.Event()
+    end = object()
+
+    def put(item, error=None) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, (item, error))
+        except RuntimeError:  # the loop is gone: nobody is reading
+            closed.set()
+
+    def pump() -> None:
+        _CLOSED.set(closed)
+        try:
+            it = make()
+            try:
+                for item in it:
+                    if closed.is_set():
+                        break
+                    put(item)
+            finally:
+                close = getattr(it, "close", None)
+                if close is not None:
+                    close()
+        except BaseException as exc:  # re-raised in the event loop
+            put(end, exc)
+        else:
+            put(end)
+
+    threading.Thread(target=pump, daemon=True).start()
+    try:
+        while True:
+            item, error = await queue.get()
+            if item is end:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        closed.set()
