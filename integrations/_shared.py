@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Optional
 
+from diekae_rag.defaults import DEFAULT_DECODER
 from diekae_rag.model import DiekaeModel
 
 _DEFAULT: list[DiekaeModel] = []
@@ -17,6 +18,11 @@ def default_model() -> DiekaeModel:
         if not _DEFAULT:
             _DEFAULT.append(DiekaeModel.from_pretrained())
         return _DEFAULT[0]
+
+
+def model_name(model: Optional[DiekaeModel]) -> str:
+    """The name frameworks report for a model: ``diekae:`` and its decoder (the default's when unset)."""
+    return "diekae:" + (model.config.decoder_name if model is not None else DEFAULT_DECODER)
 
 
 def passage_texts(passages) -> list[str]:

@@ -11,14 +11,15 @@ chat model takes ``documents=``; they go to the encoders, never into the prompt:
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any, AsyncIterator, Iterator, Optional
 
-from langchain_core.callbacks import CallbackManagerForLLMRun, CallbackManagerForRetrieverRun
+from langchain_core.callbacks import (AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun,
+                                      CallbackManagerForRetrieverRun)
 from langchain_core.documents import Document
-from langchain_core.language_models import BaseChatModel
+from langchain_core.language_models import BaseChatModel, LangSmithParams
 from langchain_core.language_models.llms import LLM
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, SystemMessage
+from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, GenerationChunk
 from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables import Runnable, RunnableGenerator
@@ -27,7 +28,7 @@ from pydantic import ConfigDict, Field
 
 from diekae_rag.model import DiekaeModel
 
-from ._shared import copy_overrides, default_model, passage_texts
+from ._shared import copy_overrides, default_model, model_name, passage_texts
 
 
 class _DiekaeMixin:
@@ -42,12 +43,23 @@ class _DiekaeMixin:
             self.model = default_model()
         return self.model
 
-    def _mode(self, passages: list[str]) -> str:
-        return self.mode if passages or self.mode != "diekae" else "none"
+    def _call_args(self, question, kwargs: dict, stop: Optional[list[str]]) -> tuple[tuple, dict]:
+        """``(question, passages)`` and the model's keyword arguments for one call."""
+        passages = passage_texts(kwargs.pop("passages", None))
+        mode = self.mode if passages or self.mode != "diekae" else "none"
+        return (question, passages), dict(mode=mode, max_new_tokens=self.max_new_tokens, stop=stop,
+                                          copy=copy_overrides(self.copy_settings, self.on_no_answer))
+
+    def _get_ls_params(self, stop: Optional[list[str]] = None, **kwargs: Any) -> LangSmithParams:
+        params = super()._get_ls_params(stop=stop, **kwargs)
+        override = kwargs.get("model")
+        params["ls_model_name"] = override if isinstance(override, str) else model_name(self.model)
+        params["ls_max_tokens"] = self.max_new_tokens
+        return params
 
 
 class DiekaeLLM(_DiekaeMixin, LLM):
-    """A LangChain LLM: ``invoke(question, passages=[...])``; streams with ``stream``."""
+    """A LangChain LLM: ``invoke(question, passages=[...])``; streams with ``stream`` and ``astream``."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
@@ -57,24 +69,34 @@ class DiekaeLLM(_DiekaeMixin, LLM):
 
     def _call(self, prompt: str, stop: Optional[list[str]] = None,
               run_manager: Optional[CallbackManagerForLLMRun] = None, **kwargs: Any) -> str:
-        passages = passage_texts(kwargs.pop("passages", None))
-        return self._diekae().generate(prompt, passages, mode=self._mode(passages), max_new_tokens=self.max_new_tokens,
-                                       copy=copy_overrides(self.copy_settings, self.on_no_answer), stop=stop)
+        args, call = self._call_args(prompt, kwargs, stop)
+        return self._diekae().generate(*args, **call, **kwargs)
 
     def _stream(self, prompt: str, stop: Optional[list[str]] = None,
                 run_manager: Optional[CallbackManagerForLLMRun] = None, **kwargs: Any) -> Iterator[GenerationChunk]:
-        passages = passage_texts(kwargs.pop("passages", None))
-        for delta in self._diekae().stream(prompt, passages, mode=self._mode(passages),
-                                           max_new_tokens=self.max_new_tokens, stop=stop,
-                                           copy=copy_overrides(self.copy_settings, self.on_no_answer)):
+        args, call = self._call_args(prompt, kwargs, stop)
+        for delta in self._diekae().stream(*args, **call, **kwargs):
             chunk = GenerationChunk(text=delta)
             if run_manager:
                 run_manager.on_llm_new_token(delta, chunk=chunk)
             yield chunk
 
+    async def _astream(self, prompt: str, stop: Optional[list[str]] = None,
+                       run_manager: Optional[AsyncCallbackManagerForLLMRun] = None, **kwargs: Any
+                       ) -> AsyncIterator[GenerationChunk]:
+        args, call = self._call_args(prompt, kwargs, stop)
+        async for delta in self._diekae().astream(*args, **call, **kwargs):
+            chunk = GenerationChunk(text=delta)
+            if run_manager:
+                await run_manager.on_llm_new_token(delta, chunk=chunk)
+            yield chunk
+
 
 class ChatDiekae(_DiekaeMixin, BaseChatModel):
-    """A LangChain chat model; the last human message is the question, ``passages=`` the knowledge."""
+    """A LangChain chat model. Human and AI messages reach the decoder as chat turns (the last
+    human message is the question); ``passages=`` is the knowledge. System messages are not passed:
+    the encoders were trained with the model's own system prompt. Usage metadata counts the decoder's
+    input and output tokens, and the passage tokens the encoders read (``input_token_details["knowledge"]``)."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
@@ -83,35 +105,65 @@ class ChatDiekae(_DiekaeMixin, BaseChatModel):
         return "diekae-chat"
 
     @staticmethod
-    def _question(messages: list[BaseMessage]) -> str:
+    def _conversation(messages: list[BaseMessage]) -> list[dict]:
         turns = [m for m in messages if not isinstance(m, SystemMessage)]
         if not turns or not isinstance(turns[-1], HumanMessage):
             raise ValueError("ChatDiekae needs the last message to be a HumanMessage with the question.")
-        if len(turns) == 1:
-            return str(turns[-1].content)
-        history = "\n".join(f"{'User' if isinstance(m, HumanMessage) else 'Assistant'}: {m.content}"
-                            for m in turns[:-1])
-        return f"Conversation so far:\n{history}\n\n{turns[-1].content}"
+        out = []
+        for m in turns:
+            if not isinstance(m, (HumanMessage, AIMessage)):
+                raise ValueError(f"ChatDiekae reads human and AI messages only, got {type(m).__name__}.")
+            out.append({"role": "user" if isinstance(m, HumanMessage) else "assistant", "content": str(m.text)})
+        return out
+
+    def _usage(self, args: tuple, mode: str, text: str) -> UsageMetadata:
+        u = self._diekae().usage(*args, text, mode=mode)
+        return UsageMetadata(input_tokens=u.input_tokens, output_tokens=u.output_tokens,
+                             total_tokens=u.input_tokens + u.output_tokens,
+                             input_token_details={"knowledge": u.knowledge_tokens})
 
     def _generate(self, messages: list[BaseMessage], stop: Optional[list[str]] = None,
                   run_manager: Optional[CallbackManagerForLLMRun] = None, **kwargs: Any) -> ChatResult:
-        passages = passage_texts(kwargs.pop("passages", None))
-        text = self._diekae().generate(self._question(messages), passages, mode=self._mode(passages),
-                                       max_new_tokens=self.max_new_tokens, stop=stop,
-                                       copy=copy_overrides(self.copy_settings, self.on_no_answer))
-        return ChatResult(generations=[ChatGeneration(message=AIMessage(content=text))])
+        args, call = self._call_args(self._conversation(messages), kwargs, stop)
+        text = self._diekae().generate(*args, **call, **kwargs)
+        message = AIMessage(content=text, usage_metadata=self._usage(args, call["mode"], text),
+                            response_metadata={"model_name": model_name(self.model)})
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+    def _chunk(self, delta: str) -> ChatGenerationChunk:
+        return ChatGenerationChunk(message=AIMessageChunk(content=delta))
+
+    def _last_chunk(self, args: tuple, call: dict, text: str) -> ChatGenerationChunk:
+        """The stream's closing chunk: no text, the usage of the whole answer (as OpenAI's streams end)."""
+        return ChatGenerationChunk(message=AIMessageChunk(
+            content="", usage_metadata=self._usage(args, call["mode"], text), chunk_position="last",
+            response_metadata={"model_name": model_name(self.model)}))
 
     def _stream(self, messages: list[BaseMessage], stop: Optional[list[str]] = None,
                 run_manager: Optional[CallbackManagerForLLMRun] = None, **kwargs: Any
                 ) -> Iterator[ChatGenerationChunk]:
-        passages = passage_texts(kwargs.pop("passages", None))
-        for delta in self._diekae().stream(self._question(messages), passages, mode=self._mode(passages),
-                                           max_new_tokens=self.max_new_tokens, stop=stop,
-                                           copy=copy_overrides(self.copy_settings, self.on_no_answer)):
-            chunk = ChatGenerationChunk(message=AIMessageChunk(content=delta))
+        args, call = self._call_args(self._conversation(messages), kwargs, stop)
+        text = ""
+        for delta in self._diekae().stream(*args, **call, **kwargs):
+            text += delta
+            chunk = self._chunk(delta)
             if run_manager:
                 run_manager.on_llm_new_token(delta, chunk=chunk)
             yield chunk
+        yield self._last_chunk(args, call, text)
+
+    async def _astream(self, messages: list[BaseMessage], stop: Optional[list[str]] = None,
+                       run_manager: Optional[AsyncCallbackManagerForLLMRun] = None, **kwargs: Any
+                       ) -> AsyncIterator[ChatGenerationChunk]:
+        args, call = self._call_args(self._conversation(messages), kwargs, stop)
+        text = ""
+        async for delta in self._diekae().astream(*args, **call, **kwargs):
+            text += delta
+            chunk = self._chunk(delta)
+            if run_manager:
+                await run_manager.on_llm_new_token(delta, chunk=chunk)
+            yield chunk
+        yield self._last_chunk(args, call, text)
 
 
 class DiekaeRetriever(BaseRetriever):
@@ -130,7 +182,8 @@ class DiekaeRetriever(BaseRetriever):
 def create_diekae_chain(retriever: BaseRetriever, llm: Optional[DiekaeLLM | ChatDiekae] = None,
                         *, model: Optional[DiekaeModel] = None) -> Runnable:
     """question -> retrieve -> inject -> answer, as an LCEL runnable returning
-    ``{"answer": str, "source_documents": list[Document]}``; supports invoke/stream/batch/ainvoke."""
+    ``{"answer": str, "source_documents": list[Document]}``; supports invoke/stream/batch and their
+    async forms, which stream each piece as it is generated."""
     llm = llm or DiekaeLLM(model=model)
 
     def _question(inputs: Any) -> str:
@@ -139,20 +192,23 @@ def create_diekae_chain(retriever: BaseRetriever, llm: Optional[DiekaeLLM | Chat
             raise ValueError("The chain's input is a question string or {'question': str}.")
         return q
 
+    def _answer(chunk) -> AddableDict:
+        return AddableDict(answer=chunk.content if isinstance(chunk, BaseMessage) else chunk)
+
     def transform(inputs: Iterator[Any]) -> Iterator[AddableDict]:
         for inp in inputs:
             question = _question(inp)
             docs = retriever.invoke(question)
             yield AddableDict(source_documents=docs)
             for chunk in llm.stream(question, passages=docs):
-                yield AddableDict(answer=chunk.content if isinstance(chunk, BaseMessage) else chunk)
+                yield _answer(chunk)
 
     async def atransform(inputs: AsyncIterator[Any]) -> AsyncIterator[AddableDict]:
         async for inp in inputs:
-            chunks = await asyncio.to_thread(lambda: list(transform(iter([inp]))))
-            for c in chunks:
-                yield c
+            question = _question(inp)
+            docs = await retriever.ainvoke(question)
+            yield AddableDict(source_documents=docs)
+            async for chunk in llm.astream(question, passages=docs):
+                yield _answer(chunk)
 
     return RunnableGenerator(transform, atransform, name="diekae_chain")
-
-

@@ -19,22 +19,29 @@ from __future__ import annotations
 
 import asyncio
 import re
-from typing import Any, AsyncGenerator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from llama_index.core.base.embeddings.base import BaseEmbedding
-from llama_index.core.base.llms.types import CompletionResponse, CompletionResponseGen, LLMMetadata
+from llama_index.core.base.llms.generic_utils import (astream_completion_response_to_chat_response,
+                                                       completion_response_to_chat_response,
+                                                       stream_completion_response_to_chat_response)
+from llama_index.core.base.llms.types import (ChatMessage, ChatResponse, ChatResponseAsyncGen, ChatResponseGen,
+                                              CompletionResponse, CompletionResponseAsyncGen,
+                                              CompletionResponseGen, LLMMetadata, MessageRole)
 from llama_index.core.callbacks import CallbackManager
-from llama_index.core.llms.callbacks import llm_completion_callback
+from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
-from llama_index.core.prompts import BasePromptTemplate
+from llama_index.core.prompts import BasePromptTemplate, ChatPromptTemplate
 from llama_index.core.response_synthesizers import BaseSynthesizer
 from llama_index.core.retrievers import BaseRetriever
 from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
+from llama_index.core.types import TokenAsyncGen, TokenGen
 from pydantic import PrivateAttr
 
 from diekae_rag.model import DiekaeModel
+from diekae_rag.prompts import Question
 
-from ._shared import copy_overrides, default_model
+from ._shared import copy_overrides, default_model, model_name
 
 _CONTEXT_KEYS = ("context_str", "context_msg")
 # LlamaIndex packs retrieved chunks into one context string with blank lines between them
@@ -43,10 +50,17 @@ _CONTEXT_KEYS = ("context_str", "context_msg")
 _BLANK_LINES = re.compile(r"\n\s*\n")
 
 
-def split_prompt_args(prompt: BasePromptTemplate, prompt_args: dict) -> tuple[Optional[str], list[str]]:
+# LlamaIndex counts tokens with its own tokenizer (tiktoken cl100k_base); the decoder's tokenizer
+# needs at most 1.29x as many on English prose (1.03x median over 747 passages from examples/docs and
+# SQuAD-Shifts). The context window leaves that margin, so packed chunks fit max_knowledge_tokens.
+TOKENS_PER_LLAMAINDEX_TOKEN = 1.3
+
+
+def split_prompt_args(prompt: BasePromptTemplate, prompt_args: dict) -> tuple[Optional[Question], list[str]]:
     """(decoder question, knowledge passages) from a template's partial and call arguments.
 
-    Returns ``(None, [])`` when the template carries no retrieved context.
+    The question is a conversation (chat turns) when a chat template carries earlier turns, as a
+    chat engine's does. Returns ``(None, [])`` when the template carries no retrieved context.
     """
     args = {**getattr(prompt, "kwargs", {}), **prompt_args}
     context: list[str] = []
@@ -57,20 +71,34 @@ def split_prompt_args(prompt: BasePromptTemplate, prompt_args: dict) -> tuple[Op
                 context += [p.strip() for p in _BLANK_LINES.split(text) if p.strip()]
     if not any(k in args for k in _CONTEXT_KEYS):
         return None, []
-    question = args.get("query_str")
-    if not question:
-        question = prompt.format(**{**prompt_args, **{k: "" for k in _CONTEXT_KEYS}})
+    blank = {**prompt_args, **{k: "" for k in _CONTEXT_KEYS}}
+    question = args.get("query_str") or prompt.format(**blank)
     if args.get("existing_answer"):
         question = f"{question}\n(An earlier answer was: {args['existing_answer'].strip()})"
+    if isinstance(prompt, ChatPromptTemplate):  # earlier turns stay turns; system messages carry the context
+        turns = [{"role": m.role.value, "content": m.content or ""} for m in prompt.format_messages(**blank)
+                 if m.role in (MessageRole.USER, MessageRole.ASSISTANT)]
+        if len(turns) > 1 and turns[-1]["role"] == "user":
+            return turns[:-1] + [{"role": "user", "content": question}], context
     return question, context
 
 
+def chat_turns(messages: Sequence[ChatMessage]) -> list[dict]:
+    """LlamaIndex chat messages -> the decoder's chat turns (system messages are not passed: the
+    encoders were trained with the model's own system prompt)."""
+    return [{"role": m.role.value, "content": m.content or ""} for m in messages
+            if m.role in (MessageRole.USER, MessageRole.ASSISTANT)]
+
+
 class DiekaeLLM(CustomLLM):
-    """A LlamaIndex LLM whose retrieved context goes to DIEKÆ encoders, not into the prompt."""
+    """A LlamaIndex LLM whose retrieved context goes to DIEKÆ encoders, not into the prompt.
+
+    Responses carry token counts in ``additional_kwargs`` (``prompt_tokens``, ``completion_tokens``,
+    ``total_tokens`` and ``knowledge_tokens``, the passage tokens the encoders read); a stream's
+    last response carries them."""
 
     max_new_tokens: int = 128
     mode: str = "diekae"
-    context_window: int = 100_000
     copy_settings: Optional[dict] = None  # CopyConfig fields for every call, e.g. {"gate_cosine": 0.3}
     on_no_answer: Optional[str] = None   # "decoder" or "abstain" where the copy gate closes
     _model: DiekaeModel = PrivateAttr()
@@ -89,58 +117,109 @@ class DiekaeLLM(CustomLLM):
         return "DiekaeLLM"
 
     @property
-    def metadata(self) -> LLMMetadata:
-        # Passages never fill the decoder's prompt, so the context window is large.
-        return LLMMetadata(context_window=self.context_window, num_output=self.max_new_tokens,
-                           is_chat_model=False, model_name="diekae:" + self._model.config.decoder_name)
+    def context_window(self) -> int:
+        """What LlamaIndex may pack into one call: the answer, plus the knowledge the encoders read
+        (``max_knowledge_tokens``) in LlamaIndex's tokens. Passages never fill the decoder's prompt,
+        so anything more would be cut."""
+        return self.max_new_tokens + int(self._model.config.max_knowledge_tokens / TOKENS_PER_LLAMAINDEX_TOKEN)
 
-    # -- plain completion: an ordinary LLM over the prompt, no knowledge ------------------------
+    @property
+    def metadata(self) -> LLMMetadata:
+        return LLMMetadata(context_window=self.context_window, num_output=self.max_new_tokens,
+                           is_chat_model=False, model_name=model_name(self._model))
+
+    # -- completion and chat: an ordinary LLM over the prompt, knowledge only when given ---------
+    def _call(self, question: Question, knowledge) -> tuple[tuple, dict]:
+        return (question, knowledge), dict(mode=self.mode if knowledge else "none", max_new_tokens=self.max_new_tokens,
+                                           copy=copy_overrides(self.copy_settings, self.on_no_answer))
+
+    def _usage(self, args: tuple, call: dict, text: str) -> dict:
+        u = self._model.usage(*args, text, mode=call["mode"])
+        return {"prompt_tokens": u.input_tokens, "completion_tokens": u.output_tokens,
+                "total_tokens": u.input_tokens + u.output_tokens, "knowledge_tokens": u.knowledge_tokens}
+
+    def _answer(self, question: Question, knowledge) -> CompletionResponse:
+        args, call = self._call(question, knowledge)
+        text = self._model.generate(*args, **call)
+        return CompletionResponse(text=text, additional_kwargs=self._usage(args, call, text))
+
+    def _pieces(self, question: Question, knowledge) -> CompletionResponseGen:
+        args, call = self._call(question, knowledge)
+        text = ""
+        for delta in self._model.stream(*args, **call):
+            text += delta
+            yield CompletionResponse(text=text, delta=delta)
+        yield CompletionResponse(text=text, delta="", additional_kwargs=self._usage(args, call, text))
+
+    async def _apieces(self, question: Question, knowledge) -> CompletionResponseAsyncGen:
+        args, call = self._call(question, knowledge)
+        text = ""
+        async for delta in self._model.astream(*args, **call):
+            text += delta
+            yield CompletionResponse(text=text, delta=delta)
+        yield CompletionResponse(text=text, delta="", additional_kwargs=self._usage(args, call, text))
+
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        knowledge = kwargs.pop("knowledge", None)
-        text = self._model.generate(prompt, knowledge, mode=self._mode_for(knowledge),
-                                    max_new_tokens=self.max_new_tokens, copy=copy_overrides(self.copy_settings, self.on_no_answer))
-        return CompletionResponse(text=text)
+        return self._answer(prompt, kwargs.pop("knowledge", None))
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
-        knowledge = kwargs.pop("knowledge", None)
-        mode = self._mode_for(knowledge)
+        return self._pieces(prompt, kwargs.pop("knowledge", None))
 
-        def gen() -> CompletionResponseGen:
-            text = ""
-            for delta in self._model.stream(prompt, knowledge, mode=mode, max_new_tokens=self.max_new_tokens,
-                                            copy=copy_overrides(self.copy_settings, self.on_no_answer)):
-                text += delta
-                yield CompletionResponse(text=text, delta=delta)
-        return gen()
+    @llm_completion_callback()
+    async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        return await asyncio.to_thread(self._answer, prompt, kwargs.pop("knowledge", None))
 
-    def _mode_for(self, knowledge) -> str:
-        return self.mode if knowledge else "none"
+    @llm_completion_callback()
+    async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any
+                               ) -> CompletionResponseAsyncGen:
+        return self._apieces(prompt, kwargs.pop("knowledge", None))
 
-    # -- template calls from query engines: context -> encoders, query -> decoder --------------
+    @llm_chat_callback()
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        return completion_response_to_chat_response(self._answer(chat_turns(messages), kwargs.pop("knowledge", None)))
+
+    @llm_chat_callback()
+    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        return stream_completion_response_to_chat_response(
+            self._pieces(chat_turns(messages), kwargs.pop("knowledge", None)))
+
+    @llm_chat_callback()
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        return await asyncio.to_thread(self.chat, messages, **kwargs)
+
+    @llm_chat_callback()
+    async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
+        return astream_completion_response_to_chat_response(
+            self._apieces(chat_turns(messages), kwargs.pop("knowledge", None)))
+
+    # -- template calls from query and chat engines: context -> encoders, the rest -> decoder ----
     def predict(self, prompt: BasePromptTemplate, **prompt_args: Any) -> str:
         question, knowledge = split_prompt_args(prompt, prompt_args)
         if question is None:
             return super().predict(prompt, **prompt_args)
-        return self.complete(question, formatted=True, knowledge=knowledge).text
+        return self._answer(question, knowledge).text
 
-    def stream(self, prompt: BasePromptTemplate, **prompt_args: Any):
+    def stream(self, prompt: BasePromptTemplate, **prompt_args: Any) -> TokenGen:
         question, knowledge = split_prompt_args(prompt, prompt_args)
         if question is None:
             return super().stream(prompt, **prompt_args)
-        return (r.delta for r in self.stream_complete(question, formatted=True, knowledge=knowledge))
+        return (r.delta for r in self._pieces(question, knowledge) if r.delta)
 
     async def apredict(self, prompt: BasePromptTemplate, **prompt_args: Any) -> str:
         return await asyncio.to_thread(self.predict, prompt, **prompt_args)
 
-    async def astream(self, prompt: BasePromptTemplate, **prompt_args: Any) -> AsyncGenerator[str, None]:
-        tokens = await asyncio.to_thread(lambda: list(self.stream(prompt, **prompt_args)))
+    async def astream(self, prompt: BasePromptTemplate, **prompt_args: Any) -> TokenAsyncGen:
+        question, knowledge = split_prompt_args(prompt, prompt_args)
+        if question is None:
+            return await super().astream(prompt, **prompt_args)
 
-        async def agen() -> AsyncGenerator[str, None]:
-            for t in tokens:
-                yield t
-        return agen()
+        async def deltas() -> TokenAsyncGen:
+            async for r in self._apieces(question, knowledge):
+                if r.delta:
+                    yield r.delta
+        return deltas()
 
 
 class DiekaeSynthesizer(BaseSynthesizer):

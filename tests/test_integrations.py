@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import warnings
 from pathlib import Path
 
 import pytest
@@ -92,7 +93,97 @@ def test_llamaindex_plain_complete_is_an_ordinary_llm(real_model):
     llm = DiekaeLLM(model=real_model, max_new_tokens=NEW)
     assert llm.complete("What is 2 + 2?").text == real_model.generate("What is 2 + 2?", mode="none",
                                                                        max_new_tokens=NEW)
-    assert llm.metadata.context_window >= 32_000
+
+
+
+def test_llamaindex_packing_fits_what_the_encoders_read(real_model, real_embedder):
+    """A stock query engine over prose chunks (k=5, about 3,000 tokens) packs no more per call than the
+    encoders read: no KnowledgeTruncatedWarning, and every retrieved chunk still reaches the encoders."""
+    from llama_index.core import Document, VectorStoreIndex
+    from diekae_rag.data.negatives import closed_book
+    from diekae_rag.integrations.llamaindex import DiekaeEmbedding, DiekaeLLM
+    from diekae_rag.prompts import KnowledgeTruncatedWarning
+
+    paragraphs = list(dict.fromkeys(p for item in closed_book("dev") for p in item.passages))[:60]
+    docs = [Document(text="\n\n".join(paragraphs[i: i + 3])) for i in range(0, 60, 3)]
+    index = VectorStoreIndex.from_documents(docs, embed_model=DiekaeEmbedding(embedder=real_embedder))
+    engine = index.as_query_engine(llm=DiekaeLLM(model=real_model, max_new_tokens=NEW), similarity_top_k=5)
+    with warnings.catch_warnings(), spy(real_model) as (prompts, knowledge):
+        warnings.simplefilter("error", KnowledgeTruncatedWarning)
+        response = engine.query("What did the president of France's soccer federation decide?")
+    budget = real_model.config.max_knowledge_tokens
+    retrieved = sum(len(real_model.prompter.ids(n.node.get_content())) for n in response.source_nodes)
+    assert retrieved > 2 * budget, "the retrieved chunks are more than one call can read"
+    assert all(sum(len(real_model.prompter.ids(p)) for p in ps) <= budget for ps in knowledge)
+    read = " ".join(p for ps in knowledge for p in ps)
+    for n in response.source_nodes:  # nothing dropped: each paragraph reached the encoders in some call
+        assert all(par.strip()[:80] in read for par in n.node.get_content().split("\n\n")), "a chunk was lost"
+
+
+CONVERSATION = [("Who is Marsul Vantrel married to?", "Ithpelith Quorne."), ("Where was she born?", None)]
+
+
+def test_chat_history_reaches_the_decoder_as_turns(real_model):
+    """The second question needs the first: the bare decoder resolves "she" only with the history."""
+    turns = [{"role": "user", "content": CONVERSATION[0][0]}, {"role": "assistant", "content": CONVERSATION[0][1]},
+             {"role": "user", "content": CONVERSATION[1][0]}]
+    with_history = real_model.generate(turns, mode="none", max_new_tokens=16)
+    alone = real_model.generate(CONVERSATION[1][0], mode="none", max_new_tokens=16)
+    assert "Ithpelith" in with_history and "Ithpelith" not in alone, (with_history, alone)
+    with pytest.raises(ValueError, match="end with a non-empty user turn"):
+        real_model.generate(turns[:2])
+    with pytest.raises(TypeError, match="role"):
+        real_model.generate([{"role": "system", "content": "x"}, turns[-1]])
+
+
+def _history_in_prompt(prompts: list[str]) -> None:
+    first_q, first_a = CONVERSATION[0]
+    assert any(first_q in p and first_a in p and p.index(first_q) < p.index(first_a) < p.index(CONVERSATION[1][0])
+               for p in prompts), prompts
+    assert not any("Conversation so far" in p for p in prompts)
+
+
+def test_langchain_chat_keeps_turns_and_reports_usage(real_model):
+    from langchain_core.messages import AIMessage, HumanMessage
+    from diekae_rag.integrations.langchain import ChatDiekae
+
+    passages = ["Ithpelith Quorne was born in Davrenholt, a river town."]
+    chat = ChatDiekae(model=real_model, max_new_tokens=NEW)
+    messages = [HumanMessage(CONVERSATION[0][0]), AIMessage(CONVERSATION[0][1]), HumanMessage(CONVERSATION[1][0])]
+    with spy(real_model) as (prompts, knowledge):
+        reply = chat.invoke(messages, passages=passages)
+    _history_in_prompt(prompts)
+    assert knowledge == [passages] and "Davrenholt" in reply.content
+    usage = reply.usage_metadata
+    turns = ChatDiekae._conversation(messages)
+    assert usage["input_tokens"] == len(real_model.prompter.prompt_ids(turns))
+    assert usage["output_tokens"] == len(real_model.prompter.ids(reply.content)) > 0
+    assert usage["input_token_details"]["knowledge"] == len(real_model.prompter.ids(passages[0]))
+    assert chat._get_ls_params()["ls_model_name"] == "diekae:embedded:SmolLM2-135M-Instruct"
+    chunks = list(chat.stream(messages, passages=passages))
+    streamed = sum(chunks[1:], chunks[0])
+    assert streamed.content == reply.content and streamed.usage_metadata == usage
+
+
+def test_llamaindex_chat_engine_keeps_turns_and_reports_usage(real_model, real_embedder):
+    from llama_index.core import SimpleDirectoryReader, VectorStoreIndex
+    from diekae_rag.integrations.llamaindex import DiekaeEmbedding, DiekaeLLM
+
+    index = VectorStoreIndex.from_documents(SimpleDirectoryReader(str(DOCS)).load_data(),
+                                            embed_model=DiekaeEmbedding(embedder=real_embedder))
+    llm = DiekaeLLM(model=real_model, max_new_tokens=NEW)
+    engine = index.as_chat_engine(chat_mode="context", llm=llm, similarity_top_k=2)
+    engine.chat(CONVERSATION[0][0])
+    first_answer = str(engine.chat_history[-1].content)
+    with spy(real_model) as (prompts, knowledge):
+        engine.chat(CONVERSATION[1][0])
+    assert any(first_answer in p and CONVERSATION[0][0] in p for p in prompts), prompts
+    _assert_passages_only_in_encoders(prompts, knowledge, needle="Marsul")
+    usage = llm.complete(QUESTION, knowledge=["Marsul is married to Ithpelith."]).additional_kwargs
+    assert usage["knowledge_tokens"] == len(real_model.prompter.ids("Marsul is married to Ithpelith.")) > 0
+    assert usage["prompt_tokens"] == len(real_model.prompter.prompt_ids(QUESTION)) and usage["completion_tokens"] > 0
+    last = list(llm.stream_complete(QUESTION, knowledge=["Marsul is married to Ithpelith."]))[-1]
+    assert last.additional_kwargs == usage
 
 
 def test_langchain_chain_end_to_end(real_model, store):
