@@ -234,3 +234,15 @@ def test_init_from_can_switch_the_token_match_on(tmp_path):
     matched.save_pretrained(tmp_path / "matched")
     assert read_config(tmp_path / "matched").pointer_match
 
+
+
+def test_negatives_leave_out_the_gold_passage_of_that_share_of_items():
+    base = DataSpec(fictional=400, k=[1, 3], seed=1).build()
+    assert DataSpec(fictional=400, k=[1, 3], seed=1, negatives=0.0).build() == base, "off changes nothing"
+    mixed = DataSpec(fictional=400, k=[1, 3], seed=1, negatives=0.3).build()
+    holds = [any(ex.answer in p for p in ex.passages) for ex in mixed]
+    assert 0.2 < 1 - sum(holds) / len(holds) < 0.4
+    assert [ex.question for ex in mixed] == [ex.question for ex in base]
+    assert all(len(ex.passages) in (1, 3) for ex in mixed)
+    with pytest.raises(ValueError, match="share"):
+        DataSpec(fictional=10, negatives=1.5).build()

@@ -24,8 +24,12 @@ DISTRACTORS = ("random", "retrieved")
 
 
 def retrieval_style(items: list[Fact], k: Union[int, Sequence[int]], seed: int = 0,
-                    pool: Optional[list[str]] = None, distractors: str = "random") -> list[Example]:
+                    pool: Optional[list[str]] = None, distractors: str = "random",
+                    negatives: float = 0.0) -> list[Example]:
     """Put each gold passage among ``k-1`` distractor passages, shuffled.
+
+    A ``negatives`` share of the items gets ``k`` distractors and no gold passage: passages that
+    do not answer (same-topic ones with ``"retrieved"``), for learning when not to copy.
 
     ``distractors="random"`` draws them from other items' passages; ``"retrieved"`` takes the
     passages of ``pool`` nearest to the question (MiniLM + FAISS, as the product's retriever
@@ -39,18 +43,24 @@ def retrieval_style(items: list[Fact], k: Union[int, Sequence[int]], seed: int =
     ks = [k] if isinstance(k, int) else list(k)
     if not ks or min(ks) < 1:
         raise ValueError(f"k must be a positive number of passages (or a list of them), got {k!r}.")
+    if not 0 <= negatives <= 1:
+        raise ValueError(f"negatives is a share of the items, between 0 and 1; got {negatives!r}.")
+    most = max(ks) if negatives else max(ks) - 1
     mined = None
-    if distractors == "retrieved" and max(ks) > 1:
-        mined = retrieved_distractors([it.question for it in items], [it.passage for it in items], pool, max(ks) - 1)
+    if distractors == "retrieved" and most > 0:
+        mined = retrieved_distractors([it.question for it in items], [it.passage for it in items], pool, most)
+    neg_rng = random.Random(seed + 1)  # the same items get gold passages whatever ``negatives`` is
     out = []
     for i, it in enumerate(items):
         n = ks[0] if len(ks) == 1 else rng.choice(ks)
-        others = mined[i][: n - 1] if mined else []
-        while len(others) < n - 1 and len(pool) > n:
+        negative = negatives > 0 and neg_rng.random() < negatives
+        n_other = n if negative else n - 1
+        others = mined[i][:n_other] if mined else []
+        while len(others) < n_other and len(pool) > n:
             p = rng.choice(pool)
             if p != it.passage and p not in others:
                 others.append(p)
-        passages = others + [it.passage]
+        passages = others + ([] if negative else [it.passage])
         rng.shuffle(passages)
         out.append(Example(it.question, passages, it.answer, it.distractor, it.relation))
     return out
@@ -66,6 +76,7 @@ class DataSpec:
     k: Union[int, list[int]] = 1
     distractors: str = "random"   # or "retrieved": the question's nearest passages (FAISS)
     seed: int = 0
+    negatives: float = 0.0        # share of items whose passages do not hold the gold passage
     squad_files: list[str] = field(default_factory=lambda: list(TRAIN_FILES))
 
     def build(self, data_dir=None) -> list[Example]:
@@ -78,7 +89,8 @@ class DataSpec:
             items += load_squad_items(self.squad_files, data_dir, n=self.squad, seed=self.seed)
         rng = random.Random(self.seed)
         rng.shuffle(items)
-        return retrieval_style(items, self.k, seed=self.seed, distractors=self.distractors)
+        return retrieval_style(items, self.k, seed=self.seed, distractors=self.distractors,
+                               negatives=self.negatives)
 
 
 def eval_sets(n: int = 100, k: int = 1, seed: int = 1234, data_dir=None, other_facts=(0, 0),
