@@ -17,8 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_the_shipped_chain_uses_committed_inputs_and_ends_in_the_shipped_shape(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
-    steps, reader, copy = chain_steps("configs/shipped.json", tmp_path)
-    assert len(steps) == 6 and steps[0].init_from is None and reader is not None
+    steps, readers, copy = chain_steps("configs/shipped.json", tmp_path)
+    assert len(steps) == 6 and steps[0].init_from is None and readers and readers[0].init == ""
+    for prev, reader in zip(readers, readers[1:]):
+        assert reader.init == prev.out, "each reader step continues the one before it"
     for prev, step in zip(steps, steps[1:]):
         assert step.init_from == str(Path(prev.out) / "best"), "each step continues the one before it"
     shape = {}

@@ -1,9 +1,10 @@
 """Rebuild encoders from a committed chain of training configs: ``diekae-rag rebuild configs/shipped.json``.
 
 A chain file lists training configs (each continuing the one before it), the answer-start
-reader's config, and the copy settings to ship with them::
+reader's configs (each also continuing the one before), and the copy settings to ship with them::
 
-    {"steps": ["configs/shipped/1_....json", ...], "reader": "configs/shipped/reader.json", "copy": {...}}
+    {"steps": ["configs/shipped/1_....json", ...], "reader": ["configs/shipped/reader.json", ...],
+     "copy": {...}}
 
 Step ``i`` writes ``OUT/<its name>`` and starts from step ``i-1``'s best checkpoint, so a chain needs
 nothing that is not committed. Each step resumes where an interrupted run left off.
@@ -20,29 +21,38 @@ from .trainer import TrainConfig
 from .reader import ReaderTrainConfig
 
 
-def chain_steps(chain: str | Path, out: str | Path) -> tuple[list[TrainConfig], Optional[ReaderTrainConfig], CopyConfig]:
-    """The chain's training configs (with their ``out`` and ``init_from`` set), the reader's, and the
-    copy settings; a step that names its own ``init_from`` or ``out`` is refused (the chain sets them)."""
+def chain_steps(chain: str | Path, out: str | Path) -> tuple[list[TrainConfig], list[ReaderTrainConfig], CopyConfig]:
+    """The chain's training configs (with their ``out`` and ``init_from`` set), the reader's (with
+    ``out`` and ``init`` set), and the copy settings; a step that names its own ``init_from``/``init``
+    or ``out`` is refused (the chain sets them)."""
     data = json.loads(Path(chain).read_text(encoding="utf-8"))
     unknown = sorted(set(data) - {"steps", "reader", "copy"})
     if unknown or not data.get("steps"):
         raise ValueError(f"{chain}: a chain has 'steps' (training config files), 'reader' and 'copy'; got {sorted(data)}.")
     steps, prev = [], None
     for path in data["steps"]:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
-        if "init_from" in raw or "out" in raw:
-            raise ValueError(f"{path}: a chain step must not set init_from or out; the chain sets them "
-                             "(each step starts from the previous step's best checkpoint).")
+        _check_step(path, "init_from")
         cfg = TrainConfig.from_file(path)
         cfg.out = str(Path(out) / Path(path).stem)
         cfg.init_from = None if prev is None else str(Path(prev) / "best")
         steps.append(cfg)
         prev = cfg.out
-    reader = None
-    if data.get("reader"):
-        reader = ReaderTrainConfig.from_file(data["reader"])
-        reader.out = str(Path(out) / "reader")
-    return steps, reader, CopyConfig.plain().replace(**data.get("copy", {}))
+    readers, prev = [], ""
+    paths = data.get("reader") or []
+    for path in [paths] if isinstance(paths, str) else paths:
+        _check_step(path, "init")
+        cfg = ReaderTrainConfig.from_file(path)
+        cfg.out, cfg.init = str(Path(out) / Path(path).stem), prev
+        readers.append(cfg)
+        prev = cfg.out
+    return steps, readers, CopyConfig.plain().replace(**data.get("copy", {}))
+
+
+def _check_step(path: str, init_key: str) -> None:
+    raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    if init_key in raw or "out" in raw:
+        raise ValueError(f"{path}: a chain step must not set {init_key} or out; the chain sets them "
+                         "(each step starts from the previous step's result).")
 
 
 def rebuild(chain: str | Path, out: str | Path = "runs/shipped", install: bool = False) -> Path:
@@ -55,7 +65,7 @@ def rebuild(chain: str | Path, out: str | Path = "runs/shipped", install: bool =
     from ..model import SHIPPED_WEIGHTS
     from .reader import train_reader
     from .trainer import train
-    steps, reader_cfg, copy = chain_steps(chain, out)
+    steps, readers, copy = chain_steps(chain, out)
     for cfg in steps:
         print(f"== {cfg.out} (from {cfg.init_from or 'fresh encoders'})", flush=True)
         train(cfg)
@@ -63,7 +73,9 @@ def rebuild(chain: str | Path, out: str | Path = "runs/shipped", install: bool =
     copy.check_for(enc.config)
     target = SHIPPED_WEIGHTS if install else Path(out) / "final"
     save_encoder(enc, target, dtype=torch.float16, copy=copy)
-    if reader_cfg is not None:
-        train_reader(reader_cfg)
-        AnswerStartReader.from_pretrained(reader_cfg.out).save_pretrained(target)
+    for cfg in readers:
+        print(f"== {cfg.out} (from {cfg.init or 'a fresh head on MiniLM'})", flush=True)
+        train_reader(cfg)
+    if readers:
+        AnswerStartReader.from_pretrained(readers[-1].out).save_pretrained(target)
     return target

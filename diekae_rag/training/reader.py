@@ -3,7 +3,8 @@
 Each item's question is paired with each of its passages; the loss is -log of the probability
 (normalised jointly over every passage's word-pieces and one "no answer" slot, as at serving
 time) on the word-pieces where an occurrence of the answer starts, or on "no answer" when no
-passage contains it.
+passage contains it. ``data.negatives`` sets the share of items whose gold passage is left out,
+so that "no answer" is learned (it is what the copy gate's ``gate_no_answer`` reads).
 """
 
 from __future__ import annotations
@@ -103,11 +104,16 @@ def _dev_row(reader: AnswerStartReader, dev: dict[str, list[Example]]) -> dict[s
 
 def dev_sets(n: int) -> dict[str, list[Example]]:
     """Training-style items never trained on: the dev items of ``benchmarks/copy_settings.py``
-    (seed 999: fictional, and SQuAD-Shifts *train* items; the SQuAD dev file stays for evaluation)
-    and multi-fact fictional passages."""
+    (seed 999: fictional, and SQuAD-Shifts *train* items; the SQuAD dev file stays for evaluation),
+    multi-fact fictional passages, and the dev halves of the negative sets (where the right top
+    start is "no answer" unless a passage happens to hold the answer)."""
+    from ..data.negatives import closed_book, unanswerable
+    negative = {"closed_book_dev": closed_book("dev"), "unanswerable_dev": unanswerable("dev", n)}
     return {"fictional_k1": DataSpec(fictional=n, k=1, seed=999).build(),
             "fictional_multi_k3": DataSpec(fictional=n, other_facts=(1, 3), k=3, seed=998).build(),
-            "squad_train_k1": DataSpec(fictional=0, squad=n, k=1, seed=999).build()}
+            "squad_train_k1": DataSpec(fictional=0, squad=n, k=1, seed=999).build(),
+            **{name: [Example(it.question, list(it.passages), it.answers[0], "") for it in items]
+               for name, items in negative.items()}}
 
 
 def held_out_questions(n_dev: int) -> set[str]:
