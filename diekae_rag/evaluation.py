@@ -27,7 +27,8 @@ from .model import DiekaeModel
 
 MODES = ("none", "in_context", "diekae")
 NEGATIVE_SETS = ("closed_book", "unanswerable")
-METRICS = ("nll", "pref", "acc", "em", "f1", "copy", "len")
+METRICS = ("nll", "pref", "acc", "em", "f1", "copy", "gated", "len")
+NEGATIVE_METRICS = ("acc", "em", "f1", "copy", "abstain", "gated", "len")
 
 
 def normalize(text: str) -> str:
@@ -78,13 +79,21 @@ def evaluate_items(model: DiekaeModel, items: Sequence[Example], mode: str, batc
         right = model.score_batch(qs, [e.answer for e in batch], ks, mode=mode, copy=copy)
         wrong = model.score_batch(qs, [e.distractor for e in batch], ks, mode=mode, copy=copy)
         texts = model.generate_batch(qs, ks, mode=mode, max_new_tokens=max_new_tokens, copy=copy)
-        for e, r, w, t in zip(batch, right, wrong, texts):
+        for e, r, w, t, g in zip(batch, right, wrong, texts, _gated(model, qs, ks, mode, copy)):
             records.append({"question": e.question, "gold": e.answer, "output": t, "nll": r, "nll_wrong": w,
                             "pref": float(r < w), "acc": float(contains(t, e.answer)),
                             "em": exact_match(t, e.answer), "f1": f1(t, e.answer), "copy": float(copies(t, e.passages)),
-                            "len": len(model.tokenizer(t, add_special_tokens=False)["input_ids"])})
+                            "gated": g, "len": len(model.tokenizer(t, add_special_tokens=False)["input_ids"])})
     n = max(len(records), 1)
     return {**{m: sum(r[m] for r in records) / n for m in METRICS}, "n": len(records), "records": records}
+
+
+def _gated(model: DiekaeModel, questions, knowledges, mode: str, copy) -> list[float]:
+    """1.0 where the copy gate closes for a diekae call (the items ``on_no_answer="abstain"`` would
+    abstain on), else 0.0."""
+    if mode != "diekae":
+        return [0.0] * len(questions)
+    return [float(not g) for g in model.gate(questions, knowledges, copy)]
 
 
 def evaluate_negatives(model: DiekaeModel, items, mode: str, batch_size: int = 16, max_new_tokens: int = 24,
@@ -94,16 +103,16 @@ def evaluate_negatives(model: DiekaeModel, items, mode: str, batch_size: int = 1
     records = []
     for i in range(0, len(items), batch_size):
         batch = items[i: i + batch_size]
-        texts = model.generate_batch([e.question for e in batch], [e.passages for e in batch], mode=mode,
-                                     max_new_tokens=max_new_tokens, copy=copy)
-        for e, t in zip(batch, texts):
+        qs, ks = [e.question for e in batch], [e.passages for e in batch]
+        texts = model.generate_batch(qs, ks, mode=mode, max_new_tokens=max_new_tokens, copy=copy)
+        for e, t, g in zip(batch, texts, _gated(model, qs, ks, mode, copy)):
             records.append({"question": e.question, "gold": e.answers, "output": t,
                             "acc": float(any(contains(t, a) for a in e.answers)),
                             "em": max(exact_match(t, a) for a in e.answers), "f1": max(f1(t, a) for a in e.answers),
                             "copy": float(copies(t, e.passages)), "abstain": float(t == model.copy.no_answer_text),
-                            "len": len(model.tokenizer(t, add_special_tokens=False)["input_ids"])})
+                            "gated": g, "len": len(model.tokenizer(t, add_special_tokens=False)["input_ids"])})
     n = max(len(records), 1)
-    return {**{m: sum(r[m] for r in records) / n for m in ("acc", "em", "f1", "copy", "abstain", "len")},
+    return {**{m: sum(r[m] for r in records) / n for m in NEGATIVE_METRICS},
             "n": len(records), "records": records}
 
 
@@ -142,8 +151,10 @@ def run_eval(checkpoint: Optional[str] = None, n: int = 60, ks: Sequence[int] = 
     for name in [x for x in sets if x in NEGATIVE_SETS]:  # fixed k: closed_book 3, unanswerable 5
         items = closed_book("eval", n) if name == "closed_book" else unanswerable("eval", n)
         key = f"{name}@k={len(items[0].passages)}"
-        res = {m: evaluate_negatives(model, items, m) for m in tqdm(MODES, desc=key)}
-        summary[key] = {m: {x: round(res[m][x], 4) for x in ("acc", "em", "f1", "copy", "abstain", "len")} for m in MODES}
+        reuse = ("none", "in_context") if key in base_runs else ()
+        res = {m: base_runs[key][m] if m in reuse else evaluate_negatives(model, items, m)
+               for m in tqdm(MODES, desc=key)}
+        summary[key] = {m: {x: round(res[m][x], 4) for x in NEGATIVE_METRICS if x in res[m]} for m in MODES}
         results["runs"][key] = res
     sets = [x for x in sets if x not in NEGATIVE_SETS]
     for k in ks if sets else ():

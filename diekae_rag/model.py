@@ -299,6 +299,15 @@ class DiekaeModel:
                                                    self.in_edit_scope(enc, prompts), copy))
         return Injection(self.decoder, sessions) if sessions else None
 
+    def gate(self, questions: Sequence[Question], knowledges: Sequence[Knowledge], copy: CopyOverride = None
+             ) -> list[bool]:
+        """Whether the copy gate lets each item's passages through (True where it cannot close: no
+        passages, or the gate off). Where it is False, a diekae call answers as ``mode="none"`` does,
+        or abstains."""
+        prompts, passages = self.prepare(questions, knowledges)
+        gate, _ = self._gate(prompts, passages, "diekae", self._copy(copy))
+        return [True] * len(prompts) if gate is None else gate
+
     def _gate(self, prompts, passages, mode: str, copy: CopyConfig) -> tuple[Optional[list[bool]], list[bool]]:
         """The copy gate of a diekae call (None when it cannot close), and which items get
         ``copy.no_answer_text`` instead of an answer: knowledge given, the gate closed, abstention on."""

@@ -74,7 +74,7 @@ def test_abstention_returns_the_fixed_sentence_where_the_gate_closes():
     assert model.generate(q, OFF_TOPIC, mode="in_context", max_new_tokens=8) != "Not in the documents."
     items = [NegativeItem(q, OFF_TOPIC, ["north"]), NegativeItem(q, ON_TOPIC, ["north"])]
     res = evaluate_negatives(model, items, "diekae", max_new_tokens=8)
-    assert res["abstain"] == 0.5 and res["n"] == 2 and 0 <= res["copy"] <= 1
+    assert res["abstain"] == res["gated"] == 0.5 and res["n"] == 2 and 0 <= res["copy"] <= 1
 
 
 def test_the_reader_signal_closes_the_gate_and_bad_settings_are_refused():
@@ -83,7 +83,8 @@ def test_the_reader_signal_closes_the_gate_and_bad_settings_are_refused():
     q = "Where is Calgra?"
     wool = ["Calgra sells wool.", "Prices of wool fell again."]
     assert model.generate(q, wool, max_new_tokens=8) == model.generate(q, mode="none", max_new_tokens=8)
-    assert model.knowledge.gate(*model.prepare([q, q], [wool, ON_TOPIC]), model.copy) == [False, True]
+    assert model.gate([q, q, q], [wool, ON_TOPIC, []]) == [False, True, True]
+    assert model.gate([q], [wool], copy={"gate_no_answer": 1.0}) == [True], "off: the gate cannot close"
     with pytest.raises(ValueError, match="gate_cosine must be in"):
         CopyConfig(gate_cosine=1.5)
     with pytest.raises(ValueError, match="on_no_answer must be"):
