@@ -202,6 +202,32 @@ class KnowledgeEncoding:
             i += len(it[0])
         return per_item
 
+    def store_states(self, passages: Sequence[str], store, batch_size: int = 32, shard_segments: int = 1024,
+                     progress: bool = True) -> int:
+        """Encode the passages whose segments ``store`` lacks and write their states to it (a shard
+        per ``shard_segments``); returns how many segments were added."""
+        from tqdm import tqdm
+
+        from .passage_cache import encode_segments
+        from .state_store import segment_key
+        segs: dict[str, tuple] = {}
+        for p in clean_passages(list(passages)):
+            segments, kmasks, *_ = self.prompter.isolated_item([p], [])
+            for s, k in zip(segments, kmasks):
+                key = segment_key(s, k)
+                if key not in store and key not in segs:
+                    segs[key] = (s, k)
+        todo, added, pending = list(segs.items()), 0, {}
+        with torch.inference_mode():
+            for i in tqdm(range(0, len(todo), batch_size), desc="passage states", disable=not progress or not todo):
+                part = todo[i: i + batch_size]
+                states = encode_segments(self.main, [s for _, (s, _) in part], [k for _, (_, k) in part], self.device)
+                pending.update(zip([key for key, _ in part], states))
+                if len(pending) >= shard_segments:
+                    added += store.add(pending)
+                    pending = {}
+        return added + store.add(pending)
+
     def precompute(self, passages: Sequence[str], copy: CopyConfig) -> int:
         """Encode passages ahead of queries (e.g. at index time), with what the copy needs of them."""
         passages = clean_passages(list(passages))

@@ -21,6 +21,7 @@ from .encoder import DiekaeEncoder
 from .injection import Injection, decoder_layers, injecting, install_hooks
 from .knowledge import Encoded, KnowledgeEncoding
 from .prompts import KnowledgeTruncatedWarning, Question, check_mode, check_question, clean_passages
+from .state_store import PassageStateStore
 from .streaming import cut_at_stop, held_back, iterate_in_thread, stop_list, stream_generation
 
 log = logging.getLogger(__name__)
@@ -345,6 +346,25 @@ class DiekaeModel:
         if not self.config.passage_isolation:
             raise ValueError("precompute() needs encoders trained with passage_isolation=True.")
         return self.knowledge.precompute(passages, self.copy.with_overrides(copy))
+
+    def index_states(self, passages: Sequence[str], folder: Union[str, Path], dtype: Optional[str] = None,
+                     progress: bool = True) -> PassageStateStore:
+        """Compute the passages' encoder states once (those not stored yet) and keep them on disk in
+        ``folder``; queries then read a passage's states instead of encoding it (see :meth:`attach_states`).
+        ``dtype``: ``"float16"`` (the default for a new folder), ``"float32"`` or ``"int8"``."""
+        if not self.config.passage_isolation:
+            raise ValueError("Stored passage states need encoders trained with passage_isolation=True.")
+        store = PassageStateStore(folder, self.encoder, dtype=dtype)
+        self.knowledge.store_states(passages, store, progress=progress)
+        self.knowledge.passage_cache.attach(store, self.encoder)
+        return store
+
+    def attach_states(self, folder: Union[str, Path]) -> PassageStateStore:
+        """Read passage states from ``folder`` (written by :meth:`index_states`), which must hold
+        states of these encoder weights; passages not stored there are encoded on first use."""
+        store = PassageStateStore(folder, self.encoder, create=False)
+        self.knowledge.passage_cache.attach(store, self.encoder)
+        return store
 
     def _generate_ids(self, questions, knowledges, mode, max_new_tokens, copy=None, stop=(), gate=None, **gen_kwargs
                       ) -> list[Optional[torch.Tensor]]:

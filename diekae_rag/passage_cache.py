@@ -99,11 +99,18 @@ def _weights_version(encoder: DiekaeEncoder) -> int:
 
 
 class PassageCache:
-    """A thread-safe LRU of segment states, valid for one set of encoder weights."""
+    """A thread-safe LRU of segment states, valid for one set of encoder weights, over an optional
+    on-disk store of states computed at index time (:mod:`diekae_rag.state_store`)."""
 
     def __init__(self, max_segments: int = 128) -> None:
         self._kept = LRU(max_segments)
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.stored = 0
+        self.backing = None            # a PassageStateStore
+        self._backing_for = None       # (id, weights version) of the encoder it was attached for
+
+    def attach(self, store, encoder: DiekaeEncoder) -> None:
+        """Read segments missing from memory from ``store`` (states of ``encoder``'s current weights)."""
+        self.backing, self._backing_for = store, (id(encoder), _weights_version(encoder))
 
     @property
     def max_segments(self) -> int:
@@ -119,7 +126,8 @@ class PassageCache:
                device: torch.device) -> list[SegmentState]:
         """States for ``segments``; cached ones are reused when encoder weights are unchanged
         and gradients are off (training always recomputes)."""
-        use_cache = self.max_segments > 0 and not torch.is_grad_enabled() and not encoder.training
+        use_cache = ((self.max_segments > 0 or self.backing is not None) and not torch.is_grad_enabled()
+                     and not encoder.training)
         if not use_cache:
             return encode_segments(encoder, segments, kmasks, device)
         version = (id(encoder), _weights_version(encoder))
@@ -127,6 +135,16 @@ class PassageCache:
         found = self._kept.get_many(keys)
         todo = list(dict.fromkeys(key for key in keys if key not in found))
         self.hits += sum(key in found for key in keys)
+        if todo and self.backing is not None and self._backing_for == version:
+            from .state_store import segment_key
+            names = {key: segment_key(key[1], key[2]) for key in todo}
+            dtype = next(encoder.parameters()).dtype
+            stored = self.backing.get_many(names.values(), device, dtype)
+            read = [(key, stored[names[key]]) for key in todo if names[key] in stored]
+            found.update(read)
+            self._kept.put_many(read)
+            self.stored += len(read)
+            todo = [key for key in todo if key not in found]
         self.misses += len(todo)
         if todo:
             new = encode_segments(encoder, [k[1] for k in todo], [k[2] for k in todo], device)

@@ -287,14 +287,22 @@ def _locked(folder: Path) -> Iterator[None]:
 
 
 def open_or_build(folder: str | Path, store_dir: str | Path, embedder: Optional[Embedder] = None,
-                  progress: bool = True, **kwargs) -> PassageStore:
-    """Load the store at ``store_dir`` (if any), sync it with ``folder`` and save it if anything changed."""
+                  progress: bool = True, model=None, states_dtype: Optional[str] = None, **kwargs) -> PassageStore:
+    """Load the store at ``store_dir`` (if any), sync it with ``folder`` and save it if anything changed.
+
+    With a ``model`` (a :class:`~diekae_rag.DiekaeModel`), every chunk's encoder states are computed
+    once and kept in ``store_dir/states`` (only chunks not stored yet are encoded), and the model
+    reads them at query time instead of encoding the retrieved chunks."""
     store_dir = Path(store_dir)
     store = PassageStore.load(store_dir, embedder) if (store_dir / "manifest.json").exists() \
         else PassageStore(embedder, **kwargs)
     stats = store.sync_folder(folder, progress=progress)
     if stats["added"] or stats["replaced"] or stats["deleted"] or not (store_dir / "manifest.json").exists():
         store.save(store_dir)
+    if model is not None:
+        from diekae_rag.state_store import states_folder
+        model.index_states([c["text"] for c in store.chunks], states_folder(store_dir), dtype=states_dtype,
+                           progress=progress)
     return store
 
 

@@ -1,0 +1,191 @@
+"""Passage states on disk: what the encoders compute for a chunk at index time, kept with the index.
+
+Passage isolation makes a passage's encoder states (its segment's key/value cache in every encoder
+block, its copy keys, its token ids) depend on nothing but the passage, so they are computed once,
+when the chunk is indexed, and read back at query time instead of being recomputed. On disk, in one
+folder (usually ``STORE_DIR/states`` beside the FAISS index):
+
+    manifest.json            {"format", "encoder", "dtype", "shards": [...], "count", "bytes"}
+    shard-<n>.safetensors    the states of a batch of segments, memory-mapped when read
+
+A segment's tensors are named ``<key>/<part>``, where the key is a hash of its token ids and its
+copyable-token mask, so the same text finds its states whichever retriever returned it. ``encoder``
+is a hash of the encoder weights: states from other weights are refused with the command that
+rebuilds them. New segments go into a new shard (temp file, fsync, rename), then the manifest is
+replaced atomically, so a crash leaves the previous manifest pointing at complete shards.
+
+``dtype``: ``float16`` (default), ``float32``, or ``int8`` (one float16 scale per vector).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+from .atomic import atomic_write, atomic_write_text
+from .encoder import DiekaeEncoder
+from .passage_cache import SegmentState
+
+FORMAT = "diekae-rag-states/1"
+DTYPES = ("float16", "float32", "int8")
+
+
+class StateStoreError(ValueError):
+    """Stored passage states are missing, corrupt or were computed by other encoder weights."""
+
+
+def encoder_hash(encoder: DiekaeEncoder) -> str:
+    """A hash of the encoder's weights and shape (what its passage states depend on)."""
+    h = hashlib.sha256(json.dumps(encoder.config.to_dict(), sort_keys=True, default=str).encode())
+    for name, t in sorted(encoder.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def segment_key(ids: Sequence[int], knowledge: Sequence[bool]) -> str:
+    """The stored name of a segment: a hash of its token ids and copyable mask."""
+    h = hashlib.sha256(json.dumps([list(map(int, ids)), [bool(k) for k in knowledge]]).encode())
+    return h.hexdigest()[:32]
+
+
+def _pack(t: torch.Tensor, dtype: str) -> dict[str, torch.Tensor]:
+    t = t.detach().to("cpu", torch.float32).contiguous()
+    if dtype == "int8":
+        scale = t.abs().amax(-1, keepdim=True).clamp_min(1e-8) / 127
+        return {"q": torch.round(t / scale).to(torch.int8), "s": scale.to(torch.float16)}
+    return {"x": t.to(getattr(torch, dtype))}
+
+
+def _unpack(get, name: str, stored: str, dtype: torch.dtype) -> torch.Tensor:
+    if stored == "int8":
+        return (get(f"{name}.q").to(torch.float32) * get(f"{name}.s").to(torch.float32)).to(dtype)
+    return get(f"{name}.x").to(dtype)
+
+
+class PassageStateStore:
+    """Segment states on disk for one set of encoder weights (see the module docstring)."""
+
+    def __init__(self, folder: str | Path, encoder: DiekaeEncoder, dtype: Optional[str] = None,
+                 create: bool = True) -> None:
+        if dtype is not None and dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}.")
+        self.folder = Path(folder)
+        self.encoder_sha = encoder_hash(encoder)
+        self.dtype = dtype or "float16"
+        self._lock = threading.Lock()
+        self._where: dict[str, str] = {}   # segment key -> shard file
+        self._open: dict[str, object] = {}
+        self._shards: list[str] = []
+        self.bytes = 0
+        manifest = self.folder / "manifest.json"
+        if manifest.exists():
+            self._load(manifest)
+            if dtype is not None and dtype != self.dtype:
+                raise StateStoreError(f"The passage states in {self.folder} are stored as {self.dtype}, not {dtype}; "
+                                      f"pass dtype={self.dtype!r}, or delete {self.folder} to rebuild them as {dtype}.")
+        elif not create:
+            raise StateStoreError(f"No passage states at {self.folder}: {manifest} is missing.")
+
+    def _load(self, manifest: Path) -> None:
+        try:
+            m = json.loads(manifest.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise StateStoreError(f"{manifest} is corrupt ({exc}). Delete {self.folder} and rebuild the states.") from exc
+        if m.get("format") != FORMAT:
+            raise StateStoreError(f"{manifest} is not a {FORMAT} manifest.")
+        if m["encoder"] != self.encoder_sha:
+            raise StateStoreError(
+                f"The passage states in {self.folder} were computed by other encoder weights ({m['encoder']}, "
+                f"these are {self.encoder_sha}). Rebuild them: delete {self.folder} and run "
+                "`diekae-rag index DOCS STORE_DIR` (or open_or_build(docs, store_dir, model=model)).")
+        self.dtype, self._shards, self.bytes = m["dtype"], list(m["shards"]), int(m.get("bytes", 0))
+        for shard in self._shards:
+            path = self.folder / shard
+            if not path.exists():
+                raise StateStoreError(f"{path} is missing (listed in {manifest}). Delete {self.folder} and rebuild.")
+            for key in m["keys"][shard]:
+                self._where[key] = shard
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def get_many(self, keys: Iterable[str], device: torch.device, dtype: torch.dtype = torch.float32
+                 ) -> dict[str, SegmentState]:
+        """The stored states of those ``keys`` that are stored (memory-mapped shards; tensors are
+        copied to ``device`` and ``dtype``)."""
+        from safetensors import safe_open
+        out = {}
+        for key in keys:
+            shard = self._where.get(key)
+            if shard is None or key in out:
+                continue
+            with self._lock:
+                f = self._open.get(shard)
+                if f is None:
+                    f = self._open[shard] = safe_open(str(self.folder / shard), framework="pt")
+            get = lambda name, f=f: f.get_tensor(f"{key}/{name}")  # noqa: E731
+            n_blocks = int(get("n_blocks").item())
+            kv = tuple((_unpack(get, f"k{b}", self.dtype, dtype).to(device), _unpack(get, f"v{b}", self.dtype, dtype).to(device))
+                       for b in range(n_blocks))
+            has_keys = bool(get("has_keys").item())
+            pk = _unpack(get, "pk", self.dtype, dtype).to(device) if has_keys else None
+            out[key] = SegmentState(get("ids").to(device, torch.long), kv, pk, get("km").to(device, torch.bool))
+        return out
+
+    def add(self, states: dict[str, SegmentState]) -> int:
+        """Write the states of new segments as one new shard, then the manifest; returns how many."""
+        from safetensors.torch import save_file
+        new = {k: s for k, s in states.items() if k not in self._where}
+        if not new:
+            return 0
+        tensors: dict[str, torch.Tensor] = {}
+        for key, s in new.items():
+            tensors[f"{key}/ids"] = s.ids.to("cpu", torch.int32).contiguous()
+            tensors[f"{key}/km"] = s.knowledge.to("cpu", torch.bool).contiguous()
+            tensors[f"{key}/n_blocks"] = torch.tensor(len(s.kv))
+            tensors[f"{key}/has_keys"] = torch.tensor(s.pointer_keys is not None)
+            for b, (k, v) in enumerate(s.kv):
+                for part, t in (("k", k), ("v", v)):
+                    tensors.update({f"{key}/{part}{b}.{x}": y for x, y in _pack(t, self.dtype).items()})
+            if s.pointer_keys is not None:
+                tensors.update({f"{key}/pk.{x}": y for x, y in _pack(s.pointer_keys, self.dtype).items()})
+        with self._lock:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            shard = f"shard-{len(self._shards):05d}.safetensors"
+            atomic_write(self.folder / shard, lambda tmp: save_file(tensors, str(tmp)))
+            self.bytes += (self.folder / shard).stat().st_size
+            self._shards.append(shard)
+            self._where.update({k: shard for k in new})
+            keys: dict[str, list[str]] = {s: [] for s in self._shards}
+            for k, s in self._where.items():
+                keys[s].append(k)
+            atomic_write_text(self.folder / "manifest.json", json.dumps(
+                {"format": FORMAT, "encoder": self.encoder_sha, "dtype": self.dtype, "shards": self._shards,
+                 "count": len(self._where), "bytes": self.bytes, "keys": keys}))
+        return len(new)
+
+    def knowledge_tokens(self) -> int:
+        """How many passage tokens have stored states (read from the manifest's shards)."""
+        from safetensors import safe_open
+        total = 0
+        for shard in self._shards:
+            with safe_open(str(self.folder / shard), framework="pt") as f:
+                total += sum(f.get_slice(n).get_shape()[0] for n in f.keys() if n.endswith("/ids"))
+        return total
+
+
+def states_folder(store_dir: str | Path) -> Path:
+    """Where a FAISS store keeps its passage states."""
+    return Path(store_dir) / "states"
+
+
+__all__ = ["PassageStateStore", "StateStoreError", "encoder_hash", "segment_key", "states_folder", "DTYPES"]

@@ -1,0 +1,90 @@
+"""Passage states computed at index time, kept on disk with the FAISS store, read back at query time."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_engine import K, Q
+from test_per_step import _per_step_model
+
+from diekae_rag.state_store import PassageStateStore, StateStoreError
+
+PASSAGES = [p for ps in K for p in ps]
+N_NEW = 6
+
+
+def _fresh():
+    """A new model with the same weights and an empty memory cache, as in a new process."""
+    model = _per_step_model(isolation=True)
+    model.knowledge.passage_cache.max_segments = 0
+    return model
+
+
+def test_stored_states_give_the_answers_of_encoding_and_skip_the_encoders(tmp_path):
+    ref = _fresh()
+    want = ref.generate_batch(Q, K, max_new_tokens=N_NEW)
+    want_nll = ref.score(Q[1], "north", K[1])
+    store = ref.index_states(PASSAGES, tmp_path, dtype="float32", progress=False)
+    assert len(store) == 4  # the knowledge prefix and three passages
+
+    model = _fresh()
+    model.attach_states(tmp_path)
+    assert model.generate_batch(Q, K, max_new_tokens=N_NEW) == want
+    assert model.score(Q[1], "north", K[1]) == pytest.approx(want_nll, abs=1e-5)
+    cache = model.knowledge.passage_cache
+    assert cache.misses == 0 and cache.stored > 0, "every passage's states came from the store"
+    model.generate(Q[0], ["A passage nobody indexed."], max_new_tokens=2)
+    assert cache.misses == 1, "plain text that was never indexed is encoded on first use"
+
+
+@pytest.mark.parametrize("dtype,tol", [("float16", 5e-3), ("int8", 5e-2)])
+def test_smaller_stored_states_stay_close(tmp_path, dtype, tol):
+    ref = _fresh()
+    want = ref.score(Q[1], "north", K[1])
+    full = ref.index_states(PASSAGES, tmp_path / "f32", dtype="float32", progress=False).bytes
+    small = ref.index_states(PASSAGES, tmp_path / dtype, dtype=dtype, progress=False).bytes
+    assert small < full * (0.6 if dtype == "float16" else 0.4)
+    model = _fresh()
+    model.attach_states(tmp_path / dtype)
+    assert model.score(Q[1], "north", K[1]) == pytest.approx(want, abs=tol)
+    assert model.knowledge.passage_cache.misses == 0
+
+
+def test_states_are_added_incrementally_and_refused_for_other_weights(tmp_path):
+    model = _fresh()
+    model.index_states(PASSAGES[:2], tmp_path, progress=False)
+    store = model.index_states(PASSAGES, tmp_path, progress=False)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert len(store) == 4 and len(manifest["shards"]) == 2, "only the new passage was encoded, into a new shard"
+    assert model.index_states(PASSAGES, tmp_path, progress=False).bytes == store.bytes, "nothing new: nothing written"
+    (tmp_path / "shard-00009.safetensors.tmp").write_bytes(b"half a shard")  # a crash mid-write
+    assert len(PassageStateStore(tmp_path, model.encoder)) == 4
+    with pytest.raises(StateStoreError, match="stored as float16, not int8"):
+        model.index_states(PASSAGES, tmp_path, dtype="int8", progress=False)
+
+    other = _fresh()
+    with torch.no_grad():
+        other.encoder.up.weight.add_(0.01)
+    with pytest.raises(StateStoreError, match="other encoder weights.*Rebuild"):
+        other.attach_states(tmp_path)
+    with pytest.raises(StateStoreError, match="missing"):
+        other.attach_states(tmp_path / "nothing")
+
+
+def test_open_or_build_stores_every_chunks_states_beside_the_index(tmp_path, real_embedder):
+    from diekae_rag.retrievers import open_or_build
+    from diekae_rag.state_store import states_folder
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i, p in enumerate(PASSAGES):
+        (docs / f"{i}.md").write_text(p)
+    store = open_or_build(docs, tmp_path / "store", embedder=real_embedder, model=_fresh(), progress=False)
+    assert (states_folder(tmp_path / "store") / "manifest.json").exists()
+    fresh = _fresh()  # a new process: the FAISS store and the states are read back from disk
+    fresh.attach_states(states_folder(tmp_path / "store"))
+    passages = [p.text for p in store.search(Q[1], k=2)]
+    fresh.generate(Q[1], passages, max_new_tokens=2)
+    assert fresh.knowledge.passage_cache.misses == 0 and fresh.knowledge.passage_cache.stored == 3
