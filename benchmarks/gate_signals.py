@@ -1,6 +1,6 @@
 """The copy gate's signals on dev items: how well they keep answerable items and gate the rest.
 
-    python benchmarks/gate_signals.py [CHECKPOINT] [--n 60]
+    python benchmarks/gate_signals.py [CHECKPOINT] [--n 60] [--reader DIR]
 
 For dev items that hold the answer (fictional and SQuAD-Shifts *train* items, seed 999, at k=1 and
 at k=5 with retrieved distractors) and dev items that do not (``closed_book`` dev, ``unanswerable``
@@ -24,7 +24,7 @@ from diekae_rag.data.mixture import DataSpec
 from diekae_rag.data.negatives import closed_book, unanswerable
 
 COSINES = (0.0, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5)
-NO_ANSWER = (1.0, 0.9, 0.7, 0.5, 0.3, 0.1)
+NO_ANSWER = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05)
 
 
 def signals(model: DiekaeModel, items) -> dict[str, list[float]]:
@@ -38,9 +38,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint", nargs="?", default=None)
     ap.add_argument("--n", type=int, default=60)
+    ap.add_argument("--reader", default=None, help="an answer-start reader folder to read in place of the checkpoint's")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "gate_signals.json")
     args = ap.parse_args()
     model = DiekaeModel.from_pretrained(args.checkpoint)
+    if args.reader:
+        from diekae_rag.answer_reader import AnswerStartReader
+        model.answer_reader = AnswerStartReader.from_pretrained(args.reader)
     n = args.n
     answerable = {
         "fictional_k1": DataSpec(fictional=n, k=1, seed=999).build(),
@@ -63,7 +67,8 @@ def main() -> None:
     print(json.dumps(medians, indent=1))
     for row in grid:
         print(json.dumps(row))
-    atomic_write_text(args.out, json.dumps({"checkpoint": args.checkpoint or "shipped", "n": n, "medians": medians,
+    atomic_write_text(args.out, json.dumps({"checkpoint": args.checkpoint or "shipped", "reader": args.reader,
+                                            "n": n, "medians": medians,
                                             "grid": grid, "signals": sig}, indent=1))
     plot(sig, answerable, args.out.with_suffix(".png"))
 
