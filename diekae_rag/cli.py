@@ -1,4 +1,4 @@
-"""The ``diekae-rag`` command line: train, train-reader, rebuild, eval, data, bench, ship, edit, ask."""
+"""The ``diekae-rag`` command line: train, train-reader, rebuild, eval, data, index, bench, ship, edit, ask."""
 
 from __future__ import annotations
 
@@ -53,6 +53,18 @@ def _ask(args: argparse.Namespace) -> int:
     from .model import DiekaeModel
     model = DiekaeModel.from_pretrained(args.checkpoint)
     print(model.generate(args.question, args.passage or None, mode=args.mode, max_new_tokens=args.max_new_tokens))
+    return 0
+
+
+def _index(args: argparse.Namespace) -> int:
+    from .model import DiekaeModel
+    from .retrievers import open_or_build
+    from .state_store import states_folder
+    model = DiekaeModel.from_pretrained(args.checkpoint)
+    store = open_or_build(args.docs, args.store_dir, model=model, states_dtype=args.states_dtype)
+    states = model.attach_states(states_folder(args.store_dir))
+    print(json.dumps({"chunks": len(store), "stored_segments": len(states), "state_bytes": states.bytes,
+                      "states": str(states.folder)}))
     return 0
 
 
@@ -131,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--checkpoint", default=None)
     a.add_argument("--max-new-tokens", type=int, default=64)
     a.set_defaults(func=_ask)
+    ix = sub.add_parser("index", help="build or update a FAISS store of a folder, with every chunk's encoder states")
+    ix.add_argument("docs")
+    ix.add_argument("store_dir")
+    ix.add_argument("--checkpoint", default=None, help="encoder folder (default: shipped)")
+    ix.add_argument("--states-dtype", choices=["float16", "float32", "int8"], default=None)
+    ix.set_defaults(func=_index)
     b = sub.add_parser("bench", help="latency / memory benchmark (see benchmarks/)")
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=_bench)

@@ -58,14 +58,15 @@ def main(argv=None) -> int:
     if not args.docs.is_dir():
         print(f"error: --docs {args.docs} is not a folder of documents", file=sys.stderr)
         return 2
-    store = open_or_build(args.docs, args.store or default_store_dir(args.docs))
+    model = DiekaeModel.from_pretrained(args.checkpoint)
+    # Index time: chunks -> MiniLM -> FAISS, and each chunk's encoder states, stored beside the index;
+    # queries then read the retrieved chunks' states and encode only the question.
+    store = open_or_build(args.docs, args.store or default_store_dir(args.docs),
+                          model=model if model.config.passage_isolation else None)
     if len(store) == 0:
         print(f"error: no readable .txt/.md/.pdf documents in {args.docs}", file=sys.stderr)
         return 2
     print(f"Index: {len(store)} chunks from {args.docs}")
-    model = DiekaeModel.from_pretrained(args.checkpoint)
-    if model.config.passage_isolation and len(store) <= model.knowledge.passage_cache.max_segments:
-        model.precompute([c["text"] for c in store.chunks])  # index time: queries then encode only the prompt
     if args.question:
         answer(model, store, " ".join(args.question), args.k, args.compare, args.max_new_tokens)
         return 0
