@@ -7,7 +7,10 @@ row, scored like ``diekae-rag eval`` (preference, greedy contains-answer accurac
 ``loops``: the share of answers that repeat a word of four or more letters, i.e. that run on) on
 dev items that are not the eval sets: fictional items built like training data from another seed
 (as ``match_probe.py``) at k=1 and k=5 (random distractors), and SQuAD-Shifts training items at
-k=1. Writes benchmarks/results/copy_settings.json unless ``--out`` says otherwise.
+k=1. ``--negatives`` adds the dev halves of the negative sets (``closed_book`` dev and
+``unanswerable`` dev: accuracy, copy rate and the share the copy gate closes on), for settings
+that should step aside where the passages do not answer. Writes
+benchmarks/results/copy_settings.json unless ``--out`` says otherwise.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from diekae_rag import DiekaeModel
 from diekae_rag.atomic import atomic_write_text
 from diekae_rag.config import parse_grid
 from diekae_rag.data.mixture import DataSpec
-from diekae_rag.evaluation import evaluate_items
+from diekae_rag.data.negatives import closed_book, unanswerable
+from diekae_rag.evaluation import evaluate_items, evaluate_negatives
 
 
 def loops(answer: str) -> bool:
@@ -37,6 +41,7 @@ def main() -> None:
     ap.add_argument("checkpoint", nargs="?", default=None)
     ap.add_argument("--grid", nargs="+", required=True)
     ap.add_argument("--n", type=int, default=96)
+    ap.add_argument("--negatives", action="store_true", help="also the dev halves of closed_book and unanswerable")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "copy_settings.json")
     args = ap.parse_args()
     try:
@@ -50,6 +55,8 @@ def main() -> None:
         "squad_train_k1": DataSpec(fictional=0, squad=args.n, k=1, seed=999).build(),
         "fictional_k5": DataSpec(fictional=args.n, k=5, seed=999).build(),
     }
+    negatives = {"closed_book_dev": closed_book("dev"), "unanswerable_dev": unanswerable("dev", args.n)} \
+        if args.negatives else {}
     rows = []
     for values in itertools.product(*grid.values()):
         setting = dict(zip(grid, values))
@@ -59,9 +66,12 @@ def main() -> None:
         for set_name, items in sets.items():
             t0 = time.time()
             r = evaluate_items(model, items, "diekae", copy=copy)
-            row[set_name] = {**{m: round(r[m], 4) for m in ("pref", "acc", "len", "nll")},
+            row[set_name] = {**{m: round(r[m], 4) for m in ("pref", "acc", "em", "f1", "gated", "len", "nll")},
                              "loops": round(sum(loops(x["output"]) for x in r["records"]) / len(items), 4),
                              "seconds": round(time.time() - t0, 1)}
+        for set_name, items in negatives.items():
+            r = evaluate_negatives(model, items, "diekae", copy=copy)
+            row[set_name] = {m: round(r[m], 4) for m in ("acc", "f1", "copy", "gated")}
         print(json.dumps(row), flush=True)
         rows.append(row)
     atomic_write_text(args.out, json.dumps({"checkpoint": args.checkpoint or "shipped", "n": args.n,

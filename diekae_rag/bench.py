@@ -14,6 +14,9 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -106,20 +109,25 @@ def bench_latency(model: DiekaeModel, ks=(1, 3, 5, 10), new_tokens: int = 32, re
     dev = model.device
     # With passage isolation, "diekae" has its passages precomputed (as at index time: encoder
     # states and, with the passage prior, embeddings) and "diekae_cold" encodes them inside the
-    # timed call.
-    modes = MODES + (("diekae_cold",) if model.config.passage_isolation else ())
+    # timed call; "diekae_store" reads their states from a PassageStateStore on disk (float16,
+    # memory-mapped) with the memory cache and the prior's passage vectors cleared before each call.
+    modes = MODES + (("diekae_cold", "diekae_store") if model.config.passage_isolation else ())
+    tmp = tempfile.TemporaryDirectory()
     for k in ks:
         q, passages = bench_passages(model, k)
+        if "diekae_store" in modes:
+            model.index_states(passages, Path(tmp.name) / "states", progress=False)
         for label in modes:
-            mode = "diekae" if label == "diekae_cold" else label
+            mode = "diekae" if label.startswith("diekae") else label
 
             def run(n_new: int) -> None:
                 if mode == "diekae" and model.answer_reader is not None:
                     model.answer_reader.clear()  # the reader reads each new question: never a kept answer
-                if label == "diekae_cold":
+                if label in ("diekae_cold", "diekae_store"):
                     model.knowledge.passage_cache.clear()
                     if model.passage_prior is not None:
                         model.passage_prior.clear()
+                model.knowledge.passage_cache.backing_on = label == "diekae_store"
                 kw = {"min_new_tokens": n_new} if n_new > 1 else {}
                 model.generate(q, passages, mode=mode, max_new_tokens=n_new, **kw)
 
@@ -132,18 +140,64 @@ def bench_latency(model: DiekaeModel, ks=(1, 3, 5, 10), new_tokens: int = 32, re
                          "decode_step_s": (total - ttft) / (new_tokens - 1), "decoder_tokens": prompt_len,
                          "knowledge_tokens": sum(len(model.prompter.ids(p)) for p in passages),
                          "peak_mem_mb": mem.peak / 2**20})
-            print(f"k={k:2d} {label:11s} ttft {ttft * 1000:7.1f} ms  total {total:6.2f} s  "
+            model.knowledge.passage_cache.backing_on = True
+            print(f"k={k:2d} {label:12s} ttft {ttft * 1000:7.1f} ms  total {total:6.2f} s  "
                   f"decoder tokens {prompt_len:5d}  peak {mem.peak / 2**20:7.1f} MB", flush=True)
     return rows
+
+
+_FRESH = """
+import json, sys, time
+t0 = time.perf_counter()
+import torch
+torch.set_num_threads(int(sys.argv[3]))
+from diekae_rag import DiekaeModel
+from diekae_rag.retrievers import PassageStore
+from diekae_rag.state_store import states_folder
+model = DiekaeModel.from_pretrained(sys.argv[4] or None)
+store = PassageStore.load(sys.argv[1])
+model.attach_states(states_folder(sys.argv[1]))
+loaded = time.perf_counter() - t0
+times = []
+for q in json.loads(sys.argv[2]):
+    t = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(q, [p.text for p in store.search(q, 5)], max_new_tokens=1)
+    times.append(time.perf_counter() - t)
+print(json.dumps({"load_s": loaded, "first_query_s": times[0], "later_queries_s": times[1:],
+                  "segments_read_from_store": model.knowledge.passage_cache.stored,
+                  "segments_encoded": model.knowledge.passage_cache.misses}))
+"""
+
+
+def bench_fresh_process(model: DiekaeModel, checkpoint: Optional[str], k: int = 5, n_docs: int = 40) -> dict:
+    """A new Python process opens a persisted store (FAISS index and passage states) and answers its
+    first questions: time to first token of each (retrieval included), and what the load took."""
+    from .retrievers import open_or_build
+    facts = make_facts(n_docs, seed=7, relations="all", other_facts=(6, 6))
+    with tempfile.TemporaryDirectory() as tmp:
+        docs = Path(tmp) / "docs"
+        docs.mkdir()
+        for i, f in enumerate(facts):
+            (docs / f"{i}.md").write_text(f.passage)
+        store = open_or_build(docs, Path(tmp) / "store", model=model, progress=False)
+        questions = [f.question for f in facts[:4]]
+        out = subprocess.run([sys.executable, "-c", _FRESH, str(Path(tmp) / "store"), json.dumps(questions),
+                              str(torch.get_num_threads()), checkpoint or ""],
+                             capture_output=True, text=True, check=True)
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    row.update({"k": k, "chunks": len(store)})
+    print(f"fresh process: load {row['load_s']:.2f} s, first query {row['first_query_s'] * 1000:.0f} ms, "
+          f"later {[round(t * 1000) for t in row['later_queries_s']]} ms", flush=True)
+    return row
 
 
 def ratios(rows: list[dict]) -> dict:
     out = {}
     for k in sorted({r["k"] for r in rows}):
         by = {r["mode"]: r for r in rows if r["k"] == k}
-        pairs = [("diekae", "in_context"), ("diekae", "none")]
-        if "diekae_cold" in by:
-            pairs += [("diekae_cold", "in_context"), ("diekae_cold", "none")]
+        pairs = [(a, b) for a in ("diekae", "diekae_cold", "diekae_store") for b in ("in_context", "none")
+                 if a in by and b in by]
         out[f"k={k}"] = {f"{m}_{a}/{b}": by[a][m] / by[b][m] for m in ("ttft_s", "total_s", "decode_step_s", "peak_mem_mb")
                          for a, b in pairs if by[b][m] > 0}
     return out
@@ -277,7 +331,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, (metric, label) in zip(axes, (("ttft_s", "time to first token (s)"), ("total_s", "latency, 32 tokens (s)"),
                                           ("peak_mem_mb", "peak extra memory (MB)"))):
-        for mode in sorted({r["mode"] for r in rows}, key=lambda m: (MODES + ("diekae_cold",)).index(m)):
+        for mode in sorted({r["mode"] for r in rows}, key=lambda m: (MODES + ("diekae_cold", "diekae_store")).index(m)):
             pts = sorted((r["k"], r[metric]) for r in rows if r["mode"] == mode)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mode)
         ax.set_xlabel("passages k (≈120 tokens each)")
@@ -294,7 +348,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--ks", type=int, nargs="+", default=[1, 3, 5, 10])
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--skip", nargs="*", default=[], choices=["latency", "batch", "training", "retrieval", "load"])
+    ap.add_argument("--skip", nargs="*", default=[],
+                    choices=["latency", "fresh", "batch", "training", "retrieval", "load"])
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
     if args.threads:
@@ -320,6 +375,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if "batch" not in args.skip:
             res["batch"] = bench_batch(model)
             save()
+    if "fresh" not in args.skip and model.config.passage_isolation:
+        res["fresh_process"] = bench_fresh_process(model, args.checkpoint)
+        save()
     if "training" not in args.skip:
         res["training"] = bench_training(model)
         save()
