@@ -215,7 +215,7 @@ def migrate(data: dict[str, Any]) -> tuple[EncoderConfig, Optional[CopyConfig]]:
             raise ValueError(f"This checkpoint gives answer pieces the {keys_mode!r} key; only the two keys of "
                              "'both' remain (docs/decisions.md). Set pointer_piece_keys to \"both\" in its "
                              "config, or pointer_answer_pieces to false.")
-        copy = CopyConfig.from_dict(copy_values)
+        copy = CopyConfig.from_dict({**plain, **copy_values})  # no gate: format 1 had none
         data["format_version"] = FORMAT_VERSION
     known = {f.name for f in dataclasses.fields(EncoderConfig)}
     unknown = sorted(set(data) - known)
