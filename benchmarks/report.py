@@ -78,8 +78,8 @@ NAMES = {"fictional_seen": "fictional, seen relations", "fictional_unseen": "fic
 
 def readme_quality(paths):
     """One row per eval row: contains-answer accuracy, exact match and F1 for in-context RAG and DIEKÆ."""
-    print("| set | k | none acc | in-context acc / EM / F1 / len | **DIEKÆ** acc / EM / F1 / len |")
-    print("|---|---|---|---|---|")
+    print("| set | k | none acc | in-context acc / EM / F1 / len | **DIEKÆ** acc / EM / F1 / len | gate closes |")
+    print("|---|---|---|---|---|---|")
     for path in paths:
         r = json.load(open(path))
         tag = " retrieved" if r.get("distractors") == "retrieved" else ""
@@ -88,20 +88,20 @@ def readme_quality(paths):
             n, c, d = row["none"], row["in_context"], row["diekae"]
             print(f"| {NAMES.get(name, name)} | {k}{tag} | {_f(n['acc'])} | {_f(c['acc'])} / {_f(c.get('em'))} / "
                   f"{_f(c.get('f1'))} / {_f(c['len'], 0)} | **{_f(d['acc'])}** / {_f(d.get('em'))} / {_f(d.get('f1'))} / "
-                  f"{_f(d['len'], 0)} |")
+                  f"{_f(d['len'], 0)} | {_f(d.get('gated'))} |")
 
 
 def readme_negatives(path):
     """Passages that do not answer: accuracy, F1 and copy rate per mode (and abstention where on)."""
     r = json.load(open(path))
     print("| set (passages do not answer) | k | none acc / F1 | in-context acc / F1 / copy | **DIEKÆ** acc / F1 / copy "
-          "| DIEKÆ abstains |")
+          "| gate closes |")
     print("|---|---|---|---|---|---|")
     for key, row in r["summary"].items():
         name, k = key.split("@k=")
         n, c, d = row["none"], row["in_context"], row["diekae"]
         print(f"| {name} | {k} | {_f(n['acc'])} / {_f(n['f1'])} | {_f(c['acc'])} / {_f(c['f1'])} / {_f(c['copy'])} | "
-              f"**{_f(d['acc'])}** / {_f(d['f1'])} / {_f(d['copy'])} | {_f(d['abstain'])} |")
+              f"**{_f(d['acc'])}** / {_f(d['f1'])} / {_f(d['copy'])} | {_f(d.get('gated'))} |")
 
 
 def readme_cost(bench_path, step_path):
