@@ -202,16 +202,23 @@ class KnowledgeEncoding:
             i += len(it[0])
         return per_item
 
-    def store_states(self, passages: Sequence[str], store, batch_size: int = 32, shard_segments: int = 1024,
-                     progress: bool = True) -> int:
+    def store_states(self, passages: Sequence[str], store, copy: CopyConfig, batch_size: int = 32,
+                     shard_segments: int = 1024, progress: bool = True) -> int:
         """Encode the passages whose segments ``store`` lacks and write their states to it (a shard
-        per ``shard_segments``); returns how many segments were added."""
+        per ``shard_segments``), with the passage prior's vectors of the passages; returns how many
+        segments were added."""
         from tqdm import tqdm
 
         from .passage_cache import encode_segments
-        from .state_store import segment_key
+        from .state_store import segment_key, text_key
         segs: dict[str, tuple] = {}
-        for p in clean_passages(list(passages)):
+        passages = clean_passages(list(passages))
+        prior = self._embedding_prior()
+        if prior is not None and (copy.passage_prior or copy.gate_cosine):
+            missing = [p for p in passages if text_key(p) not in store]
+            for i in range(0, len(missing), 256):
+                store.add({}, prior.passage_vectors(missing[i: i + 256]))
+        for p in passages:
             segments, kmasks, *_ = self.prompter.isolated_item([p], [])
             for s, k in zip(segments, kmasks):
                 key = segment_key(s, k)

@@ -355,15 +355,18 @@ class DiekaeModel:
         if not self.config.passage_isolation:
             raise ValueError("Stored passage states need encoders trained with passage_isolation=True.")
         store = PassageStateStore(folder, self.encoder, dtype=dtype)
-        self.knowledge.store_states(passages, store, progress=progress)
-        self.knowledge.passage_cache.attach(store, self.encoder)
-        return store
+        self.knowledge.store_states(passages, store, self.copy, progress=progress)
+        return self._attach(store)
 
     def attach_states(self, folder: Union[str, Path]) -> PassageStateStore:
         """Read passage states from ``folder`` (written by :meth:`index_states`), which must hold
         states of these encoder weights; passages not stored there are encoded on first use."""
-        store = PassageStateStore(folder, self.encoder, create=False)
+        return self._attach(PassageStateStore(folder, self.encoder, create=False))
+
+    def _attach(self, store: PassageStateStore) -> PassageStateStore:
         self.knowledge.passage_cache.attach(store, self.encoder)
+        if self.knowledge.passage_prior is not None and hasattr(self.knowledge.passage_prior, "stored"):
+            self.knowledge.passage_prior.stored = store.vectors
         return store
 
     def _generate_ids(self, questions, knowledges, mode, max_new_tokens, copy=None, stop=(), gate=None, **gen_kwargs

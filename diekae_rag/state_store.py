@@ -9,7 +9,8 @@ folder (usually ``STORE_DIR/states`` beside the FAISS index):
     shard-<n>.safetensors    the states of a batch of segments, memory-mapped when read
 
 A segment's tensors are named ``<key>/<part>``, where the key is a hash of its token ids and its
-copyable-token mask, so the same text finds its states whichever retriever returned it. ``encoder``
+copyable-token mask, so the same text finds its states whichever retriever returned it. A passage's
+sentence vector (the passage prior's MiniLM embedding) is kept as ``text-<hash of the text>/vec``. ``encoder``
 is a hash of the encoder weights: states from other weights are refused with the command that
 rebuilds them. New segments go into a new shard (temp file, fsync, rename), then the manifest is
 replaced atomically, so a crash leaves the previous manifest pointing at complete shards.
@@ -52,6 +53,11 @@ def segment_key(ids: Sequence[int], knowledge: Sequence[bool]) -> str:
     """The stored name of a segment: a hash of its token ids and copyable mask."""
     h = hashlib.sha256(json.dumps([list(map(int, ids)), [bool(k) for k in knowledge]]).encode())
     return h.hexdigest()[:32]
+
+
+def text_key(text: str) -> str:
+    """The stored name of a passage text's sentence vector."""
+    return "text-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
 
 def _pack(t: torch.Tensor, dtype: str) -> dict[str, torch.Tensor]:
@@ -113,7 +119,8 @@ class PassageStateStore:
                 self._where[key] = shard
 
     def __len__(self) -> int:
-        return len(self._where)
+        """How many segments have stored states."""
+        return sum(not k.startswith("text-") for k in self._where)
 
     def __contains__(self, key: str) -> bool:
         return key in self._where
@@ -141,13 +148,32 @@ class PassageStateStore:
             out[key] = SegmentState(get("ids").to(device, torch.long), kv, pk, get("km").to(device, torch.bool))
         return out
 
-    def add(self, states: dict[str, SegmentState]) -> int:
-        """Write the states of new segments as one new shard, then the manifest; returns how many."""
+    def vectors(self, texts: Sequence[str]) -> dict:
+        """The stored sentence vectors (the passage prior's) of those ``texts`` that have one."""
+        from safetensors import safe_open
+        out = {}
+        for text in texts:
+            key = text_key(text)
+            shard = self._where.get(key)
+            if shard is None:
+                continue
+            with self._lock:
+                f = self._open.get(shard)
+                if f is None:
+                    f = self._open[shard] = safe_open(str(self.folder / shard), framework="pt")
+            out[text] = f.get_tensor(f"{key}/vec").numpy()
+        return out
+
+    def add(self, states: dict[str, SegmentState], vectors: Optional[dict] = None) -> int:
+        """Write the states of new segments (and passage texts' sentence vectors) as one new shard,
+        then the manifest; returns how many segments were added."""
         from safetensors.torch import save_file
         new = {k: s for k, s in states.items() if k not in self._where}
-        if not new:
+        vecs = {text_key(t): v for t, v in (vectors or {}).items() if text_key(t) not in self._where}
+        if not new and not vecs:
             return 0
-        tensors: dict[str, torch.Tensor] = {}
+        tensors: dict[str, torch.Tensor] = {f"{k}/vec": torch.as_tensor(v, dtype=torch.float32).contiguous()
+                                            for k, v in vecs.items()}
         for key, s in new.items():
             tensors[f"{key}/ids"] = s.ids.to("cpu", torch.int32).contiguous()
             tensors[f"{key}/km"] = s.knowledge.to("cpu", torch.bool).contiguous()
@@ -164,13 +190,13 @@ class PassageStateStore:
             atomic_write(self.folder / shard, lambda tmp: save_file(tensors, str(tmp)))
             self.bytes += (self.folder / shard).stat().st_size
             self._shards.append(shard)
-            self._where.update({k: shard for k in new})
+            self._where.update({k: shard for k in [*new, *vecs]})
             keys: dict[str, list[str]] = {s: [] for s in self._shards}
             for k, s in self._where.items():
                 keys[s].append(k)
             atomic_write_text(self.folder / "manifest.json", json.dumps(
                 {"format": FORMAT, "encoder": self.encoder_sha, "dtype": self.dtype, "shards": self._shards,
-                 "count": len(self._where), "bytes": self.bytes, "keys": keys}))
+                 "count": sum(not k.startswith("text-") for k in self._where), "bytes": self.bytes, "keys": keys}))
         return len(new)
 
     def knowledge_tokens(self) -> int:
@@ -188,4 +214,4 @@ def states_folder(store_dir: str | Path) -> Path:
     return Path(store_dir) / "states"
 
 
-__all__ = ["PassageStateStore", "StateStoreError", "encoder_hash", "segment_key", "states_folder", "DTYPES"]
+__all__ = ["PassageStateStore", "StateStoreError", "encoder_hash", "segment_key", "text_key", "states_folder", "DTYPES"]

@@ -73,6 +73,22 @@ def test_states_are_added_incrementally_and_refused_for_other_weights(tmp_path):
         other.attach_states(tmp_path / "nothing")
 
 
+def test_the_passage_priors_vectors_are_stored_and_read_back(tmp_path):
+    from test_gate import TopicEmbedder
+
+    from diekae_rag.copy import PassagePrior
+    ref = _per_step_model(isolation=True, passage_prior=30.0)
+    ref.passage_prior = PassagePrior(embedder=TopicEmbedder())
+    want = ref.score(Q[1], "north", K[1])
+    ref.index_states(PASSAGES, tmp_path, progress=False)
+    model = _per_step_model(isolation=True, passage_prior=30.0)
+    embedder = TopicEmbedder()
+    model.passage_prior = PassagePrior(embedder=embedder)
+    model.attach_states(tmp_path)
+    assert model.score(Q[1], "north", K[1]) == pytest.approx(want, abs=1e-3)
+    assert embedder.texts == [Q[1]], "only the question was embedded: the passages' vectors came from the store"
+
+
 def test_open_or_build_stores_every_chunks_states_beside_the_index(tmp_path, real_embedder):
     from diekae_rag.retrievers import open_or_build
     from diekae_rag.state_store import states_folder

@@ -44,6 +44,7 @@ class PassagePrior:
     def __init__(self, embedder=None, max_cached: int = 4096) -> None:
         self._embedder = embedder
         self._vectors = LRU(max_cached)  # passage text -> unit vector
+        self.stored = None  # passage texts -> vectors kept on disk (a PassageStateStore's vectors())
 
     @property
     def embedder(self):
@@ -81,6 +82,11 @@ class PassagePrior:
         """Unit vectors of ``texts``, embedding only those not kept (e.g. at index time)."""
         found = self._vectors.get_many(texts)
         todo = list(dict.fromkeys(t for t in texts if t not in found))
+        if todo and self.stored is not None:
+            read = self.stored(todo)
+            found.update(read)
+            self._vectors.put_many(read.items())
+            todo = [t for t in todo if t not in read]
         if todo:
             new = self.embedder.encode(todo)
             found.update(zip(todo, new))
