@@ -36,7 +36,7 @@ figures: $(STAMP)
 	$(VENV)/bin/diekae-rag eval --n 60 --k 1 5 --out runs/eval_shipped
 	$(VENV)/bin/diekae-rag eval --n 60 --k 5 --distractors retrieved --out runs/eval_shipped_retrieved
 	$(VENV)/bin/diekae-rag eval --sets closed_book unanswerable --n 76 --out runs/eval_negatives
-	$(PY) benchmarks/run.py --skip batch training retrieval load --ks 5
+	$(PY) benchmarks/run.py --skip batch training retrieval load --ks 1 5 10 20 50 --repeats 3 --out benchmarks/results/ksweep
 	$(PY) benchmarks/decode_step.py --ks 5
 	$(PY) benchmarks/report.py readme
 
