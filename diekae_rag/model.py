@@ -363,6 +363,15 @@ class DiekaeModel:
         states of these encoder weights; passages not stored there are encoded on first use."""
         return self._attach(PassageStateStore(folder, self.encoder, create=False))
 
+    def warm_up(self) -> "DiekaeModel":
+        """Load what the first call would load (the answer-start reader, the passage prior's
+        embedder) and run one short call, so that a server's first query is as fast as later ones."""
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.generate("Warm-up?", ["Warm-up passage.", "Another warm-up passage."], max_new_tokens=1,
+                          copy={"gate_no_answer": 1.0})  # the gate off, so that the encoders' path runs too
+        return self
+
     def _attach(self, store: PassageStateStore) -> PassageStateStore:
         self.knowledge.passage_cache.attach(store, self.encoder)
         if self.knowledge.passage_prior is not None and hasattr(self.knowledge.passage_prior, "stored"):

@@ -35,6 +35,16 @@ class Piece(NamedTuple):
     j: int         # the piece's place in the word's answer tokenisation (1 = right after the first)
 
 
+def encode_many(tokenizer, texts: Sequence[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """(ids, character offsets) of each text, no special tokens. A fast tokenizer's Rust backend is
+    called directly: the same encodings, without the per-text conversion that costs about 0.3 ms."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return [(e.ids, [tuple(o) for o in e.offsets]) for e in backend.encode_batch(list(texts), add_special_tokens=False)]
+    enc = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
+    return [(ids, [tuple(o) for o in offs]) for ids, offs in zip(enc["input_ids"], enc["offset_mapping"])]
+
+
 def word_pieces(tokenizer, text: str, spans: Sequence[tuple[int, int]], ids: Sequence[int], classes: torch.Tensor
                 ) -> list[Piece]:
     """For each word whose answer-start tokenisation differs from the passage's: its later pieces."""
@@ -46,10 +56,10 @@ def word_pieces(tokenizer, text: str, spans: Sequence[tuple[int, int]], ids: Seq
                 starts.append((s, m.start(), m.end()))
     if not starts:
         return []
-    enc = tokenizer([text[w0:w1] for _, w0, w1 in starts], add_special_tokens=False, return_offsets_mapping=True)
+    enc = encode_many(tokenizer, [text[w0:w1] for _, w0, w1 in starts])
     ends = {b: t for t, (_, b) in enumerate(spans)}  # passage token by the character it ends at
     out = []
-    for (s, w0, _), alt, offs in zip(starts, enc["input_ids"], enc["offset_mapping"]):
+    for (s, w0, _), (alt, offs) in zip(starts, enc):
         if len(alt) < 2 or alt[0] == int(classes[ids[s]]):
             continue
 
@@ -93,7 +103,7 @@ class PassageTokens:
     def first_pieces(self, text: str) -> list[int]:
         def make():
             texts = [text[a: a + 32].lstrip() or text[a: a + 32] for a, _ in self.spans(text)]
-            ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+            ids = [x for x, _ in encode_many(self.tokenizer, texts)] if texts else []
             return [x[0] if x else -1 for x in ids]
         return self._kept.get_or_make(("first", text), make)
 
