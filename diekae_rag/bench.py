@@ -113,10 +113,17 @@ def bench_latency(model: DiekaeModel, ks=(1, 3, 5, 10), new_tokens: int = 32, re
     # memory-mapped) with the memory cache and the prior's passage vectors cleared before each call.
     modes = MODES + (("diekae_cold", "diekae_store") if model.config.passage_isolation else ())
     tmp = tempfile.TemporaryDirectory()
+    cache, prior = model.knowledge.passage_cache, model.passage_prior
+    stored = cache.backing
+
+    def use_store(store) -> None:  # states and the prior's passage vectors from disk, or not
+        cache.backing = store
+        if hasattr(prior, "stored"):
+            prior.stored = store.vectors if store is not None else None
     for k in ks:
         q, passages = bench_passages(model, k)
         if "diekae_store" in modes:
-            model.index_states(passages, Path(tmp.name) / "states", progress=False)
+            stored = model.index_states(passages, Path(tmp.name) / "states", progress=False)
         for label in modes:
             mode = "diekae" if label.startswith("diekae") else label
 
@@ -127,7 +134,7 @@ def bench_latency(model: DiekaeModel, ks=(1, 3, 5, 10), new_tokens: int = 32, re
                     model.knowledge.passage_cache.clear()
                     if model.passage_prior is not None:
                         model.passage_prior.clear()
-                model.knowledge.passage_cache.backing_on = label == "diekae_store"
+                use_store(stored if label == "diekae_store" else None)
                 kw = {"min_new_tokens": n_new} if n_new > 1 else {}
                 model.generate(q, passages, mode=mode, max_new_tokens=n_new, **kw)
 
@@ -140,7 +147,7 @@ def bench_latency(model: DiekaeModel, ks=(1, 3, 5, 10), new_tokens: int = 32, re
                          "decode_step_s": (total - ttft) / (new_tokens - 1), "decoder_tokens": prompt_len,
                          "knowledge_tokens": sum(len(model.prompter.ids(p)) for p in passages),
                          "peak_mem_mb": mem.peak / 2**20})
-            model.knowledge.passage_cache.backing_on = True
+            use_store(stored)
             print(f"k={k:2d} {label:12s} ttft {ttft * 1000:7.1f} ms  total {total:6.2f} s  "
                   f"decoder tokens {prompt_len:5d}  peak {mem.peak / 2**20:7.1f} MB", flush=True)
     return rows

@@ -106,7 +106,7 @@ class PassageCache:
         self._kept = LRU(max_segments)
         self.hits = self.misses = self.stored = 0
         self.backing = None            # a PassageStateStore
-        self.backing_on = True         # benchmarks switch it off to time encoding        self._backing_for = None       # (id, weights version) of the encoder it was attached for
+        self._backing_for = None       # (id, weights version) of the encoder it was attached for
 
     def attach(self, store, encoder: DiekaeEncoder) -> None:
         """Read segments missing from memory from ``store`` (states of ``encoder``'s current weights)."""
@@ -135,7 +135,7 @@ class PassageCache:
         found = self._kept.get_many(keys)
         todo = list(dict.fromkeys(key for key in keys if key not in found))
         self.hits += sum(key in found for key in keys)
-        if todo and self.backing is not None and self.backing_on and self._backing_for == version:
+        if todo and self.backing is not None and self._backing_for == version:
             from .state_store import segment_key
             names = {key: segment_key(key[1], key[2]) for key in todo}
             dtype = next(encoder.parameters()).dtype
