@@ -107,3 +107,14 @@ def test_framework_components_pass_abstention_through():
     llm = LlamaDiekaeLLM(model=model, max_new_tokens=8, on_no_answer="abstain")
     assert llm.complete(q, knowledge=OFF_TOPIC).text == model.copy.no_answer_text
     assert llm.complete(q, knowledge=ON_TOPIC).text != model.copy.no_answer_text
+
+
+def test_warm_up_runs_the_encoders_even_where_the_gate_would_close():
+    class Closed(NullReader):
+        def no_answer_log_prob(self, question, passages):
+            return math.log(0.99)
+
+    model = _model(gate_no_answer=0.5)
+    model.answer_reader = Closed()
+    model.warm_up()
+    assert model.knowledge.passage_cache.misses > 0, "the warm-up call encoded its passages"
