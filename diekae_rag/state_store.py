@@ -129,16 +129,12 @@ class PassageStateStore:
                  ) -> dict[str, SegmentState]:
         """The stored states of those ``keys`` that are stored (memory-mapped shards; tensors are
         copied to ``device`` and ``dtype``)."""
-        from safetensors import safe_open
         out = {}
         for key in keys:
             shard = self._where.get(key)
             if shard is None or key in out:
                 continue
-            with self._lock:
-                f = self._open.get(shard)
-                if f is None:
-                    f = self._open[shard] = safe_open(str(self.folder / shard), framework="pt")
+            f = self._shard(shard)
             get = lambda name, f=f: f.get_tensor(f"{key}/{name}")  # noqa: E731
             n_blocks = int(get("n_blocks").item())
             kv = tuple((_unpack(get, f"k{b}", self.dtype, dtype).to(device), _unpack(get, f"v{b}", self.dtype, dtype).to(device))
@@ -150,19 +146,22 @@ class PassageStateStore:
 
     def vectors(self, texts: Sequence[str]) -> dict:
         """The stored sentence vectors (the passage prior's) of those ``texts`` that have one."""
-        from safetensors import safe_open
         out = {}
         for text in texts:
             key = text_key(text)
             shard = self._where.get(key)
-            if shard is None:
-                continue
-            with self._lock:
-                f = self._open.get(shard)
-                if f is None:
-                    f = self._open[shard] = safe_open(str(self.folder / shard), framework="pt")
-            out[text] = f.get_tensor(f"{key}/vec").numpy()
+            if shard is not None:
+                out[text] = self._shard(shard).get_tensor(f"{key}/vec").numpy()
         return out
+
+    def _shard(self, name: str):
+        """A shard's memory-mapped reader, opened once."""
+        from safetensors import safe_open
+        with self._lock:
+            f = self._open.get(name)
+            if f is None:
+                f = self._open[name] = safe_open(str(self.folder / name), framework="pt")
+        return f
 
     def add(self, states: dict[str, SegmentState], vectors: Optional[dict] = None) -> int:
         """Write the states of new segments (and passage texts' sentence vectors) as one new shard,

@@ -76,8 +76,7 @@ def split_prompt_args(prompt: BasePromptTemplate, prompt_args: dict) -> tuple[Op
     if args.get("existing_answer"):
         question = f"{question}\n(An earlier answer was: {args['existing_answer'].strip()})"
     if isinstance(prompt, ChatPromptTemplate):  # earlier turns stay turns; system messages carry the context
-        turns = [{"role": m.role.value, "content": m.content or ""} for m in prompt.format_messages(**blank)
-                 if m.role in (MessageRole.USER, MessageRole.ASSISTANT)]
+        turns = chat_turns(prompt.format_messages(**blank))
         if len(turns) > 1 and turns[-1]["role"] == "user":
             return turns[:-1] + [{"role": "user", "content": question}], context
     return question, context
