@@ -52,7 +52,8 @@ _BLANK_LINES = re.compile(r"\n\s*\n")
 
 # LlamaIndex counts tokens with its own tokenizer (tiktoken cl100k_base); the decoder's tokenizer
 # needs at most 1.29x as many on English prose (1.03x median over 747 passages from examples/docs and
-# SQuAD-Shifts; benchmarks/token_ratio.py). The context window leaves that margin, so packed chunks fit max_knowledge_tokens.
+# SQuAD-Shifts; benchmarks/token_ratio.py). The context window leaves that margin, so packed
+# chunks fit max_knowledge_tokens.
 TOKENS_PER_LLAMAINDEX_TOKEN = 1.3
 
 
