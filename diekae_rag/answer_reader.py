@@ -9,6 +9,12 @@ at the one position that predicts the answer's first token (``CopyConfig.reader_
 through :class:`diekae_rag.copy.ReaderScores`).
 The decoder still reads only the question.
 
+With ``ReaderConfig.separate_layers = n``, the first n MiniLM layers read the question and each
+passage apart, and only the layers above read them together (as PreTTR does for re-rankers). A
+passage's states after those n layers depend on the passage alone, so they are computed when the
+passage is indexed and stored with its encoder states (:meth:`AnswerStartReader.passage_sides`);
+a question then costs its own n layers plus the joint top layers over k passages.
+
 Saved like the encoders (PEFT-style): ``reader.json`` + ``reader.safetensors``, holding the head
 and every MiniLM weight except the word embeddings, which stay frozen and come from the
 installed MiniLM package.
@@ -16,12 +22,13 @@ installed MiniLM package.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -40,6 +47,8 @@ class ReaderConfig:
     base: str = ""            # MiniLM folder ("" = the installed all-MiniLM-L6-v2)
     max_length: int = 256     # word-pieces per window (question + passage)
     stride: int = 64          # overlap between windows of a long passage
+    separate_layers: int = 0  # the first layers read question and passage apart (0: every layer reads them together)
+    passage_position: int = 16  # position id of a passage's first word-piece when it is read alone
 
     @classmethod
     def from_dict(cls, data: dict) -> "ReaderConfig":
@@ -68,20 +77,50 @@ class AnswerStartReader(nn.Module):
         self.bert = AutoModel.from_pretrained(path)
         self.bert.get_input_embeddings().weight.requires_grad_(False)
         self.head = nn.Linear(self.bert.config.hidden_size, 1)
+        self.check_config()
         self._lock = threading.Lock()  # a fast tokenizer with truncation/padding is not thread-safe
         self._recent = LRU(256)  # the last answers, by (question, passages)
+        self._sides = LRU(512)   # passage text -> PassageSide (with separate layers)
+        self.stored: Optional[Callable[[Sequence[str]], dict[str, "PassageSide"]]] = None  # e.g. a state store's
+        self._fingerprint: Optional[str] = None
+
+    def check_config(self) -> None:
+        """Raise if the config does not fit the base model."""
+        n_layers = len(self.bert.encoder.layer)
+        if not 0 <= self.config.separate_layers < n_layers:
+            raise ValueError(f"separate_layers must be in [0, {n_layers - 1}] for {self.config.base_path()} "
+                             f"({n_layers} layers), got {self.config.separate_layers}.")
 
     @property
     def device(self) -> torch.device:
         return self.head.weight.device
 
     def train(self, mode: bool = True) -> "AnswerStartReader":
-        self.clear()  # weights may change: forget the kept answers
+        self.clear(passages=True)  # weights may change: forget what was kept
         return super().train(mode)
 
-    def clear(self) -> None:
-        """Forget the kept answers (e.g. to time a question as if it were new)."""
+    def clear(self, passages: bool = False) -> None:
+        """Forget the kept answers (e.g. to time a question as if it were new), and with
+        ``passages`` the kept passage sides too."""
         self._recent.clear()
+        self._fingerprint = None
+        if passages:
+            self._sides.clear()
+
+    @property
+    def separate(self) -> int:
+        """How many of the first layers read the passage alone (0: none)."""
+        return self.config.separate_layers
+
+    def fingerprint(self) -> str:
+        """A hash of the config and weights: what a stored passage side depends on."""
+        if self._fingerprint is None:
+            h = hashlib.sha256(json.dumps(asdict(self.config), sort_keys=True).encode())
+            for name, t in sorted(self.state_dict().items()):
+                h.update(name.encode())
+                h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:24]
+        return self._fingerprint
 
     def windows(self, questions: Sequence[str], passages: Sequence[str]) -> dict:
         """Tokenise (question, passage) pairs into windows that together cover every passage
@@ -108,12 +147,12 @@ class AnswerStartReader(nn.Module):
     def forward(self, batch: dict) -> torch.Tensor:
         """(W, T) start logits; positions that cannot start an answer (question, padding,
         special tokens except [CLS]) are -inf."""
+        return self._start_logits(self._joint_states(batch), batch["spans"])
+
+    def _joint_states(self, batch: dict) -> torch.Tensor:
         kw = {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask", "token_type_ids")
               if batch.get(k) is not None}
-        h = self.bert(**kw).last_hidden_state
-        allowed = batch["spans"][..., 0].to(self.device) >= 0
-        allowed[:, 0] = True
-        return self.head(h).squeeze(-1).float().masked_fill(~allowed, float("-inf"))
+        return self.bert(**kw).last_hidden_state
 
     def char_log_probs(self, question: str, passages: Sequence[str]) -> list[dict[int, float]]:
         """For each passage, {character offset: log P(answer starts at the word-piece there)},
@@ -135,8 +174,121 @@ class AnswerStartReader(nn.Module):
 
     @torch.no_grad()
     def _char_log_probs(self, question: str, passages: Sequence[str]) -> tuple[list[dict[int, float]], float]:
-        batch = self.windows([question] * len(passages), passages)
-        return joint_char_log_probs(self(batch).cpu(), batch, len(passages))
+        logits, batch = self.read_pairs([question] * len(passages), passages)
+        return joint_char_log_probs(logits.cpu(), batch, len(passages))
+
+    def read_pairs(self, questions: Sequence[str], passages: Sequence[str]) -> tuple[torch.Tensor, dict]:
+        """(W, T) start logits over the windows of (question, passage) pairs (as :meth:`forward`), and
+        the windows' ``spans``, ``pair``, last ``states`` and ``mask``. With separate layers, each
+        passage's side comes from :meth:`passage_sides` (kept, stored, or read now) and only the
+        question is read per call."""
+        if not self.separate:
+            batch = self.windows(questions, passages)
+            batch["states"], batch["mask"] = self._joint_states(batch), batch["attention_mask"].bool()
+            return self._start_logits(batch["states"], batch["spans"]), batch
+        sides = self.passage_sides(passages)
+        unique = list(dict.fromkeys(questions))
+        qside = dict(zip(unique, self._question_sides(unique)))
+        rows, spans, pair = [], [], []
+        for j, (q, p) in enumerate(zip(questions, passages)):
+            side, hq = sides[p], qside[q]
+            for w in range(side.hidden.shape[0]):
+                keep = side.mask[w]
+                rows.append(torch.cat([hq, side.hidden[w][keep].to(hq)]))
+                spans.append(torch.cat([torch.full((hq.shape[0], 2), -1, dtype=torch.long),
+                                        side.spans[w][keep.cpu()].long()]))
+                pair.append(j)
+        h = nn.utils.rnn.pad_sequence(rows, batch_first=True)
+        mask = nn.utils.rnn.pad_sequence([torch.ones(len(r), dtype=torch.bool) for r in rows], batch_first=True)
+        batch = {"spans": nn.utils.rnn.pad_sequence(spans, batch_first=True, padding_value=-1),
+                 "pair": torch.tensor(pair)}
+        batch["states"] = self._layers(h, mask.to(self.device), self.separate, len(self.bert.encoder.layer))
+        batch["mask"] = mask
+        return self._start_logits(batch["states"], batch["spans"]), batch
+
+    def use_store(self, store) -> None:
+        """Read passage sides from a :class:`~diekae_rag.state_store.PassageStateStore` (those stored
+        for these weights) before reading a passage anew; ``None`` stops."""
+        self.stored = None if store is None else (lambda texts: store.reader_sides(texts, self.fingerprint()))
+
+    def passage_sides(self, passages: Sequence[str]) -> dict[str, "PassageSide"]:
+        """Each passage read alone by the separate layers (needs ``separate_layers``): kept ones,
+        then stored ones (:attr:`stored`), then the rest read now in one batch. Training mode reads
+        every passage again, with gradients."""
+        if not self.separate:
+            raise ValueError("Passage sides need a reader with separate_layers > 0.")
+        unique = list(dict.fromkeys(passages))
+        if self.training:
+            return dict(zip(unique, self._read_alone(unique)))
+        found = self._sides.get_many(unique)
+        todo = [p for p in unique if p not in found]
+        if todo and self.stored is not None:
+            read = {p: s.to(self.device) for p, s in self.stored(todo).items()}
+            found.update(read)
+            self._sides.put_many(read.items())
+            todo = [p for p in todo if p not in read]
+        if todo:
+            with torch.no_grad():
+                new = dict(zip(todo, self._read_alone(todo)))
+            found.update(new)
+            self._sides.put_many(new.items())
+        return found
+
+    def _read_alone(self, passages: Sequence[str]) -> list["PassageSide"]:
+        """Passages without the question through the separate layers, in windows of
+        ``max_length`` less a question's room (64, or half a short window) word-pieces (``stride``
+        overlap) plus [SEP], positions from ``passage_position``."""
+        with self._lock:
+            enc = self.tokenizer(list(passages), add_special_tokens=False, return_offsets_mapping=True)
+        size = self.config.max_length - min(64, self.config.max_length // 2)
+        sep = self.tokenizer.sep_token_id
+        ids, spans, owner = [], [], []
+        for i, (tok, offs) in enumerate(zip(enc["input_ids"], enc["offset_mapping"])):
+            a = 0
+            while True:
+                ids.append(torch.tensor(tok[a: a + size] + [sep]))
+                spans.append(torch.tensor([list(o) for o in offs[a: a + size]] + [[-1, -1]]).reshape(-1, 2))
+                owner.append(i)
+                if a + size >= len(tok):
+                    break
+                a += max(size - self.config.stride, 1)
+        mask = nn.utils.rnn.pad_sequence([torch.ones(len(x), dtype=torch.bool) for x in ids], batch_first=True)
+        input_ids = nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=self.tokenizer.pad_token_id)
+        spans_t = nn.utils.rnn.pad_sequence(spans, batch_first=True, padding_value=-1)
+        pos = self.config.passage_position + torch.arange(input_ids.shape[1])[None].expand_as(input_ids)
+        dev = self.device
+        h = self.bert.embeddings(input_ids=input_ids.to(dev), token_type_ids=torch.ones_like(input_ids).to(dev),
+                                 position_ids=pos.to(dev))
+        h = self._layers(h, mask.to(dev), 0, self.separate)
+        out = []
+        for i in range(len(passages)):
+            rows = [w for w, o in enumerate(owner) if o == i]
+            t = int(mask[rows].sum(1).max())
+            out.append(PassageSide(h[rows, :t], mask[rows, :t].to(dev), spans_t[rows, :t].to(torch.int32)))
+        return out
+
+    def _question_sides(self, questions: Sequence[str]) -> list[torch.Tensor]:
+        """Each question as [CLS] question [SEP] through the separate layers: (length, hidden)."""
+        with self._lock:
+            enc = self.tokenizer(list(questions), padding=True, return_tensors="pt")
+        dev = self.device
+        mask = enc["attention_mask"].bool().to(dev)
+        h = self.bert.embeddings(input_ids=enc["input_ids"].to(dev), token_type_ids=enc["token_type_ids"].to(dev))
+        h = self._layers(h, mask, 0, self.separate)
+        return [h[i, : int(mask[i].sum())] for i in range(len(questions))]
+
+    def _layers(self, h: torch.Tensor, mask: torch.Tensor, first: int, stop: int) -> torch.Tensor:
+        """MiniLM layers ``first`` to ``stop - 1`` over ``h`` (B, T, H); ``mask`` (B, T) is False on padding."""
+        add = torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill(~mask, torch.finfo(h.dtype).min)
+        for layer in self.bert.encoder.layer[first:stop]:
+            out = layer(h, attention_mask=add[:, None, None, :])
+            h = out[0] if isinstance(out, tuple) else out
+        return h
+
+    def _start_logits(self, h: torch.Tensor, spans: torch.Tensor) -> torch.Tensor:
+        allowed = spans[..., 0].to(self.device) >= 0
+        allowed[:, 0] = True
+        return self.head(h).squeeze(-1).float().masked_fill(~allowed, float("-inf"))
 
     def save_pretrained(self, path: Union[str, Path]) -> Path:
         """Write reader.json + reader.safetensors (the frozen word embeddings are left out)."""
@@ -167,6 +319,17 @@ class AnswerStartReader(nn.Module):
             raise ValueError(f"Reader weights in {path} do not fit its base {cfg.base_path()}: "
                              f"missing {missing[:3]}, unexpected {unexpected[:3]}.")
         return reader.to(device or "cpu").eval()
+
+
+@dataclass
+class PassageSide:
+    """A passage read alone by the reader's separate layers, one row per window."""
+    hidden: torch.Tensor  # (windows, T, hidden) states after the separate layers
+    mask: torch.Tensor    # (windows, T) False on padding
+    spans: torch.Tensor   # (windows, T, 2) each word-piece's character span; -1 for [SEP] and padding
+
+    def to(self, device: Union[str, torch.device], dtype: torch.dtype = torch.float32) -> "PassageSide":
+        return PassageSide(self.hidden.to(device, dtype), self.mask.to(device), self.spans)
 
 
 def joint_char_log_probs(logits: torch.Tensor, batch: dict, n_passages: int) -> tuple[list[dict[int, float]], float]:

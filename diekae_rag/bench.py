@@ -116,10 +116,15 @@ def bench_latency(model: DiekaeModel, ks=(1, 3, 5, 10), new_tokens: int = 32, re
     cache, prior = model.knowledge.passage_cache, model.passage_prior
     stored = cache.backing
 
-    def use_store(store) -> None:  # states and the prior's passage vectors from disk, or not
+    reader = model.answer_reader if model.copy.reader_weight or model.copy.gate_no_answer < 1 else None
+    reader = reader if reader is not None and reader.separate else None
+
+    def use_store(store) -> None:  # states, the prior's passage vectors and the reader's passage sides from disk, or not
         cache.backing = store
         if hasattr(prior, "stored"):
             prior.stored = store.vectors if store is not None else None
+        if reader is not None:
+            reader.use_store(store)
     for k in ks:
         q, passages = bench_passages(model, k)
         if "diekae_store" in modes:
@@ -132,6 +137,8 @@ def bench_latency(model: DiekaeModel, ks=(1, 3, 5, 10), new_tokens: int = 32, re
                     model.answer_reader.clear()  # the reader reads each new question: never a kept answer
                 if label in ("diekae_cold", "diekae_store"):
                     model.knowledge.passage_cache.clear()
+                    if reader is not None:
+                        reader.clear(passages=True)
                     if model.passage_prior is not None:
                         model.passage_prior.clear()
                 use_store(stored if label == "diekae_store" else None)

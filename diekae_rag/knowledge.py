@@ -100,6 +100,13 @@ class KnowledgeEncoding:
         return gate_open([self.prompter.user_text(x) for x in prompts], passages, copy, self._embedding_prior(),
                          self.answer_reader if copy.gate_no_answer < 1 else None)
 
+    def _separate_reader(self, copy: CopyConfig) -> Optional[AnswerStartReader]:
+        """The answer-start reader when ``copy`` uses it and its passage side can be kept apart."""
+        if not (copy.reader_weight or copy.gate_no_answer < 1):
+            return None
+        reader = self.answer_reader
+        return reader if reader is not None and reader.separate else None
+
     def _embedding_prior(self) -> Optional[PassagePrior]:
         """The passage prior when it is the sentence-embedding one (whose vectors can be cached)."""
         return self.passage_prior if isinstance(self.passage_prior, PassagePrior) else None
@@ -203,21 +210,33 @@ class KnowledgeEncoding:
         return per_item
 
     def store_states(self, passages: Sequence[str], store, copy: CopyConfig, batch_size: int = 32,
-                     shard_segments: int = 1024, progress: bool = True) -> int:
+                     shard_segments: int = 1024, progress: bool = True, vectors: Optional[dict] = None) -> int:
         """Encode the passages whose segments ``store`` lacks and write their states to it (a shard
-        per ``shard_segments``), with the passage prior's vectors of the passages; returns how many
-        segments were added."""
+        per ``shard_segments``), with the passage prior's vectors of the passages (taken from
+        ``vectors`` where given) and the answer reader's passage sides; returns how many segments
+        were added."""
         from tqdm import tqdm
 
         from .passage_cache import encode_segments
-        from .state_store import segment_key, text_key
+        from .state_store import reader_key, segment_key, text_key
         segs: dict[str, tuple] = {}
         passages = clean_passages(list(passages))
         prior = self._embedding_prior()
         if prior is not None and (copy.passage_prior or copy.gate_cosine):
             missing = [p for p in passages if text_key(p) not in store]
+            known = vectors or {}
             for i in range(0, len(missing), 256):
-                store.add({}, prior.passage_vectors(missing[i: i + 256]))
+                part = missing[i: i + 256]
+                store.add({}, {**prior.passage_vectors([p for p in part if p not in known]),
+                               **{p: known[p] for p in part if p in known}})
+        reader = self._separate_reader(copy)
+        if reader is not None:
+            fingerprint = reader.fingerprint()
+            missing = [p for p in passages if reader_key(p, fingerprint) not in store]
+            with torch.inference_mode():
+                for i in tqdm(range(0, len(missing), 64), desc="reader passage sides", disable=not progress or not missing):
+                    part = missing[i: i + 64]
+                    store.add({}, sides=reader.passage_sides(part), reader=fingerprint)
         for p in passages:
             segments, kmasks, *_ = self.prompter.isolated_item([p], [])
             for s, k in zip(segments, kmasks):
@@ -247,6 +266,9 @@ class KnowledgeEncoding:
             if copy.answer_pieces:
                 self.passage_tokens.word_pieces(p, self.classes)
         with torch.inference_mode():
+            reader = self._separate_reader(copy)
+            if reader is not None:
+                reader.passage_sides(passages)
             for i in range(0, len(passages), 32):
                 self.segment_states(self.main, [self.prompter.isolated_item([p], []) for p in passages[i: i + 32]])
         return len(passages)

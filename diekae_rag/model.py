@@ -348,14 +348,16 @@ class DiekaeModel:
         return self.knowledge.precompute(passages, self.copy.with_overrides(copy))
 
     def index_states(self, passages: Sequence[str], folder: Union[str, Path], dtype: Optional[str] = None,
-                     progress: bool = True) -> PassageStateStore:
+                     progress: bool = True, vectors: Optional[dict] = None) -> PassageStateStore:
         """Compute the passages' encoder states once (those not stored yet) and keep them on disk in
         ``folder``; queries then read a passage's states instead of encoding it (see :meth:`attach_states`).
-        ``dtype``: ``"float16"`` (the default for a new folder), ``"float32"`` or ``"int8"``."""
+        ``dtype``: ``"float16"`` (the default for a new folder), ``"float32"`` or ``"int8"``.
+        ``vectors``: {text: unit vector} already computed by the passage prior's embedder (e.g. the
+        FAISS store's, when it uses the same model), so those passages are not embedded again."""
         if not self.config.passage_isolation:
             raise ValueError("Stored passage states need encoders trained with passage_isolation=True.")
         store = PassageStateStore(folder, self.encoder, dtype=dtype)
-        self.knowledge.store_states(passages, store, self.copy, progress=progress)
+        self.knowledge.store_states(passages, store, self.copy, progress=progress, vectors=vectors)
         return self._attach(store)
 
     def attach_states(self, folder: Union[str, Path]) -> PassageStateStore:
@@ -376,6 +378,9 @@ class DiekaeModel:
         self.knowledge.passage_cache.attach(store, self.encoder)
         if self.knowledge.passage_prior is not None and hasattr(self.knowledge.passage_prior, "stored"):
             self.knowledge.passage_prior.stored = store.vectors
+        reader = self.knowledge.answer_reader
+        if reader is not None and reader.separate:
+            reader.use_store(store)
         return store
 
     def _generate_ids(self, questions, knowledges, mode, max_new_tokens, copy=None, stop=(), gate=None, **gen_kwargs

@@ -10,7 +10,9 @@ folder (usually ``STORE_DIR/states`` beside the FAISS index):
 
 A segment's tensors are named ``<key>/<part>``, where the key is a hash of its token ids and its
 copyable-token mask, so the same text finds its states whichever retriever returned it. A passage's
-sentence vector (the passage prior's MiniLM embedding) is kept as ``text-<hash of the text>/vec``. ``encoder``
+sentence vector (the passage prior's MiniLM embedding) is kept as ``text-<hash of the text>/vec``, and
+the answer-start reader's passage side (with ``separate_layers``) as ``read-<hash of the reader's
+fingerprint and the text>/{h,m,s}``, so that another reader simply finds none. ``encoder``
 is a hash of the encoder weights: states from other weights are refused with the command that
 rebuilds them. New segments go into a new shard (temp file, fsync, rename), then the manifest is
 replaced atomically, so a crash leaves the previous manifest pointing at complete shards.
@@ -58,6 +60,15 @@ def segment_key(ids: Sequence[int], knowledge: Sequence[bool]) -> str:
 def text_key(text: str) -> str:
     """The stored name of a passage text's sentence vector."""
     return "text-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+def reader_key(text: str, fingerprint: str) -> str:
+    """The stored name of a passage text's answer-reader side, for one reader's weights."""
+    return "read-" + hashlib.sha256(f"{fingerprint}\0{text}".encode("utf-8")).hexdigest()[:32]
+
+
+def _is_segment(key: str) -> bool:
+    return not key.startswith(("text-", "read-"))
 
 
 def _pack(t: torch.Tensor, dtype: str) -> dict[str, torch.Tensor]:
@@ -120,7 +131,7 @@ class PassageStateStore:
 
     def __len__(self) -> int:
         """How many segments have stored states."""
-        return sum(not k.startswith("text-") for k in self._where)
+        return sum(map(_is_segment, self._where))
 
     def __contains__(self, key: str) -> bool:
         return key in self._where
@@ -154,6 +165,20 @@ class PassageStateStore:
                 out[text] = self._shard(shard).get_tensor(f"{key}/vec").numpy()
         return out
 
+    def reader_sides(self, texts: Sequence[str], fingerprint: str) -> dict:
+        """The stored answer-reader passage sides (:class:`~diekae_rag.answer_reader.PassageSide`) of
+        those ``texts`` that have one for the reader with this ``fingerprint``."""
+        from .answer_reader import PassageSide
+        out = {}
+        for text in texts:
+            key = reader_key(text, fingerprint)
+            shard = self._where.get(key)
+            if shard is not None:
+                f = self._shard(shard)
+                get = lambda name, f=f: f.get_tensor(f"{key}/{name}")  # noqa: E731
+                out[text] = PassageSide(_unpack(get, "h", self.dtype, torch.float32), get("m"), get("s"))
+        return out
+
     def _shard(self, name: str):
         """A shard's memory-mapped reader, opened once."""
         from safetensors import safe_open
@@ -163,16 +188,23 @@ class PassageStateStore:
                 f = self._open[name] = safe_open(str(self.folder / name), framework="pt")
         return f
 
-    def add(self, states: dict[str, SegmentState], vectors: Optional[dict] = None) -> int:
-        """Write the states of new segments (and passage texts' sentence vectors) as one new shard,
-        then the manifest; returns how many segments were added."""
+    def add(self, states: dict[str, SegmentState], vectors: Optional[dict] = None, sides: Optional[dict] = None,
+            reader: str = "") -> int:
+        """Write the states of new segments (and passage texts' sentence vectors, and their
+        answer-reader ``sides`` for the reader with fingerprint ``reader``) as one new shard, then the
+        manifest; returns how many segments were added."""
         from safetensors.torch import save_file
         new = {k: s for k, s in states.items() if k not in self._where}
         vecs = {text_key(t): v for t, v in (vectors or {}).items() if text_key(t) not in self._where}
-        if not new and not vecs:
+        reads = {reader_key(t, reader): s for t, s in (sides or {}).items() if reader_key(t, reader) not in self._where}
+        if not new and not vecs and not reads:
             return 0
         tensors: dict[str, torch.Tensor] = {f"{k}/vec": torch.as_tensor(v, dtype=torch.float32).contiguous()
                                             for k, v in vecs.items()}
+        for key, side in reads.items():
+            tensors.update({f"{key}/h.{x}": y for x, y in _pack(side.hidden, self.dtype).items()})
+            tensors[f"{key}/m"] = side.mask.to("cpu", torch.bool).contiguous()
+            tensors[f"{key}/s"] = side.spans.to("cpu", torch.int32).contiguous()
         for key, s in new.items():
             tensors[f"{key}/ids"] = s.ids.to("cpu", torch.int32).contiguous()
             tensors[f"{key}/km"] = s.knowledge.to("cpu", torch.bool).contiguous()
@@ -189,13 +221,13 @@ class PassageStateStore:
             atomic_write(self.folder / shard, lambda tmp: save_file(tensors, str(tmp)))
             self.bytes += (self.folder / shard).stat().st_size
             self._shards.append(shard)
-            self._where.update({k: shard for k in [*new, *vecs]})
+            self._where.update({k: shard for k in [*new, *vecs, *reads]})
             keys: dict[str, list[str]] = {s: [] for s in self._shards}
             for k, s in self._where.items():
                 keys[s].append(k)
             atomic_write_text(self.folder / "manifest.json", json.dumps(
                 {"format": FORMAT, "encoder": self.encoder_sha, "dtype": self.dtype, "shards": self._shards,
-                 "count": sum(not k.startswith("text-") for k in self._where), "bytes": self.bytes, "keys": keys}))
+                 "count": len(self), "bytes": self.bytes, "keys": keys}))
         return len(new)
 
     def knowledge_tokens(self) -> int:
@@ -213,4 +245,5 @@ def states_folder(store_dir: str | Path) -> Path:
     return Path(store_dir) / "states"
 
 
-__all__ = ["PassageStateStore", "StateStoreError", "encoder_hash", "segment_key", "text_key", "states_folder", "DTYPES"]
+__all__ = ["PassageStateStore", "StateStoreError", "encoder_hash", "segment_key", "text_key", "reader_key",
+           "states_folder", "DTYPES"]

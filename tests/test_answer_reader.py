@@ -159,3 +159,109 @@ def test_ship_writes_the_reader_with_the_encoders(reader, tmp_path, capsys):
     assert not (tmp_path / "other").exists()
     back = AnswerStartReader.from_pretrained(tmp_path / "shipped")
     assert back.config.max_length == reader.config.max_length
+
+
+@pytest.fixture(scope="module")
+def split_reader():
+    """A reader whose first 4 of 6 MiniLM layers read question and passage apart (random head)."""
+    torch.manual_seed(1)
+    reader = AnswerStartReader(ReaderConfig(max_length=48, stride=16, separate_layers=4)).eval()
+    with torch.no_grad():
+        reader.head.weight.normal_(0, 0.5)
+    return reader
+
+
+def test_manual_layers_match_minilm_with_every_layer_joint(reader):
+    """The layer loop the separate reader runs is MiniLM's own forward (same masks, same states)."""
+    batch = reader.windows(["Who is Marsul married to?"] * 2, ["Marsul is married to Ithpelith.", "Calgra is cold. " * 8])
+    with torch.no_grad():
+        want = reader.eval()(batch)
+        h = reader.bert.embeddings(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"])
+        got = reader._start_logits(reader._layers(h, batch["attention_mask"].bool(), 0, 6), batch["spans"])
+    assert torch.equal(torch.isfinite(want), torch.isfinite(got))
+    assert torch.allclose(want[torch.isfinite(want)], got[torch.isfinite(got)], atol=1e-4)
+
+
+def test_separate_layers_read_each_passage_once_and_cover_long_passages(split_reader, monkeypatch):
+    q = "Who is Marsul married to?"
+    long = " ".join(f"Word{i} is here." for i in range(30))
+    ps = [long, "Marsul is married to Ithpelith."]
+    split_reader.clear(passages=True)
+    want = split_reader.char_log_probs(q, ps)
+    assert split_reader.passage_sides(ps)[long].hidden.shape[0] > 3, "a long passage is read in windows"
+    assert long.index("Word29") in want[0] and 21 in want[1], "nothing cut off, and starts map to characters"
+    total = sum(math.exp(v) for d in want for v in d.values())
+    assert 0.0 < total <= 1.0 + 1e-5
+    reads = []
+    monkeypatch.setattr(split_reader, "_read_alone", lambda texts: reads.append(texts) or pytest.fail("read again"))
+    other = split_reader.char_log_probs("Where does Marsul live?", ps)
+    assert not reads and other[1].keys() == want[1].keys(), "a new question reuses the passages' sides"
+    assert other[1] != want[1], "and still reads the question against them"
+
+
+def test_split_reader_sides_are_stored_for_its_weights_only(split_reader, tmp_path):
+    from test_per_step import _per_step_model
+
+    from diekae_rag.state_store import PassageStateStore
+    q, ps = "Who is Marsul married to?", ["Marsul is married to Ithpelith.", "Calgra is cold."]
+    split_reader.clear(passages=True)
+    want = split_reader.char_log_probs(q, ps)
+    store = PassageStateStore(tmp_path, _per_step_model(isolation=True).encoder, dtype="float16")
+    store.add({}, sides=split_reader.passage_sides(ps), reader=split_reader.fingerprint())
+    split_reader.clear(passages=True)
+    split_reader.use_store(store)
+    try:
+        read = []
+        real = split_reader._read_alone
+        split_reader._read_alone = lambda texts: read.append(list(texts)) or real(texts)
+        got = split_reader.char_log_probs(q, ps)
+        assert read == [], "both sides came from the store"
+        for c in want[0]:
+            assert got[0][c] == pytest.approx(want[0][c], abs=2e-2)  # float16 states
+        assert store.reader_sides(ps, "another reader") == {}, "another reader's weights find nothing"
+    finally:
+        del split_reader._read_alone
+        split_reader.use_store(None)
+
+
+def test_separate_layers_are_checked_and_saved(split_reader, tmp_path):
+    with pytest.raises(ValueError, match="separate_layers must be in"):
+        AnswerStartReader(ReaderConfig(separate_layers=6))
+    split_reader.save_pretrained(tmp_path / "r")
+    back = AnswerStartReader.from_pretrained(tmp_path / "r")
+    assert back.separate == 4
+    q, ps = "Who is Marsul married to?", ["Marsul is married to Ithpelith."]
+    assert back.no_answer_log_prob(q, ps) == pytest.approx(split_reader.no_answer_log_prob(q, ps), abs=2e-2)
+
+
+def test_distilling_a_split_reader_from_a_joint_one(reader):
+    """The KL to the teacher is 0 for the teacher itself, and training a split reader brings it down."""
+    from dataclasses import replace
+    ex = Example("Who is Marsul married to?", ["Marsul is married to Ithpelith. Ithpelith weaves.", "Calgra is cold."],
+                 "Ithpelith", "Mortel")
+    none = Example(ex.question, ["Calgra is cold."], "Ithpelith", "Mortel")
+    from diekae_rag.training.reader import _state_distance
+    teacher = reader.eval()
+    questions, passages = [ex.question] * 2 + [none.question], ex.passages + none.passages
+    with torch.no_grad():
+        gold_only = batch_losses(teacher, [ex, none])[0]
+        with_kl = batch_losses(teacher, [ex, none], teacher, distill=1.0, match_states=5.0)[0]
+        t_batch = teacher.read_pairs(questions, passages)[1]
+    assert torch.allclose(gold_only, with_kl, atol=1e-5), "no divergence from itself"
+    assert float(_state_distance(t_batch, t_batch, [0, 1, 2])) == 0.0
+    student = AnswerStartReader(replace(teacher.config, separate_layers=4))
+    student.load_state_dict(teacher.state_dict())
+    with torch.no_grad():
+        s_batch = student.eval().read_pairs(questions, passages)[1]
+    assert s_batch["states"].shape == t_batch["states"].shape, "the same tokens in the same order"
+    assert float(_state_distance(s_batch, t_batch, [0, 1, 2])) > 0.0
+    student.train()
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-3)
+    first = None
+    for _ in range(5):
+        loss = batch_losses(student, [ex, none], teacher, distill=1.0, match_states=5.0)[0].mean()
+        first = float(loss.detach()) if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss.detach()) < first

@@ -104,3 +104,57 @@ def test_open_or_build_stores_every_chunks_states_beside_the_index(tmp_path, rea
     passages = [p.text for p in store.search(Q[1], k=2)]
     fresh.generate(Q[1], passages, max_new_tokens=2)
     assert fresh.knowledge.passage_cache.misses == 0 and fresh.knowledge.passage_cache.stored == 3
+
+
+def test_the_answer_readers_passage_sides_are_stored_and_read_back(tmp_path):
+    """With a reader whose first layers read the passage alone, index time stores those states too,
+    and a new process reads only the question."""
+    from diekae_rag.answer_reader import AnswerStartReader, ReaderConfig
+
+    def with_reader(reader):
+        model = _per_step_model(isolation=True, reader_weight=1.0)
+        model.answer_reader = reader
+        return model
+    torch.manual_seed(2)
+    reader = AnswerStartReader(ReaderConfig(max_length=48, stride=16, separate_layers=4)).eval()
+    reader.save_pretrained(tmp_path / "reader")
+    reader = AnswerStartReader.from_pretrained(tmp_path / "reader")  # as a model loads it
+    ref = with_reader(reader)
+    want = ref.score(Q[1], "north", K[1])
+    ref.index_states(PASSAGES, tmp_path / "states", progress=False)
+    store = PassageStateStore(tmp_path / "states", ref.encoder)
+    assert len(store.reader_sides(PASSAGES, reader.fingerprint())) == len(set(PASSAGES))
+    assert len(store) == 4, "reader sides are not counted as segments"
+
+    fresh = AnswerStartReader.from_pretrained(tmp_path / "reader")
+    model = with_reader(fresh)
+    model.attach_states(tmp_path / "states")
+    read = []
+    real = fresh._read_alone
+    fresh._read_alone = lambda texts: read.append(list(texts)) or real(texts)
+    assert model.score(Q[1], "north", K[1]) == pytest.approx(want, abs=2e-2)
+    assert read == [], "the passages' reader sides came from the store"
+
+
+def test_open_or_build_embeds_each_chunk_once(tmp_path, real_embedder, monkeypatch):
+    """The passage prior's vectors of the chunks are the FAISS store's when both use the same model."""
+    from diekae_rag.copy import PassagePrior
+    from diekae_rag.retrievers import open_or_build
+    from diekae_rag.state_store import states_folder
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i, p in enumerate(PASSAGES):
+        (docs / f"{i}.md").write_text(p)
+    embedded: list[str] = []
+    real = real_embedder.encode
+    monkeypatch.setattr(real_embedder, "encode", lambda texts, **kw: embedded.extend(texts) or real(texts, **kw))
+    model = _per_step_model(isolation=True, passage_prior=30.0)
+    model.passage_prior = PassagePrior(embedder=real_embedder)
+    store = open_or_build(docs, tmp_path / "store", embedder=real_embedder, model=model, progress=False)
+    texts = [c["text"] for c in store.chunks]
+    assert sorted(embedded) == sorted(texts), "each chunk embedded once, for FAISS"
+    vecs = PassageStateStore(states_folder(tmp_path / "store"), model.encoder).vectors(texts)
+    assert len(vecs) == len(texts)
+    for t, v in zip(texts, store.vectors):
+        assert vecs[t] == pytest.approx(v)

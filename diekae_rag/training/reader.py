@@ -5,6 +5,13 @@ Each item's question is paired with each of its passages; the loss is -log of th
 time) on the word-pieces where an occurrence of the answer starts, or on "no answer" when no
 passage contains it. ``data.negatives`` sets the share of items whose gold passage is left out,
 so that "no answer" is learned (it is what the copy gate's ``gate_no_answer`` reads).
+
+``separate_layers`` turns a saved reader (``init``) into one whose first layers read the passage
+alone (so its passage side can be stored at index time); ``teacher`` then names a reader whose
+distribution over starts (and "no answer") the new one also learns, with weight ``distill`` (a KL
+term next to the gold loss), so that what the gate's threshold was chosen on carries over, and
+with ``match_states`` the teacher's last hidden states token by token (as DeFormer does), where
+a pair's question and passage fit one window for both readers (then their tokens line up).
 """
 
 from __future__ import annotations
@@ -13,14 +20,15 @@ import json
 import random
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from tqdm import tqdm
 
-from ..answer_reader import AnswerStartReader, ReaderConfig
+from ..answer_reader import AnswerStartReader, ReaderConfig, joint_char_log_probs
+from ..copy.memory import LOG_FLOOR
 from ..atomic import atomic_write_text
 from ..data.mixture import DataSpec, Example
 
@@ -40,6 +48,10 @@ class ReaderTrainConfig:
     max_length: int = 256
     seed: int = 0
     init: str = ""           # a saved reader to start from ("" = a fresh head on MiniLM)
+    separate_layers: Optional[int] = None  # set the reader's separate layers (None: keep init's)
+    teacher: str = ""        # a saved reader to distil from ("init": the one it starts from; "": the gold loss alone)
+    distill: float = 1.0     # weight of the KL to the teacher
+    match_states: float = 0.0  # weight of the mean squared distance to the teacher's last states
 
     @classmethod
     def from_file(cls, path: str) -> "ReaderTrainConfig":
@@ -68,18 +80,71 @@ def _joint_loss(lg: torch.Tensor, gold: torch.Tensor) -> tuple[torch.Tensor, boo
     return -torch.logsumexp(torch.log_softmax(flat, 0)[g], 0), bool(g[int(flat.argmax())])
 
 
-def batch_losses(reader: AnswerStartReader, items: Sequence[Example]) -> tuple[torch.Tensor, list[bool]]:
-    """Per item, -log P(gold start) and whether its top start is a gold start. All (question,
-    passage) pairs of the batch go through the reader in one forward."""
+def _kl_to_teacher(lg: torch.Tensor, batch: dict, target: tuple[list[dict[int, float]], float]) -> torch.Tensor:
+    """KL(teacher || reader) over one item's starts, keyed by (passage, character) (the first window
+    where windows overlap) and "no answer"; ``target`` is the teacher's :func:`joint_char_log_probs`."""
+    index, teacher, seen = [], [], set()
+    finite = torch.isfinite(lg).cpu()
+    for w in range(lg.shape[0]):
+        p = int(batch["pair"][w])
+        for t in torch.nonzero(finite[w, 1:])[:, 0].tolist():
+            key = (p, int(batch["spans"][w, t + 1, 0]))
+            if key not in seen:
+                seen.add(key)
+                index.append(w * lg.shape[1] + t + 1)
+                teacher.append(target[0][p].get(key[1], LOG_FLOOR))
+    flat = torch.cat([lg.reshape(-1)[torch.tensor(index, dtype=torch.long, device=lg.device)], lg[:, 0].max()[None]])
+    t = torch.log_softmax(torch.tensor(teacher + [target[1]], device=lg.device), 0)
+    return (t.exp() * (t - torch.log_softmax(flat, 0))).sum()
+
+
+def _per_item(batch: dict, owner: torch.Tensor, i: int) -> tuple[torch.Tensor, dict]:
+    sel = torch.nonzero(owner == i)[:, 0]
+    return sel, {"spans": batch["spans"][sel], "pair": batch["pair"][sel] - int(batch["pair"][sel].min())}
+
+
+def _state_distance(batch: dict, t_batch: dict, pairs: Sequence[int]) -> Optional[torch.Tensor]:
+    """Mean squared distance between the reader's and the teacher's last states over the tokens of
+    those ``pairs`` that are one window for both (the same tokens in the same order); None if none is."""
+    dists = []
+    for j in pairs:
+        s, t = torch.nonzero(batch["pair"] == j)[:, 0], torch.nonzero(t_batch["pair"] == j)[:, 0]
+        if len(s) != 1 or len(t) != 1:
+            continue
+        n = int(batch["mask"][int(s)].sum())
+        if n != int(t_batch["mask"][int(t)].sum()):
+            continue
+        hs, ht = batch["states"][int(s), :n], t_batch["states"][int(t), :n].to(batch["states"])
+        dists.append(((hs - ht) ** 2).mean())
+    return torch.stack(dists).mean() if dists else None
+
+
+def batch_losses(reader: AnswerStartReader, items: Sequence[Example], teacher: Optional[AnswerStartReader] = None,
+                 distill: float = 1.0, match_states: float = 0.0) -> tuple[torch.Tensor, list[bool]]:
+    """Per item, -log P(gold start) (plus ``distill`` × the KL to ``teacher``'s distribution and
+    ``match_states`` × the distance to its last states) and whether its top start is a gold start.
+    All (question, passage) pairs of the batch go through the reader in one forward."""
     pairs = [(ex.question, p, i) for i, ex in enumerate(items) for p in ex.passages]
-    batch = reader.windows([q for q, _, _ in pairs], [p for _, p, _ in pairs])
-    start = reader(batch)
+    questions, passages = [q for q, _, _ in pairs], [p for _, p, _ in pairs]
+    start, batch = reader.read_pairs(questions, passages)
     owner = torch.tensor([pairs[int(w)][2] for w in batch["pair"]])
+    if teacher is not None:
+        with torch.no_grad():
+            t_start, t_batch = teacher.read_pairs(questions, passages)
+        t_owner = torch.tensor([pairs[int(w)][2] for w in t_batch["pair"]])
     losses, right = [], []
     for i, ex in enumerate(items):
-        sel = torch.nonzero(owner == i)[:, 0]
-        sub = {"spans": batch["spans"][sel], "pair": batch["pair"][sel] - int(batch["pair"][sel].min())}
-        loss, ok = _joint_loss(start[sel.to(start.device)], gold_pieces(sub, ex.passages, ex.answer).to(start.device))
+        sel, sub = _per_item(batch, owner, i)
+        lg = start[sel.to(start.device)]
+        loss, ok = _joint_loss(lg, gold_pieces(sub, ex.passages, ex.answer).to(start.device))
+        if teacher is not None:
+            t_sel, t_sub = _per_item(t_batch, t_owner, i)
+            target = joint_char_log_probs(t_start[t_sel.to(t_start.device)].cpu(), t_sub, len(ex.passages))
+            loss = loss + distill * _kl_to_teacher(lg, sub, target)
+            dist = _state_distance(batch, t_batch, [j for j, (_, _, o) in enumerate(pairs) if o == i]) \
+                if match_states else None
+            if dist is not None:
+                loss = loss + match_states * dist
         losses.append(loss)
         right.append(ok)
     return torch.stack(losses), right
@@ -129,6 +194,11 @@ def train_reader(cfg: ReaderTrainConfig) -> dict:
         reader = AnswerStartReader.from_pretrained(cfg.init)
     else:
         reader = AnswerStartReader(ReaderConfig(max_length=cfg.max_length))
+    if cfg.separate_layers is not None:
+        reader.config = replace(reader.config, separate_layers=cfg.separate_layers)
+        reader.check_config()
+    teacher_path = cfg.init if cfg.teacher == "init" else cfg.teacher
+    teacher = AnswerStartReader.from_pretrained(teacher_path).eval() if teacher_path else None
     reader.train()
     spec = DataSpec(**{**cfg.data, "other_facts": tuple(cfg.data.get("other_facts", (0, 0)))})
     items = spec.build()
@@ -150,7 +220,7 @@ def train_reader(cfg: ReaderTrainConfig) -> dict:
         for g, base in zip(opt.param_groups, (cfg.lr, cfg.head_lr)):
             g["lr"] = base * min(1.0, (step + 1) / 50) * max(0.05, 1 - frac)
         batch = items[step * cfg.items_per_step: (step + 1) * cfg.items_per_step]
-        loss = batch_losses(reader, batch)[0].mean()
+        loss = batch_losses(reader, batch, teacher, cfg.distill, cfg.match_states)[0].mean()
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(body, 1.0)
