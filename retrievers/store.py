@@ -300,9 +300,13 @@ def open_or_build(folder: str | Path, store_dir: str | Path, embedder: Optional[
     if stats["added"] or stats["replaced"] or stats["deleted"] or not (store_dir / "manifest.json").exists():
         store.save(store_dir)
     if model is not None:
+        from diekae_rag.copy import PassagePrior
         from diekae_rag.state_store import states_folder
-        model.index_states([c["text"] for c in store.chunks], states_folder(store_dir), dtype=states_dtype,
-                           progress=progress)
+        texts = [c["text"] for c in store.chunks]
+        prior = model.passage_prior
+        same = isinstance(prior, PassagePrior) and getattr(prior.embedder, "name", None) == store.embedder.name
+        model.index_states(texts, states_folder(store_dir), dtype=states_dtype, progress=progress,
+                           vectors=dict(zip(texts, store.vectors)) if same else None)  # embedded once, not twice
     return store
 
 
