@@ -1,11 +1,13 @@
 """Decode-step cost of per-step injection against the bare decoder, robust to a noisy machine.
 
     python benchmarks/decode_step.py [--ks 5 10] [--pairs 8] [--out benchmarks/results] \
-        [--variant pointer_continue_bonus=0]
+        [--variant pointer_continue_bonus=0] [--profile]
 
 For each k, `none` and `diekae` (passages precomputed) alternate; each sample is
 (time for 34 new tokens − time for 2) / 32, and the medians over the pairs are compared; each round
 also times one new token (time to first token, passages precomputed, the reader reading the question).
+The encoders' own decode step (one token through the trunk against the cached passages, then the copy
+readout) is timed alone; ``--profile`` writes the operator table of one generation.
 With ``--variant FIELD=JSON ...``, a third mode, `diekae` with those serving-time settings, takes
 its turn in the same rounds (so the cost of one setting is read without the machine's drift), and
 the encoders' own decode step is timed alone under both settings (200 turns each).
@@ -56,6 +58,9 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=8)
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--variant", nargs="*", default=[], help="FIELD=JSON copy settings (CopyConfig) to time against the shipped ones")
+    ap.add_argument("--profile", action="store_true",
+                    help="also write <out>/<device>/decode_profile_k<k>.txt: torch.profiler's operator table of one "
+                         "34-token diekae generation")
     args = ap.parse_args()
     try:
         variant = parse_settings(args.variant)
@@ -92,6 +97,15 @@ def main() -> None:
                    "ttft_ms": {mode: statistics.median(v) * 1000 for mode, v in first.items()}}
             line = (f"k={k}: decode step none {none * 1000:.1f} ms, diekae {diekae * 1000:.1f} ms, ratio {diekae / none:.2f}"
                     f"; TTFT (ms) " + ", ".join(f"{m} {t:.0f}" for m, t in row["ttft_ms"].items()))
+            row["encoder_step_ms"] = encoder_step_ms(model, q, passages, {"diekae": {}})["diekae"]
+            line += f"; the encoders' own step {row['encoder_step_ms']:.2f} ms"
+            if args.profile:
+                from torch.profiler import ProfilerActivity, profile
+                acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if model.device.type == "cuda" else [])
+                with profile(activities=acts) as prof:
+                    seconds("diekae", 34)
+                atomic_write_text(out / f"decode_profile_k{k}.txt",
+                                  prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
             if variant:
                 v = statistics.median(samples["variant"])
                 enc = encoder_step_ms(model, q, passages, {"diekae": shipped, "variant": variant})

@@ -246,3 +246,21 @@ def test_negatives_leave_out_the_gold_passage_of_that_share_of_items():
     assert all(len(ex.passages) in (1, 3) for ex in mixed)
     with pytest.raises(ValueError, match="share"):
         DataSpec(fictional=10, negatives=1.5).build()
+
+
+def test_cut_answer_negatives_keep_the_gold_paragraph_without_its_answer():
+    from diekae_rag.data.mixture import without_answer
+    p = "Marsul lives in Osk. He is married to Ithpelith Quorne! Calgra is cold."
+    assert without_answer(p, "Ithpelith Quorne") == "Marsul lives in Osk. Calgra is cold."
+    assert without_answer("Ithpelith Quorne weaves.", "Ithpelith Quorne") is None, "nothing else left"
+    assert without_answer(p, "Davrenholt") is None, "no answer to cut"
+    base = DataSpec(fictional=400, k=[1, 3], other_facts=(1, 3), seed=1, negatives=0.3).build()
+    cut = DataSpec(fictional=400, k=[1, 3], other_facts=(1, 3), seed=1, negatives=0.3, cut_answer=0.5).build()
+    assert [ex.question for ex in cut] == [ex.question for ex in base]
+    assert not any(ex.answer in p for ex, b in zip(cut, base) for p in ex.passages
+                   if not any(ex.answer in q for q in b.passages)), "negatives stay negatives"
+    gold = {ex.question: p for ex in DataSpec(fictional=400, k=1, other_facts=(1, 3), seed=1).build() for p in ex.passages}
+    trimmed = [ex for ex in cut if any(p == without_answer(gold[ex.question], ex.answer) for p in ex.passages)]
+    negatives = [ex for ex in base if not any(ex.answer in p for p in ex.passages)]
+    assert 0.3 * len(negatives) < len(trimmed) <= 0.5 * len(negatives) + 10, "about half the negatives keep a cut gold"
+    assert all(len(ex.passages) in (1, 3) for ex in cut)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
@@ -23,13 +24,27 @@ class Example:
 DISTRACTORS = ("random", "retrieved")
 
 
+def without_answer(passage: str, answer: str) -> Optional[str]:
+    """``passage`` with every sentence that holds ``answer`` removed, or None when nothing else is
+    left (or the answer still is)."""
+    target = answer.strip()
+    if not target:
+        return None
+    kept = [s for s in re.split(r"(?<=[.!?])\s+", passage) if target not in s]
+    cut = " ".join(kept).strip()
+    return cut if cut and target not in cut and cut != passage.strip() else None
+
+
 def retrieval_style(items: list[Fact], k: Union[int, Sequence[int]], seed: int = 0,
                     pool: Optional[list[str]] = None, distractors: str = "random",
-                    negatives: float = 0.0) -> list[Example]:
+                    negatives: float = 0.0, cut_answer: float = 0.0) -> list[Example]:
     """Put each gold passage among ``k-1`` distractor passages, shuffled.
 
     A ``negatives`` share of the items gets ``k`` distractors and no gold passage: passages that
-    do not answer (same-topic ones with ``"retrieved"``), for learning when not to copy.
+    do not answer (same-topic ones with ``"retrieved"``), for learning when not to copy. A
+    ``cut_answer`` share of those keeps its gold passage with the sentences that hold the answer
+    removed (:func:`without_answer`) in place of one distractor: the same paragraph, on topic,
+    that no longer answers.
 
     ``distractors="random"`` draws them from other items' passages; ``"retrieved"`` takes the
     passages of ``pool`` nearest to the question (MiniLM + FAISS, as the product's retriever
@@ -50,6 +65,7 @@ def retrieval_style(items: list[Fact], k: Union[int, Sequence[int]], seed: int =
     if distractors == "retrieved" and most > 0:
         mined = retrieved_distractors([it.question for it in items], [it.passage for it in items], pool, most)
     neg_rng = random.Random(seed + 1)  # the same items get gold passages whatever ``negatives`` is
+    cut_rng = random.Random(seed + 2)
     out = []
     for i, it in enumerate(items):
         n = ks[0] if len(ks) == 1 else rng.choice(ks)
@@ -61,6 +77,9 @@ def retrieval_style(items: list[Fact], k: Union[int, Sequence[int]], seed: int =
             if p != it.passage and p not in others:
                 others.append(p)
         passages = others + ([] if negative else [it.passage])
+        cut = without_answer(it.passage, it.answer) if negative and cut_rng.random() < cut_answer else None
+        if cut is not None:
+            passages = passages[:n - 1] + [cut]
         rng.shuffle(passages)
         out.append(Example(it.question, passages, it.answer, it.distractor, it.relation))
     return out
@@ -77,6 +96,7 @@ class DataSpec:
     distractors: str = "random"   # or "retrieved": the question's nearest passages (FAISS)
     seed: int = 0
     negatives: float = 0.0        # share of items whose passages do not hold the gold passage
+    cut_answer: float = 0.0       # share of those given their gold passage less its answer's sentences
     squad_files: list[str] = field(default_factory=lambda: list(TRAIN_FILES))
 
     def build(self, data_dir=None) -> list[Example]:
@@ -90,7 +110,7 @@ class DataSpec:
         rng = random.Random(self.seed)
         rng.shuffle(items)
         return retrieval_style(items, self.k, seed=self.seed, distractors=self.distractors,
-                               negatives=self.negatives)
+                               negatives=self.negatives, cut_answer=self.cut_answer)
 
 
 def eval_sets(n: int = 100, k: int = 1, seed: int = 1234, data_dir=None, other_facts=(0, 0),
