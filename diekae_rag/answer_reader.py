@@ -97,13 +97,13 @@ class AnswerStartReader(nn.Module):
 
     def train(self, mode: bool = True) -> "AnswerStartReader":
         self.clear(passages=True)  # weights may change: forget what was kept
+        self._fingerprint = None
         return super().train(mode)
 
     def clear(self, passages: bool = False) -> None:
         """Forget the kept answers (e.g. to time a question as if it were new), and with
         ``passages`` the kept passage sides too."""
         self._recent.clear()
-        self._fingerprint = None
         if passages:
             self._sides.clear()
 
@@ -113,7 +113,8 @@ class AnswerStartReader(nn.Module):
         return self.config.separate_layers
 
     def fingerprint(self) -> str:
-        """A hash of the config and weights: what a stored passage side depends on."""
+        """A hash of the config and weights: what a stored passage side depends on (computed once;
+        :meth:`train` forgets it, as training changes the weights)."""
         if self._fingerprint is None:
             h = hashlib.sha256(json.dumps(asdict(self.config), sort_keys=True).encode())
             for name, t in sorted(self.state_dict().items()):
@@ -147,12 +148,9 @@ class AnswerStartReader(nn.Module):
     def forward(self, batch: dict) -> torch.Tensor:
         """(W, T) start logits; positions that cannot start an answer (question, padding,
         special tokens except [CLS]) are -inf."""
-        return self._start_logits(self._joint_states(batch), batch["spans"])
-
-    def _joint_states(self, batch: dict) -> torch.Tensor:
         kw = {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask", "token_type_ids")
               if batch.get(k) is not None}
-        return self.bert(**kw).last_hidden_state
+        return self._start_logits(self.bert(**kw).last_hidden_state, batch["spans"])
 
     def char_log_probs(self, question: str, passages: Sequence[str]) -> list[dict[int, float]]:
         """For each passage, {character offset: log P(answer starts at the word-piece there)},
@@ -179,13 +177,11 @@ class AnswerStartReader(nn.Module):
 
     def read_pairs(self, questions: Sequence[str], passages: Sequence[str]) -> tuple[torch.Tensor, dict]:
         """(W, T) start logits over the windows of (question, passage) pairs (as :meth:`forward`), and
-        the windows' ``spans``, ``pair``, last ``states`` and ``mask``. With separate layers, each
-        passage's side comes from :meth:`passage_sides` (kept, stored, or read now) and only the
-        question is read per call."""
+        the windows' ``spans`` and ``pair``. With separate layers, each passage's side comes from
+        :meth:`passage_sides` (kept, stored, or read now) and only the question is read per call."""
         if not self.separate:
             batch = self.windows(questions, passages)
-            batch["states"], batch["mask"] = self._joint_states(batch), batch["attention_mask"].bool()
-            return self._start_logits(batch["states"], batch["spans"]), batch
+            return self(batch), batch
         sides = self.passage_sides(passages)
         unique = list(dict.fromkeys(questions))
         qside = dict(zip(unique, self._question_sides(unique)))
@@ -202,9 +198,8 @@ class AnswerStartReader(nn.Module):
         mask = nn.utils.rnn.pad_sequence([torch.ones(len(r), dtype=torch.bool) for r in rows], batch_first=True)
         batch = {"spans": nn.utils.rnn.pad_sequence(spans, batch_first=True, padding_value=-1),
                  "pair": torch.tensor(pair)}
-        batch["states"] = self._layers(h, mask.to(self.device), self.separate, len(self.bert.encoder.layer))
-        batch["mask"] = mask
-        return self._start_logits(batch["states"], batch["spans"]), batch
+        h = self._layers(h, mask.to(self.device), self.separate, len(self.bert.encoder.layer))
+        return self._start_logits(h, batch["spans"]), batch
 
     def use_store(self, store) -> None:
         """Read passage sides from a :class:`~diekae_rag.state_store.PassageStateStore` (those stored

@@ -240,26 +240,21 @@ def test_distilling_a_split_reader_from_a_joint_one(reader):
     ex = Example("Who is Marsul married to?", ["Marsul is married to Ithpelith. Ithpelith weaves.", "Calgra is cold."],
                  "Ithpelith", "Mortel")
     none = Example(ex.question, ["Calgra is cold."], "Ithpelith", "Mortel")
-    from diekae_rag.training.reader import _state_distance
     teacher = reader.eval()
-    questions, passages = [ex.question] * 2 + [none.question], ex.passages + none.passages
     with torch.no_grad():
         gold_only = batch_losses(teacher, [ex, none])[0]
-        with_kl = batch_losses(teacher, [ex, none], teacher, distill=1.0, match_states=5.0)[0]
-        t_batch = teacher.read_pairs(questions, passages)[1]
+        with_kl = batch_losses(teacher, [ex, none], teacher, distill=1.0)[0]
     assert torch.allclose(gold_only, with_kl, atol=1e-5), "no divergence from itself"
-    assert float(_state_distance(t_batch, t_batch, [0, 1, 2])) == 0.0
     student = AnswerStartReader(replace(teacher.config, separate_layers=4))
     student.load_state_dict(teacher.state_dict())
     with torch.no_grad():
-        s_batch = student.eval().read_pairs(questions, passages)[1]
-    assert s_batch["states"].shape == t_batch["states"].shape, "the same tokens in the same order"
-    assert float(_state_distance(s_batch, t_batch, [0, 1, 2])) > 0.0
+        assert (batch_losses(student.eval(), [ex, none], teacher)[0] > batch_losses(student, [ex, none])[0] + 1e-3).all(), \
+            "the split reader's starts differ from the joint one's: the KL is positive"
     student.train()
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-3)
     first = None
     for _ in range(5):
-        loss = batch_losses(student, [ex, none], teacher, distill=1.0, match_states=5.0)[0].mean()
+        loss = batch_losses(student, [ex, none], teacher, distill=1.0)[0].mean()
         first = float(loss.detach()) if first is None else first
         opt.zero_grad()
         loss.backward()

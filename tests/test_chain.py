@@ -55,3 +55,17 @@ def test_rebuild_trains_each_step_from_the_last_and_ships_the_result(tmp_path):
     assert cfg.pointer_match and cfg.layers == [1] and read_copy_config(out).bigram_bonus == 3.0
     first = json.loads((tmp_path / "runs" / "2_match" / "train_config.json").read_text())
     assert first["init_from"] == str(tmp_path / "runs" / "1_first" / "best")
+
+
+def test_a_reader_step_can_name_an_earlier_reader_step_as_its_teacher(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    (tmp_path / "joint.json").write_text(json.dumps({"max_steps": 1}))
+    (tmp_path / "split.json").write_text(json.dumps({"separate_layers": 4, "teacher": "joint"}))
+    (tmp_path / "other.json").write_text(json.dumps({"teacher": "some/reader/dir"}))
+    chain = tmp_path / "chain.json"
+    chain.write_text(json.dumps({"steps": ["configs/shipped/1_perstep_pointer.json"],
+                                 "reader": [str(tmp_path / n) for n in ("joint.json", "split.json", "other.json")]}))
+    _, readers, _ = chain_steps(chain, tmp_path / "runs")
+    assert readers[1].teacher == readers[0].out == str(tmp_path / "runs" / "joint")
+    assert readers[1].init == readers[0].out and readers[1].separate_layers == 4
+    assert readers[2].teacher == "some/reader/dir", "a path that names no step stays a path"

@@ -1,7 +1,8 @@
 """Rebuild encoders from a committed chain of training configs: ``diekae-rag rebuild configs/shipped.json``.
 
 A chain file lists training configs (each continuing the one before it), the answer-start
-reader's configs (each also continuing the one before), and the copy settings to ship with them::
+reader's configs (each also continuing the one before; a reader step's ``teacher`` may name an
+earlier reader step by its config's file name), and the copy settings to ship with them::
 
     {"steps": ["configs/shipped/1_....json", ...], "reader": ["configs/shipped/reader.json", ...],
      "copy": {...}}
@@ -37,14 +38,15 @@ def chain_steps(chain: str | Path, out: str | Path) -> tuple[list[TrainConfig], 
         cfg.init_from = None if prev is None else str(Path(prev) / "best")
         steps.append(cfg)
         prev = cfg.out
-    readers, prev = [], ""
+    readers, prev, outs = [], "", {}
     paths = data.get("reader") or []
     for path in [paths] if isinstance(paths, str) else paths:
         _check_step(path, "init")
         cfg = ReaderTrainConfig.from_file(path)
         cfg.out, cfg.init = str(Path(out) / Path(path).stem), prev
+        cfg.teacher = outs.get(cfg.teacher, cfg.teacher)  # an earlier reader step, by its config's name
         readers.append(cfg)
-        prev = cfg.out
+        prev = outs[Path(path).stem] = cfg.out
     return steps, readers, CopyConfig.plain().replace(**data.get("copy", {}))
 
 

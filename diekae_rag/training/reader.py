@@ -9,9 +9,7 @@ so that "no answer" is learned (it is what the copy gate's ``gate_no_answer`` re
 ``separate_layers`` turns a saved reader (``init``) into one whose first layers read the passage
 alone (so its passage side can be stored at index time); ``teacher`` then names a reader whose
 distribution over starts (and "no answer") the new one also learns, with weight ``distill`` (a KL
-term next to the gold loss), so that what the gate's threshold was chosen on carries over, and
-with ``match_states`` the teacher's last hidden states token by token (as DeFormer does), where
-a pair's question and passage fit one window for both readers (then their tokens line up).
+term next to the gold loss), so that what the gate's threshold was chosen on carries over.
 """
 
 from __future__ import annotations
@@ -51,7 +49,6 @@ class ReaderTrainConfig:
     separate_layers: Optional[int] = None  # set the reader's separate layers (None: keep init's)
     teacher: str = ""        # a saved reader to distil from ("init": the one it starts from; "": the gold loss alone)
     distill: float = 1.0     # weight of the KL to the teacher
-    match_states: float = 0.0  # weight of the mean squared distance to the teacher's last states
 
     @classmethod
     def from_file(cls, path: str) -> "ReaderTrainConfig":
@@ -103,27 +100,11 @@ def _per_item(batch: dict, owner: torch.Tensor, i: int) -> tuple[torch.Tensor, d
     return sel, {"spans": batch["spans"][sel], "pair": batch["pair"][sel] - int(batch["pair"][sel].min())}
 
 
-def _state_distance(batch: dict, t_batch: dict, pairs: Sequence[int]) -> Optional[torch.Tensor]:
-    """Mean squared distance between the reader's and the teacher's last states over the tokens of
-    those ``pairs`` that are one window for both (the same tokens in the same order); None if none is."""
-    dists = []
-    for j in pairs:
-        s, t = torch.nonzero(batch["pair"] == j)[:, 0], torch.nonzero(t_batch["pair"] == j)[:, 0]
-        if len(s) != 1 or len(t) != 1:
-            continue
-        n = int(batch["mask"][int(s)].sum())
-        if n != int(t_batch["mask"][int(t)].sum()):
-            continue
-        hs, ht = batch["states"][int(s), :n], t_batch["states"][int(t), :n].to(batch["states"])
-        dists.append(((hs - ht) ** 2).mean())
-    return torch.stack(dists).mean() if dists else None
-
-
 def batch_losses(reader: AnswerStartReader, items: Sequence[Example], teacher: Optional[AnswerStartReader] = None,
-                 distill: float = 1.0, match_states: float = 0.0) -> tuple[torch.Tensor, list[bool]]:
-    """Per item, -log P(gold start) (plus ``distill`` × the KL to ``teacher``'s distribution and
-    ``match_states`` × the distance to its last states) and whether its top start is a gold start.
-    All (question, passage) pairs of the batch go through the reader in one forward."""
+                 distill: float = 1.0) -> tuple[torch.Tensor, list[bool]]:
+    """Per item, -log P(gold start) (plus ``distill`` × the KL to ``teacher``'s distribution) and
+    whether its top start is a gold start. All (question, passage) pairs of the batch go through
+    the reader in one forward."""
     pairs = [(ex.question, p, i) for i, ex in enumerate(items) for p in ex.passages]
     questions, passages = [q for q, _, _ in pairs], [p for _, p, _ in pairs]
     start, batch = reader.read_pairs(questions, passages)
@@ -141,10 +122,6 @@ def batch_losses(reader: AnswerStartReader, items: Sequence[Example], teacher: O
             t_sel, t_sub = _per_item(t_batch, t_owner, i)
             target = joint_char_log_probs(t_start[t_sel.to(t_start.device)].cpu(), t_sub, len(ex.passages))
             loss = loss + distill * _kl_to_teacher(lg, sub, target)
-            dist = _state_distance(batch, t_batch, [j for j, (_, _, o) in enumerate(pairs) if o == i]) \
-                if match_states else None
-            if dist is not None:
-                loss = loss + match_states * dist
         losses.append(loss)
         right.append(ok)
     return torch.stack(losses), right
@@ -220,7 +197,7 @@ def train_reader(cfg: ReaderTrainConfig) -> dict:
         for g, base in zip(opt.param_groups, (cfg.lr, cfg.head_lr)):
             g["lr"] = base * min(1.0, (step + 1) / 50) * max(0.05, 1 - frac)
         batch = items[step * cfg.items_per_step: (step + 1) * cfg.items_per_step]
-        loss = batch_losses(reader, batch, teacher, cfg.distill, cfg.match_states)[0].mean()
+        loss = batch_losses(reader, batch, teacher, cfg.distill)[0].mean()
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(body, 1.0)
