@@ -116,8 +116,7 @@ def bench_latency(model: DiekaeModel, ks=(1, 3, 5, 10), new_tokens: int = 32, re
     cache, prior = model.knowledge.passage_cache, model.passage_prior
     stored = cache.backing
 
-    reader = model.answer_reader if model.copy.reader_weight or model.copy.gate_no_answer < 1 else None
-    reader = reader if reader is not None and reader.separate else None
+    reader = model.knowledge.separate_reader(model.copy)
 
     def use_store(store) -> None:  # states, the prior's passage vectors and the reader's passage sides from disk, or not
         cache.backing = store

@@ -100,7 +100,7 @@ class KnowledgeEncoding:
         return gate_open([self.prompter.user_text(x) for x in prompts], passages, copy, self._embedding_prior(),
                          self.answer_reader if copy.gate_no_answer < 1 else None)
 
-    def _separate_reader(self, copy: CopyConfig) -> Optional[AnswerStartReader]:
+    def separate_reader(self, copy: CopyConfig) -> Optional[AnswerStartReader]:
         """The answer-start reader when ``copy`` uses it and its passage side can be kept apart."""
         if not (copy.reader_weight or copy.gate_no_answer < 1):
             return None
@@ -229,7 +229,7 @@ class KnowledgeEncoding:
                 part = missing[i: i + 256]
                 store.add({}, {**prior.passage_vectors([p for p in part if p not in known]),
                                **{p: known[p] for p in part if p in known}})
-        reader = self._separate_reader(copy)
+        reader = self.separate_reader(copy)
         if reader is not None:
             fingerprint = reader.fingerprint()
             missing = [p for p in passages if reader_key(p, fingerprint) not in store]
@@ -266,7 +266,7 @@ class KnowledgeEncoding:
             if copy.answer_pieces:
                 self.passage_tokens.word_pieces(p, self.classes)
         with torch.inference_mode():
-            reader = self._separate_reader(copy)
+            reader = self.separate_reader(copy)
             if reader is not None:
                 reader.passage_sides(passages)
             for i in range(0, len(passages), 32):
