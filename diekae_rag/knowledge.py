@@ -59,18 +59,33 @@ class KnowledgeEncoding:
         self.reader_dir = reader_dir
         self._reader: Optional[AnswerStartReader] = None
         self._reader_set = False
+        self.state_store = None  # the PassageStateStore attached (attach_store)
 
     @property
     def answer_reader(self) -> Optional[AnswerStartReader]:
         if not self._reader_set and self._reader is None:
             if self.reader_dir is None or not (self.reader_dir / "reader.json").exists():
                 return None
-            self._reader = AnswerStartReader.from_pretrained(self.reader_dir, self.device)
+            self._reader = self._with_store(AnswerStartReader.from_pretrained(self.reader_dir, self.device))
         return self._reader
 
     @answer_reader.setter
     def answer_reader(self, reader: Optional[AnswerStartReader]) -> None:
-        self._reader, self._reader_set = reader, True
+        self._reader, self._reader_set = self._with_store(reader), True
+
+    def attach_store(self, store, encoder: DiekaeEncoder) -> None:
+        """Read what ``store`` holds before computing it: passage states (behind the memory cache),
+        the passage prior's vectors and, for a reader with separate layers, its passage sides."""
+        self.state_store = store
+        self.passage_cache.attach(store, encoder)
+        if self.passage_prior is not None and hasattr(self.passage_prior, "stored"):
+            self.passage_prior.stored = store.vectors
+        self._with_store(self._reader)  # a reader not loaded yet gets the store when it is
+
+    def _with_store(self, reader: Optional[AnswerStartReader]) -> Optional[AnswerStartReader]:
+        if reader is not None and reader.separate and self.state_store is not None:
+            reader.use_store(self.state_store)
+        return reader
 
     def providers(self, copy: CopyConfig) -> list[ScoreProvider]:
         """The question-aware slot scores ``copy`` switches on (see :mod:`diekae_rag.copy.providers`)."""

@@ -375,12 +375,7 @@ class DiekaeModel:
         return self
 
     def _attach(self, store: PassageStateStore) -> PassageStateStore:
-        self.knowledge.passage_cache.attach(store, self.encoder)
-        if self.knowledge.passage_prior is not None and hasattr(self.knowledge.passage_prior, "stored"):
-            self.knowledge.passage_prior.stored = store.vectors
-        reader = self.knowledge.answer_reader
-        if reader is not None and reader.separate:
-            reader.use_store(store)
+        self.knowledge.attach_store(store, self.encoder)
         return store
 
     def _generate_ids(self, questions, knowledges, mode, max_new_tokens, copy=None, stop=(), gate=None, **gen_kwargs

@@ -135,6 +135,13 @@ def test_the_answer_readers_passage_sides_are_stored_and_read_back(tmp_path):
     assert model.score(Q[1], "north", K[1]) == pytest.approx(want, abs=2e-2)
     assert read == [], "the passages' reader sides came from the store"
 
+    late = AnswerStartReader.from_pretrained(tmp_path / "reader")
+    model = _per_step_model(isolation=True, reader_weight=1.0)
+    model.attach_states(tmp_path / "states")
+    model.answer_reader = late  # a reader set (or loaded) after the store was attached reads it too
+    late._read_alone = lambda texts: pytest.fail(f"read {texts} again")
+    assert model.score(Q[1], "north", K[1]) == pytest.approx(want, abs=2e-2)
+
 
 def test_open_or_build_embeds_each_chunk_once(tmp_path, real_embedder, monkeypatch):
     """The passage prior's vectors of the chunks are the FAISS store's when both use the same model."""
