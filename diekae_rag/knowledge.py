@@ -83,7 +83,7 @@ class KnowledgeEncoding:
         self._with_store(self._reader)  # a reader not loaded yet gets the store when it is
 
     def _with_store(self, reader: Optional[AnswerStartReader]) -> Optional[AnswerStartReader]:
-        if reader is not None and reader.separate and self.state_store is not None:
+        if getattr(reader, "separate", 0) and self.state_store is not None:  # any reader with char_log_probs works
             reader.use_store(self.state_store)
         return reader
 
@@ -120,7 +120,7 @@ class KnowledgeEncoding:
         if not (copy.reader_weight or copy.gate_no_answer < 1):
             return None
         reader = self.answer_reader
-        return reader if reader is not None and reader.separate else None
+        return reader if getattr(reader, "separate", 0) else None
 
     def _embedding_prior(self) -> Optional[PassagePrior]:
         """The passage prior when it is the sentence-embedding one (whose vectors can be cached)."""
