@@ -107,12 +107,14 @@ def batch_losses(reader: AnswerStartReader, items: Sequence[Example], teacher: O
     the reader in one forward."""
     pairs = [(ex.question, p, i) for i, ex in enumerate(items) for p in ex.passages]
     questions, passages = [q for q, _, _ in pairs], [p for _, p, _ in pairs]
+    def owners(windows: dict) -> torch.Tensor:  # the item each window belongs to
+        return torch.tensor([pairs[int(w)][2] for w in windows["pair"]])
     start, batch = reader.read_pairs(questions, passages)
-    owner = torch.tensor([pairs[int(w)][2] for w in batch["pair"]])
+    owner = owners(batch)
     if teacher is not None:
         with torch.no_grad():
             t_start, t_batch = teacher.read_pairs(questions, passages)
-        t_owner = torch.tensor([pairs[int(w)][2] for w in t_batch["pair"]])
+        t_owner = owners(t_batch)
     losses, right = [], []
     for i, ex in enumerate(items):
         sel, sub = _per_item(batch, owner, i)
