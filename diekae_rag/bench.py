@@ -113,17 +113,11 @@ def bench_latency(model: DiekaeModel, ks=(1, 3, 5, 10), new_tokens: int = 32, re
     # memory-mapped) with the memory cache and the prior's passage vectors cleared before each call.
     modes = MODES + (("diekae_cold", "diekae_store") if model.config.passage_isolation else ())
     tmp = tempfile.TemporaryDirectory()
-    cache, prior = model.knowledge.passage_cache, model.passage_prior
-    stored = cache.backing
-
+    stored = model.knowledge.state_store
     reader = model.knowledge.separate_reader(model.copy)
 
     def use_store(store) -> None:  # states, the prior's passage vectors and the reader's passage sides from disk, or not
-        cache.backing = store
-        if hasattr(prior, "stored"):
-            prior.stored = store.vectors if store is not None else None
-        if reader is not None:
-            reader.use_store(store)
+        model.knowledge.attach_store(store, model.encoder)
     for k in ks:
         q, passages = bench_passages(model, k)
         if "diekae_store" in modes:

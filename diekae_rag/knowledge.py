@@ -75,15 +75,16 @@ class KnowledgeEncoding:
 
     def attach_store(self, store, encoder: DiekaeEncoder) -> None:
         """Read what ``store`` holds before computing it: passage states (behind the memory cache),
-        the passage prior's vectors and, for a reader with separate layers, its passage sides."""
+        the passage prior's vectors and, for a reader with separate layers, its passage sides.
+        ``None`` detaches the store."""
         self.state_store = store
         self.passage_cache.attach(store, encoder)
-        if self.passage_prior is not None and hasattr(self.passage_prior, "stored"):
-            self.passage_prior.stored = store.vectors
+        if hasattr(self.passage_prior, "stored"):
+            self.passage_prior.stored = None if store is None else store.vectors
         self._with_store(self._reader)  # a reader not loaded yet gets the store when it is
 
     def _with_store(self, reader: Optional[AnswerStartReader]) -> Optional[AnswerStartReader]:
-        if getattr(reader, "separate", 0) and self.state_store is not None:  # any reader with char_log_probs works
+        if getattr(reader, "separate", 0):  # any reader with char_log_probs works; only a split one reads sides
             reader.use_store(self.state_store)
         return reader
 
