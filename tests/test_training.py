@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -99,6 +100,27 @@ def test_first_token_weight_is_a_weighted_mean_over_answer_tokens():
     assert not torch.isclose(nll[first].mean(), nll[~first].mean()), "the weighting is visible here"
     with pytest.raises(ValueError, match="first_token_weight"):
         TrainConfig(first_token_weight=0)
+
+
+def test_negative_items_are_trained_toward_the_bare_decoder():
+    model = tiny_model()
+    ex = _examples(4)
+    neg = [dataclasses.replace(e, answerable=False) for e in ex[:2]] + ex[2:]
+    prompts, passages = model.prepare([e.question for e in ex], [e.passages for e in ex], "diekae")
+    answers = [model.prompter.answer_ids(e.answer, True) for e in ex]
+    with torch.no_grad():
+        logits, targets = model.answer_logits(prompts, passages, answers)
+        bare, _ = model.answer_logits(prompts, passages, answers, mode="none")
+        nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+        kl = (bare.softmax(-1) * (bare.log_softmax(-1) - logits.log_softmax(-1))).sum(-1)
+        on_neg = torch.tensor([i < 2 for i, a in enumerate(answers) for _ in a])
+        expected = torch.where(on_neg, kl, nll)
+        weights = torch.where(on_neg, 2.0, 1.0)
+        torch.testing.assert_close(lm_loss(model, neg, negative_weight=2.0), (expected * weights).sum() / weights.sum())
+        assert float(kl[on_neg].min()) > 0, "the injection moves the distribution, so the KL is not zero"
+    assert not torch.isclose(kl[on_neg].mean(), nll[on_neg].mean()), "the two targets differ here"
+    with pytest.raises(ValueError, match="negative_weight"):
+        TrainConfig(negative_weight=0)
 
 
 def test_train_writes_checkpoints_and_resumes(tmp_path):

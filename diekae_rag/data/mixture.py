@@ -19,6 +19,7 @@ class Example:
     answer: str
     distractor: str
     relation: str = ""
+    answerable: bool = True   # False: the passages do not hold the answer (a negative item)
 
 
 DISTRACTORS = ("random", "retrieved")
@@ -81,7 +82,7 @@ def retrieval_style(items: list[Fact], k: Union[int, Sequence[int]], seed: int =
         if cut is not None:
             passages = passages[:n - 1] + [cut]
         rng.shuffle(passages)
-        out.append(Example(it.question, passages, it.answer, it.distractor, it.relation))
+        out.append(Example(it.question, passages, it.answer, it.distractor, it.relation, answerable=not negative))
     return out
 
 

@@ -66,12 +66,16 @@ class TrainConfig:
     seed: int = 0
     decoder: Optional[str] = None
     first_token_weight: float = 1.0                # phase 2: weight of each answer's first token (dev loss: 1)
+    negative_weight: float = 1.0                   # phase 2: weight of the KL to the bare decoder on data.negatives items
     # Train only parameters whose names start with one of these (e.g. ["copy_head."]); None: all.
     trainable: Optional[list[str]] = None
 
     def __post_init__(self) -> None:
         if not self.first_token_weight > 0:
             raise ValueError(f"first_token_weight must be a positive number, got {self.first_token_weight!r}.")
+        if not self.negative_weight > 0:
+            raise ValueError(f"negative_weight must be a positive number, got {self.negative_weight!r}; "
+                             "to train without negative items, set data.negatives to 0.")
         # A config written for format-1 checkpoints set copy settings among the encoder's fields.
         for old, new in FORMAT1_NAMES.items():
             if old in self.encoder:
@@ -268,8 +272,10 @@ def train(cfg: TrainConfig, model: Optional[DiekaeModel] = None) -> dict:
         if cfg.phase == 1:
             d = dev_deltas if split is dev else deltas
             return difference_loss(model, batch, [d[i] for i in batch_idx])
-        # The dev loss stays the plain answer NLL, comparable across runs.
-        return lm_loss(model, batch, first_token_weight=1.0 if split is dev else cfg.first_token_weight)
+        # The dev loss stays unweighted (NLL, and KL on negative items), comparable across runs.
+        if split is dev:
+            return lm_loss(model, batch)
+        return lm_loss(model, batch, first_token_weight=cfg.first_token_weight, negative_weight=cfg.negative_weight)
 
     def dev_loss() -> float:
         model.encoder.eval()
