@@ -118,6 +118,10 @@ def test_negative_items_are_trained_toward_the_bare_decoder():
         weights = torch.where(on_neg, 2.0, 1.0)
         torch.testing.assert_close(lm_loss(model, neg, negative_weight=2.0), (expected * weights).sum() / weights.sum())
         assert float(kl[on_neg].min()) > 0, "the injection moves the distribution, so the KL is not zero"
+        first = torch.tensor([j == 0 for a in answers for j in range(len(a))])
+        kept = torch.where(on_neg & ~first, 0.0, weights)
+        torch.testing.assert_close(lm_loss(model, neg, negative_weight=2.0, negative_first_only=True),
+                                   (expected * kept).sum() / kept.sum())
     assert not torch.isclose(kl[on_neg].mean(), nll[on_neg].mean()), "the two targets differ here"
     with pytest.raises(ValueError, match="negative_weight"):
         TrainConfig(negative_weight=0)

@@ -2,7 +2,9 @@
 
     python benchmarks/research/dev_loss.py configs/cpu_move_14_19.json [CHECKPOINT]
 
-CHECKPOINT defaults to the shipped encoders; prints one JSON line.
+CHECKPOINT defaults to the shipped encoders; the config's ``copy`` settings apply, as in training.
+Prints one JSON line; with negative items in the split (``data.negatives``), also the answer NLL of
+the answerable items and the KL to the bare decoder of the others, apart.
 """
 
 from __future__ import annotations
@@ -24,9 +26,17 @@ def main() -> None:
     dev, _ = split_examples(cfg)
     model = DiekaeModel.from_pretrained(args.checkpoint, decoder=cfg.decoder)
     model.encoder.float().eval()
-    loss = mean_batch_loss(lambda idx: lm_loss(model, [dev[i] for i in idx]), len(dev), cfg.batch_size)
-    print(json.dumps({"checkpoint": args.checkpoint or "shipped", "config": args.config,
-                      "dev_loss": round(loss, 4), "n": len(dev)}))
+    if cfg.copy:
+        model.copy = model.copy.replace(**cfg.copy)
+    row = {"checkpoint": args.checkpoint or "shipped", "config": args.config, "n": len(dev)}
+    parts = {"dev_loss": dev}
+    if not all(e.answerable for e in dev):
+        parts["answerable_nll"] = [e for e in dev if e.answerable]
+        parts["negative_kl"] = [e for e in dev if not e.answerable]
+    for name, items in parts.items():
+        loss = mean_batch_loss(lambda idx: lm_loss(model, [items[i] for i in idx]), len(items), cfg.batch_size)
+        row[name] = round(loss, 4)
+    print(json.dumps(row))
 
 
 if __name__ == "__main__":

@@ -67,6 +67,7 @@ class TrainConfig:
     decoder: Optional[str] = None
     first_token_weight: float = 1.0                # phase 2: weight of each answer's first token (dev loss: 1)
     negative_weight: float = 1.0                   # phase 2: weight of the KL to the bare decoder on data.negatives items
+    negative_first_only: bool = False              # phase 2: that KL at each negative item's first answer token only
     # Train only parameters whose names start with one of these (e.g. ["copy_head."]); None: all.
     trainable: Optional[list[str]] = None
 
@@ -275,7 +276,8 @@ def train(cfg: TrainConfig, model: Optional[DiekaeModel] = None) -> dict:
         # The dev loss stays unweighted (NLL, and KL on negative items), comparable across runs.
         if split is dev:
             return lm_loss(model, batch)
-        return lm_loss(model, batch, first_token_weight=cfg.first_token_weight, negative_weight=cfg.negative_weight)
+        return lm_loss(model, batch, first_token_weight=cfg.first_token_weight, negative_weight=cfg.negative_weight,
+                       negative_first_only=cfg.negative_first_only)
 
     def dev_loss() -> float:
         model.encoder.eval()
