@@ -1,8 +1,9 @@
 """Phase 2: the LM loss on the answer (plus end-of-turn) with injection; only encoders learn.
 
 Items whose passages do not answer (``Example.answerable`` False) are trained to step aside:
-their target is the bare decoder's own next-token distribution (``mode="none"``) at every answer
-position, a KL self-distillation, so the encoders learn to leave the decoder alone there.
+their target is the bare decoder's own next-token distribution (``mode="none"``) at their answer
+positions (or the first only), a KL self-distillation, so the encoders learn to leave the decoder
+alone there.
 """
 
 from __future__ import annotations
