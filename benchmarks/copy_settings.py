@@ -22,6 +22,8 @@ import re
 import time
 from pathlib import Path
 
+import torch
+
 from diekae_rag import DiekaeModel
 from diekae_rag.atomic import atomic_write_text
 from diekae_rag.config import parse_grid
@@ -42,13 +44,15 @@ def main() -> None:
     ap.add_argument("--grid", nargs="+", required=True)
     ap.add_argument("--n", type=int, default=96)
     ap.add_argument("--negatives", action="store_true", help="also the dev halves of closed_book and unanswerable")
+    ap.add_argument("--reader-dtype", choices=["float32", "bfloat16"], default=None,
+                    help="the answer-start reader's dtype (default: the one it serves in here)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "copy_settings.json")
     args = ap.parse_args()
     try:
         grid = parse_grid(args.grid)
     except ValueError as exc:
         raise SystemExit(f"--grid: {exc}") from None
-    model = DiekaeModel.from_pretrained(args.checkpoint)
+    model = DiekaeModel.from_pretrained(args.checkpoint, reader_dtype=args.reader_dtype and getattr(torch, args.reader_dtype))
     own = {name: getattr(model.copy, name) for name in grid}
     sets = {
         "fictional_k1": DataSpec(fictional=args.n, k=1, seed=999).build(),
@@ -75,6 +79,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         rows.append(row)
     atomic_write_text(args.out, json.dumps({"checkpoint": args.checkpoint or "shipped", "n": args.n,
+                                            "reader_dtype": str(model.answer_reader.head.weight.dtype)
+                                            if model.answer_reader is not None else None,
                                             "checkpoint_setting": own, "rows": rows}, indent=2))
 
 

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .answer_reader import AnswerStartReader
+from .answer_reader import AnswerStartReader, serving_dtype
 from .copy import CopyConfig, CopyMemory, CopyReadout, KnowledgeLayout, PassagePrior, ReaderScores, ScoreProvider
 from .copy.gate import gate_open
 from .copy.pieces import PassageTokens, add_answer_pieces, first_piece_ids
@@ -59,6 +59,7 @@ class KnowledgeEncoding:
         self.reader_dir = reader_dir
         self._reader: Optional[AnswerStartReader] = None
         self._reader_set = False
+        self.reader_dtype: Optional[torch.dtype] = None  # the loaded reader's dtype (None: serving_dtype)
         self.state_store = None  # the PassageStateStore attached (attach_store)
 
     @property
@@ -66,7 +67,8 @@ class KnowledgeEncoding:
         if not self._reader_set and self._reader is None:
             if self.reader_dir is None or not (self.reader_dir / "reader.json").exists():
                 return None
-            self._reader = self._with_store(AnswerStartReader.from_pretrained(self.reader_dir, self.device))
+            reader = AnswerStartReader.from_pretrained(self.reader_dir, self.device)
+            self._reader = self._with_store(reader.serve_in(self.reader_dtype or serving_dtype(self.device)))
         return self._reader
 
     @answer_reader.setter

@@ -79,14 +79,17 @@ class DiekaeModel:
                         tokenizer: Optional[PreTrainedTokenizerBase] = None,
                         device: Optional[Union[str, torch.device]] = None,
                         dtype: Optional[torch.dtype] = None,
-                        config: Optional[EncoderConfig] = None, copy: CopyOverride = None) -> "DiekaeModel":
+                        config: Optional[EncoderConfig] = None, copy: CopyOverride = None,
+                        reader_dtype: Optional[torch.dtype] = None) -> "DiekaeModel":
         """Load encoders from ``path`` (default: the shipped ones) onto their decoder.
 
         ``decoder`` may be a loaded model (shared, never copied) or a name/folder; by default
         the decoder named in the checkpoint (the embedded SmolLM2) is loaded once per process.
         With ``config`` (and no path), fresh zero-output encoders of that shape are made for
         training; with neither path, config nor shipped encoders, the paper's form is used and
-        a warning is logged. ``copy`` overrides the checkpoint's copy settings.
+        a warning is logged. ``copy`` overrides the checkpoint's copy settings. ``reader_dtype``: the
+        answer-start reader's (default: bfloat16 on a CPU with native bfloat16 matrix products,
+        else float32; see :func:`diekae_rag.answer_reader.serving_dtype`).
         """
         if path is None and config is None and (SHIPPED_WEIGHTS / "model.safetensors").exists():
             path = SHIPPED_WEIGHTS  # a config asks for fresh encoders instead
@@ -110,7 +113,9 @@ class DiekaeModel:
                             "`diekae-rag train`.")
             enc = DiekaeEncoder(cfg).to(device=dec.device, dtype=dec.dtype)
             saved = CopyConfig.plain().for_encoder(cfg)
-        return cls(dec, tok, enc, copy=saved.with_overrides(copy), source=str(path or ""))
+        model = cls(dec, tok, enc, copy=saved.with_overrides(copy), source=str(path or ""))
+        model.knowledge.reader_dtype = reader_dtype
+        return model
 
     def save_pretrained(self, path: Union[str, Path]) -> Path:
         """Save the encoders (model.safetensors + config.json), their copy settings (copy.json) and the

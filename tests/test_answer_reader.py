@@ -72,6 +72,28 @@ def test_reader_checkpoint_round_trip_and_clear_error(reader, tmp_path):
     assert AnswerStartReader.from_pretrained(tmp_path / "ckpt").char_log_probs(q, ps)[0].keys() == want[0].keys()
 
 
+def test_reader_served_in_bfloat16_reads_as_in_float32_and_saves_the_weights_it_had(reader, tmp_path):
+    from safetensors.torch import load_file
+    from diekae_rag.answer_reader import READER_WEIGHTS, serving_dtype
+    reader.save_pretrained(tmp_path / "float")
+    served = AnswerStartReader.from_pretrained(tmp_path / "float")
+    float_fp = served.fingerprint()
+    q, ps = "Who is Marsul married to?", ["Marsul is married to Ithpelith.", "Gorvan lives in the north."]
+    want = served.char_log_probs(q, ps)
+    assert served.serve_in(torch.bfloat16) is served and served.head.weight.dtype == torch.bfloat16
+    got = served.char_log_probs(q, ps)
+    assert [d.keys() for d in got] == [d.keys() for d in want]
+    assert max(abs(g[c] - w[c]) for g, w in zip(got, want) for c in w) < 0.1
+    assert served.fingerprint() != float_fp  # sides stored from float32 weights are not read as bfloat16 ones
+    served.save_pretrained(tmp_path / "again")
+    before, after = load_file(str(tmp_path / "float" / READER_WEIGHTS)), load_file(str(tmp_path / "again" / READER_WEIGHTS))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(ValueError, match="to train, load it in float32"):
+        served.train()
+    assert serving_dtype(torch.device("cuda")) == torch.float32
+    assert serving_dtype(torch.device("cpu")) in (torch.float32, torch.bfloat16)
+
+
 def test_reader_training_loss_targets_every_occurrence_and_falls():
     """The targets are every occurrence's first word-piece (or "no answer"), and a few steps make the
     best pieces the gold ones."""

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from diekae_rag.answer_reader import serving_dtype
 from diekae_rag.copy import KnowledgeLayout
 from diekae_rag.copy.pieces import first_piece_ids
 
@@ -121,6 +122,7 @@ def test_shipped_reader_finds_where_each_answer_starts(real_model):
     among all three passages, and the first copy uses the name's first token as an answer writes it."""
     copy = real_model.copy
     assert copy.reader_weight > 0 and copy.first_unspaced, "the shipped copy settings switch the reader on"
+    assert real_model.answer_reader.head.weight.dtype == serving_dtype(real_model.device)
     qs, ans, ks = zip(*FACTS)
     for q, a in zip(qs, ans):
         lps = real_model.answer_reader.char_log_probs(q, list(ks))

@@ -131,14 +131,15 @@ def batch_losses(reader: AnswerStartReader, items: Sequence[Example], teacher: O
 
 def evaluate(reader: AnswerStartReader, items: Sequence[Example], batch_size: int = 16) -> dict[str, float]:
     """Share of items whose best-scored start (over all passages and "no answer") is right."""
+    was_training = reader.training
     reader.eval()
     with torch.no_grad():
         parts = [batch_losses(reader, items[i: i + batch_size]) for i in range(0, len(items), batch_size)]
-    reader.train()
+    reader.train(was_training)
     return {"start": sum(sum(p[1]) for p in parts) / max(len(items), 1)}
 
 
-def _dev_row(reader: AnswerStartReader, dev: dict[str, list[Example]]) -> dict[str, float]:
+def dev_row(reader: AnswerStartReader, dev: dict[str, list[Example]]) -> dict[str, float]:
     row = {}
     for name, items in dev.items():
         for kind, v in evaluate(reader, items).items():
@@ -189,7 +190,7 @@ def train_reader(cfg: ReaderTrainConfig) -> dict:
     opt = torch.optim.AdamW([{"params": body, "lr": cfg.lr},
                              {"params": heads, "lr": cfg.head_lr}], weight_decay=0.01)
     steps = min(cfg.max_steps, len(items) // cfg.items_per_step)
-    history = [{"step": 0, **_dev_row(reader, dev)}]
+    history = [{"step": 0, **dev_row(reader, dev)}]
     print(json.dumps(history[-1]), flush=True)
     t0, step, recent = time.time(), 0, []
     bar = tqdm(total=steps, desc="reader")
@@ -210,12 +211,12 @@ def train_reader(cfg: ReaderTrainConfig) -> dict:
         bar.set_postfix(loss=sum(recent[-50:]) / len(recent[-50:]))
         if step % cfg.eval_every == 0:
             history.append({"step": step, "loss": sum(recent[-50:]) / len(recent[-50:]),
-                            **_dev_row(reader, dev)})
+                            **dev_row(reader, dev)})
             print(json.dumps(history[-1]), flush=True)
             reader.save_pretrained(cfg.out)
     bar.close()
     history.append({"step": step, "loss": sum(recent[-50:]) / max(len(recent[-50:]), 1),
-                    **_dev_row(reader, dev)})
+                    **dev_row(reader, dev)})
     print(json.dumps(history[-1]), flush=True)
     reader.save_pretrained(cfg.out)
     summary = {"config": asdict(cfg), "steps": step, "minutes": (time.time() - t0) / 60, "history": history}
