@@ -1,6 +1,7 @@
 """What the answer-start reader costs per question against k, in float32 and in its serving dtype.
 
     python benchmarks/reader_cost.py [READER_DIR ...] [--ks 1 5 10 20 50] [--repeats 7] [--dev 60]
+                                     [--forms float32 serving int8 int8_channel]
 
 For each reader (default: the shipped one), in float32 and in the dtype it serves in here
 (``answer_reader.serving_dtype``: bfloat16 on a CPU with native bfloat16 matrix products), the median time of reading one new
@@ -8,7 +9,10 @@ question against k passages of about 120 decoder tokens (``bench_passages``). A 
 ``separate_layers`` is timed twice: with its passage sides kept (read at index time: only the
 question and the joint top layers run) and cold (the passages read inside the call). ``--dev N``
 adds the reader's dev rows (``training/reader.py``'s: the share of items whose top start, over all
-passages and "no answer", is right) for each form. Writes benchmarks/results/<device>/reader_cost.json.
+passages and "no answer", is right) for each form. ``--forms`` picks them: ``float32``, ``serving``,
+and, for comparison only (the reader does not serve this way), ``int8`` / ``int8_channel``: MiniLM's
+transformer layers with dynamically quantized int8 weights, per tensor / per output channel
+(``torch.ao.quantization.quantize_dynamic``). Writes benchmarks/results/<device>/reader_cost.json.
 """
 
 from __future__ import annotations
@@ -26,20 +30,38 @@ from diekae_rag.bench import bench_passages, hardware, median_time
 from diekae_rag.model import SHIPPED_WEIGHTS
 
 
+def quantize_int8(reader: AnswerStartReader, per_channel: bool) -> None:
+    """Dynamic int8 quantization of every linear layer in MiniLM's transformer layers (CPU only)."""
+    import warnings
+    from torch.ao import quantization as q
+    with warnings.catch_warnings():  # torch.ao.quantization warns that it moves to torchao
+        warnings.simplefilter("ignore")
+        spec = {torch.nn.Linear: q.per_channel_dynamic_qconfig if per_channel else q.default_dynamic_qconfig}
+        q.quantize_dynamic(reader.bert.encoder, spec, dtype=torch.qint8, inplace=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("readers", nargs="*", help="reader folders (reader.json + reader.safetensors)")
     ap.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10, 20, 50])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--dev", type=int, default=0, help="also the reader's dev rows on N items per set")
+    ap.add_argument("--forms", nargs="+", default=["float32", "serving"],
+                    choices=["float32", "serving", "int8", "int8_channel"])
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     model = DiekaeModel.from_pretrained()
     readers = {}
     for folder in args.readers or [str(SHIPPED_WEIGHTS)]:
-        for dtype in dict.fromkeys([torch.float32, serving_dtype(model.device)]):
-            readers[(folder, str(dtype).removeprefix("torch."))] = \
-                AnswerStartReader.from_pretrained(folder, model.device).serve_in(dtype)
+        for form in args.forms:
+            reader = AnswerStartReader.from_pretrained(folder, model.device)
+            if form.startswith("int8"):
+                quantize_int8(reader, per_channel=form == "int8_channel")
+            else:
+                dtype = serving_dtype(model.device) if form == "serving" else torch.float32
+                form = str(dtype).removeprefix("torch.")
+                reader.serve_in(dtype)
+            readers.setdefault((folder, form), reader)
     rows = []
     with torch.inference_mode():
         for k in args.ks:
