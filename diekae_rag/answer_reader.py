@@ -105,6 +105,8 @@ class AnswerStartReader(nn.Module):
                              "AnswerStartReader.from_pretrained(folder).")
         self.clear(passages=True)  # weights may change: forget what was kept
         self._fingerprint = None
+        if mode:
+            self._loaded = None  # training changes the weights: save what they become
         return super().train(mode)
 
     def clear(self, passages: bool = False) -> None:
