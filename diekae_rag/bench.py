@@ -128,6 +128,9 @@ def bench_latency(model: DiekaeModel, ks=(1, 3, 5, 10), new_tokens: int = 32, re
             def run(n_new: int) -> None:
                 if mode == "diekae" and model.answer_reader is not None:
                     model.answer_reader.clear()  # the reader reads each new question: never a kept answer
+                forget = getattr(getattr(model.passage_prior, "embedder", None), "forget_queries", None)
+                if mode == "diekae" and forget is not None:
+                    forget()  # nor a question vector kept from the last call
                 if label in ("diekae_cold", "diekae_store"):
                     model.knowledge.passage_cache.clear()
                     if reader is not None:

@@ -263,7 +263,7 @@ class DiekaeEmbedding(BaseEmbedding):
         return "DiekaeEmbedding"
 
     def _get_query_embedding(self, query: str) -> list[float]:
-        return self._embedder.encode([query])[0].tolist()
+        return self._embedder.encode_queries([query])[0].tolist()
 
     def _get_text_embedding(self, text: str) -> list[float]:
         return self._embedder.encode([text])[0].tolist()

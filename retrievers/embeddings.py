@@ -7,8 +7,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from diekae_rag.lru import LRU
+
 _LOCK = threading.Lock()
 _CACHE: dict[str, object] = {}
+_QUERIES: dict[str, LRU] = {}  # per model: the last questions embedded, text -> unit vector
 
 
 class Embedder:
@@ -22,6 +25,7 @@ class Embedder:
             if self.name not in _CACHE:
                 from sentence_transformers import SentenceTransformer
                 _CACHE[self.name] = SentenceTransformer(self.name, device=device)
+            self._queries = _QUERIES.setdefault(self.name, LRU(256))
         self.model = _CACHE[self.name]
         self._lock = threading.Lock()
 
@@ -46,3 +50,18 @@ class Embedder:
             vec = self.model.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True,
                                     convert_to_numpy=True, show_progress_bar=progress)
         return np.ascontiguousarray(vec, dtype=np.float32)
+
+    def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
+        """:meth:`encode` for questions, keeping the last 256 per model: a question the retriever
+        has embedded is not embedded again by the passage prior or the gate."""
+        found = self._queries.get_many(texts)
+        todo = list(dict.fromkeys(t for t in texts if t not in found))
+        if todo:
+            new = self.encode(todo)
+            found.update(zip(todo, new))
+            self._queries.put_many(zip(todo, new))
+        return np.stack([found[t] for t in texts]) if len(texts) else self.encode([])
+
+    def forget_queries(self) -> None:
+        """Forget the kept question vectors (of every Embedder of this model)."""
+        self._queries.clear()

@@ -180,7 +180,7 @@ class PassageStore:
             raise ValueError(f"k must be at least 1, got {k}.")
         if not self.chunks:
             return []
-        return self.search_vectors(self.embedder.encode([query]), k)[0]
+        return self.search_vectors(self.embedder.encode_queries([query]), k)[0]
 
     def search_vectors(self, queries: np.ndarray, k: int) -> list[list[Passage]]:
         scores, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, len(self.chunks)))

@@ -49,6 +49,27 @@ def test_retrieval_finds_the_right_document(real_embedder):
         assert hits[0].score >= hits[-1].score
 
 
+def test_the_passage_prior_reuses_the_question_vector_the_retriever_made(real_embedder, monkeypatch):
+    from diekae_rag.copy import PassagePrior
+    store = PassageStore(real_embedder)
+    store.sync_folder(DOCS, progress=False)
+    q = "Who leads the Pelgrin Observatory?"
+    real_embedder.forget_queries()
+    hits = [h.text for h in store.search(q, 3)]
+    prior = PassagePrior(embedder=type(real_embedder)())  # another Embedder of the same model
+    encoded = []
+    real_encode = type(real_embedder).encode
+    monkeypatch.setattr(type(real_embedder), "encode", lambda self, texts, progress=False: (
+        encoded.extend(texts), real_encode(self, texts, progress))[1])
+    cos = prior.cosines([q], [hits])[0]
+    assert q not in encoded and sorted(encoded) == sorted(set(hits)), "only the passages are embedded"
+    assert np.allclose(cos, [h.score for h in store.search(q, 3)], atol=1e-5)
+    prior.embedder.forget_queries()
+    prior.clear()
+    prior.cosines([q], [hits])
+    assert encoded.count(q) == 1, "a forgotten question is embedded again"
+
+
 def test_persistence_round_trip(tmp_path, real_embedder):
     store = PassageStore(real_embedder)
     store.sync_folder(DOCS, progress=False)

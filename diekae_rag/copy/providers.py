@@ -73,7 +73,8 @@ class PassagePrior:
         """For each question, its cosine to each of its passages (passage vectors cached)."""
         if not questions:
             return []
-        qv = self.embedder.encode(list(questions))
+        embed = getattr(self.embedder, "encode_queries", self.embedder.encode)  # the retriever's question vector, if kept
+        qv = embed(list(questions))
         pv = self.passage_vectors([p for ps in passages for p in ps])
         return [np.stack([pv[p] for p in ps]) @ q if ps else np.zeros(0, dtype=np.float32)
                 for q, ps in zip(qv, passages)]
