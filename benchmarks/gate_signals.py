@@ -4,8 +4,10 @@
 
 For dev items that hold the answer (fictional and SQuAD-Shifts *train* items, seed 999, at k=1 and
 at k=5 with retrieved distractors) and dev items that do not (``closed_book`` dev, ``unanswerable``
-dev), it records the best question-passage MiniLM cosine and the answer-start reader's P(no answer),
-then, for a grid of thresholds, the share of answerable items kept and of the others gated.
+dev), it records the best question-passage MiniLM cosine, the answer-start reader's P(no answer)
+and its null margin (log P(no answer) - the best start's log P, SQuAD 2.0's no-answer rule), then,
+for a grid of thresholds, the share of answerable items kept and of the others gated, and for each
+reader signal alone, the most it gates while every SQuAD-Shifts set keeps a given share.
 Never the eval sets. Writes benchmarks/results/gate_signals.json and .png.
 """
 
@@ -15,6 +17,7 @@ import argparse
 import json
 import math
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -30,8 +33,34 @@ NO_ANSWER = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05)
 def signals(model: DiekaeModel, items) -> dict[str, list[float]]:
     qs, ps = [it.question for it in items], [list(it.passages) for it in items]
     best = [float(c.max()) for c in model.passage_prior.cosines(qs, ps)]
-    null = [math.exp(model.answer_reader.no_answer_log_prob(q, p)) for q, p in zip(qs, ps)]
-    return {"cosine": best, "no_answer": null}
+    null, margin = [], []
+    for q, p in zip(qs, ps):
+        starts = model.answer_reader.char_log_probs(q, p)
+        lp_null = model.answer_reader.no_answer_log_prob(q, p)
+        null.append(math.exp(lp_null))
+        margin.append(lp_null - max((v for s in starts for v in s.values()), default=-math.inf))
+    return {"cosine": best, "no_answer": null, "null_margin": margin}
+
+
+def operating_points(sig: dict, keep: Sequence[float] = (0.95, 0.92, 0.9, 0.85)) -> list[dict]:
+    """For each reader signal alone: at each share of answerable SQuAD-Shifts items to keep (at k=1
+    and k=5), the threshold that gates the most negative dev items, and what it gates."""
+    squad = [name for name in sig if name.startswith("squad")]
+    negative = [name for name in sig if name.endswith("_dev")]
+    out = []
+    for signal in ("no_answer", "null_margin"):
+        values = sorted({v for s in sig.values() for v in s[signal]})
+        for share in keep:
+            best = None
+            for t in values:  # gate where the signal exceeds t
+                kept = min(float(np.mean([v <= t for v in sig[n][signal]])) for n in squad)
+                gated = {n: float(np.mean([v > t for v in sig[n][signal]])) for n in negative}
+                if kept >= share and (best is None or sum(gated.values()) > sum(best["gated"].values())):
+                    best = {"signal": signal, "keep": share, "threshold": t, "kept": kept, "gated": gated}
+            if best is not None:
+                out.append({**best, "gated": {n: round(v, 3) for n, v in best["gated"].items()},
+                            "kept": round(best["kept"], 3), "threshold": round(best["threshold"], 4)})
+    return out
 
 
 def main() -> None:
@@ -67,9 +96,12 @@ def main() -> None:
     print(json.dumps(medians, indent=1))
     for row in grid:
         print(json.dumps(row))
+    points = operating_points(sig)
+    for row in points:
+        print(json.dumps(row))
     atomic_write_text(args.out, json.dumps({"checkpoint": args.checkpoint or "shipped", "reader": args.reader,
-                                            "n": n, "medians": medians,
-                                            "grid": grid, "signals": sig}, indent=1))
+                                            "n": n, "medians": medians, "grid": grid,
+                                            "operating_points": points, "signals": sig}, indent=1))
     plot(sig, answerable, args.out.with_suffix(".png"))
 
 
