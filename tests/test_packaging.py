@@ -1,0 +1,23 @@
+"""What `pip install .` puts in the wheel: every package of the source tree, under diekae_rag."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_every_source_package_is_installed_under_diekae_rag():
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(setup["packages"])
+    where = {name: ROOT / folder for name, folder in setup["package-dir"].items()}
+    found = set()
+    for name, folder in where.items():
+        for init in folder.rglob("__init__.py"):
+            rel = init.parent.relative_to(folder).parts
+            found.add(".".join((name, *rel)))
+    assert found, "the package-dir folders hold packages"
+    assert found == listed, (f"pyproject.toml [tool.setuptools] packages lacks {sorted(found - listed)} "
+                             f"or lists {sorted(listed - found)}: a wheel would leave them out")
+    assert all(n == "diekae_rag" or n.startswith("diekae_rag.") for n in listed), "no bare top-level package"
