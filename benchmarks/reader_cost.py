@@ -1,7 +1,7 @@
 """What the answer-start reader costs per question against k, in float32 and in its serving dtype.
 
     python benchmarks/reader_cost.py [READER_DIR ...] [--ks 1 5 10 20 50] [--repeats 7] [--dev 60]
-                                     [--forms float32 serving int8 int8_channel]
+                                     [--forms float32 serving bfloat16 int8 int8_channel]
 
 For each reader (default: the shipped one), in float32 and in the dtype it serves in here
 (``answer_reader.serving_dtype``: bfloat16 on a CPU with native bfloat16 matrix products), the median time of reading one new
@@ -10,7 +10,7 @@ question against k passages of about 120 decoder tokens (``bench_passages``). A 
 question and the joint top layers run) and cold (the passages read inside the call). ``--dev N``
 adds the reader's dev rows (``training/reader.py``'s: the share of items whose top start, over all
 passages and "no answer", is right) for each form. ``--forms`` picks them: ``float32``, ``serving``,
-and, for comparison only (the reader does not serve this way), ``int8`` / ``int8_channel``: MiniLM's
+``bfloat16`` (whatever this CPU does with it), and, for comparison only (the reader does not serve this way), ``int8`` / ``int8_channel``: MiniLM's
 transformer layers with dynamically quantized int8 weights, per tensor / per output channel
 (``torch.ao.quantization.quantize_dynamic``). Writes benchmarks/results/<device>/reader_cost.json.
 """
@@ -47,7 +47,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--dev", type=int, default=0, help="also the reader's dev rows on N items per set")
     ap.add_argument("--forms", nargs="+", default=["float32", "serving"],
-                    choices=["float32", "serving", "int8", "int8_channel"])
+                    choices=["float32", "serving", "bfloat16", "int8", "int8_channel"])
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     model = DiekaeModel.from_pretrained()
@@ -58,7 +58,7 @@ def main() -> None:
             if form.startswith("int8"):
                 quantize_int8(reader, per_channel=form == "int8_channel")
             else:
-                dtype = serving_dtype(model.device) if form == "serving" else torch.float32
+                dtype = serving_dtype(model.device) if form == "serving" else getattr(torch, form)
                 form = str(dtype).removeprefix("torch.")
                 reader.serve_in(dtype)
             readers.setdefault((folder, form), reader)
