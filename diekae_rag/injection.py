@@ -46,7 +46,7 @@ class EncoderSession:
     cache: Optional[EncoderCache]
     layer_rows: dict[int, torch.Tensor]   # decoder layer -> (B, T_dec, hidden) for the prefill
     per_step: bool
-    active: Optional[torch.Tensor] = None  # (B,) bool: items that have knowledge
+    active: Optional[torch.Tensor] = None  # (B,) float: each item's scale (0: no knowledge)
     readout: Optional["CopyReadout"] = None
 
     def step(self, input_ids: torch.Tensor) -> dict[int, torch.Tensor]:

@@ -15,7 +15,7 @@ import torch
 
 from .answer_reader import AnswerStartReader, serving_dtype
 from .copy import CopyConfig, CopyMemory, CopyReadout, KnowledgeLayout, PassagePrior, ReaderScores, ScoreProvider
-from .copy.gate import gate_open
+from .copy.gate import gate_strengths
 from .copy.pieces import PassageTokens, add_answer_pieces, first_piece_ids
 from .copy.values import ValueRows
 from .encoder import DiekaeEncoder, EncoderOutput
@@ -111,11 +111,12 @@ class KnowledgeEncoding:
             p = self._prompters[id(encoder)] = Prompter(self.tokenizer, encoder.config)
         return p
 
-    def gate(self, prompts: Sequence[list[int]], passages: Sequence[list[str]], copy: CopyConfig) -> list[bool]:
-        """Whether each item's passages get through the copy gate (:mod:`diekae_rag.copy.gate`)."""
+    def gate(self, prompts: Sequence[list[int]], passages: Sequence[list[str]], copy: CopyConfig) -> list[float]:
+        """How far each item's passages get through the copy gate, 1.0 open to 0.0 closed
+        (:mod:`diekae_rag.copy.gate`)."""
         if not copy.gated:
-            return [True] * len(prompts)
-        return gate_open([self.prompter.user_text(x) for x in prompts], passages, copy, self._embedding_prior(),
+            return [1.0] * len(prompts)
+        return gate_strengths([self.prompter.user_text(x) for x in prompts], passages, copy, self._embedding_prior(),
                          self.answer_reader if copy.gate_no_answer < 1 else None)
 
     def separate_reader(self, copy: CopyConfig) -> Optional[AnswerStartReader]:
@@ -130,14 +131,17 @@ class KnowledgeEncoding:
         return self.passage_prior if isinstance(self.passage_prior, PassagePrior) else None
 
     def session(self, encoder: DiekaeEncoder, prompts, passages, decoder_mask: torch.Tensor, answers,
-                active: Sequence[bool], copy: CopyConfig, providers: Sequence[ScoreProvider] = ()) -> EncoderSession:
+                active: Sequence[float], copy: CopyConfig, providers: Sequence[ScoreProvider] = ()) -> EncoderSession:
         """The encoder's session for one call: its rows on the decoder's positions, and what its
-        decode steps need (items not ``active`` get no rows)."""
+        decode steps need. Each item's rows are scaled by its ``active`` (True/1: as written,
+        False/0: none, in between: the copy gate's half-open strength)."""
         enc = self.encode(encoder, prompts, passages, answers, copy, providers)
-        active_t = torch.tensor(active, device=self.device)
+        scale = torch.tensor([float(a) for a in active], device=self.device)
         rows = layer_rows_from(encoder.config, enc.out.rows, enc.pointer)
-        rows = align_rows(rows, enc.offsets, enc.n_rows * active_t, decoder_mask)
-        return EncoderSession(encoder, enc.out.cache, rows, encoder.config.per_step, active_t, enc.readout)
+        rows = align_rows(rows, enc.offsets, enc.n_rows * (scale > 0), decoder_mask)
+        if bool((scale < 1).any()):
+            rows = {layer: r * scale[:, None, None].to(r.dtype) for layer, r in rows.items()}
+        return EncoderSession(encoder, enc.out.cache, rows, encoder.config.per_step, scale, enc.readout)
 
     def encode(self, encoder: DiekaeEncoder, prompts: Sequence[list[int]], passages: Sequence[list[str]],
                answers: Optional[Sequence[list[int]]] = None, copy: Optional[CopyConfig] = None,

@@ -284,19 +284,20 @@ class DiekaeModel:
 
     def build_injection(self, prompts: Sequence[list[int]], passages: Sequence[list[str]],
                         decoder_mask: torch.Tensor, answers: Optional[Sequence[list[int]]] = None,
-                        copy: CopyOverride = None, gate: Optional[Sequence[bool]] = None) -> Optional[Injection]:
+                        copy: CopyOverride = None, gate: Optional[Sequence[float]] = None) -> Optional[Injection]:
         """Encode the passages and align the rows with the decoder's (padded) prompts.
 
         Items with no passages get no rows. ``answers`` (teacher forcing) are read by the
-        encoders in per-step mode. Edit encoders, when applied, are added on top.
+        encoders in per-step mode. ``gate``: each item's copy-gate strength (computed when None).
+        Edit encoders, when applied, are added on top.
         """
         copy = self._copy(copy)
         if gate is None and any(passages):
             gate = self.knowledge.gate(prompts, passages, copy)
         if gate is not None:  # the gate: where it closes, the item gets no knowledge (exactly mode="none")
-            passages = [p if g else [] for p, g in zip(passages, gate)]
+            passages = [p if g > 0 else [] for p, g in zip(passages, gate)]
         sessions = []
-        has_k = [bool(p) for p in passages]
+        has_k = [float(gate[i]) if gate is not None and p else float(bool(p)) for i, p in enumerate(passages)]
         if any(has_k):
             sessions.append(self.knowledge.session(self.encoder, prompts, passages, decoder_mask, answers, has_k,
                                                    copy, self.knowledge.providers(copy)))
@@ -311,17 +312,24 @@ class DiekaeModel:
         passages, or the gate off). Where it is False, a diekae call answers as ``mode="none"`` does,
         or abstains."""
         prompts, passages = self.prepare(questions, knowledges)
-        gate, _ = self._gate(prompts, passages, "diekae", self._copy(copy))
-        return [True] * len(prompts) if gate is None else gate
+        return [s > 0 for s in self.gate_strength(questions, knowledges, copy)]
 
-    def _gate(self, prompts, passages, mode: str, copy: CopyConfig) -> tuple[Optional[list[bool]], list[bool]]:
-        """The copy gate of a diekae call (None when it cannot close), and which items get
+    def gate_strength(self, questions: Sequence[Question], knowledges: Sequence[Knowledge], copy: CopyOverride = None
+                      ) -> list[float]:
+        """How far the copy gate opens for each item: 1.0 open, 0.0 closed, in between where
+        ``copy.gate_ramp`` half-opens it (what the encoders write is scaled by it)."""
+        prompts, passages = self.prepare(questions, knowledges)
+        gate, _ = self._gate(prompts, passages, "diekae", self._copy(copy))
+        return [1.0] * len(prompts) if gate is None else gate
+
+    def _gate(self, prompts, passages, mode: str, copy: CopyConfig) -> tuple[Optional[list[float]], list[bool]]:
+        """The copy gate's strengths in a diekae call (None when it cannot close), and which items get
         ``copy.no_answer_text`` instead of an answer: knowledge given, the gate closed, abstention on."""
         if mode != "diekae" or not copy.gated or not any(passages):
             return None, [False] * len(prompts)
         gate = self.knowledge.gate(prompts, passages, copy)
         abstain = copy.on_no_answer == "abstain"
-        return gate, [abstain and bool(p) and not g for p, g in zip(passages, gate)]
+        return gate, [abstain and bool(p) and g <= 0 for p, g in zip(passages, gate)]
 
     def _copy(self, copy: CopyOverride) -> CopyConfig:
         if copy is None:
@@ -376,7 +384,7 @@ class DiekaeModel:
         with torch.inference_mode(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.generate("Warm-up?", ["Warm-up passage.", "Another warm-up passage."], max_new_tokens=1,
-                          copy={"gate_no_answer": 1.0})  # the gate off, so that the encoders' path runs too
+                          copy={"gate_no_answer": 1.0, "gate_ramp": 0.0})  # the gate off, so that the encoders' path runs too
         return self
 
     def _attach(self, store: PassageStateStore) -> PassageStateStore:

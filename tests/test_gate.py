@@ -118,3 +118,48 @@ def test_warm_up_runs_the_encoders_even_where_the_gate_would_close():
     model.answer_reader = Closed()
     model.warm_up()
     assert model.knowledge.passage_cache.misses > 0, "the warm-up call encoded its passages"
+
+
+class FixedReader(NullReader):
+    """A stand-in reader whose P("no answer") is set by the test."""
+
+    def __init__(self, p: float) -> None:
+        self.p = p
+
+    def no_answer_log_prob(self, question, passages):
+        return math.log(self.p)
+
+
+def test_a_ramp_half_opens_the_gate_and_scales_what_the_encoders_write():
+    import torch
+    model = _model(gate_no_answer=0.4, gate_ramp=0.2)
+    q = "Where is Calgra?"
+    reader = model.answer_reader = FixedReader(0.3)
+    assert model.gate_strength([q, q], [ON_TOPIC, []]) == [pytest.approx(0.5), 1.0]
+    assert model.gate([q], [ON_TOPIC]) == [True], "half open is open"
+    ungated = {"gate_no_answer": 1.0, "gate_ramp": 0.0}
+    full, none = model.score(q, "north", ON_TOPIC, copy=ungated), model.score(q, "north", mode="none")
+    half = model.score(q, "north", ON_TOPIC)
+    assert half != pytest.approx(full, abs=1e-6) and half != pytest.approx(none, abs=1e-6)
+    assert model.score(q, "north", ON_TOPIC, copy={"gate_ramp": 0.0}) == full, "no ramp: open as before"
+    reader.p = 0.15  # below gate_no_answer - gate_ramp: fully open
+    assert model.gate_strength([q], [ON_TOPIC]) == [1.0] and model.score(q, "north", ON_TOPIC) == full
+    reader.p = 0.45  # above the threshold: closed, exactly mode="none"
+    assert model.gate_strength([q], [ON_TOPIC]) == [0.0] and model.score(q, "north", ON_TOPIC) == none
+
+    prompts, passages = model.prepare([q], [ON_TOPIC])
+    ids, mask = model.prompter.pad(prompts, model.device, side="left")
+    with torch.inference_mode():
+        open_, halved = (model.build_injection(prompts, passages, mask, gate=[g]) for g in (1.0, 0.25))
+        for layer, rows in open_.sessions[0].layer_rows.items():
+            assert rows.abs().sum() > 0
+            torch.testing.assert_close(halved.sessions[0].layer_rows[layer], rows * 0.25)
+        step = torch.tensor([[5]])
+        open_step, halved_step = open_.sessions[0].step(step), halved.sessions[0].step(step)
+        assert open_step, "per-step rows"
+        for layer, rows in open_step.items():
+            torch.testing.assert_close(halved_step[layer], rows * 0.25)
+    with pytest.raises(ValueError, match="gate_ramp .* must not exceed gate_no_answer"):
+        CopyConfig(gate_no_answer=0.3, gate_ramp=0.4)
+    with pytest.raises(ValueError, match="gate_ramp must be in"):
+        CopyConfig(gate_ramp=-0.1)

@@ -44,6 +44,9 @@ class CopyConfig:
     where it closes, the decoder sees exactly what it sees with no knowledge. ``gate_cosine``: it
     closes when no passage's MiniLM cosine to the question reaches this (0: off). ``gate_no_answer``:
     it closes when the answer-start reader's probability of "no answer here" exceeds this (1: off).
+    ``gate_ramp``: below that threshold, over a ramp this wide, the gate is half-open: everything the
+    encoders write (rows and copy) is scaled by ``(gate_no_answer - P) / gate_ramp``, from 1 at
+    ``gate_no_answer - gate_ramp`` down to 0 at the threshold (0: no ramp, the gate is open or closed).
     ``on_no_answer``: where it closes, ``"decoder"`` answers from its own knowledge and
     ``"abstain"`` returns ``no_answer_text``.
     """
@@ -60,6 +63,7 @@ class CopyConfig:
     whitened_values: bool = True
     gate_cosine: float = 0.0
     gate_no_answer: float = 0.4
+    gate_ramp: float = 0.0
     on_no_answer: str = "decoder"
     no_answer_text: str = "The documents do not say."
 
@@ -79,10 +83,27 @@ class CopyConfig:
             raise ValueError(f"CopyConfig.gate_cosine must be in [0, 1) (0: off), got {self.gate_cosine!r}.")
         if not (isinstance(self.gate_no_answer, (int, float)) and 0 < self.gate_no_answer <= 1):
             raise ValueError(f"CopyConfig.gate_no_answer must be in (0, 1] (1: off), got {self.gate_no_answer!r}.")
+        if not (isinstance(self.gate_ramp, (int, float)) and not isinstance(self.gate_ramp, bool)
+                and 0 <= self.gate_ramp < 1):
+            raise ValueError(f"CopyConfig.gate_ramp must be in [0, 1) (0: no ramp), got {self.gate_ramp!r}.")
+        if self.gate_no_answer < 1 and self.gate_ramp > self.gate_no_answer:
+            raise ValueError(f"CopyConfig.gate_ramp ({self.gate_ramp}) must not exceed gate_no_answer "
+                             f"({self.gate_no_answer}): the ramp lies below the threshold. Lower gate_ramp too.")
         if self.on_no_answer not in ("decoder", "abstain"):
             raise ValueError(f"CopyConfig.on_no_answer must be 'decoder' or 'abstain', got {self.on_no_answer!r}.")
         if not isinstance(self.no_answer_text, str) or not self.no_answer_text.strip():
             raise ValueError("CopyConfig.no_answer_text must be a non-empty sentence.")
+
+    def gate_strength(self, no_answer: float) -> float:
+        """How far the reader's gate opens for P("no answer") = ``no_answer``: 1 open, 0 closed,
+        in between on the ramp (1 when the reader's gate is off)."""
+        if self.gate_no_answer >= 1:
+            return 1.0
+        if no_answer > self.gate_no_answer:
+            return 0.0
+        if not self.gate_ramp:
+            return 1.0
+        return min(1.0, max(0.0, (self.gate_no_answer - no_answer) / self.gate_ramp))
 
     @property
     def gated(self) -> bool:

@@ -10,7 +10,9 @@ term, and the per-step rows, are scaled by 0). Two signals, each off until its t
   nearest passage. It separates off-topic retrievals; it cannot see a same-topic passage that
   lacks the answer.
 - ``CopyConfig.gate_no_answer``: the answer-start reader's probability of "no answer here", from
-  its joint normalisation over every passage's word-pieces and one [CLS] slot.
+  its joint normalisation over every passage's word-pieces and one [CLS] slot. With
+  ``CopyConfig.gate_ramp`` the gate half-opens just below that threshold: what the encoders write
+  is scaled by a strength between 0 and 1 (:meth:`CopyConfig.gate_strength`).
 """
 
 from __future__ import annotations
@@ -22,22 +24,25 @@ from .config import CopyConfig
 from .providers import PassagePrior
 
 
-def gate_open(questions: Sequence[str], passages: Sequence[Sequence[str]], copy: CopyConfig,
-              prior: Optional[PassagePrior], reader) -> list[bool]:
-    """For each (question, passages): whether the gate lets the passages through (items without
-    passages, or with the gate off, are open)."""
-    open_ = [True] * len(questions)
+def gate_strengths(questions: Sequence[str], passages: Sequence[Sequence[str]], copy: CopyConfig,
+                   prior: Optional[PassagePrior], reader) -> list[float]:
+    """For each (question, passages): how far the gate lets the passages through, 1.0 (open) to 0.0
+    (closed: the item gets no knowledge); items without passages, or with the gate off, get 1.0."""
+    strength = [1.0] * len(questions)
     if copy.gate_cosine > 0:
         if prior is None:
             raise ValueError("CopyConfig.gate_cosine needs the passage embedder (model.passage_prior); "
                              "assign one, or set gate_cosine to 0.")
         best = prior.cosines(questions, passages)
-        open_ = [o and (not len(c) or float(c.max()) >= copy.gate_cosine) for o, c in zip(open_, best)]
+        strength = [s if not len(c) or float(c.max()) >= copy.gate_cosine else 0.0 for s, c in zip(strength, best)]
     if copy.gate_no_answer < 1:
         if reader is None:
             raise ValueError("CopyConfig.gate_no_answer needs an answer-start reader; assign model.answer_reader, "
                              "or set gate_no_answer to 1.")
         limit = math.log(copy.gate_no_answer)
-        open_ = [o and (not ps or reader.no_answer_log_prob(q, list(ps)) <= limit)
-                 for o, q, ps in zip(open_, questions, passages)]
-    return open_
+        for i, (q, ps) in enumerate(zip(questions, passages)):
+            if strength[i] and ps:
+                log_p = reader.no_answer_log_prob(q, list(ps))  # compared in log space: the hard gate as before
+                strength[i] = 0.0 if log_p > limit else copy.gate_strength(math.exp(log_p)) if copy.gate_ramp else 1.0
+    return strength
+
