@@ -116,7 +116,7 @@ class KnowledgeEncoding:
         (:mod:`diekae_rag.copy.gate`)."""
         if not copy.gated:
             return [1.0] * len(prompts)
-        return gate_strengths([self.prompter.user_text(x) for x in prompts], passages, copy, self._embedding_prior(),
+        return gate_strengths([self.prompter.question_text(x, copy.question_turns) for x in prompts], passages, copy, self._embedding_prior(),
                          self.answer_reader if copy.gate_no_answer < 1 else None)
 
     def separate_reader(self, copy: CopyConfig) -> Optional[AnswerStartReader]:
@@ -208,7 +208,7 @@ class KnowledgeEncoding:
                                   self._value_rows(past.ids, copy, encoder), encoder.config.pointer_match)
         layout = KnowledgeLayout.of([it[0] for it in items], [it[1] for it in items], self.passage_tokens.spans,
                                     passages, memory.width)
-        questions = [self.prompter.user_text(x) for x in prompts]
+        questions = [self.prompter.question_text(x, copy.question_turns) for x in prompts]
         for provider in providers:
             scores = provider.slot_scores(questions, passages, layout, copy, self.device)
             if scores is not None:

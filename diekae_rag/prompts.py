@@ -113,7 +113,7 @@ class Prompter:
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         self._encode = functools.lru_cache(maxsize=4096)(self._encode_uncached)
-        self._chat_frame: Optional[tuple[str, str]] = None
+        self._chat_frame: Optional[tuple[str, str, str, str]] = None
         self.stop_ids = [self.eos_id] + [t for t in [self._turn_start_id()] if t is not None and t != self.eos_id]
 
     def _turn_start_id(self) -> Optional[int]:
@@ -155,9 +155,10 @@ class Prompter:
     def prompt_ids(self, question: Question, passages: Sequence[str] = ()) -> list[int]:
         return self.ids(self.prompt_text(question, passages))
 
-    def user_text(self, prompt: list[int]) -> str:
-        """The last user turn of a prompt (the question, and in-context passages): the chat
-        template's frame, found once by rendering marker conversations, is cut off."""
+    def _frames(self) -> tuple[str, str, str, str]:
+        """The chat template's text before the first question (``head``), after the last (``tail``),
+        from an answer's end to the next question (``turn``) and from a question's end to its answer
+        (``reply``): found once by rendering marker conversations."""
         if self._chat_frame is None:
             a, b, c = "QQONEQQ", "QQTWOQQ", "QQTHREEQQ"
             one = self.tok.decode(self.prompt_ids(a))
@@ -165,15 +166,37 @@ class Prompter:
             three = self.tok.decode(self.prompt_ids([{"role": "user", "content": a},
                                                      {"role": "assistant", "content": b},
                                                      {"role": "user", "content": c}]))
-            turn = three[three.index(b) + len(b): three.index(c)]  # from an answer's end to a question's start
-            self._chat_frame = (head, tail, turn)
-        head, tail, turn = self._chat_frame
+            self._chat_frame = (head, tail, three[three.index(b) + len(b): three.index(c)],
+                                three[three.index(a) + len(a): three.index(b)])
+        return self._chat_frame
+
+    def _conversation(self, prompt: list[int]) -> str:
+        head, tail, _, _ = self._frames()
         text = self.tok.decode(prompt)
         if text.startswith(head) and text.endswith(tail) and len(text) >= len(head) + len(tail):
             text = text[len(head): len(text) - len(tail)]
+        return text
+
+    def user_text(self, prompt: list[int]) -> str:
+        """The last user turn of a prompt (the question, and in-context passages), without the chat
+        template's frame."""
+        text, turn = self._conversation(prompt), self._frames()[2]
         if turn and turn in text:
             text = text[text.rindex(turn) + len(turn):]
         return text.strip()
+
+    def question_text(self, prompt: list[int], turns: int = 1) -> str:
+        """The question as the copy's question-aware parts (passage prior, answer-start reader, gate)
+        read it: the last user turn, after up to ``turns - 1`` turns before it (the earlier questions
+        and answers, in order, joined by spaces), so a follow-up such as "Where was she born?" keeps
+        the name an earlier turn gave. ``turns=1``: the last user turn alone (:meth:`user_text`)."""
+        if turns <= 1:
+            return self.user_text(prompt)
+        _, _, turn, reply = self._frames()
+        parts: list[str] = []
+        for exchange in (self._conversation(prompt).split(turn) if turn else [self._conversation(prompt)]):
+            parts.extend(exchange.split(reply) if reply else [exchange])
+        return " ".join(p.strip() for p in parts[-turns:] if p.strip())
 
     def answer_ids(self, answer: str, with_eos: bool = False) -> list[int]:
         return self.ids(answer) + ([self.eos_id] if with_eos else [])

@@ -163,3 +163,38 @@ def test_a_ramp_half_opens_the_gate_and_scales_what_the_encoders_write():
         CopyConfig(gate_no_answer=0.3, gate_ramp=0.4)
     with pytest.raises(ValueError, match="gate_ramp must be in"):
         CopyConfig(gate_ramp=-0.1)
+
+
+def test_question_turns_let_the_reader_and_the_gate_read_a_follow_up_with_its_history():
+    class Recorder(NullReader):
+        def __init__(self) -> None:
+            self.questions: list[str] = []
+
+        def char_log_probs(self, question, passages):
+            self.questions.append(question)
+            return super().char_log_probs(question, passages)
+
+        def no_answer_log_prob(self, question, passages):
+            self.questions.append(question)
+            return math.log(0.05) if "Calgra" in question else math.log(0.9)
+
+    model = _model(gate_no_answer=0.5, reader_weight=1.0)
+    reader = model.answer_reader = Recorder()
+    turns = [{"role": "user", "content": "Who founded Calgra?"}, {"role": "assistant", "content": "Orvel Tann."},
+             {"role": "user", "content": "Where is it?"}]
+    prompt = model.prompter.prompt_ids(turns)
+    assert model.prompter.question_text(prompt) == model.prompter.user_text(prompt) == "Where is it?"
+    assert model.prompter.question_text(prompt, 2) == "Orvel Tann. Where is it?"
+    assert model.prompter.question_text(prompt, 3) == model.prompter.question_text(prompt, 9) == \
+        "Who founded Calgra? Orvel Tann. Where is it?"
+    single = model.prompter.prompt_ids("Where is Calgra?")
+    assert model.prompter.question_text(single, 3) == "Where is Calgra?", "one turn: the question alone"
+
+    assert model.gate([turns], [ON_TOPIC]) == [False], "the last question alone names nothing: closed"
+    assert model.gate([turns], [ON_TOPIC], copy={"question_turns": 3}) == [True]
+    reader.questions.clear()
+    model.generate(turns, ON_TOPIC, max_new_tokens=2, copy={"question_turns": 3})
+    assert reader.questions and set(reader.questions) == {"Who founded Calgra? Orvel Tann. Where is it?"}, \
+        "the gate and the reader's first-token scores read the same question"
+    with pytest.raises(ValueError, match="question_turns must be a whole number"):
+        CopyConfig(question_turns=0)

@@ -47,6 +47,9 @@ class CopyConfig:
     ``gate_ramp``: below that threshold, over a ramp this wide, the gate is half-open: everything the
     encoders write (rows and copy) is scaled by ``(gate_no_answer - P) / gate_ramp``, from 1 at
     ``gate_no_answer - gate_ramp`` down to 0 at the threshold (0: no ramp, the gate is open or closed).
+    ``question_turns``: how much of a conversation the passage prior, the answer-start reader and
+    the gate read as the question: the last user turn and up to ``question_turns - 1`` turns before
+    it (1: the last user turn alone; 3: with the previous question and its answer).
     ``on_no_answer``: where it closes, ``"decoder"`` answers from its own knowledge and
     ``"abstain"`` returns ``no_answer_text``.
     """
@@ -64,6 +67,7 @@ class CopyConfig:
     gate_cosine: float = 0.0
     gate_no_answer: float = 0.4
     gate_ramp: float = 0.0
+    question_turns: int = 1
     on_no_answer: str = "decoder"
     no_answer_text: str = "The documents do not say."
 
@@ -89,6 +93,9 @@ class CopyConfig:
         if self.gate_no_answer < 1 and self.gate_ramp > self.gate_no_answer:
             raise ValueError(f"CopyConfig.gate_ramp ({self.gate_ramp}) must not exceed gate_no_answer "
                              f"({self.gate_no_answer}): the ramp lies below the threshold. Lower gate_ramp too.")
+        if not (isinstance(self.question_turns, int) and not isinstance(self.question_turns, bool)
+                and self.question_turns >= 1):
+            raise ValueError(f"CopyConfig.question_turns must be a whole number of turns >= 1, got {self.question_turns!r}.")
         if self.on_no_answer not in ("decoder", "abstain"):
             raise ValueError(f"CopyConfig.on_no_answer must be 'decoder' or 'abstain', got {self.on_no_answer!r}.")
         if not isinstance(self.no_answer_text, str) or not self.no_answer_text.strip():

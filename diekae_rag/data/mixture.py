@@ -14,7 +14,7 @@ from .squad import DEV_FILE, TRAIN_FILES, load_squad_items
 
 @dataclass
 class Example:
-    question: str
+    question: Union[str, list[dict]]   # a question, or a conversation's turns ending with one
     passages: list[str]
     answer: str
     distractor: str

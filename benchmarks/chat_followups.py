@@ -1,0 +1,69 @@
+"""Follow-up questions in a conversation: how much of it the copy's question-aware parts should read.
+
+    python benchmarks/chat_followups.py [CHECKPOINT] --split dev --turns 1 2 3 [--n 60] [--k 3]
+
+On conversations of ``diekae_rag.data.followups`` (turn 1: a fact about an invented subject and its
+answer; turn 2: another fact about "that person" / "that place"), answers turn 2 with the whole
+conversation in ``none`` / ``in_context`` / ``diekae`` mode, DIEKÆ once per ``question_turns`` value
+(how many turns the passage prior, the answer-start reader and the copy gate read; the shipped gate
+otherwise). Two sets: the subject's passage holds the follow-up's answer (acc / EM / F1, gated), or
+does not (copy rate, gated: the harm side). ``--split dev`` (seed 1001) chooses; ``--split eval``
+(seed 2002) is run once for what ships. Single-turn questions read the same text whatever the
+setting (``tests/test_gate.py``). Writes benchmarks/results/chat_followups_<split>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from diekae_rag import DiekaeModel
+from diekae_rag.atomic import atomic_write_text
+from diekae_rag.data.followups import make_followups
+from diekae_rag.data.negatives import NegativeItem
+from diekae_rag.evaluation import evaluate_items, evaluate_negatives
+
+SEEDS = {"dev": 1001, "eval": 2002}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("checkpoint", nargs="?", default=None)
+    ap.add_argument("--split", choices=sorted(SEEDS), default="dev")
+    ap.add_argument("--turns", type=int, nargs="+", default=[1, 3])
+    ap.add_argument("--n", type=int, default=60)
+    ap.add_argument("--k", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    model = DiekaeModel.from_pretrained(args.checkpoint)
+    seed = SEEDS[args.split]
+    answering = make_followups(args.n, seed, args.k)
+    silent = [NegativeItem(e.question, e.passages, [e.answer])
+              for e in make_followups(args.n, seed + 1, args.k, answerable=False)]
+    runs = [(mode, None) for mode in ("none", "in_context")] + [("diekae", t) for t in args.turns]
+    rows = []
+    for mode, turns in runs:
+        copy = None if turns is None else {"question_turns": turns}
+        t0 = time.time()
+        ans = evaluate_items(model, answering, mode, copy=copy)
+        neg = evaluate_negatives(model, silent, mode, copy=copy)
+        row = {"mode": mode, "question_turns": turns,
+               "answering": {m: round(ans[m], 4) for m in ("acc", "em", "f1", "copy", "gated", "len")},
+               "not_answering": {m: round(neg[m], 4) for m in ("acc", "copy", "gated", "len")},
+               "seconds": round(time.time() - t0, 1),
+               "examples": [{k: r[k] for k in ("gold", "output")} for r in ans["records"][:3]]}
+        rows.append(row)
+        a, b = row["answering"], row["not_answering"]
+        print(f"{mode:10s} turns {turns or '-'}: acc {a['acc']:.2f} EM {a['em']:.2f} F1 {a['f1']:.2f} gated {a['gated']:.2f}"
+              f" | not answering: copy {b['copy']:.2f} gated {b['gated']:.2f}", flush=True)
+    out = args.out or Path(__file__).parent / "results" / f"chat_followups_{args.split}.json"
+    atomic_write_text(out, json.dumps({"checkpoint": args.checkpoint or "shipped", "split": args.split, "seed": seed,
+                                       "n": args.n, "k": args.k, "copy": model.copy.to_dict(), "rows": rows},
+                                      indent=1) + "\n")
+    print(f"-> {out}")
+
+
+if __name__ == "__main__":
+    main()

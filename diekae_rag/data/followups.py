@@ -1,0 +1,47 @@
+"""Conversation follow-ups: a second question that names no one, about what the first turn named.
+
+Turn 1 asks one fact about an invented subject and the assistant gives the gold answer; turn 2 asks
+another fact about the same subject as "that person" / "that place". The subject's passage holds both
+facts (``answerable``) or only the first (not ``answerable``: the follow-up's passages do not answer),
+among ``k - 1`` other subjects' passages. Single-turn sets never change with this; only the reading of
+earlier turns (``CopyConfig.question_turns``) does.
+"""
+
+from __future__ import annotations
+
+import random
+
+from .fictional import RELATIONS, Relation, _fact, person, place
+from .mixture import Example
+
+STAND_INS = {person: "that person", place: "that place"}
+
+
+def _pairs() -> list[tuple[Relation, Relation]]:
+    return [(a, b) for a in RELATIONS for b in RELATIONS
+            if a is not b and a.subject is b.subject and a.subject in STAND_INS]
+
+
+def make_followups(n: int, seed: int, k: int = 3, answerable: bool = True) -> list[Example]:
+    """``n`` conversations (``Example.question`` is the list of turns) with ``k`` passages each."""
+    rng = random.Random(seed)
+    pairs = _pairs()
+    convs = []
+    for _ in range(n):
+        first, second = rng.choice(pairs)
+        s, a1, _, sent1 = _fact(rng, first)
+        _, a2, d2, sent2 = _fact(rng, second, subject=s)
+        filler = _fact(rng, rng.choice(RELATIONS))[3]  # a fact about someone else, in the subject's passage
+        sentences = [sent1, sent2, filler] if answerable else [sent1, filler]
+        rng.shuffle(sentences)
+        turns = [{"role": "user", "content": rng.choice(first.questions).format(s=s)},
+                 {"role": "assistant", "content": f"{a1}."},
+                 {"role": "user", "content": rng.choice(second.questions).format(s=STAND_INS[first.subject])}]
+        convs.append((turns, " ".join(sentences), a2, d2, second.name))
+    out = []
+    for i, (turns, passage, answer, distractor, relation) in enumerate(convs):
+        others = [convs[j][1] for j in rng.sample([j for j in range(n) if j != i], min(k - 1, n - 1))]
+        passages = others + [passage]
+        rng.shuffle(passages)
+        out.append(Example(turns, passages, answer, distractor, relation, answerable))
+    return out
