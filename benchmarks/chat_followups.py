@@ -1,6 +1,6 @@
 """Follow-up questions in a conversation: how much of it the copy's question-aware parts should read.
 
-    python benchmarks/chat_followups.py [CHECKPOINT] --split dev --turns 1 2 3 [--n 60] [--k 3]
+    python benchmarks/chat_followups.py [CHECKPOINT] --split dev --turns 1 2 3 [--n 60] [--k 3] [--modes ...]
 
 On conversations of ``diekae_rag.data.followups`` (turn 1: a fact about an invented subject and its
 answer; turn 2: another fact about "that person" / "that place"), answers turn 2 with the whole
@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--turns", type=int, nargs="+", default=[1, 3])
     ap.add_argument("--n", type=int, default=60)
     ap.add_argument("--k", type=int, default=3)
+    ap.add_argument("--modes", nargs="+", choices=["none", "in_context", "diekae"], default=["none", "in_context", "diekae"])
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     model = DiekaeModel.from_pretrained(args.checkpoint)
@@ -42,7 +43,8 @@ def main() -> None:
     answering = make_followups(args.n, seed, args.k)
     silent = [NegativeItem(e.question, e.passages, [e.answer])
               for e in make_followups(args.n, seed + 1, args.k, answerable=False)]
-    runs = [(mode, None) for mode in ("none", "in_context")] + [("diekae", t) for t in args.turns]
+    runs = [(mode, None) for mode in ("none", "in_context") if mode in args.modes]
+    runs += [("diekae", t) for t in args.turns] if "diekae" in args.modes else []
     rows = []
     for mode, turns in runs:
         copy = None if turns is None else {"question_turns": turns}

@@ -15,6 +15,7 @@ import torch
 
 from .answer_reader import AnswerStartReader, serving_dtype
 from .copy import CopyConfig, CopyMemory, CopyReadout, KnowledgeLayout, PassagePrior, ReaderScores, ScoreProvider
+from .copy.providers import GivenAnswersSkipped
 from .copy.gate import gate_strengths
 from .copy.pieces import PassageTokens, add_answer_pieces, first_piece_ids
 from .copy.values import ValueRows
@@ -116,8 +117,22 @@ class KnowledgeEncoding:
         (:mod:`diekae_rag.copy.gate`)."""
         if not copy.gated:
             return [1.0] * len(prompts)
-        return gate_strengths([self.prompter.question_text(x, copy.question_turns) for x in prompts], passages, copy, self._embedding_prior(),
-                         self.answer_reader if copy.gate_no_answer < 1 else None)
+        questions, given = self.questions(prompts, copy)
+        reader = self.answer_reader if copy.gate_no_answer < 1 else None
+        if reader is not None and given:
+            reader = GivenAnswersSkipped(reader, given)
+        return gate_strengths(questions, passages, copy, self._embedding_prior(), reader)
+
+    def questions(self, prompts: Sequence[list[int]], copy: CopyConfig) -> tuple[list[str], dict[str, list[str]]]:
+        """Each prompt's question as the prior, the reader and the gate read it (``copy.question_turns``),
+        and for those with earlier turns, the answers those turns gave."""
+        questions, given = [], {}
+        for x in prompts:
+            turns = self.prompter.question_turns(x, copy.question_turns)
+            questions.append(" ".join(turns))
+            if len(turns) > 1:
+                given[questions[-1]] = turns[-2::-2]
+        return questions, given
 
     def separate_reader(self, copy: CopyConfig) -> Optional[AnswerStartReader]:
         """The answer-start reader when ``copy`` uses it and its passage side can be kept apart."""
@@ -208,8 +223,10 @@ class KnowledgeEncoding:
                                   self._value_rows(past.ids, copy, encoder), encoder.config.pointer_match)
         layout = KnowledgeLayout.of([it[0] for it in items], [it[1] for it in items], self.passage_tokens.spans,
                                     passages, memory.width)
-        questions = [self.prompter.question_text(x, copy.question_turns) for x in prompts]
+        questions, given = self.questions(prompts, copy)
         for provider in providers:
+            if given and isinstance(provider, ReaderScores):
+                provider = ReaderScores(GivenAnswersSkipped(provider.reader, given))
             scores = provider.slot_scores(questions, passages, layout, copy, self.device)
             if scores is not None:
                 field = "first_bias" if provider.at_first else "prior"

@@ -190,13 +190,18 @@ class Prompter:
         read it: the last user turn, after up to ``turns - 1`` turns before it (the earlier questions
         and answers, in order, joined by spaces), so a follow-up such as "Where was she born?" keeps
         the name an earlier turn gave. ``turns=1``: the last user turn alone (:meth:`user_text`)."""
+        return " ".join(self.question_turns(prompt, turns))
+
+    def question_turns(self, prompt: list[int], turns: int = 1) -> list[str]:
+        """The texts of the last ``turns`` turns, the last user turn last (so answers, where there are
+        any, are at positions -2, -4, ...)."""
         if turns <= 1:
-            return self.user_text(prompt)
+            return [self.user_text(prompt)]
         _, _, turn, reply = self._frames()
         parts: list[str] = []
         for exchange in (self._conversation(prompt).split(turn) if turn else [self._conversation(prompt)]):
             parts.extend(exchange.split(reply) if reply else [exchange])
-        return " ".join(p.strip() for p in parts[-turns:] if p.strip())
+        return [p.strip() for p in parts[-turns:] if p.strip()]
 
     def answer_ids(self, answer: str, with_eos: bool = False) -> list[int]:
         return self.ids(answer) + ([self.eos_id] if with_eos else [])

@@ -198,3 +198,24 @@ def test_question_turns_let_the_reader_and_the_gate_read_a_follow_up_with_its_hi
         "the gate and the reader's first-token scores read the same question"
     with pytest.raises(ValueError, match="question_turns must be a whole number"):
         CopyConfig(question_turns=0)
+
+
+def test_a_follow_up_is_not_answered_with_what_an_earlier_turn_said():
+    from diekae_rag.copy.providers import GivenAnswersSkipped
+    passage = "Calgra was founded by Orvel Tann. It lies on the Vell."
+    said, other = passage.index("Orvel"), passage.index("Vell")
+
+    class Reader:
+        def char_log_probs(self, question, passages):
+            return [{said: math.log(0.6), said + 6: math.log(0.1), other: math.log(0.2)}]
+
+        def no_answer_log_prob(self, question, passages):
+            return math.log(0.1)
+
+    q = "Who founded Calgra? Orvel Tann. Where is it?"
+    skipped = GivenAnswersSkipped(Reader(), {q: ["Orvel Tann."]})
+    (lp,), null = skipped.char_log_probs(q, [passage]), skipped.no_answer_log_prob(q, [passage])
+    assert set(lp) == {other}, "no start inside the answer already given"
+    assert math.exp(lp[other]) == pytest.approx(0.2 / 0.3) and math.exp(null) == pytest.approx(0.1 / 0.3)
+    assert skipped.char_log_probs("Where is Calgra?", [passage])[0] == Reader().char_log_probs(q, [passage])[0], \
+        "a question with no earlier answers reads as before"

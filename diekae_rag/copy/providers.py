@@ -9,7 +9,8 @@ question is about), the reader at the answer's first position (where in it the a
 from __future__ import annotations
 
 import math
-from typing import Optional, Protocol, Sequence
+import re
+from typing import Mapping, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -125,3 +126,34 @@ class ReaderScores:
         rows = layout.rows(values, float("nan"), None, device)
         best = torch.nan_to_num(rows, nan=-math.inf).amax(1, keepdim=True).clamp(min=LOG_FLOOR)
         return copy.reader_weight * torch.nan_to_num(rows - best, nan=0.0)
+
+
+class GivenAnswersSkipped:
+    """An answer-start reader that reads a conversation as one question but does not start where an
+    answer an earlier turn gave starts: those starts' probability is taken out and the rest, "no
+    answer" included, renormalised, so a follow-up is neither answered with what was already said
+    nor let through the gate for it. ``given``: question text -> the answers given in its turns."""
+
+    def __init__(self, reader, given: Mapping[str, Sequence[str]]) -> None:
+        self.reader, self.given = reader, given
+
+    def char_log_probs(self, question: str, passages: Sequence[str]) -> list[dict[int, float]]:
+        return self._read(question, passages)[0]
+
+    def no_answer_log_prob(self, question: str, passages: Sequence[str]) -> float:
+        return self._read(question, passages)[1]
+
+    def _read(self, question: str, passages: Sequence[str]) -> tuple[list[dict[int, float]], float]:
+        lps, null = self.reader.char_log_probs(question, passages), self.reader.no_answer_log_prob(question, passages)
+        said = [a for a in (x.strip().rstrip(".!?,;:").strip().lower() for x in self.given.get(question, ())) if a]
+        if not said:
+            return lps, null
+        kept, removed = [], 0.0
+        for lp, passage in zip(lps, passages):
+            spans = [(m.start(), m.end()) for a in said
+                     for m in re.finditer(r"(?<!\w)" + re.escape(a) + r"(?!\w)", passage.lower())]
+            keep = {c: v for c, v in lp.items() if not any(a <= c < b for a, b in spans)}
+            removed += sum(math.exp(v) for c, v in lp.items() if c not in keep)
+            kept.append(keep)
+        shift = math.log(max(1.0 - removed, 1e-9))
+        return [{c: v - shift for c, v in k.items()} for k in kept], null - shift
