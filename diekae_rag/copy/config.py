@@ -65,9 +65,9 @@ class CopyConfig:
     answer_pieces: bool = True
     whitened_values: bool = True
     gate_cosine: float = 0.0
-    gate_no_answer: float = 0.4
-    gate_ramp: float = 0.0
-    question_turns: int = 1
+    gate_no_answer: float = 0.5
+    gate_ramp: float = 0.3
+    question_turns: int = 3
     on_no_answer: str = "decoder"
     no_answer_text: str = "The documents do not say."
 
@@ -122,7 +122,7 @@ class CopyConfig:
         """The readout as trained: learned scores only, no serving-time term."""
         return cls(gain_scale=100.0, sharpness=1.0, first_gain=1.0, bigram_bonus=0.0, continue_bonus=0.0,
                    passage_prior=0.0, reader_weight=0.0, first_unspaced=False, answer_pieces=False,
-                   whitened_values=False, gate_no_answer=1.0)
+                   whitened_values=False, gate_no_answer=1.0, gate_ramp=0.0, question_turns=1)
 
     def replace(self, **changes: Any) -> "CopyConfig":
         """A copy with ``changes``; an unknown name raises with the list of settings."""
