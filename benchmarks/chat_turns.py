@@ -3,8 +3,10 @@
     python benchmarks/chat_turns.py
 
 Asks "Where was she born?" after "Who is Marsul Vantrel married to?" / "Ithpelith Quorne.", with and
-without those turns, in none / in_context / diekae, with the copy gate on (shipped) and off, and
-prints each answer and the reader's P(no answer) for the question alone and written out.
+without those turns, in none / in_context / diekae; DIEKÆ with the shipped settings (the gate on,
+``question_turns`` 3: the reader and the gate read the earlier turns too), with the last question
+read alone (``question_turns`` 1) and with the gate off; then prints the reader's P(no answer) for
+the question alone, as the conversation reads it, and written out.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import math
 
 from diekae_rag import DiekaeModel
+from diekae_rag.copy.providers import GivenAnswersSkipped
 
 PASSAGES = ["Marsul Vantrel is married to Ithpelith Quorne. Ithpelith Quorne was born in Davrenholt."]
 TURNS = [{"role": "user", "content": "Who is Marsul Vantrel married to?"},
@@ -21,14 +24,16 @@ TURNS = [{"role": "user", "content": "Who is Marsul Vantrel married to?"},
 
 def main() -> None:
     model = DiekaeModel.from_pretrained()
+    variants = {"shipped": None, "question_turns 1": {"question_turns": 1}, "gate off": {"gate_no_answer": 1.0}}
     for mode in ("none", "in_context", "diekae"):
-        for gate in ((0.4, 1.0) if mode == "diekae" else (1.0,)):
-            copy = {"gate_no_answer": gate}
+        for name, copy in (variants.items() if mode == "diekae" else [("", None)]):
             with_turns = model.generate(TURNS, PASSAGES, mode=mode, max_new_tokens=16, copy=copy)
             alone = model.generate(TURNS[-1]["content"], PASSAGES, mode=mode, max_new_tokens=16, copy=copy)
-            print(f"{mode:10s} gate {gate}: with turns {with_turns!r} | alone {alone!r}")
-    for q in ("Where was she born?", "Where was Ithpelith Quorne born?"):
-        print(f"P(no answer | {q!r}) = {math.exp(model.answer_reader.no_answer_log_prob(q, PASSAGES)):.3f}")
+            print(f"{mode:10s} {name:16s}: with turns {with_turns!r} | alone {alone!r}")
+    (conversation,), given = model.knowledge.questions([model.prompter.prompt_ids(TURNS)], model.copy)
+    reader = GivenAnswersSkipped(model.answer_reader, given)  # as the gate reads it: "Ithpelith Quorne" was said
+    for q in ("Where was she born?", conversation, "Where was Ithpelith Quorne born?"):
+        print(f"P(no answer | {q!r}) = {math.exp(reader.no_answer_log_prob(q, PASSAGES)):.3f}")
 
 
 if __name__ == "__main__":
