@@ -42,7 +42,10 @@ def gate_strengths(questions: Sequence[str], passages: Sequence[Sequence[str]], 
         limit = math.log(copy.gate_no_answer)
         for i, (q, ps) in enumerate(zip(questions, passages)):
             if strength[i] and ps:
-                log_p = reader.no_answer_log_prob(q, list(ps))  # compared in log space: the hard gate as before
-                strength[i] = 0.0 if log_p > limit else copy.gate_strength(math.exp(log_p)) if copy.gate_ramp else 1.0
+                log_p = reader.no_answer_log_prob(q, list(ps))  # the threshold compared in log space
+                if log_p > limit:
+                    strength[i] = 0.0
+                elif copy.gate_ramp:
+                    strength[i] = copy.gate_strength(math.exp(log_p))
     return strength
 
