@@ -297,7 +297,8 @@ class DiekaeModel:
         if gate is not None:  # the gate: where it closes, the item gets no knowledge (exactly mode="none")
             passages = [p if g > 0 else [] for p, g in zip(passages, gate)]
         sessions = []
-        has_k = [float(gate[i]) if gate is not None and p else float(bool(p)) for i, p in enumerate(passages)]
+        strength = gate if gate is not None else [1.0] * len(passages)
+        has_k = [float(g) if p else 0.0 for p, g in zip(passages, strength)]  # each item's scale
         if any(has_k):
             sessions.append(self.knowledge.session(self.encoder, prompts, passages, decoder_mask, answers, has_k,
                                                    copy, self.knowledge.providers(copy)))
