@@ -11,6 +11,9 @@ readout) is timed alone; ``--profile`` writes the operator table of one generati
 With ``--variant FIELD=JSON ...``, a third mode, `diekae` with those serving-time settings, takes
 its turn in the same rounds (so the cost of one setting is read without the machine's drift), and
 the encoders' own decode step is timed alone under both settings (200 turns each).
+With ``--compiled [MODE]``, `none_compiled` and `diekae_compiled` (``DiekaeModel.compile_decode``:
+torch.compile and a static cache for the decode steps) take their turns too, after one untimed
+call each that compiles the graphs, and each compiled token sequence is checked against the eager one.
 Writes <out>/<device>/decode_step.json.
 """
 import argparse
@@ -61,12 +64,19 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="also write <out>/<device>/decode_profile_k<k>.txt: torch.profiler's operator table of one "
                          "34-token diekae generation")
+    ap.add_argument("--compiled", nargs="?", const="auto", default=None, metavar="MODE",
+                    help="also time compiled decode steps (torch.compile mode; default: reduce-overhead on CUDA, "
+                         "default on the CPU)")
     args = ap.parse_args()
     try:
         variant = parse_settings(args.variant)
     except ValueError as exc:
         ap.error(f"--variant {exc}")
     model = DiekaeModel.from_pretrained()
+    compiled = None
+    if args.compiled:
+        compiled = model.compile_decode(None if args.compiled == "auto" else args.compiled).decode_compile
+        model.compile_decode(backend=None)
     shipped = {name: getattr(model.copy, name) for name in variant}
     rows = []
     out = Path(args.out) / model.device.type
@@ -76,16 +86,25 @@ def main() -> None:
             q, passages = bench_passages(model, k)
             model.precompute(passages)
 
-            def seconds(mode: str, n: int) -> float:
+            def answer(mode: str, n: int) -> str:
                 if mode != "none" and model.answer_reader is not None:
                     model.answer_reader.clear()  # each call reads the question anew, as a new question would
-                return timed(lambda: model.generate(q, passages, mode="diekae" if mode == "variant" else mode,
-                                                    max_new_tokens=n, min_new_tokens=n,
-                                                    copy=variant if mode == "variant" else None), model.device)
+                model.decode_compile = compiled if mode.endswith("_compiled") else None
+                base = mode.removesuffix("_compiled")
+                return model.generate(q, passages, mode="diekae" if base == "variant" else base,
+                                      max_new_tokens=n, min_new_tokens=n, copy=variant if base == "variant" else None)
+
+            def seconds(mode: str, n: int) -> float:
+                return timed(lambda: answer(mode, n), model.device)
 
             samples: dict[str, list[float]] = {"none": [], "diekae": [], **({"variant": []} if variant else {})}
+            if compiled is not None:
+                samples.update(none_compiled=[], diekae_compiled=[])
+            same = {}
             for mode in samples:
-                seconds(mode, 4)  # warm-up
+                seconds(mode, 4)  # warm-up (and, for a compiled mode, compiling)
+                if mode.endswith("_compiled"):
+                    same[mode] = answer(mode, 34) == answer(mode.removesuffix("_compiled"), 34)
             first: dict[str, list[float]] = {mode: [] for mode in samples}  # time to first token
             for _ in range(args.pairs):
                 for mode in samples:
@@ -97,6 +116,12 @@ def main() -> None:
                    "ttft_ms": {mode: statistics.median(v) * 1000 for mode, v in first.items()}}
             line = (f"k={k}: decode step none {none * 1000:.1f} ms, diekae {diekae * 1000:.1f} ms, ratio {diekae / none:.2f}"
                     f"; TTFT (ms) " + ", ".join(f"{m} {t:.0f}" for m, t in row["ttft_ms"].items()))
+            if compiled is not None:
+                cn, cd = statistics.median(samples["none_compiled"]), statistics.median(samples["diekae_compiled"])
+                row["compiled"] = {"mode": compiled.mode, "none_step_ms": cn * 1000, "diekae_step_ms": cd * 1000,
+                                   "ratio": cd / cn, "none_vs_eager": cn / none, "same_answers_as_eager": same}
+                line += (f"; compiled ({compiled.mode}): none {cn * 1000:.1f} ms, diekae {cd * 1000:.1f} ms, ratio "
+                         f"{cd / cn:.2f}, same answers as eager {same}")
             row["encoder_step_ms"] = encoder_step_ms(model, q, passages, {"diekae": {}})["diekae"]
             line += f"; the encoders' own step {row['encoder_step_ms']:.2f} ms"
             if args.profile:

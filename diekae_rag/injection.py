@@ -7,11 +7,19 @@ never see each other's rows, and an exception inside a call leaves nothing behin
 A pre-hook on the decoder's ``forward`` tells the injection which step it is at: the first
 forward of a call is the prefill (rows aligned to the prompt's positions); later forwards are
 KV-cached decode steps, which get rows only in per-step mode.
+
+Compiled decode steps (:func:`compiled_steps`, used by ``DiekaeModel.compile_decode``): a
+``torch.compile``d decoder cannot read a ``ContextVar``, so inside a compiled graph every MLP
+hook adds its layer's slice of one fixed buffer instead. The pre-hook stays outside the graph
+(``torch.compiler.disable``): it runs the encoders' step eagerly and writes their rows (or zeros)
+into that buffer before the layers run. The prefill is not compiled and reads the injection as
+an eager call does.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Optional, Sequence
@@ -135,16 +143,24 @@ def _sum_rows(parts: list[dict[int, torch.Tensor]]) -> dict[int, torch.Tensor]:
 
 
 class _Hooks:
+    """The hooks on one decoder. Eager calls read the active :class:`Injection`; a compiled decode
+    step (:func:`compiled_steps`) reads :attr:`step_rows` instead, a fixed buffer that the
+    (never compiled) pre-hook fills before the decoder's layers run."""
+
     def __init__(self, decoder: nn.Module) -> None:
         self.handles = []
+        self.step_rows: Optional[torch.Tensor] = None  # (layers, B, 1, hidden): what compiled steps add
+        self.compiled = False                          # True while a compiled call runs
+        self.lock = threading.Lock()                   # one compiled call at a time: they share step_rows
         for i, layer in enumerate(decoder_layers(decoder)):
             self.handles.append(layer.mlp.register_forward_hook(self._mlp_hook(decoder, i)))
         base = decoder.get_decoder() if hasattr(decoder, "get_decoder") else decoder
         self.handles.append(base.register_forward_pre_hook(self._pre_hook(decoder), with_kwargs=True))
 
-    @staticmethod
-    def _mlp_hook(decoder: nn.Module, index: int):
+    def _mlp_hook(self, decoder: nn.Module, index: int):
         def hook(module, args, output):
+            if torch.compiler.is_compiling() and self.step_rows is not None:
+                return output + self.step_rows[index].to(output.dtype)
             inj = _ACTIVE.get()
             if inj is None or inj.decoder is not decoder:
                 return None
@@ -152,15 +168,39 @@ class _Hooks:
             return None if delta is None else output + delta
         return hook
 
-    @staticmethod
-    def _pre_hook(decoder: nn.Module):
+    def _pre_hook(self, decoder: nn.Module):
+        @torch.compiler.disable
         def hook(module, args, kwargs):
             inj = _ACTIVE.get()
-            if inj is not None and inj.decoder is decoder:
-                ids = kwargs.get("input_ids", args[0] if args else None)
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            mine = inj is not None and inj.decoder is decoder
+            if mine:
                 inj.on_forward(ids)
+            if self.compiled:  # what the compiled graph adds at this step (the prefill is eager)
+                self.step_rows.zero_()
+                if mine and inj.forwards > 1:
+                    for layer, r in inj.current.items():
+                        self.step_rows[layer].copy_(r)
             return None
         return hook
+
+
+@contextlib.contextmanager
+def compiled_steps(decoder: nn.Module, batch_size: int) -> Iterator[None]:
+    """Run the block's decode steps through the compiled hooks' buffer (one block at a time per
+    decoder). The buffer is kept between calls, so that a compiled graph is reused; a new batch
+    size gets a new buffer (and a new graph)."""
+    install_hooks(decoder)
+    hooks: _Hooks = decoder._diekae_hooks
+    with hooks.lock:
+        shape = (len(decoder_layers(decoder)), batch_size, 1, decoder.config.hidden_size)
+        if hooks.step_rows is None or tuple(hooks.step_rows.shape) != shape:
+            hooks.step_rows = torch.zeros(shape, device=decoder.device, dtype=decoder.dtype)
+        hooks.compiled = True
+        try:
+            yield
+        finally:
+            hooks.compiled = False
 
 
 def install_hooks(decoder: nn.Module) -> None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator, Mapping, NamedTuple, Optional, Sequence, Union
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import CompileConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from .answer_reader import AnswerStartReader
 from .checkpoint import DecoderMismatchError, load_encoder, read_config, read_copy_config, save_encoder
@@ -18,7 +19,7 @@ from .decoder import freeze, load_decoder
 from .defaults import DEFAULT_DECODER
 from .edit_scope import EditScopes
 from .encoder import DiekaeEncoder
-from .injection import Injection, decoder_layers, injecting, install_hooks
+from .injection import Injection, compiled_steps, decoder_layers, injecting, install_hooks
 from .knowledge import Encoded, KnowledgeEncoding
 from .prompts import KnowledgeTruncatedWarning, Question, check_mode, check_question, clean_passages
 from .state_store import PassageStateStore
@@ -70,6 +71,8 @@ class DiekaeModel:
         self.prompter = self.knowledge.prompter
         self.edit_encoders: list[DiekaeEncoder] = []
         self.edit_scopes = EditScopes()
+        self.decode_compile: Optional[CompileConfig] = None  # see compile_decode()
+        self.cache_block = 256
         install_hooks(decoder)
 
     # ------------------------------------------------------------------ loading / saving
@@ -388,6 +391,35 @@ class DiekaeModel:
                           copy={"gate_no_answer": 1.0, "gate_ramp": 0.0})  # the gate off, so that the encoders' path runs too
         return self
 
+    def compile_decode(self, mode: Optional[str] = None, backend: str = "inductor", cache_block: int = 256
+                       ) -> "DiekaeModel":
+        """Run decode steps through ``torch.compile`` with a static KV cache (``mode``: default
+        ``"reduce-overhead"``, CUDA graphs, on a GPU, and inductor's default on the CPU). The answers
+        are the eager ones; the prefill and the encoders' per-step work stay eager. The static cache
+        is sized in multiples of ``cache_block`` tokens so that longer prompts rarely recompile.
+        Compiled calls on one decoder run one at a time. ``compile_decode(backend=None)`` turns it off."""
+        if backend is None:
+            self.decode_compile = None
+            return self
+        if cache_block < 1:
+            raise ValueError("cache_block must be at least 1 token.")
+        if mode is None:
+            mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+        cfg = CompileConfig(fullgraph=False, dynamic=False, backend=backend, mode=mode)
+        cfg._compile_all_devices = True  # transformers compiles only on accelerators unless told
+        self.decode_compile, self.cache_block = cfg, cache_block
+        return self
+
+    def _decode_steps(self, ids: torch.Tensor, max_new_tokens: int, gen_kwargs: dict):
+        """The context of one generate call: compiled decode steps (adding their settings to
+        ``gen_kwargs``) when :meth:`compile_decode` is on, else nothing."""
+        if self.decode_compile is None:
+            return contextlib.nullcontext()
+        need = ids.shape[1] + max_new_tokens
+        gen_kwargs.update(cache_implementation="static", compile_config=self.decode_compile,
+                          max_cache_len=-(-need // self.cache_block) * self.cache_block)
+        return compiled_steps(self.decoder, ids.shape[0])
+
     def _attach(self, store: PassageStateStore) -> PassageStateStore:
         self.knowledge.attach_store(store, self.encoder)
         return store
@@ -414,7 +446,7 @@ class DiekaeModel:
         with torch.inference_mode():
             inj = self.build_injection(prompts, passages if mode == "diekae" else [[] for _ in prompts], mask,
                                        copy=copy, gate=gate)
-            with injecting(inj):
+            with injecting(inj), self._decode_steps(ids, max_new_tokens, gen_kwargs):
                 out = self.decoder.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                             pad_token_id=self.prompter.pad_id, eos_token_id=self.prompter.stop_ids,
                                             **gen_kwargs)

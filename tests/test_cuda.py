@@ -98,3 +98,16 @@ def test_peak_memory_reads_cuda_allocations():
         x = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")
         del x
     assert mem.peak >= 64 * 2**20
+
+
+def test_compiled_decode_steps_give_the_eager_tokens_on_cuda():
+    """CUDA graphs (``reduce-overhead``) on the GPU; in float32, so that fused kernels cannot flip a token."""
+    torch._dynamo.reset()
+    model = cuda_model(dtype=torch.float32, per_step=True, pointer_layer=3, pointer_heads=2)
+    eager = {m: model.generate_batch(Q, K, mode=m, max_new_tokens=6, min_new_tokens=6) for m in ("diekae", "none")}
+    model.compile_decode()
+    assert model.decode_compile.mode == ("reduce-overhead" if DEVICE == "cuda" else "default")
+    for _ in range(2):  # the second call replays the captured graphs
+        for m in ("diekae", "none"):
+            assert model.generate_batch(Q, K, mode=m, max_new_tokens=6, min_new_tokens=6) == eager[m], m
+    torch._dynamo.reset()
