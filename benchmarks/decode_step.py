@@ -100,9 +100,9 @@ def main() -> None:
             samples: dict[str, list[float]] = {"none": [], "diekae": [], **({"variant": []} if variant else {})}
             if compiled is not None:
                 samples.update(none_compiled=[], diekae_compiled=[])
-            same = {}
+            same, warm_up_s = {}, {}
             for mode in samples:
-                seconds(mode, 4)  # warm-up (and, for a compiled mode, compiling)
+                warm_up_s[mode] = seconds(mode, 4)  # warm-up (and, for a compiled mode, compiling)
                 if mode.endswith("_compiled"):
                     same[mode] = answer(mode, 34) == answer(mode.removesuffix("_compiled"), 34)
             first: dict[str, list[float]] = {mode: [] for mode in samples}  # time to first token
@@ -119,7 +119,8 @@ def main() -> None:
             if compiled is not None:
                 cn, cd = statistics.median(samples["none_compiled"]), statistics.median(samples["diekae_compiled"])
                 row["compiled"] = {"mode": compiled.mode, "none_step_ms": cn * 1000, "diekae_step_ms": cd * 1000,
-                                   "ratio": cd / cn, "none_vs_eager": cn / none, "same_answers_as_eager": same}
+                                   "ratio": cd / cn, "none_vs_eager": cn / none, "same_answers_as_eager": same,
+                                   "first_call_s": {m: warm_up_s[m] for m in same}}
                 line += (f"; compiled ({compiled.mode}): none {cn * 1000:.1f} ms, diekae {cd * 1000:.1f} ms, ratio "
                          f"{cd / cn:.2f}, same answers as eager {same}")
             row["encoder_step_ms"] = encoder_step_ms(model, q, passages, {"diekae": {}})["diekae"]

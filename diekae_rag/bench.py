@@ -364,17 +364,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--skip", nargs="*", default=[],
                     choices=["latency", "fresh", "batch", "training", "retrieval", "load"])
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--compiled", nargs="?", const="auto", default=None, metavar="MODE",
+                    help="decode steps through torch.compile (DiekaeModel.compile_decode; MODE default: reduce-overhead "
+                         "on CUDA, default on the CPU); each timing's untimed warm-up call compiles")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     model = DiekaeModel.from_pretrained(args.checkpoint)
+    if args.compiled:
+        model.compile_decode(None if args.compiled == "auto" else args.compiled)
     out = Path(args.out) / model.device.type
     out.mkdir(parents=True, exist_ok=True)
     res: dict = {}
     if args.skip and (out / "bench.json").exists():  # a partial run updates the sections it ran
         res = json.loads((out / "bench.json").read_text())
     res.update({"hardware": hardware(model.device), "dtype": str(model.decoder.dtype),
-                "encoder": model.config.to_dict(), "copy": model.copy.to_dict(), "torch": torch.__version__})
+                "encoder": model.config.to_dict(), "copy": model.copy.to_dict(), "torch": torch.__version__,
+                "compiled_decode": model.decode_compile.mode if model.decode_compile is not None else None})
 
     def save() -> None:  # after every section, so that an interrupted run keeps what it measured
         atomic_write_text(out / "bench.json", json.dumps(res, indent=2))

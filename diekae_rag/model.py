@@ -396,8 +396,10 @@ class DiekaeModel:
         """Run decode steps through ``torch.compile`` with a static KV cache (``mode``: default
         ``"reduce-overhead"``, CUDA graphs, on a GPU, and inductor's default on the CPU). The answers
         are the eager ones; the prefill and the encoders' per-step work stay eager. The static cache
-        is sized in multiples of ``cache_block`` tokens so that longer prompts rarely recompile.
-        Compiled calls on one decoder run one at a time. ``compile_decode(backend=None)`` turns it off."""
+        is sized in multiples of ``cache_block`` tokens so that longer prompts rarely recompile; each
+        new batch size or cache size compiles once more (past torch's recompile limit, calls run
+        eagerly, with torch's warning). Compiled calls on one decoder run one at a time.
+        ``compile_decode(backend=None)`` turns it off."""
         if backend is None:
             self.decode_compile = None
             return self

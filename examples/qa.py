@@ -54,11 +54,15 @@ def main(argv=None) -> int:
     ap.add_argument("--compare", action="store_true", help="also answer with in-context RAG, with timings")
     ap.add_argument("--checkpoint", default=None, help="encoder folder (default: the shipped encoders)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--compile", action="store_true",
+                    help="compile the decode steps (torch.compile, static cache; the first answer waits for it)")
     args = ap.parse_args(argv)
     if not args.docs.is_dir():
         print(f"error: --docs {args.docs} is not a folder of documents", file=sys.stderr)
         return 2
     model = DiekaeModel.from_pretrained(args.checkpoint)
+    if args.compile:
+        model.compile_decode()
     # Index time: chunks -> MiniLM -> FAISS, and each chunk's encoder states, stored beside the index;
     # queries then read the retrieved chunks' states and encode only the question.
     store = open_or_build(args.docs, args.store or default_store_dir(args.docs),
