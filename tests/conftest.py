@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,27 @@ import torch
 FIXTURES = Path(__file__).parent / "fixtures"
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def in_threads(call, n: int) -> list:
+    """``[call(0), ..., call(n - 1)]``, each call in its own thread, all started together; the first
+    exception any of them raised is raised here."""
+    got, errors = [None] * n, []
+
+    def run(i):
+        try:
+            got[i] = call(i)
+        except BaseException as exc:  # noqa: BLE001 - raised below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return got
 
 
 def byte_tokenizer():

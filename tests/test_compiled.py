@@ -7,11 +7,9 @@ inductor backend that serving uses on the CPU.
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import in_threads, tiny_model
 from test_engine import K, Q
 from torch._dynamo.utils import counters
 
@@ -64,17 +62,7 @@ def test_compiled_decode_streams_in_batches_and_threads_as_eager():
     model.compile_decode(backend="aot_eager", cache_block=64)
     assert model.generate_batch(Q, K, max_new_tokens=N_NEW) == want
     assert "".join(model.stream(Q[0], K[0], max_new_tokens=N_NEW)).strip() == want[0]
-    got = [None, None]
-
-    def run(i):
-        got[i] = model.generate(Q[i], K[i], max_new_tokens=N_NEW)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert got == want
+    assert in_threads(lambda i: model.generate(Q[i], K[i], max_new_tokens=N_NEW), 2) == want
 
 
 def test_compiled_decode_with_the_inductor_backend():

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import threading
 
 import pytest
 import torch
-from conftest import byte_tokenizer, tiny_decoder, tiny_model
+from conftest import byte_tokenizer, in_threads, tiny_decoder, tiny_model
 
 from diekae_rag import DecoderMismatchError, EncoderConfig, DiekaeModel
 from diekae_rag.injection import decoder_layers, injecting
@@ -130,17 +129,8 @@ def test_threads_get_their_own_answers():
     model = tiny_model("llama")
     cases = [(Q[i % 2], K[i % 2] if i % 3 else None, ["diekae", "none", "in_context"][i % 3]) for i in range(8)]
     alone = [model.generate(q, k, mode=m, max_new_tokens=5) for q, k, m in cases]
-    got = [None] * len(cases)
-
-    def run(i):
-        q, k, m = cases[i]
-        got[i] = model.generate(q, k, mode=m, max_new_tokens=5)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(cases))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    got = in_threads(lambda i: model.generate(cases[i][0], cases[i][1], mode=cases[i][2], max_new_tokens=5),
+                     len(cases))
     assert got == alone
 
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import threading
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import in_threads, tiny_model
 from test_engine import K, Q, _record_deltas
 
 from diekae_rag.copy import KnowledgeLayout
@@ -77,17 +76,7 @@ def test_per_step_streaming_and_threads_match_generate(isolation):
     model = _per_step_model(isolation=isolation)
     want = [model.generate(q, k, max_new_tokens=N_NEW) for q, k in zip(Q, K)]
     assert "".join(model.stream(Q[0], K[0], max_new_tokens=N_NEW)).strip() == want[0]
-    got = [None, None]
-
-    def run(i):
-        got[i] = model.generate(Q[i], K[i], max_new_tokens=N_NEW)
-
-    ts = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    assert got == want
+    assert in_threads(lambda i: model.generate(Q[i], K[i], max_new_tokens=N_NEW), 2) == want
     assert model.generate_batch(Q, K, max_new_tokens=N_NEW) == want
 
 

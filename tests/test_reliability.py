@@ -8,13 +8,12 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import byte_tokenizer, tiny_model
+from conftest import byte_tokenizer, in_threads, tiny_model
 from test_engine import K, Q
 
 from diekae_rag import CheckpointError, DecoderMismatchError, DiekaeModel, KnowledgeTruncatedWarning
@@ -204,19 +203,4 @@ def test_eight_threads_share_a_model_and_a_retriever(real_embedder):
         return passages, model.generate(questions[i], passages, max_new_tokens=5)
 
     alone = [call(i) for i in range(8)]
-    got = [None] * 8
-    errors = []
-
-    def run(i):
-        try:
-            got[i] = call(i)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
-    assert got == alone
+    assert in_threads(call, 8) == alone
