@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from .copy import CopyReadout
 
 _ACTIVE: ContextVar[Optional["Injection"]] = ContextVar("diekae_active_injection", default=None)
+_COMPILED: ContextVar[bool] = ContextVar("diekae_compiled_steps", default=False)  # this call's steps are compiled
 
 
 def decoder_layers(decoder: nn.Module) -> nn.ModuleList:
@@ -150,7 +151,6 @@ class _Hooks:
     def __init__(self, decoder: nn.Module) -> None:
         self.handles = []
         self.step_rows: Optional[torch.Tensor] = None  # (layers, B, 1, hidden): what compiled steps add
-        self.compiled = False                          # True while a compiled call runs
         self.lock = threading.Lock()                   # one compiled call at a time: they share step_rows
         for i, layer in enumerate(decoder_layers(decoder)):
             self.handles.append(layer.mlp.register_forward_hook(self._mlp_hook(decoder, i)))
@@ -159,7 +159,9 @@ class _Hooks:
 
     def _mlp_hook(self, decoder: nn.Module, index: int):
         def hook(module, args, output):
-            if torch.compiler.is_compiling() and self.step_rows is not None:
+            # True only inside dynamo's trace (is_compiling() is a process-wide flag, also True in
+            # another thread's eager call while one thread compiles)
+            if torch.compiler.is_dynamo_compiling() and self.step_rows is not None:
                 return output + self.step_rows[index].to(output.dtype)
             inj = _ACTIVE.get()
             if inj is None or inj.decoder is not decoder:
@@ -176,7 +178,7 @@ class _Hooks:
             mine = inj is not None and inj.decoder is decoder
             if mine:
                 inj.on_forward(ids)
-            if self.compiled:  # what the compiled graph adds at this step (the prefill is eager)
+            if _COMPILED.get():  # what the compiled graph adds at this step (the prefill is eager)
                 self.step_rows.zero_()
                 if mine and inj.forwards > 1:
                     for layer, r in inj.current.items():
@@ -196,11 +198,11 @@ def compiled_steps(decoder: nn.Module, batch_size: int) -> Iterator[None]:
         shape = (len(decoder_layers(decoder)), batch_size, 1, decoder.config.hidden_size)
         if hooks.step_rows is None or tuple(hooks.step_rows.shape) != shape:
             hooks.step_rows = torch.zeros(shape, device=decoder.device, dtype=decoder.dtype)
-        hooks.compiled = True
+        token = _COMPILED.set(True)  # this context's calls only: an eager call elsewhere leaves the buffer alone
         try:
             yield
         finally:
-            hooks.compiled = False
+            _COMPILED.reset(token)
 
 
 def install_hooks(decoder: nn.Module) -> None:

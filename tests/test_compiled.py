@@ -51,7 +51,6 @@ def test_compiled_decode_steps_give_the_eager_tokens_in_every_mode():
         elif mode == "none":
             assert hooks.step_rows.abs().sum() == 0
     assert _graphs() > before  # the decoder was compiled, not run eagerly
-    assert not hooks.compiled
     model.compile_decode(backend=None)
     assert model.decode_compile is None and _ids(model, "diekae") == eager["diekae"]
 
@@ -63,6 +62,18 @@ def test_compiled_decode_streams_in_batches_and_threads_as_eager():
     assert model.generate_batch(Q, K, max_new_tokens=N_NEW) == want
     assert "".join(model.stream(Q[0], K[0], max_new_tokens=N_NEW)).strip() == want[0]
     assert in_threads(lambda i: model.generate(Q[i], K[i], max_new_tokens=N_NEW), 2) == want
+
+
+def test_an_eager_call_beside_a_compiled_one_on_the_same_decoder_leaves_its_steps_alone():
+    from diekae_rag import DiekaeModel
+    model = _model()
+    eager = DiekaeModel(model.decoder, model.tokenizer, model.encoder, copy=model.copy)
+    want = model.generate(Q[0], K[0], max_new_tokens=N_NEW)
+    other = eager.generate(Q[1], K[1], max_new_tokens=N_NEW)
+    model.compile_decode(backend="aot_eager")
+    calls = [lambda: model.generate(Q[0], K[0], max_new_tokens=N_NEW),
+             lambda: eager.generate(Q[1], K[1], max_new_tokens=N_NEW)]
+    assert in_threads(lambda i: [calls[i % 2]() for _ in range(3)], 4) == [[want] * 3, [other] * 3] * 2
 
 
 def test_compiled_decode_with_the_inductor_backend():
