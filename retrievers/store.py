@@ -232,15 +232,24 @@ class PassageStore:
     @classmethod
     def _load_once(cls, folder: Path, embedder: Optional[Embedder]) -> "PassageStore":
         m = _read_manifest(folder)
+        try:
+            return cls._load_generation(folder, m, embedder)
+        except (StoreError, OSError) as exc:
+            # a file vanished or changed between reading the manifest and reading it: a writer's new
+            # generation, if the manifest moved on meanwhile
+            if _read_manifest(folder)["generation"] != m["generation"]:
+                raise _Raced() from exc
+            if isinstance(exc, FileNotFoundError):
+                raise StoreError(f"{exc.filename} is missing (the store at {folder} is incomplete). Rebuild it.") from exc
+            if isinstance(exc, OSError):
+                raise StoreError(f"Cannot read the store at {folder}: {exc}. Rebuild it.") from exc
+            raise
+
+    @classmethod
+    def _load_generation(cls, folder: Path, m: dict, embedder: Optional[Embedder]) -> "PassageStore":
         paths = {k: folder / v for k, v in m["files"].items()}
         for k, p in paths.items():
-            if not p.exists():
-                if _read_manifest(folder)["generation"] != m["generation"]:
-                    raise _Raced()
-                raise StoreError(f"{p} is missing (the store at {folder} is incomplete). Rebuild it.")
             if _sha(p) != m["sha256"][k]:
-                if _read_manifest(folder)["generation"] != m["generation"]:
-                    raise _Raced()
                 raise StoreError(f"{p} is corrupt or truncated (checksum mismatch). Rebuild the store.")
         try:
             data = json.loads(paths["chunks"].read_text(encoding="utf-8"))

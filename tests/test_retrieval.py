@@ -156,6 +156,30 @@ def test_corrupt_store_names_the_file(tmp_path, real_embedder):
         PassageStore.load(tmp_path / "nowhere", real_embedder)
 
 
+def test_load_retries_when_a_writer_removes_a_file_between_the_manifest_and_its_read(tmp_path, monkeypatch,
+                                                                                    real_embedder):
+    import diekae_rag.retrievers.store as store_module
+    store = PassageStore(real_embedder)
+    store.add_vectors(np.eye(3, real_embedder.dim, dtype=np.float32),
+                      [{"doc_id": f"d{i}", "chunk_index": 0, "text": f"t{i}", "metadata": {}} for i in range(3)])
+    store.save(tmp_path / "s")
+    real_sha, calls = store_module._sha, []
+
+    def sha_racing_a_writer(path):
+        calls.append(path)
+        if len(calls) == 1:  # a writer saves the next generation and deletes this file, after it passed exists()
+            store.save(tmp_path / "s")
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return real_sha(path)
+    monkeypatch.setattr(store_module, "_sha", sha_racing_a_writer)
+    loaded = PassageStore.load(tmp_path / "s", real_embedder)
+    assert loaded.generation == store.generation and len(loaded) == 3
+    monkeypatch.setattr(store_module, "_sha", lambda path: (_ for _ in ()).throw(
+        FileNotFoundError(2, "No such file or directory", str(path))))
+    with pytest.raises(StoreError, match="missing"):  # no writer: the store really is incomplete
+        PassageStore.load(tmp_path / "s", real_embedder)
+
+
 def test_retrieved_distractors_are_the_questions_nearest_passages(tmp_path, monkeypatch, real_embedder):
     from diekae_rag.data.distractors import retrieved_distractors
     from diekae_rag.data.fictional import make_facts
