@@ -391,7 +391,7 @@ class DiekaeModel:
                           copy={"gate_no_answer": 1.0, "gate_ramp": 0.0})  # the gate off, so that the encoders' path runs too
         return self
 
-    def compile_decode(self, mode: Optional[str] = None, backend: str = "inductor", cache_block: int = 256
+    def compile_decode(self, mode: Optional[str] = None, backend: Optional[str] = "inductor", cache_block: int = 256
                        ) -> "DiekaeModel":
         """Run decode steps through ``torch.compile`` with a static KV cache (``mode``: default
         ``"reduce-overhead"``, CUDA graphs, on a GPU, and inductor's default on the CPU). The answers
