@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
@@ -203,6 +203,50 @@ def compiled_steps(decoder: nn.Module, batch_size: int) -> Iterator[None]:
             yield
         finally:
             _COMPILED.reset(token)
+
+
+def thread_safe_kernel_funcs() -> None:
+    """Let eager decoder calls run beside another thread's ``torch.compile``.
+
+    transformers' attention layers route through the ``kernels`` package's ``use_kernelized_func``,
+    whose context variable falls back to one shared global while ``torch.compiler.is_compiling()``
+    is true; that flag is process-wide, so an eager call in another thread took the fallback too,
+    and a reset could then meet the other path's token (``TypeError: expected an instance of
+    Token``). Here the fallback is taken only inside dynamo's own trace (``is_dynamo_compiling``,
+    as our MLP hooks do), and a reset follows the token it is given. Idempotent; a no-op without
+    ``kernels`` or where its variable has another shape."""
+    try:
+        from kernels import use_kernelized_func
+    except ImportError:
+        return
+    var = getattr(use_kernelized_func, "__globals__", {}).get("_ACTIVE_KERNEL_FUNCS")
+    if var is None or isinstance(var, _ThreadSafeFallback):
+        return
+    if not all(hasattr(var, a) for a in ("context_var", "global_var", "uses_global_var", "get", "set", "reset")):
+        return
+    var.__class__ = type("ThreadSafe" + type(var).__name__, (_ThreadSafeFallback, type(var)), {})
+
+
+class _ThreadSafeFallback:
+    """``kernels``' CompileableContextVar with its global fallback taken only inside dynamo's trace
+    (and, after a graph break, where the traced part left it set)."""
+
+    def get(self):
+        if torch.compiler.is_dynamo_compiling() or self.uses_global_var:
+            return self.global_var
+        return self.context_var.get()
+
+    def set(self, value):
+        if torch.compiler.is_dynamo_compiling():
+            previous, self.global_var, self.uses_global_var = self.global_var, value, True
+            return previous
+        return self.context_var.set(value)
+
+    def reset(self, token):
+        if not torch.compiler.is_dynamo_compiling() and isinstance(token, Token):
+            self.context_var.reset(token)
+        else:
+            self.global_var, self.uses_global_var = token, token is not None
 
 
 def install_hooks(decoder: nn.Module) -> None:

@@ -19,7 +19,7 @@ from .decoder import freeze, load_decoder
 from .defaults import DEFAULT_DECODER
 from .edit_scope import EditScopes
 from .encoder import DiekaeEncoder
-from .injection import Injection, compiled_steps, decoder_layers, injecting, install_hooks
+from .injection import Injection, compiled_steps, decoder_layers, injecting, install_hooks, thread_safe_kernel_funcs
 from .knowledge import Encoded, KnowledgeEncoding
 from .prompts import KnowledgeTruncatedWarning, Question, check_mode, check_question, clean_passages
 from .state_store import PassageStateStore
@@ -409,6 +409,7 @@ class DiekaeModel:
             mode = "reduce-overhead" if self.device.type == "cuda" else "default"
         cfg = CompileConfig(fullgraph=False, dynamic=False, backend=backend, mode=mode)
         cfg._compile_all_devices = True  # transformers compiles only on accelerators unless told
+        thread_safe_kernel_funcs()  # eager calls in other threads may run while this one compiles
         self.decode_compile, self.cache_block = cfg, cache_block
         return self
 
