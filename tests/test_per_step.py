@@ -435,6 +435,26 @@ def test_answer_pieces_have_a_slot_with_each_key():
     assert memory.ids[0, -2:].tolist() == [tid("x")] * 2 and memory.valid[0, -2:].all()
 
 
+def test_a_piece_keeps_its_second_slot_where_the_piece_before_it_has_one():
+    """Continuation follows each block's own chain, so a piece whose two keys are the same still gets a
+    slot in the second block after a piece that has one there (a copy that went on along the second
+    block's keys goes on), and none after a piece that has none."""
+    model = _per_step_model(isolation=True, match=True, first_unspaced=True, answer_pieces=True)
+    model.knowledge.passage_cache.max_segments = 0
+    tid = model.tokenizer.convert_tokens_to_ids
+    prompts, passages = model.prepare(Q[:1], K[:1], "diekae")
+    for first_after, second_kept in ((3, True), (1, False)):  # the first piece's keys differ / are the same
+        model.knowledge.passage_tokens.word_pieces = lambda text, classes: [
+            Piece(tid("x"), tid("q"), 1, first_after, 0, 1), Piece(tid("z"), tid("x"), 2, 2, 0, 2)]
+        with torch.no_grad():
+            memory = model.knowledge.encode(model.encoder, prompts, passages, copy=model.copy).readout.memory
+        cover, second = slice(-4, -2), slice(-2, None)  # the two blocks of two pieces each
+        assert memory.valid[0, cover].all()
+        assert memory.valid[0, second].tolist() == [first_after != 1, second_kept]
+        width = memory.width
+        assert memory.predecessors()[0, -1] == width - 2 and memory.predecessors()[0, -3] == width - 4
+
+
 def test_whitened_values_raise_the_copied_token_alone_and_decode_steps_still_equal_a_re_encode():
     """A whitened value row gives its token the raw row's logit boost through the final norm and the
     output layer, and that token is the top logit when the row is all there is; every knowledge path

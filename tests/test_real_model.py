@@ -157,6 +157,22 @@ def test_answer_pieces_continue_a_name_written_as_an_answer_starts_it(real_model
     assert real_model.score(q, a, [k]) < without - 0.2
 
 
+def test_a_name_whose_answer_pieces_never_meet_the_passage_goes_on_to_its_next_word(real_model):
+    """" Orsen Tharvik" is ` Or|sen Th|arv|ik` in a passage but "Orsen" starts an answer as `O|rs|en`, which
+    never meets the passage's tokens: the passage's " Th" follows "sen", not "en". A piece for " Th" after
+    "en" lets the copy go on to the surname, where it stopped at "Orsen"."""
+    from diekae_rag.copy.pieces import word_pieces
+    tok = real_model.tokenizer
+    text = "Calgra is a town in Drisland. Calgra was founded in 1432 by Orsen Tharvik, a salt merchant."
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    word = [tok.decode([t]) for t in enc["input_ids"]].index(" Or")
+    pieces = [(tok.decode([x.id]), tok.decode([x.prev]), tok.decode([enc["input_ids"][x.cover]]))
+              for x in word_pieces(tok, text, enc["offset_mapping"], enc["input_ids"], real_model.knowledge.classes)
+              if x.word == word]
+    assert pieces == [("rs", "O", " Or"), ("en", "rs", "sen"), (" Th", "en", " Th")], pieces
+    assert "Orsen Tharvik" in real_model.generate("Who founded Calgra?", [text], max_new_tokens=12)
+
+
 def test_whitened_values_make_the_copied_token_the_top_logit_on_smollm2(real_model):
     """On the real SmolLM2 (tied embeddings, a non-uniform final norm), a raw output-embedding row added
     alone makes another token the top logit for most tokens (" Sask" -> " tempfile"); its whitened row

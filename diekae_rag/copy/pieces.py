@@ -4,7 +4,8 @@ A passage holds " Ithpelith" as ` Ith|pel|ith`, but an answer starts it as `I|th
 first piece differs, and "th" is no passage token, so after writing "I" the copy has nowhere to
 continue. For every word whose answer-start tokenisation differs from the passage's, this adds
 slots for its later pieces ("th", "pel"; "ith" after "pel" is already a passage slot) until the
-pieces meet the passage's own tokens again. Each piece has two slots, one with the key of the
+pieces meet the passage's own tokens again, or, where they never do, one more slot for the passage
+token after the word (:func:`bridge`), so the copy goes on to the next word. Each piece has two slots, one with the key of the
 passage token covering its first character and one with the key made where the copy has reached
 (the slot after the token holding the previous piece's last character); it carries the match
 class of the piece before it, so the token match continues the copy along them, and continues the
@@ -59,7 +60,7 @@ def word_pieces(tokenizer, text: str, spans: Sequence[tuple[int, int]], ids: Seq
     enc = encode_many(tokenizer, [text[w0:w1] for _, w0, w1 in starts])
     ends = {b: t for t, (_, b) in enumerate(spans)}  # passage token by the character it ends at
     out = []
-    for (s, w0, _), (alt, offs) in zip(starts, enc):
+    for (s, w0, w1), (alt, offs) in zip(starts, enc):
         if len(alt) < 2 or alt[0] == int(classes[ids[s]]):
             continue
 
@@ -78,7 +79,20 @@ def word_pieces(tokenizer, text: str, spans: Sequence[tuple[int, int]], ids: Seq
             while t + 1 < len(spans) and spans[t + 1][0] <= c:
                 t += 1
             out.append(Piece(alt[j], alt[j - 1], t, after, s, j))
+        else:
+            if len(alt) <= MAX_PIECES:
+                out += bridge(alt, ends.get(w1), ids, classes, s)
     return out
+
+
+def bridge(alt: Sequence[int], last: "int | None", ids: Sequence[int], classes: torch.Tensor, word: int) -> list[Piece]:
+    """The passage's token after a word, as a piece after the word's last answer piece, where that piece
+    is not the passage's own last piece of the word (" Or|sen Th|arv|ik" written as "O|rs|en": the
+    passage's " Th" follows "sen", not "en", so without it the copy would stop at "Orsen"). ``last``: the
+    passage token where the word ends (None where none ends there)."""
+    if last is None or last + 1 >= len(ids) or int(classes[ids[last]]) == int(classes[alt[-1]]):
+        return []
+    return [Piece(ids[last + 1], alt[-1], last + 1, last + 1, word, len(alt))]
 
 
 class PassageTokens:
@@ -127,21 +141,29 @@ def add_answer_pieces(memory: CopyMemory, tokens: PassageTokens, classes: torch.
                       value_rows: Callable[[torch.Tensor], torch.Tensor], passages: Sequence[Sequence[str]],
                       layout: KnowledgeLayout) -> CopyMemory:
     """``memory`` with each item's answer pieces appended (padded with invalid slots to the longest
-    item), in two blocks: the pieces with the covering token's key, then, where it differs, with the
-    key of the slot after the previous piece's end."""
+    item), in two blocks: the pieces with the covering token's key, then with the key of the slot
+    after the previous piece's end, where that differs or where the piece before it has a slot in
+    this block (so that a copy that went on along this block's keys can go on: continuation follows
+    each block's own chain)."""
     dev = memory.keys.device
     per_item = []
     for ps, per in zip(passages, layout.items):
-        slots = []  # (piece id, previous piece id, covering slot, slot after the previous piece's end, first-copy slot or -1)
+        # (piece id, previous piece id, covering slot, slot after the previous piece's end, first-copy slot or -1,
+        #  1 where the piece has its slot in the second block)
+        slots: list[tuple[int, ...]] = []
         for p, (start, spans) in zip(ps, per):  # spans: the tokens kept (a cut passage keeps its head)
-            slots += [(x.id, x.prev, start + x.cover, start + (x.after if x.after < len(spans) else x.cover),
-                       start + x.word if x.j == 1 else -1)
-                      for x in tokens.word_pieces(p, classes) if x.cover < len(spans)]
+            for x in tokens.word_pieces(p, classes):
+                if x.cover >= len(spans):
+                    continue
+                after = x.after if x.after < len(spans) else x.cover
+                second = after != x.cover or (x.j > 1 and bool(slots) and slots[-1][5] == 1)
+                slots.append((x.id, x.prev, start + x.cover, start + after, start + x.word if x.j == 1 else -1,
+                              int(second)))
         per_item.append(slots)
     V = max((len(s) for s in per_item), default=0)
     if V == 0:
         return memory
-    table = torch.full((len(per_item), V, 5), -1, dtype=torch.long, device=dev)
+    table = torch.full((len(per_item), V, 6), -1, dtype=torch.long, device=dev)
     for b, slots in enumerate(per_item):
         if slots:
             table[b, :len(slots)] = torch.tensor(slots, device=dev)
@@ -154,4 +176,4 @@ def add_answer_pieces(memory: CopyMemory, tokens: PassageTokens, classes: torch.
         # A piece continues the first copy (j = 1) or the piece before it, the slot before it in this block.
         at = memory.width + torch.arange(V, device=dev)[None]
         return append_slots(memory, values, pid, src, valid, prev, torch.where(first >= 0, first, at - 1))
-    return block(block(memory, cover, valid), after, valid & (after != cover))
+    return block(block(memory, cover, valid), after, valid & (table[..., 5] == 1))
