@@ -7,8 +7,11 @@ decoder. How the stock response modes behave:
 
 - ``compact`` (default) / ``simple_summarize``: all retrieved chunks packed into one
   ``context_str`` -> one DIEKÆ call whose passages are that text's blank-line-separated blocks.
-- ``refine``: the first chunk answers the question; each later chunk is knowledge for a call
-  whose decoder question is the query plus the existing answer.
+- ``refine`` (and ``compact`` when the chunks fill more than one call): the first chunk answers
+  the question; each later chunk is knowledge for a call whose decoder question is the query plus
+  the existing answer. Where the copy gate finds that the later chunk does not answer, the
+  existing answer is kept, as the refine template asks ("If the context isn't useful, return the
+  original answer").
 - ``tree_summarize``: each packed chunk is answered with DIEKÆ; the answers then become the
   knowledge for the final call.
 
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from typing import Any, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.base.llms.generic_utils import (astream_completion_response_to_chat_response,
@@ -57,11 +60,20 @@ _BLANK_LINES = re.compile(r"\n\s*\n")
 TOKENS_PER_LLAMAINDEX_TOKEN = 1.3
 
 
-def split_prompt_args(prompt: BasePromptTemplate, prompt_args: dict) -> tuple[Optional[Question], list[str]]:
-    """(decoder question, knowledge passages) from a template's partial and call arguments.
+class TemplateCall(NamedTuple):
+    """What a template call gives DIEKÆ: the decoder's question, the passages for the encoders, and
+    a refine call's existing answer."""
+    question: Optional[Question]
+    knowledge: list[str]
+    existing_answer: Optional[str] = None
+
+
+def split_prompt_args(prompt: BasePromptTemplate, prompt_args: dict) -> TemplateCall:
+    """(decoder question, knowledge passages, existing answer) from a template's partial and call
+    arguments.
 
     The question is a conversation (chat turns) when a chat template carries earlier turns, as a
-    chat engine's does. Returns ``(None, [])`` when the template carries no retrieved context.
+    chat engine's does. Returns ``(None, [], None)`` when the template carries no retrieved context.
     """
     args = {**getattr(prompt, "kwargs", {}), **prompt_args}
     context: list[str] = []
@@ -71,16 +83,17 @@ def split_prompt_args(prompt: BasePromptTemplate, prompt_args: dict) -> tuple[Op
             if isinstance(text, str):  # simple_summarize passes a list of (truncated) chunks
                 context += [p.strip() for p in _BLANK_LINES.split(text) if p.strip()]
     if not any(k in args for k in _CONTEXT_KEYS):
-        return None, []
+        return TemplateCall(None, [])
     blank = {**prompt_args, **{k: "" for k in _CONTEXT_KEYS}}
     question = args.get("query_str") or prompt.format(**blank)
-    if args.get("existing_answer"):
-        question = f"{question}\n(An earlier answer was: {args['existing_answer'].strip()})"
+    existing = (args.get("existing_answer") or "").strip() or None
+    if existing:
+        question = f"{question}\n(An earlier answer was: {existing})"
     if isinstance(prompt, ChatPromptTemplate):  # earlier turns stay turns; system messages carry the context
         turns = chat_turns(prompt.format_messages(**blank))
         if len(turns) > 1 and turns[-1]["role"] == "user":
-            return turns[:-1] + [{"role": "user", "content": question}], context
-    return question, context
+            return TemplateCall(turns[:-1] + [{"role": "user", "content": question}], context, existing)
+    return TemplateCall(question, context, existing)
 
 
 def chat_turns(messages: Sequence[ChatMessage]) -> list[dict]:
@@ -195,28 +208,44 @@ class DiekaeLLM(CustomLLM):
             self._apieces(chat_turns(messages), kwargs.pop("knowledge", None)))
 
     # -- template calls from query and chat engines: context -> encoders, the rest -> decoder ----
+    def _kept_answer(self, call: TemplateCall) -> Optional[str]:
+        """A refine call's existing answer where the copy gate closes on the new context (it does not
+        answer the question), else None: the call is answered."""
+        if call.existing_answer is None or not call.knowledge or self.mode != "diekae":
+            return None
+        copy = copy_overrides(self.copy_settings, self.on_no_answer)
+        return None if self._model.gate([call.question], [call.knowledge], copy=copy)[0] else call.existing_answer
+
     def predict(self, prompt: BasePromptTemplate, **prompt_args: Any) -> str:
-        question, knowledge = split_prompt_args(prompt, prompt_args)
-        if question is None:
+        call = split_prompt_args(prompt, prompt_args)
+        if call.question is None:
             return super().predict(prompt, **prompt_args)
-        return self._answer(question, knowledge).text
+        kept = self._kept_answer(call)
+        return kept if kept is not None else self._answer(call.question, call.knowledge).text
 
     def stream(self, prompt: BasePromptTemplate, **prompt_args: Any) -> TokenGen:
-        question, knowledge = split_prompt_args(prompt, prompt_args)
-        if question is None:
+        call = split_prompt_args(prompt, prompt_args)
+        if call.question is None:
             return super().stream(prompt, **prompt_args)
-        return (r.delta for r in self._pieces(question, knowledge) if r.delta)
+        kept = self._kept_answer(call)
+        if kept is not None:
+            return iter([kept])
+        return (r.delta for r in self._pieces(call.question, call.knowledge) if r.delta)
 
     async def apredict(self, prompt: BasePromptTemplate, **prompt_args: Any) -> str:
         return await asyncio.to_thread(self.predict, prompt, **prompt_args)
 
     async def astream(self, prompt: BasePromptTemplate, **prompt_args: Any) -> TokenAsyncGen:
-        question, knowledge = split_prompt_args(prompt, prompt_args)
-        if question is None:
+        call = split_prompt_args(prompt, prompt_args)
+        if call.question is None:
             return await super().astream(prompt, **prompt_args)
+        kept = await asyncio.to_thread(self._kept_answer, call)
 
         async def deltas() -> TokenAsyncGen:
-            async for r in self._apieces(question, knowledge):
+            if kept is not None:
+                yield kept
+                return
+            async for r in self._apieces(call.question, call.knowledge):
                 if r.delta:
                     yield r.delta
         return deltas()

@@ -75,6 +75,33 @@ def test_llamaindex_query_engine_response_modes(real_model, real_embedder, respo
         assert len(knowledge[0]) >= 2 and not any("\n\n" in p for p in knowledge[0]), knowledge[0]
 
 
+def test_llamaindex_refine_keeps_the_existing_answer_where_the_new_context_does_not_answer(real_model):
+    """A refine call (``refine``, or ``compact`` over more than one call) whose new context the copy gate
+    closes on returns the existing answer, as the refine template asks, in every call form; one whose
+    context answers is answered by DIEKAE with that context."""
+    from llama_index.core.prompts.default_prompts import DEFAULT_REFINE_PROMPT
+    from diekae_rag.integrations.llamaindex import DiekaeLLM, split_prompt_args
+
+    async def collect(gen):
+        return "".join([d async for d in await gen])
+
+    llm = DiekaeLLM(model=real_model, max_new_tokens=NEW)
+    existing = "Ithpelith, a weaver from Calgra."
+    off_topic = "The Thornvale line crosses the river Velm on the Hundred Arch Bridge."
+    args = dict(query_str=QUESTION, existing_answer=existing, context_msg=off_topic)
+    call = split_prompt_args(DEFAULT_REFINE_PROMPT, args)
+    assert call.existing_answer == existing and call.knowledge == [off_topic]
+    assert real_model.gate([call.question], [call.knowledge]) == [False]
+    assert llm.predict(DEFAULT_REFINE_PROMPT, **args) == existing
+    assert "".join(llm.stream(DEFAULT_REFINE_PROMPT, **args)) == existing
+    assert asyncio.run(collect(llm.astream(DEFAULT_REFINE_PROMPT, **args))) == existing
+    answering = {**args, "context_msg": "Marsul is married to Ithpelith."}
+    call = split_prompt_args(DEFAULT_REFINE_PROMPT, answering)
+    assert real_model.gate([call.question], [call.knowledge]) == [True]
+    assert llm.predict(DEFAULT_REFINE_PROMPT, **answering) == real_model.generate(
+        call.question, call.knowledge, max_new_tokens=NEW)
+
+
 def test_llamaindex_synthesizer_gets_each_node_as_a_passage(real_model, store):
     from llama_index.core.query_engine import RetrieverQueryEngine
     from diekae_rag.integrations.llamaindex import DiekaeStoreRetriever, DiekaeSynthesizer
