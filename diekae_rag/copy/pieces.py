@@ -15,7 +15,7 @@ first copy or the piece before it. They are never chosen for the first copy.
 from __future__ import annotations
 
 import re
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -79,13 +79,13 @@ def word_pieces(tokenizer, text: str, spans: Sequence[tuple[int, int]], ids: Seq
             while t + 1 < len(spans) and spans[t + 1][0] <= c:
                 t += 1
             out.append(Piece(alt[j], alt[j - 1], t, after, s, j))
-        else:
+        else:  # the pieces never met the passage's tokens (a word past MAX_PIECES is left to them)
             if len(alt) <= MAX_PIECES:
                 out += bridge(alt, ends.get(w1), ids, classes, s)
     return out
 
 
-def bridge(alt: Sequence[int], last: "int | None", ids: Sequence[int], classes: torch.Tensor, word: int) -> list[Piece]:
+def bridge(alt: Sequence[int], last: Optional[int], ids: Sequence[int], classes: torch.Tensor, word: int) -> list[Piece]:
     """The passage's token after a word, as a piece after the word's last answer piece, where that piece
     is not the passage's own last piece of the word (" Or|sen Th|arv|ik" written as "O|rs|en": the
     passage's " Th" follows "sen", not "en", so without it the copy would stop at "Orsen"). ``last``: the
