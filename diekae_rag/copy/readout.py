@@ -9,7 +9,7 @@ import torch
 from .config import CopyConfig
 from .head import CopyHead
 from .memory import CopyMemory
-from .score import continuation, copy_attention, copy_scores
+from .score import continued_attention, copy_attention, copy_scores
 from .values import ValueRows
 
 
@@ -48,12 +48,9 @@ class CopyReadout:
         null = head.null_scores(q)
         attn = copy_attention(scores, null, copy.sharpness)
         if copy.continue_bonus:
-            cont = continuation(attn, self.last_attention, mem.predecessors(), match, first_positions)
-            if states.shape[1]:
-                self.last_attention = attn.mean(1)[:, -1]
-            # in float32: a bonus of hundreds would leave bf16 scores a resolution of several units
-            attn = copy_attention(scores.float() + (copy.continue_bonus * cont)[:, None], null.float(),
-                                  copy.sharpness).to(q.dtype)
+            attn, self.last_attention = continued_attention(scores, null, attn, copy, self.last_attention,
+                                                            mem.predecessors(), match, first_positions)
+            attn = attn.to(q.dtype)
         self.last_class = classes[:, -1] if classes.shape[1] else self.last_class
         self.attention = attn
         mixed = torch.einsum("bhts,h->bts", attn, head.gain.to(q.dtype) * copy.gain_scale)  # heads first

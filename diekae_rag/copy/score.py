@@ -28,7 +28,7 @@ def copy_scores(q: torch.Tensor, memory: CopyMemory, query_classes: torch.Tensor
                  (-inf where slot j is not valid)
 
     where ``M[t,j] = [class(x[t]) = prev[j]]``: the token before slot ``j`` is the one just written,
-    so a copy continues where it is. :func:`continuation` adds one more term after a first softmax,
+    so a copy continues where it is. :func:`continued_attention` adds one more term after a first softmax,
     and :func:`copy_attention` turns scores into attention (with the "nothing" slot and sharpness).
     """
     scores = key_term(q, memory.keys)
@@ -80,6 +80,18 @@ def copy_attention(scores: torch.Tensor, null: torch.Tensor, sharpness: float) -
     """(B, h, T, S): softmax over the slots and the "nothing" slot (left out of the result), with
     every score multiplied by ``sharpness`` first."""
     return torch.softmax(torch.cat([scores, null], -1) * sharpness, -1)[..., :-1]
+
+
+def continued_attention(scores: torch.Tensor, null: torch.Tensor, attention: torch.Tensor, copy: CopyConfig,
+                        last: Optional[torch.Tensor], pred: torch.Tensor, match: torch.Tensor,
+                        first_positions: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(B, h, T, S) float32: ``attention`` read again with :func:`continuation`'s term added (times
+    ``copy.continue_bonus``), and what the next call continues from: the last position's attention
+    before continuation, heads averaged (``last`` where there are no positions)."""
+    cont = continuation(attention, last, pred, match, first_positions)
+    # in float32: a bonus of hundreds would leave bf16 scores a resolution of several units
+    out = copy_attention(scores.float() + (copy.continue_bonus * cont)[:, None], null.float(), copy.sharpness)
+    return out, attention.mean(1)[:, -1] if attention.shape[2] else last
 
 
 def continuation(attention: torch.Tensor, last: Optional[torch.Tensor], pred: torch.Tensor, match: torch.Tensor,
