@@ -5,11 +5,12 @@ first piece differs, and "th" is no passage token, so after writing "I" the copy
 continue. For every word whose answer-start tokenisation differs from the passage's, this adds
 slots for its later pieces ("th", "pel"; "ith" after "pel" is already a passage slot) until the
 pieces meet the passage's own tokens again, or, where they never do, one more slot for the passage
-token after the word (:func:`bridge`), so the copy goes on to the next word. Each piece has two slots, one with the key of the
-passage token covering its first character and one with the key made where the copy has reached
-(the slot after the token holding the previous piece's last character); it carries the match
-class of the piece before it, so the token match continues the copy along them, and continues the
-first copy or the piece before it. They are never chosen for the first copy.
+token after the word (:func:`bridge`), so the copy goes on to the next word. Each piece has two
+slots, one with the key of the passage token covering its first character and one with the key
+made where the copy has reached (the slot after the token holding the previous piece's last
+character); it carries the match class of the piece before it, so the token match continues the
+copy along them, and continues the first copy or the piece before it. They are never chosen for
+the first copy.
 """
 
 from __future__ import annotations
