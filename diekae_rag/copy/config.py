@@ -60,7 +60,7 @@ class CopyConfig:
     bigram_bonus: float = 3.0
     continue_bonus: float = 1024.0
     passage_prior: float = 30.0
-    reader_weight: float = 1.0
+    reader_weight: float = 4.0
     first_unspaced: bool = True
     answer_pieces: bool = True
     whitened_values: bool = True
