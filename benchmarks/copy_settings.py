@@ -7,7 +7,9 @@ row, scored like ``diekae-rag eval`` (preference, greedy contains-answer accurac
 ``loops``: the share of answers that repeat a word of four or more letters, i.e. that run on) on
 dev items that are not the eval sets: fictional items built like training data from another seed
 (as ``match_probe.py``) at k=1 and k=5 (random distractors), and SQuAD-Shifts training items at
-k=1. ``--negatives`` adds the dev halves of the negative sets (``closed_book`` dev and
+k=1. ``--multi`` adds fictional passages that hold one to three other facts of the same subject
+at k=3 (the reader's multi-fact dev set, another seed), where the choice of where the copy starts is
+harder. ``--negatives`` adds the dev halves of the negative sets (``closed_book`` dev and
 ``unanswerable`` dev: accuracy, copy rate and the share the copy gate closes on), for settings
 that should step aside where the passages do not answer. Writes
 benchmarks/results/copy_settings.json unless ``--out`` says otherwise.
@@ -43,6 +45,7 @@ def main() -> None:
     ap.add_argument("checkpoint", nargs="?", default=None)
     ap.add_argument("--grid", nargs="+", required=True)
     ap.add_argument("--n", type=int, default=96)
+    ap.add_argument("--multi", action="store_true", help="also fictional passages with 1-3 other facts, k=3")
     ap.add_argument("--negatives", action="store_true", help="also the dev halves of closed_book and unanswerable")
     ap.add_argument("--reader-dtype", choices=["float32", "bfloat16"], default=None,
                     help="the answer-start reader's dtype (default: the one it serves in here)")
@@ -59,6 +62,8 @@ def main() -> None:
         "squad_train_k1": DataSpec(fictional=0, squad=args.n, k=1, seed=999).build(),
         "fictional_k5": DataSpec(fictional=args.n, k=5, seed=999).build(),
     }
+    if args.multi:
+        sets["fictional_multi_k3"] = DataSpec(fictional=args.n, other_facts=(1, 3), k=3, seed=999).build()
     negatives = {"closed_book_dev": closed_book("dev"), "unanswerable_dev": unanswerable("dev", args.n)} \
         if args.negatives else {}
     rows = []
