@@ -161,6 +161,45 @@ def test_reader_bias_steers_only_the_first_copy_to_where_the_reader_says():
         model.generate(Q[0], K[0], max_new_tokens=2)
 
 
+def test_first_key_scale_lets_the_reader_choose_the_first_copy_over_strong_keys():
+    """Keys made 300 times larger outweigh a reader weight of 2 at the first copy (as the trained keys,
+    two-valued at about +80 / -65, do); with ``first_key_scale`` 0 the first copy goes where the reader
+    says, with no share for the "nothing" slot. Only the first position changes, and decode steps still
+    equal a full re-encode."""
+    model = _per_step_model(isolation=True, match=True)
+    model.knowledge.passage_cache.max_segments = 0
+    with torch.no_grad():
+        model.encoder.copy_head.k.weight.mul_(300.0)
+    model.answer_reader = MarkStart("Ithpelith", "north")
+    marked = ["Ithpelith", "north"]
+
+    def first_copies(scale):
+        model.copy = model.copy.replace(reader_weight=2.0, first_key_scale=scale)
+        attn, ids = _first_attention(model)
+        heads = model.encoder.copy_head.heads
+        return [model.tokenizer.decode(ids[b, int(attn[b].argmax()): int(attn[b].argmax()) + len(w)])
+                for b, w in enumerate(marked)], attn.sum(-1) / heads
+
+    keyed, _ = first_copies(1.0)
+    assert keyed != marked
+    read, mass = first_copies(0.0)
+    assert read == marked
+    torch.testing.assert_close(mass, torch.ones_like(mass))  # no share left to "nothing"
+
+    runs = {}
+    for scale in (1.0, 0.0):
+        model.copy = model.copy.replace(reader_weight=2.0, first_key_scale=scale, continue_bonus=0.0)
+        runs[scale], firsts = _first_position_rows(model)
+
+    def moved(off, on):
+        assert (on - off).abs().max() > 1e-3
+    _assert_only_first_rows_differ(runs[1.0], runs[0.0], firsts, moved)
+    model.copy = model.copy.replace(reader_weight=2.0, first_key_scale=0.0)
+    assert_decode_rows_equal_reencode(model)
+    with pytest.raises(ValueError, match="first_key_scale must be 0"):
+        model.copy.replace(first_key_scale=-1.0)
+
+
 def test_ship_writes_the_reader_with_the_encoders(reader, tmp_path, capsys):
     from diekae_rag.checkpoint import read_copy_config
     from diekae_rag.cli import main

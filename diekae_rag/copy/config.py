@@ -32,6 +32,9 @@ class CopyConfig:
     ``gain_scale``: the learned per-head gain is multiplied by this. ``sharpness``: every score,
     the "nothing" slot's too, is multiplied by this before the softmax. ``first_gain``: the copy
     at the position that predicts the answer's first token is multiplied by this.
+    ``first_key_scale``: at that position the pointer's query, so its key scores and the "nothing"
+    slot's, is multiplied by this (the keys come from each passage alone and cannot read the
+    question; below 1 the passage prior and the answer-start reader weigh more in the first copy).
     ``bigram_bonus``: added where the two tokens before a slot equal the last two written.
     ``continue_bonus``: times the attention the previous position gave the slot a slot continues.
     ``passage_prior``: strength of the question-passage cosine prior (0: off). ``reader_weight``:
@@ -57,6 +60,7 @@ class CopyConfig:
     gain_scale: float = 140.0
     sharpness: float = 2.0
     first_gain: float = 1.4
+    first_key_scale: float = 1.0
     bigram_bonus: float = 3.0
     continue_bonus: float = 1024.0
     passage_prior: float = 30.0
@@ -76,7 +80,7 @@ class CopyConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 raise ValueError(f"CopyConfig.{name} must be a positive number, got {value!r}.")
-        for name in ("bigram_bonus", "continue_bonus", "passage_prior", "reader_weight"):
+        for name in ("first_key_scale", "bigram_bonus", "continue_bonus", "passage_prior", "reader_weight"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
                 raise ValueError(f"CopyConfig.{name} must be 0 (off) or a positive number, got {value!r}.")

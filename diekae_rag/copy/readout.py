@@ -9,7 +9,7 @@ import torch
 from .config import CopyConfig
 from .head import CopyHead
 from .memory import CopyMemory
-from .score import continued_attention, copy_attention, copy_scores
+from .score import continued_attention, copy_attention, copy_scores, key_term
 from .values import ValueRows
 
 
@@ -46,6 +46,8 @@ class CopyReadout:
         match_weight = head.match_weight if head.has_match else None
         scores, match = copy_scores(q, mem, classes, prev_class, match_weight, self.match_scale, copy, first_positions)
         null = head.null_scores(q)
+        if first_positions is not None and copy.first_key_scale != 1.0:
+            scores, null = self._first_from_the_reader(q, scores, null, first_positions)
         attn = copy_attention(scores, null, copy.sharpness)
         if copy.continue_bonus:
             attn, self.last_attention = continued_attention(scores, null, attn, copy, self.last_attention,
@@ -62,6 +64,19 @@ class CopyReadout:
                 out = scale_at(out, first_positions, copy.first_gain)
         return out
 
+    def _first_from_the_reader(self, q: torch.Tensor, scores: torch.Tensor, null: torch.Tensor,
+                               first_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``scores`` and ``null`` with each item's first position changed as ``first_key_scale`` asks: the
+        key term scaled (the keys read each passage alone; the reader and the prior read the question)
+        and the "nothing" slot out of the choice (whether the passages answer is the gate's question)."""
+        key = key_term(q, self.memory.keys)
+        scaled = scores + (self.copy.first_key_scale - 1.0) * key
+        T = scores.shape[2]
+        at = (torch.arange(T, device=q.device)[None] == first_positions[:, None]) & self.memory.valid.any(1)[:, None]
+        scores = torch.where(at[:, None, :, None], scaled, scores)
+        null = null.masked_fill(at[:, None, :, None], float("-inf"))
+        return scores, null
+
     def _unspaced_first(self, out: torch.Tensor, mixed: torch.Tensor, first_positions: torch.Tensor) -> torch.Tensor:
         """``out`` with each item's first-position row written from the first pieces (``memory.first_ids``
         where >= 0) or else the slots' space-less variants (their match class: " Ithp" -> "Ithp")."""
@@ -77,6 +92,7 @@ class CopyReadout:
 
 
 def scale_at(rows: torch.Tensor, positions: torch.Tensor, factor: float) -> torch.Tensor:
-    """``rows`` (B, T, hidden) with row ``positions[b]`` of each item multiplied by ``factor``."""
+    """``rows`` (B, T, ...) with row ``positions[b]`` of each item multiplied by ``factor``."""
     at = torch.arange(rows.shape[1], device=rows.device)[None, :] == positions[:, None]
-    return rows * torch.where(at, factor, 1.0)[..., None].to(rows.dtype)
+    factors = torch.where(at, factor, 1.0).to(rows.dtype)
+    return rows * factors.reshape(*factors.shape, *([1] * (rows.dim() - 2)))
