@@ -164,8 +164,8 @@ def test_reader_bias_steers_only_the_first_copy_to_where_the_reader_says():
 def test_first_key_scale_lets_the_reader_choose_the_first_copy_over_strong_keys():
     """Keys made 300 times larger outweigh a reader weight of 2 at the first copy (as the trained keys,
     two-valued at about +80 / -65, do); with ``first_key_scale`` 0 the first copy goes where the reader
-    says, with no share for the "nothing" slot. Only the first position changes, and decode steps still
-    equal a full re-encode."""
+    says, with no share for the "nothing" slot. Only the first position changes, decode steps still
+    equal a full re-encode, and without the reader the scale changes nothing."""
     model = _per_step_model(isolation=True, match=True)
     model.knowledge.passage_cache.max_segments = 0
     with torch.no_grad():
@@ -196,6 +196,13 @@ def test_first_key_scale_lets_the_reader_choose_the_first_copy_over_strong_keys(
     _assert_only_first_rows_differ(runs[1.0], runs[0.0], firsts, moved)
     model.copy = model.copy.replace(reader_weight=2.0, first_key_scale=0.0)
     assert_decode_rows_equal_reencode(model)
+    model.answer_reader = None  # without the reader, the keys choose the first copy whatever the scale
+    without = []
+    for scale in (1.0, 0.0):
+        model.copy = model.copy.replace(reader_weight=0.0, first_key_scale=scale)
+        without.append(_first_position_rows(model)[0])
+    for rows1, rows0 in zip(*without):
+        torch.testing.assert_close(rows0, rows1)
     with pytest.raises(ValueError, match="first_key_scale must be 0"):
         model.copy.replace(first_key_scale=-1.0)
 

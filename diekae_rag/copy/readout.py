@@ -46,7 +46,8 @@ class CopyReadout:
         match_weight = head.match_weight if head.has_match else None
         scores, match = copy_scores(q, mem, classes, prev_class, match_weight, self.match_scale, copy, first_positions)
         null = head.null_scores(q)
-        if first_positions is not None and copy.first_key_scale != 1.0:
+        reader_first = copy.first_key_scale != 1.0 and copy.reader_weight and mem.first_bias is not None
+        if first_positions is not None and reader_first:
             scores, null = self._first_from_the_reader(q, scores, null, first_positions)
         attn = copy_attention(scores, null, copy.sharpness)
         if copy.continue_bonus:
