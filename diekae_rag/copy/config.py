@@ -62,7 +62,7 @@ class CopyConfig:
     gain_scale: float = 140.0
     sharpness: float = 2.0
     first_gain: float = 1.4
-    first_key_scale: float = 1.0
+    first_key_scale: float = 0.0
     bigram_bonus: float = 3.0
     continue_bonus: float = 1024.0
     passage_prior: float = 30.0
@@ -126,8 +126,8 @@ class CopyConfig:
     @classmethod
     def plain(cls) -> "CopyConfig":
         """The readout as trained: learned scores only, no serving-time term."""
-        return cls(gain_scale=100.0, sharpness=1.0, first_gain=1.0, bigram_bonus=0.0, continue_bonus=0.0,
-                   passage_prior=0.0, reader_weight=0.0, first_unspaced=False, answer_pieces=False,
+        return cls(gain_scale=100.0, sharpness=1.0, first_gain=1.0, first_key_scale=1.0, bigram_bonus=0.0,
+                   continue_bonus=0.0, passage_prior=0.0, reader_weight=0.0, first_unspaced=False, answer_pieces=False,
                    whitened_values=False, gate_no_answer=1.0, gate_ramp=0.0, question_turns=1)
 
     def replace(self, **changes: Any) -> "CopyConfig":
