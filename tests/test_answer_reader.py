@@ -50,6 +50,19 @@ def test_reader_windows_cover_a_long_passage_and_log_probs_are_normalised(reader
     assert long.index("Word30") in lps[0] and 21 in lps[1]  # "Ithpelith" starts at character 21
 
 
+def test_reader_reads_markdown_without_its_markup_and_offsets_still_point_into_the_text(reader):
+    """Heading, list and quote markers and emphasis asterisks are blanked (same length), so the reader
+    reads "# Calgra" as "  Calgra" and its character offsets are the original text's; other text is kept."""
+    from diekae_rag.answer_reader import without_markup
+    text = "# Calgra\n\nThe river **Velm** flows.\n- Pop: 48,200\n> quoted\nC# and 2*3 and #tag"
+    plain = without_markup(text)
+    assert plain == "  Calgra\n\nThe river   Velm   flows.\n  Pop: 48,200\n  quoted\nC# and 2 3 and #tag"
+    question = "What river flows through Calgra?"
+    marked, blank = reader.char_log_probs(question, [text]), reader.char_log_probs(question, [plain])
+    assert marked == blank
+    assert text.index("Velm") in marked[0] and text.index("#") not in marked[0]
+
+
 def test_reader_checkpoint_round_trip_and_clear_error(reader, tmp_path):
     with torch.no_grad():
         reader.head.bias.fill_(0.25)

@@ -139,6 +139,15 @@ def test_shipped_reader_finds_where_each_answer_starts(real_model):
     assert int(pieces[at]) == real_model.tokenizer("Ithpelith", add_special_tokens=False)["input_ids"][0]
 
 
+def test_the_reader_does_not_start_an_answer_at_a_markdown_heading(real_model):
+    """Over a markdown document the shipped reader put 0.52 on the "#" of its heading for "Who founded
+    the Thornvale Railway Company?"; read without the markup, its best start is the founder."""
+    text = (ROOT / "examples" / "docs" / "thornvale_railway.md").read_text(encoding="utf-8")
+    lps = real_model.answer_reader.char_log_probs("Who founded the Thornvale Railway Company?", [text])[0]
+    best = max(lps, key=lps.get)
+    assert text[best:].startswith("Brunhild Oster"), text[best: best + 30]
+
+
 def test_answer_pieces_continue_a_name_written_as_an_answer_starts_it(real_model):
     """" Ithpelith" is ` Ith|pel|ith` in a passage but `I|th|pel|ith` in an answer: the answer pieces
     are th and pel (then the passage's own "ith" continues), each after the piece before it, keyed on the token that
