@@ -38,6 +38,7 @@ figures: $(STAMP)
 	$(VENV)/bin/diekae-rag eval --sets closed_book unanswerable --n 76 --out runs/eval_negatives
 	$(PY) benchmarks/run.py --skip batch training retrieval load --ks 1 5 10 20 50 --repeats 3 --out benchmarks/results/ksweep
 	$(PY) benchmarks/decode_step.py --ks 5
+	$(PY) benchmarks/example_docs.py
 	$(PY) benchmarks/report.py readme
 
 clean:
