@@ -31,6 +31,24 @@ def test_token_log_probs_gives_each_token_the_best_start_in_its_span():
     assert token_log_probs(lp, [(0, 3), (3, 5), (5, 9), (9, 10)]) == [-0.5, -2.0, LOG_FLOOR, -1.0]
 
 
+def test_merged_starts_read_nearby_starts_as_one_answer():
+    """Starts a word apart with no punctuation between ("the", "Merrow") pool their probability on
+    the likelier one, which then beats a single start of 0.38; a start below ``min_p`` or past a full
+    stop stays apart, and with nothing to merge the scores are unchanged."""
+    from diekae_rag.copy.providers import merged_starts
+    text = "It is funded by the Merrow Guild of Varnhold. Visitors come to Varnhold."
+    p = {text.index("the Merrow"): 0.16, text.index("Merrow"): 0.36, text.index("Guild"): 0.001,
+         text.index("Varnhold"): 0.02, text.rindex("Varnhold"): 0.38}
+    lp = {c: math.log(v) for c, v in p.items()}
+    out = merged_starts(lp, text, min_p=0.05)
+    best = max(out, key=out.get)
+    assert text[best:].startswith("Merrow") and math.exp(out[best]) == pytest.approx(0.52)
+    assert {c: out[c] for c in out if c != best} == {c: lp[c] for c in lp if c != best}
+    assert max(lp, key=lp.get) == text.rindex("Varnhold")  # without merging the place wins
+    apart = {text.index("Varnhold"): math.log(0.3), text.index("Visitors"): math.log(0.3)}
+    assert merged_starts(apart, text, min_p=0.05) == apart  # a full stop between: two answers
+
+
 @pytest.fixture(scope="module")
 def reader():
     torch.manual_seed(0)
@@ -218,6 +236,34 @@ def test_first_key_scale_lets_the_reader_choose_the_first_copy_over_strong_keys(
         torch.testing.assert_close(rows0, rows1)
     with pytest.raises(ValueError, match="first_key_scale must be 0"):
         model.copy.replace(first_key_scale=-1.0)
+
+
+class SplitStarts:
+    """A stand-in reader (mechanics only): per passage, ``{word: probability}`` of the answer starting there."""
+
+    def __init__(self, probs: dict) -> None:
+        self.probs = probs
+
+    def char_log_probs(self, question, passages):
+        return [{p.find(w): math.log(v) for w, v in self.probs.items() if w in p} for p in passages]
+
+
+def test_start_merge_moves_the_first_copy_to_an_answer_whose_mass_the_reader_split():
+    """"Marsul" (0.3) beats "to" (0.2) and "Ithpelith" (0.25) alone; with ``start_merge`` the two
+    nearby starts pool to 0.45 on "Ithpelith" ("Marsul" is three words before "to": apart), and the
+    first copy goes there."""
+    model = _per_step_model(isolation=True, match=True)
+    model.knowledge.passage_cache.max_segments = 0
+    model.answer_reader = SplitStarts({"Marsul": 0.3, "to": 0.2, "Ithpelith": 0.25, "north": 0.5})
+    firsts = {}
+    for merge in (0.0, 0.1):
+        model.copy = model.copy.replace(reader_weight=20.0, first_key_scale=0.0, start_merge=merge)
+        attn, ids = _first_attention(model)
+        top = int(attn[0].argmax())
+        firsts[merge] = model.tokenizer.decode(ids[0, top:])
+    assert firsts[0.0].strip().startswith("Marsul") and firsts[0.1].strip().startswith("Ith"), firsts
+    with pytest.raises(ValueError, match="start_merge must be in"):
+        model.copy.replace(start_merge=1.0)
 
 
 def test_ship_writes_the_reader_with_the_encoders(reader, tmp_path, capsys):

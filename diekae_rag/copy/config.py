@@ -41,6 +41,9 @@ class CopyConfig:
     ``continue_bonus``: times the attention the previous position gave the slot a slot continues.
     ``passage_prior``: strength of the question-passage cosine prior (0: off). ``reader_weight``:
     weight of the answer-start reader's log-probabilities at the answer's first position (0: off).
+    ``start_merge``: the reader's starts of at least this probability that lie at most two words
+    apart with no punctuation between ("the Merrow Guild": "the", "Merrow") are read as one answer,
+    whose summed probability goes to the likeliest of them (0: off).
     ``first_unspaced``: the first copy writes a passage token as an answer starts it (no space).
     ``answer_pieces``: extra slots that continue a word written with other pieces than the passage's.
     ``whitened_values``: write the direction that raises the copied token's logit alone.
@@ -67,6 +70,7 @@ class CopyConfig:
     continue_bonus: float = 1024.0
     passage_prior: float = 30.0
     reader_weight: float = 4.0
+    start_merge: float = 0.0
     first_unspaced: bool = True
     answer_pieces: bool = True
     whitened_values: bool = True
@@ -89,6 +93,9 @@ class CopyConfig:
         for name in ("first_unspaced", "answer_pieces", "whitened_values"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"CopyConfig.{name} must be true or false, got {getattr(self, name)!r}.")
+        if not (isinstance(self.start_merge, (int, float)) and not isinstance(self.start_merge, bool)
+                and 0 <= self.start_merge < 1):
+            raise ValueError(f"CopyConfig.start_merge must be in [0, 1) (0: off), got {self.start_merge!r}.")
         if not (isinstance(self.gate_cosine, (int, float)) and 0 <= self.gate_cosine < 1):
             raise ValueError(f"CopyConfig.gate_cosine must be in [0, 1) (0: off), got {self.gate_cosine!r}.")
         if not (isinstance(self.gate_no_answer, (int, float)) and 0 < self.gate_no_answer <= 1):
