@@ -75,7 +75,7 @@ class CopyConfig:
     answer_pieces: bool = True
     whitened_values: bool = True
     gate_cosine: float = 0.0
-    gate_no_answer: float = 0.5
+    gate_no_answer: float = 0.4
     gate_ramp: float = 0.3
     question_turns: int = 3
     on_no_answer: str = "decoder"
