@@ -9,7 +9,7 @@ import torch
 from .config import CopyConfig
 from .head import CopyHead
 from .memory import CopyMemory
-from .score import continued_attention, copy_attention, copy_scores, key_term
+from .score import continued_attention, copy_attention, copy_scores, first_rows, reader_chooses_first
 from .values import ValueRows
 
 
@@ -46,9 +46,10 @@ class CopyReadout:
         match_weight = head.match_weight if head.has_match else None
         scores, match = copy_scores(q, mem, classes, prev_class, match_weight, self.match_scale, copy, first_positions)
         null = head.null_scores(q)
-        reader_first = copy.first_key_scale != 1.0 and copy.reader_weight and mem.first_bias is not None
-        if first_positions is not None and reader_first:
-            scores, null = self._first_from_the_reader(q, scores, null, first_positions)
+        if first_positions is not None and reader_chooses_first(copy, mem):
+            # the "nothing" slot is out of the first copy's choice: whether the passages answer is the gate's
+            at = first_rows(first_positions, null.shape[2]) & mem.valid.any(1)[:, None]
+            null = null.masked_fill(at[:, None, :, None], float("-inf"))
         attn = copy_attention(scores, null, copy.sharpness)
         if copy.continue_bonus:
             attn, self.last_attention = continued_attention(scores, null, attn, copy, self.last_attention,
@@ -65,19 +66,6 @@ class CopyReadout:
                 out = scale_at(out, first_positions, copy.first_gain)
         return out
 
-    def _first_from_the_reader(self, q: torch.Tensor, scores: torch.Tensor, null: torch.Tensor,
-                               first_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``scores`` and ``null`` with each item's first position changed as ``first_key_scale`` asks: the
-        key term scaled (the keys read each passage alone; the reader and the prior read the question)
-        and the "nothing" slot out of the choice (whether the passages answer is the gate's question)."""
-        key = key_term(q, self.memory.keys)
-        scaled = scores + (self.copy.first_key_scale - 1.0) * key
-        T = scores.shape[2]
-        at = (torch.arange(T, device=q.device)[None] == first_positions[:, None]) & self.memory.valid.any(1)[:, None]
-        scores = torch.where(at[:, None, :, None], scaled, scores)
-        null = null.masked_fill(at[:, None, :, None], float("-inf"))
-        return scores, null
-
     def _unspaced_first(self, out: torch.Tensor, mixed: torch.Tensor, first_positions: torch.Tensor) -> torch.Tensor:
         """``out`` with each item's first-position row written from the first pieces (``memory.first_ids``
         where >= 0) or else the slots' space-less variants (their match class: " Ithp" -> "Ithp")."""
@@ -93,7 +81,6 @@ class CopyReadout:
 
 
 def scale_at(rows: torch.Tensor, positions: torch.Tensor, factor: float) -> torch.Tensor:
-    """``rows`` (B, T, ...) with row ``positions[b]`` of each item multiplied by ``factor``."""
+    """``rows`` (B, T, hidden) with row ``positions[b]`` of each item multiplied by ``factor``."""
     at = torch.arange(rows.shape[1], device=rows.device)[None, :] == positions[:, None]
-    factors = torch.where(at, factor, 1.0).to(rows.dtype)
-    return rows * factors.reshape(*factors.shape, *([1] * (rows.dim() - 2)))
+    return rows * torch.where(at, factor, 1.0)[..., None].to(rows.dtype)

@@ -20,7 +20,7 @@ def copy_scores(q: torch.Tensor, memory: CopyMemory, query_classes: torch.Tensor
     """The score of every memory slot ``j`` for every query position ``t`` (heads ``h``), and the
     token-match mask (None without the match). For item ``b``:
 
-        s[h,t,j] = q[h,t]·k[h,j] / sqrt(dk)                              key
+        s[h,t,j] = κ[t] · q[h,t]·k[h,j] / sqrt(dk)                       key
                  + match_scale · w_match[h] · M[t,j]                      token match
                  + bigram_bonus · M[t,j] · [class(x[t-1]) = prev2[j]]     bigram
                  + prior[j]                                               passage prior
@@ -28,10 +28,16 @@ def copy_scores(q: torch.Tensor, memory: CopyMemory, query_classes: torch.Tensor
                  (-inf where slot j is not valid)
 
     where ``M[t,j] = [class(x[t]) = prev[j]]``: the token before slot ``j`` is the one just written,
-    so a copy continues where it is. :func:`continued_attention` adds one more term after a first softmax,
-    and :func:`copy_attention` turns scores into attention (with the "nothing" slot and sharpness).
+    so a copy continues where it is, and ``κ[t]`` is ``first_key_scale`` at the first position when
+    the reader scores it (:func:`reader_chooses_first`; the keys read each passage alone, the reader
+    and the prior read the question), else 1. :func:`continued_attention` adds one more term after a
+    first softmax, and :func:`copy_attention` turns scores into attention (with the "nothing" slot
+    and sharpness).
     """
     scores = key_term(q, memory.keys)
+    if first_positions is not None and reader_chooses_first(copy, memory):
+        first = first_rows(first_positions, q.shape[2])
+        scores = scores * torch.where(first, copy.first_key_scale, 1.0).to(q.dtype)[:, None, :, None]
     match = None
     if memory.prev is not None and match_weight is not None:
         match = query_classes[:, :, None] == memory.prev[:, None, :]          # (B, T, S)
@@ -68,11 +74,20 @@ def bigram_term(match: torch.Tensor, prev_class: torch.Tensor, query_classes: to
     return bigram[:, None].to(dtype) * bonus
 
 
+def reader_chooses_first(copy: CopyConfig, memory: CopyMemory) -> bool:
+    """Whether ``first_key_scale`` acts: it is not 1 and the answer-start reader scores the first position."""
+    return copy.first_key_scale != 1.0 and bool(copy.reader_weight) and memory.first_bias is not None
+
+
+def first_rows(first_positions: torch.Tensor, n_positions: int) -> torch.Tensor:
+    """(B, T) bool: each item's first position (none where it is -1 or outside the T positions)."""
+    t = torch.arange(n_positions, device=first_positions.device)
+    return (t[None] == first_positions[:, None]) & (first_positions >= 0)[:, None]
+
+
 def at_first(scores: torch.Tensor, first_positions: torch.Tensor, n_positions: int) -> torch.Tensor:
-    """(B, T, S): each item's slot ``scores`` (B, S) at its first position, zero elsewhere (and for
-    items whose first position is -1 or outside the T positions)."""
-    t = torch.arange(n_positions, device=scores.device)
-    at = (t[None] == first_positions[:, None]) & (first_positions >= 0)[:, None]
+    """(B, T, S): each item's slot ``scores`` (B, S) at its first position, zero elsewhere."""
+    at = first_rows(first_positions, n_positions)
     return torch.where(at[..., None], scores[:, None, :], scores.new_zeros(()))
 
 
