@@ -32,11 +32,11 @@ class CopyConfig:
     ``gain_scale``: the learned per-head gain is multiplied by this. ``sharpness``: every score,
     the "nothing" slot's too, is multiplied by this before the softmax. ``first_gain``: the copy
     at the position that predicts the answer's first token is multiplied by this.
-    ``first_key_scale``: at that position the pointer's query, so its key scores and the "nothing"
-    slot's, is multiplied by this, and the "nothing" slot is left out there (the keys come from each
-    passage alone and cannot read the question; below 1 the answer-start reader and the passage prior
-    weigh more in the first copy, at 0 they alone choose it). It acts only with the reader on
-    (``reader_weight`` > 0); without it the keys choose the first copy as trained.
+    ``first_key_scale``: at that position the key term of the pointer's score is multiplied by this
+    and the "nothing" slot is left out of the choice (the keys come from each passage alone and cannot
+    read the question; below 1 the answer-start reader and the passage prior weigh more in the first
+    copy, at 0 they alone choose it). It acts only with the reader on (``reader_weight`` > 0);
+    without it the keys choose the first copy as trained.
     ``bigram_bonus``: added where the two tokens before a slot equal the last two written.
     ``continue_bonus``: times the attention the previous position gave the slot a slot continues.
     ``passage_prior``: strength of the question-passage cosine prior (0: off). ``reader_weight``:

@@ -122,7 +122,8 @@ class ReaderScores:
         from ..answer_reader import token_log_probs
         lps = [self.reader.char_log_probs(q, ps) if ps else [] for q, ps in zip(questions, passages)]
         if copy.start_merge:
-            lps = [[merged_starts(lp, p, copy.start_merge) for lp, p in zip(item, ps)] for item, ps in zip(lps, passages)]
+            lps = [[merged_starts(lp, p, copy.start_merge) for lp, p in zip(item, ps)]
+                   for item, ps in zip(lps, passages)]
         values = [[token_log_probs(lp, spans) for lp, (_, spans) in zip(lps[b], per)]
                   for b, per in enumerate(layout.items)]
         rows = layout.rows(values, float("nan"), None, device)
