@@ -76,11 +76,9 @@ class CopyReadout:
             ids = torch.where(self.memory.first_ids >= 0, self.memory.first_ids, ids)
         values = self.values.rows(ids, self.copy.whitened_values, out.dtype)
         first = (mixed[torch.arange(B, device=at.device), at][:, None] @ values)[:, 0]  # (B, H)
-        sel = (torch.arange(T, device=at.device)[None] == first_positions[:, None]) & (first_positions >= 0)[:, None]
-        return torch.where(sel[..., None], first[:, None], out)
+        return torch.where(first_rows(first_positions, T)[..., None], first[:, None], out)
 
 
 def scale_at(rows: torch.Tensor, positions: torch.Tensor, factor: float) -> torch.Tensor:
     """``rows`` (B, T, hidden) with row ``positions[b]`` of each item multiplied by ``factor``."""
-    at = torch.arange(rows.shape[1], device=rows.device)[None, :] == positions[:, None]
-    return rows * torch.where(at, factor, 1.0)[..., None].to(rows.dtype)
+    return rows * torch.where(first_rows(positions, rows.shape[1]), factor, 1.0)[..., None].to(rows.dtype)
