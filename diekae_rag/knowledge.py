@@ -200,9 +200,9 @@ class KnowledgeEncoding:
         prompter = self.prompter_for(encoder)
         items = [prompter.isolated_item(p, x, None if answers is None else answers[i])
                  for i, (x, p) in enumerate(zip(prompts, passages))]
-        past = assemble(self.segment_states(encoder, items))
         tails = [it[2] for it in items]
         ids, mask = prompter.pad(tails, self.device, side="left")
+        past = assemble(self.segment_states(encoder, items), room=ids.shape[1] + 64)  # the tail and decode steps
         T = ids.shape[1]
         offsets = torch.tensor([T - len(t) + it[3] for t, it in zip(tails, items)], device=self.device)
         n_rows = torch.tensor([it[4] for it in items], device=self.device)

@@ -55,14 +55,32 @@ def encode_segments(encoder: DiekaeEncoder, segments: Sequence[Sequence[int]], k
     return states
 
 
-def _left_pad_stack(parts: Sequence[torch.Tensor], length: int, dim: int, stack_dim: int) -> torch.Tensor:
-    """Left-pad each tensor to ``length`` along ``dim`` and stack them (no in-place writes, so
-    autograd stays cheap when training through it)."""
-    padded = []
-    for t in parts:
-        pad = [0, 0] * (t.dim() - 1 - dim) + [length - t.shape[dim], 0]
-        padded.append(F.pad(t, pad))
-    return torch.stack(padded, stack_dim)
+def _left_padded(parts: Sequence[Sequence[torch.Tensor]], length: int, dim: int, stack_dim: int,
+                 room: int = 0) -> torch.Tensor:
+    """Each item's ``parts`` side by side along ``dim``, left-padded with zeros to ``length`` and
+    stacked at ``stack_dim``. Without gradients every part is copied once, into one buffer with
+    ``room`` spare positions after ``length`` along ``dim`` (left out of the view returned), so
+    :func:`~diekae_rag.encoder.append_kv` extends it in place; under autograd it is cat, pad and
+    stack, with no in-place writes, so training through it stays cheap."""
+    if torch.is_grad_enabled() and any(t.requires_grad for ts in parts for t in ts):
+        padded = []
+        for ts in parts:
+            t = torch.cat(list(ts), dim)
+            padded.append(F.pad(t, [0, 0] * (t.dim() - 1 - dim) + [length - t.shape[dim], 0]))
+        return torch.stack(padded, stack_dim)
+    first = parts[0][0]
+    shape = list(first.shape)
+    shape[dim] = length + room
+    shape.insert(stack_dim, len(parts))
+    out = first.new_empty(shape).narrow(dim + (stack_dim <= dim), 0, length)
+    for b, ts in enumerate(parts):
+        row = out.select(stack_dim, b)
+        at = length - sum(t.shape[dim] for t in ts)
+        row.narrow(dim, 0, at).zero_()
+        for t in ts:
+            row.narrow(dim, at, t.shape[dim]).copy_(t)
+            at += t.shape[dim]
+    return out
 
 
 class Assembled(NamedTuple):
@@ -74,22 +92,20 @@ class Assembled(NamedTuple):
     keys: Optional[torch.Tensor]
 
 
-def assemble(items: Sequence[Sequence[SegmentState]]) -> Assembled:
-    """Concatenate each item's segment states into a left-padded past for the tail."""
+def assemble(items: Sequence[Sequence[SegmentState]], room: int = 0) -> Assembled:
+    """Concatenate each item's segment states into a left-padded past for the tail, with ``room``
+    positions to spare in the keys and values for the tail and the decode steps to be appended in place."""
     lens = [sum(int(s.ids.shape[0]) for s in segs) for segs in items]
     P = max(lens)
     first = items[0][0]
-    kv = []
-    for blk in range(len(first.kv)):
-        k = _left_pad_stack([torch.cat([s.kv[blk][0] for s in segs], 2) for segs in items], P, 2, 1)
-        v = _left_pad_stack([torch.cat([s.kv[blk][1] for s in segs], 2) for segs in items], P, 2, 1)
-        kv.append((k, v))  # (n, B, h, P, hd)
-    key_valid = _left_pad_stack([torch.ones(n, dtype=torch.bool, device=first.ids.device) for n in lens], P, 0, 0)
-    ids = _left_pad_stack([torch.cat([s.ids for s in segs]) for segs in items], P, 0, 0)
-    knowledge = _left_pad_stack([torch.cat([s.knowledge for s in segs]) for segs in items], P, 0, 0)
+    kv = [tuple(_left_padded([[s.kv[blk][i] for s in segs] for segs in items], P, 2, 1, room) for i in (0, 1))
+          for blk in range(len(first.kv))]  # (n, B, h, P, hd) each
+    key_valid = _left_padded([[torch.ones(n, dtype=torch.bool, device=first.ids.device)] for n in lens], P, 0, 0)
+    ids = _left_padded([[s.ids for s in segs] for segs in items], P, 0, 0)
+    knowledge = _left_padded([[s.knowledge for s in segs] for segs in items], P, 0, 0)
     keys = None
     if first.pointer_keys is not None:
-        keys = _left_pad_stack([torch.cat([s.pointer_keys for s in segs], 1) for segs in items], P, 1, 0)
+        keys = _left_padded([[s.pointer_keys for s in segs] for segs in items], P, 1, 0)
     cache = EncoderCache(kv=kv, key_valid=key_valid, next_position=torch.tensor(lens, device=ids.device))
     return Assembled(cache, ids, knowledge & key_valid, keys)
 

@@ -294,6 +294,34 @@ def test_append_kv_equals_cat_and_extends_in_place():
     assert leaf.grad is not None and torch.equal(leaf.grad, torch.ones_like(leaf))
 
 
+def test_assembled_past_equals_cat_pad_stack_and_takes_the_tail_in_place():
+    """Segment states are copied once into a left-padded buffer with room to spare: the same values
+    as concatenating, padding and stacking them, and the tail's keys then go into that room."""
+    from diekae_rag.encoder import append_kv
+    from diekae_rag.passage_cache import SegmentState, assemble
+
+    def seg(L):
+        kv = tuple((torch.randn(3, 2, L, 4), torch.randn(3, 2, L, 4)) for _ in range(2))
+        return SegmentState(torch.randint(0, 50, (L,)), kv, torch.randn(2, L, 6), torch.rand(L) > 0.5)
+    items = [[seg(2), seg(5)], [seg(3)]]
+    past = assemble(items, room=10)
+    for blk in range(2):
+        for i in (0, 1):
+            want = [torch.cat([s.kv[blk][i] for s in segs], 2) for segs in items]
+            want = torch.stack([torch.nn.functional.pad(w, [0, 0, 7 - w.shape[2], 0]) for w in want], 1)
+            assert torch.equal(past.cache.kv[blk][i], want)
+    assert past.keys.shape == (2, 2, 7, 6) and torch.equal(past.keys[1, :, :4], torch.zeros(2, 4, 6))
+    assert past.cache.key_valid.tolist() == [[True] * 7, [False] * 4 + [True] * 3]
+    assert torch.equal(past.ids[1, 4:], items[1][0].ids) and not past.knowledge[1, :4].any()
+    k = past.cache.kv[0][0]
+    tail = torch.randn(3, 2, 2, 3, 4)
+    assert append_kv(k, tail).data_ptr() == k.data_ptr(), "the tail is written into the spare room"
+    grad = [[SegmentState(s.ids, tuple((a.requires_grad_(), b) for a, b in s.kv), s.pointer_keys, s.knowledge)
+             for s in segs] for segs in items]
+    assemble(grad, room=10).cache.kv[0][0].sum().backward()  # training still back-propagates through it
+    assert torch.equal(items[0][0].kv[0][0].grad, torch.ones(3, 2, 2, 4))
+
+
 
 class _KeywordEmbedder:
     """A stand-in sentence embedder: texts naming "rain" point one way, all others another."""
