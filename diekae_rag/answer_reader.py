@@ -34,7 +34,7 @@ import json
 import math
 import re
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
@@ -67,6 +67,7 @@ class ReaderConfig:
     stride: int = 64          # overlap between windows of a long passage
     separate_layers: int = 0  # the first layers read question and passage apart (0: every layer reads them together)
     passage_position: int = 16  # position id of a passage's first word-piece when it is read alone
+    layers: Optional[list[int]] = None  # which of the base's layers the reader keeps, in order (None: all)
 
     @classmethod
     def from_dict(cls, data: dict) -> "ReaderConfig":
@@ -94,6 +95,8 @@ class AnswerStartReader(nn.Module):
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.bert = AutoModel.from_pretrained(path)
         self.bert.get_input_embeddings().weight.requires_grad_(False)
+        if self.config.layers is not None:
+            self._keep(self.config.layers)
         self.head = nn.Linear(self.bert.config.hidden_size, 1)
         self.check_config()
         self._lock = threading.Lock()  # a fast tokenizer with truncation/padding is not thread-safe
@@ -109,6 +112,26 @@ class AnswerStartReader(nn.Module):
         if not 0 <= self.config.separate_layers < n_layers:
             raise ValueError(f"separate_layers must be in [0, {n_layers - 1}] for {self.config.base_path()} "
                              f"({n_layers} layers), got {self.config.separate_layers}.")
+
+    def keep_layers(self, layers: Sequence[int]) -> "AnswerStartReader":
+        """Keep only these of the reader's layers, in order (DistilBERT's start for a smaller student:
+        e.g. ``[0, 2, 4]`` of 6 reads in half the time); ``config.layers`` records them as layers of
+        the base model, so :meth:`from_pretrained` rebuilds the same reader."""
+        current = self.config.layers if self.config.layers is not None else list(range(len(self.bert.encoder.layer)))
+        self._keep(layers)
+        self.config = replace(self.config, layers=[current[i] for i in layers])
+        self.check_config()
+        self.clear(passages=True)
+        self._fingerprint = None
+        return self
+
+    def _keep(self, layers: Sequence[int]) -> None:
+        have = len(self.bert.encoder.layer)
+        if not layers or len(set(layers)) != len(layers) or not all(0 <= i < have for i in layers):
+            raise ValueError(f"layers must be distinct indices in [0, {have - 1}] (the reader has {have} layers), "
+                             f"got {list(layers)!r}.")
+        self.bert.encoder.layer = nn.ModuleList([self.bert.encoder.layer[i] for i in layers])
+        self.bert.config.num_hidden_layers = len(layers)
 
     @property
     def device(self) -> torch.device:

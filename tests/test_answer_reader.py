@@ -387,3 +387,34 @@ def test_distilling_a_split_reader_from_a_joint_one(reader):
         loss.backward()
         opt.step()
     assert float(loss.detach()) < first
+
+
+def test_a_reader_keeps_some_of_its_layers_and_saves_which(reader, tmp_path):
+    """``keep_layers`` runs only the kept layers (the states are those of running them in turn), records
+    them as base layers (twice kept: layers of the base, not of the last reader), and a saved reader
+    comes back with the same layers and scores; bad indices say what is allowed."""
+    from dataclasses import replace
+    small = AnswerStartReader(replace(reader.config))
+    small.load_state_dict(reader.state_dict())
+    q, ps = "Who is Marsul married to?", ["Marsul is married to Ithpelith.", "Calgra is cold."]
+    assert small.keep_layers([0, 2, 4, 5]) is small and small.config.layers == [0, 2, 4, 5]
+    assert len(small.bert.encoder.layer) == 4
+    batch = reader.windows([q] * 2, ps)
+    with torch.no_grad():
+        h = reader.bert.embeddings(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"])
+        mask = batch["attention_mask"].bool()
+        for i in (0, 2, 4, 5):
+            h = reader._layers(h, mask, i, i + 1)
+        want = reader._start_logits(h, batch["spans"])
+        got = small.eval()(batch)
+    assert torch.allclose(want[torch.isfinite(want)], got[torch.isfinite(got)], atol=1e-4)
+    assert not torch.allclose(want[torch.isfinite(want)], reader.eval()(batch)[torch.isfinite(want)], atol=1e-2)
+    small.keep_layers([0, 2])
+    assert small.config.layers == [0, 4]
+    small.save_pretrained(tmp_path / "small")
+    back = AnswerStartReader.from_pretrained(tmp_path / "small")
+    assert back.config.layers == [0, 4] and len(back.bert.encoder.layer) == 2
+    assert back.no_answer_log_prob(q, ps) == pytest.approx(small.eval().no_answer_log_prob(q, ps), abs=2e-2)
+    assert back.fingerprint() != reader.fingerprint()
+    with pytest.raises(ValueError, match=r"distinct indices in \[0, 1\]"):
+        back.keep_layers([0, 2])

@@ -10,6 +10,8 @@ so that "no answer" is learned (it is what the copy gate's ``gate_no_answer`` re
 alone (so its passage side can be stored at index time); ``teacher`` then names a reader whose
 distribution over starts (and "no answer") the new one also learns, with weight ``distill`` (a KL
 term next to the gold loss), so that what the gate's threshold was chosen on carries over.
+``layers`` keeps only some of ``init``'s layers (e.g. ``[0, 2, 4]``: a reader that reads in half
+the time), to be distilled from ``init`` in the same way.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class ReaderTrainConfig:
     seed: int = 0
     init: str = ""           # a saved reader to start from ("" = a fresh head on MiniLM)
     separate_layers: Optional[int] = None  # set the reader's separate layers (None: keep init's)
+    layers: Optional[list[int]] = None  # keep only these of init's layers (AnswerStartReader.keep_layers)
     teacher: str = ""        # a saved reader to distil from ("init": the one it starts from; "": the gold loss alone)
     distill: float = 1.0     # weight of the KL to the teacher
 
@@ -174,6 +177,8 @@ def train_reader(cfg: ReaderTrainConfig) -> dict:
         reader = AnswerStartReader.from_pretrained(cfg.init)
     else:
         reader = AnswerStartReader(ReaderConfig(max_length=cfg.max_length))
+    if cfg.layers is not None:
+        reader.keep_layers(cfg.layers)
     if cfg.separate_layers is not None:
         reader.config = replace(reader.config, separate_layers=cfg.separate_layers)
         reader.check_config()
