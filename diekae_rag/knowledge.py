@@ -121,7 +121,8 @@ class KnowledgeEncoding:
         reader = self.answer_reader if copy.gate_no_answer < 1 else None
         if reader is not None and given:
             reader = GivenAnswersSkipped(reader, given)
-        return gate_strengths(questions, passages, copy, self._embedding_prior(), reader)
+        held = [self.prompter.held(ps) for ps in passages]
+        return gate_strengths(questions, held, copy, self._embedding_prior(), reader)
 
     def questions(self, prompts: Sequence[list[int]], copy: CopyConfig) -> tuple[list[str], dict[str, list[str]]]:
         """Each prompt's question as the prior, the reader and the gate read it (``copy.question_turns``),
@@ -224,10 +225,11 @@ class KnowledgeEncoding:
         layout = KnowledgeLayout.of([it[0] for it in items], [it[1] for it in items], self.passage_tokens.spans,
                                     passages, memory.width)
         questions, given = self.questions(prompts, copy)
+        held = [self.prompter_for(encoder).held(ps) for ps in passages]
         for provider in providers:
             if given and isinstance(provider, ReaderScores):
                 provider = ReaderScores(GivenAnswersSkipped(provider.reader, given))
-            scores = provider.slot_scores(questions, passages, layout, copy, self.device)
+            scores = provider.slot_scores(questions, held, layout, copy, self.device)
             if scores is not None:
                 field = "first_bias" if provider.at_first else "prior"
                 memory = replace(memory, **{field: scores})

@@ -206,6 +206,17 @@ class Prompter:
     def answer_ids(self, answer: str, with_eos: bool = False) -> list[int]:
         return self.ids(answer) + ([self.eos_id] if with_eos else [])
 
+    def held(self, passages: Sequence[str]) -> list[str]:
+        """The passages the encoders read at least one token of within ``max_knowledge_tokens`` (the
+        first ones, as :meth:`passage_ids` cuts): what the reader, the passage prior and the gate read,
+        since the copy can start nowhere else."""
+        budget, used = self.config.max_knowledge_tokens, 0
+        for i, p in enumerate(passages):
+            if used >= budget:
+                return list(passages[:i])
+            used += len(self.ids(p))
+        return list(passages)
+
     def passage_ids(self, passages: Sequence[str]) -> list[list[int]]:
         """Token ids of each passage, cut to ``max_knowledge_tokens`` in all with a warning that says how much."""
         budget = self.config.max_knowledge_tokens

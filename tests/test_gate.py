@@ -219,3 +219,36 @@ def test_a_follow_up_is_not_answered_with_what_an_earlier_turn_said():
     assert math.exp(lp[other]) == pytest.approx(0.2 / 0.3) and math.exp(null) == pytest.approx(0.1 / 0.3)
     assert skipped.char_log_probs("Where is Calgra?", [passage])[0] == Reader().char_log_probs(q, [passage])[0], \
         "a question with no earlier answers reads as before"
+
+
+class RecordingReader(NullReader):
+    """A stand-in reader that records which passages it is asked to read."""
+
+    def __init__(self) -> None:
+        self.read: list[list[str]] = []
+
+    def char_log_probs(self, question, passages):
+        self.read.append(list(passages))
+        return super().char_log_probs(question, passages)
+
+    def no_answer_log_prob(self, question, passages):
+        self.read.append(list(passages))
+        return super().no_answer_log_prob(question, passages)
+
+
+def test_the_reader_the_prior_and_the_gate_read_only_the_passages_the_encoders_hold():
+    """Passages past max_knowledge_tokens give the copy nowhere to start, so the reader, the prior and
+    the gate leave them out; a passage cut part-way is read whole. The encoders still warn of the cut."""
+    from diekae_rag import KnowledgeTruncatedWarning
+    model = _model(gate_no_answer=0.5, reader_weight=1.0, passage_prior=1.0, max_knowledge_tokens=40)
+    model.answer_reader = reader = RecordingReader()
+    passages = ON_TOPIC + ["Prices of wool fell again."]  # 33 + 19 + 26 byte tokens
+    assert model.prompter.held(passages) == ON_TOPIC
+    with pytest.warns(KnowledgeTruncatedWarning, match="from 2 of 3 passage"):
+        with_wool = model.generate("Where is Calgra?", passages, max_new_tokens=4)
+    assert reader.read and all(ps == ON_TOPIC for ps in reader.read), "wool is past the budget: not read"
+    assert all("wool" not in t for t in model.passage_prior.embedder.texts)
+    with pytest.warns(KnowledgeTruncatedWarning):
+        assert with_wool == model.generate("Where is Calgra?", ON_TOPIC + ["Prices rose."], max_new_tokens=4), \
+            "the gate stays open: what lies past the budget does not count"
+    assert model.prompter.held(ON_TOPIC) == ON_TOPIC
