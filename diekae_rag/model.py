@@ -315,7 +315,6 @@ class DiekaeModel:
         """Whether the copy gate lets each item's passages through (True where it cannot close: no
         passages, or the gate off). Where it is False, a diekae call answers as ``mode="none"`` does,
         or abstains."""
-        prompts, passages = self.prepare(questions, knowledges)
         return [s > 0 for s in self.gate_strength(questions, knowledges, copy)]
 
     def gate_strength(self, questions: Sequence[Question], knowledges: Sequence[Knowledge], copy: CopyOverride = None
