@@ -9,7 +9,9 @@ dev items that are not the eval sets: fictional items built like training data f
 (as ``match_probe.py``) at k=1 and k=5 (random distractors), and SQuAD-Shifts training items at
 k=1. ``--multi`` adds fictional passages that hold one to three other facts of the same subject
 at k=3 (the reader's multi-fact dev set, another seed), where the choice of where the copy starts is
-harder. ``--negatives`` adds the dev halves of the negative sets (``closed_book`` dev and
+harder. ``--retrieved`` adds fictional and SQuAD-Shifts items at k=5 with the retriever's nearest
+passages as distractors, where the passage prior and ``reader_margin`` choose among close passages.
+``--negatives`` adds the dev halves of the negative sets (``closed_book`` dev and
 ``unanswerable`` dev: accuracy, copy rate and the share the copy gate closes on), for settings
 that should step aside where the passages do not answer. Writes
 benchmarks/results/copy_settings.json unless ``--out`` says otherwise.
@@ -46,6 +48,7 @@ def main() -> None:
     ap.add_argument("--grid", nargs="+", required=True)
     ap.add_argument("--n", type=int, default=96)
     ap.add_argument("--multi", action="store_true", help="also fictional passages with 1-3 other facts, k=3")
+    ap.add_argument("--retrieved", action="store_true", help="also fictional and SQuAD-Shifts items, k=5 retrieved")
     ap.add_argument("--negatives", action="store_true", help="also the dev halves of closed_book and unanswerable")
     ap.add_argument("--reader-dtype", choices=["float32", "bfloat16"], default=None,
                     help="the answer-start reader's dtype (default: the one it serves in here)")
@@ -64,6 +67,9 @@ def main() -> None:
     }
     if args.multi:
         sets["fictional_multi_k3"] = DataSpec(fictional=args.n, other_facts=(1, 3), k=3, seed=999).build()
+    if args.retrieved:
+        for name, fictional, squad in (("fictional_k5_retrieved", args.n, 0), ("squad_train_k5_retrieved", 0, args.n)):
+            sets[name] = DataSpec(fictional=fictional, squad=squad, k=5, seed=999, distractors="retrieved").build()
     negatives = {"closed_book_dev": closed_book("dev"), "unanswerable_dev": unanswerable("dev", args.n)} \
         if args.negatives else {}
     rows = []

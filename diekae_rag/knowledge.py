@@ -15,7 +15,7 @@ import torch
 
 from .answer_reader import AnswerStartReader, serving_dtype
 from .copy import CopyConfig, CopyMemory, CopyReadout, KnowledgeLayout, PassagePrior, ReaderScores, ScoreProvider
-from .copy.providers import GivenAnswersSkipped
+from .copy.providers import GivenAnswersSkipped, NearPassagesRead
 from .copy.gate import gate_strengths
 from .copy.pieces import PassageTokens, add_answer_pieces, first_piece_ids
 from .copy.values import ValueRows
@@ -100,8 +100,20 @@ class KnowledgeEncoding:
             if self.answer_reader is None:
                 raise ValueError("copy.reader_weight is set but these encoders have no answer-start reader: "
                                  "assign model.answer_reader, or pass copy={'reader_weight': 0}.")
-            out.append(ReaderScores(self.answer_reader))
+            out.append(ReaderScores(self.reader_for(copy)))
         return out
+
+    def reader_for(self, copy: CopyConfig):
+        """The answer-start reader as ``copy`` reads with it: every passage, or with ``reader_margin``
+        only those near the question (:class:`~diekae_rag.copy.providers.NearPassagesRead`)."""
+        reader = self.answer_reader
+        if reader is None or not copy.reader_margin:
+            return reader
+        prior = self._embedding_prior()
+        if prior is None:
+            raise ValueError("CopyConfig.reader_margin needs the passage embedder (model.passage_prior); assign one, "
+                             "or set reader_margin to 0.")
+        return NearPassagesRead(reader, lambda q, ps: prior.cosines([q], [list(ps)])[0], copy.reader_margin)
 
     def prompter_for(self, encoder: DiekaeEncoder) -> Prompter:
         """The prompter for an encoder's layout, built once per encoder (its token cache is kept)."""
@@ -118,7 +130,7 @@ class KnowledgeEncoding:
         if not copy.gated:
             return [1.0] * len(prompts)
         questions, given = self.questions(prompts, copy)
-        reader = self.answer_reader if copy.gate_no_answer < 1 else None
+        reader = self.reader_for(copy) if copy.gate_no_answer < 1 else None
         if reader is not None and given:
             reader = GivenAnswersSkipped(reader, given)
         held = [self.prompter.held(ps) for ps in passages]

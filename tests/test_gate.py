@@ -252,3 +252,31 @@ def test_the_reader_the_prior_and_the_gate_read_only_the_passages_the_encoders_h
         assert with_wool == model.generate("Where is Calgra?", ON_TOPIC + ["Prices rose."], max_new_tokens=4), \
             "the gate stays open: what lies past the budget does not count"
     assert model.prompter.held(ON_TOPIC) == ON_TOPIC
+
+
+def test_reader_margin_reads_only_the_passages_near_the_question():
+    """With reader_margin the reader (and so the gate) reads only the passages whose cosine lies within
+    the margin of the best one's; the others get no start. Off, it reads them all."""
+    from diekae_rag.copy.providers import NearPassagesRead
+    model = _model(gate_no_answer=0.5, reader_weight=1.0, passage_prior=1.0)
+    model.answer_reader = reader = RecordingReader()
+    q, passages = "Where is Calgra?", ON_TOPIC + ["Prices of wool fell again."]  # cosines 1, 1, 0
+    assert model.gate([q], [passages]) == [False], "read whole, the wool passage closes the gate"
+    assert all(ps == passages for ps in reader.read)
+    reader.read.clear()
+    near = {"reader_margin": 0.5}
+    assert model.gate([q], [passages], copy=near) == [True], "wool is far from the question: not read"
+    answer = model.generate(q, passages, max_new_tokens=4, copy=near)
+    assert reader.read and all(ps == ON_TOPIC for ps in reader.read)
+    assert answer != model.generate(q, mode="none", max_new_tokens=4)
+    wrapped = model.knowledge.reader_for(model.copy.replace(reader_margin=0.5))
+    assert isinstance(wrapped, NearPassagesRead)
+    lps = wrapped.char_log_probs(q, passages)
+    assert lps[2] == {} and lps[0] == {0: -1.0}, "an unread passage has no start"
+    assert wrapped.near(q, passages[:1]) == [0]
+    assert model.knowledge.reader_for(model.copy) is reader, "off: the reader itself"
+    with pytest.raises(ValueError, match="reader_margin must be 0"):
+        CopyConfig(reader_margin=-0.1)
+    model.passage_prior = None
+    with pytest.raises(ValueError, match="reader_margin needs the passage embedder"):
+        model.generate(q, passages, max_new_tokens=2, copy={**near, "passage_prior": 0.0})

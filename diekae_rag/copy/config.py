@@ -44,6 +44,9 @@ class CopyConfig:
     ``start_merge``: the reader's starts of at least this probability that lie at most two words
     apart with no punctuation between ("the Merrow Guild": "the", "Merrow") are read as one answer,
     whose summed probability goes to the likeliest of them (0: off).
+    ``reader_margin``: the reader reads only the passages whose MiniLM cosine to the question (the
+    passage prior's) lies within this of the best passage's; the others get no answer start, in the
+    copy and in the gate's "no answer" alike (0: it reads every passage).
     ``first_unspaced``: the first copy writes a passage token as an answer starts it (no space).
     ``answer_pieces``: extra slots that continue a word written with other pieces than the passage's.
     ``whitened_values``: write the direction that raises the copied token's logit alone.
@@ -71,6 +74,7 @@ class CopyConfig:
     passage_prior: float = 30.0
     reader_weight: float = 4.0
     start_merge: float = 0.0
+    reader_margin: float = 0.0
     first_unspaced: bool = True
     answer_pieces: bool = True
     whitened_values: bool = True
@@ -86,7 +90,8 @@ class CopyConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 raise ValueError(f"CopyConfig.{name} must be a positive number, got {value!r}.")
-        for name in ("first_key_scale", "bigram_bonus", "continue_bonus", "passage_prior", "reader_weight"):
+        for name in ("first_key_scale", "bigram_bonus", "continue_bonus", "passage_prior", "reader_weight",
+                     "reader_margin"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
                 raise ValueError(f"CopyConfig.{name} must be 0 (off) or a positive number, got {value!r}.")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Mapping, Optional, Protocol, Sequence
+from typing import Callable, Mapping, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -156,6 +156,38 @@ def merged_starts(char_lp: Mapping[int, float], text: str, min_p: float, max_wor
             best = max(group, key=lambda c: char_lp[c])
             out[best] = math.log(sum(math.exp(char_lp[c]) for c in group))
     return out
+
+
+class NearPassagesRead:
+    """An answer-start reader that reads only the passages whose cosine to the question lies within
+    ``margin`` of the best passage's (``CopyConfig.reader_margin``; ``cosines(question, passages)``: the
+    passage prior's). The others get no start ({}: the copy gives them the floor), and "no answer" is
+    normalised over the passages read, so the gate judges those alone."""
+
+    def __init__(self, reader, cosines: Callable[[str, Sequence[str]], np.ndarray], margin: float) -> None:
+        self.reader, self.cosines, self.margin = reader, cosines, margin
+
+    def char_log_probs(self, question: str, passages: Sequence[str]) -> list[dict[int, float]]:
+        return self._read(question, passages)[0]
+
+    def no_answer_log_prob(self, question: str, passages: Sequence[str]) -> float:
+        return self._read(question, passages)[1]
+
+    def near(self, question: str, passages: Sequence[str]) -> list[int]:
+        """Which passages it reads."""
+        if len(passages) < 2:
+            return list(range(len(passages)))
+        cos = np.asarray(self.cosines(question, passages))
+        return [i for i, c in enumerate(cos) if c >= cos.max() - self.margin]
+
+    def _read(self, question: str, passages: Sequence[str]) -> tuple[list[dict[int, float]], float]:
+        near = self.near(question, passages)
+        read = [passages[i] for i in near]
+        lps, null = self.reader.char_log_probs(question, read), self.reader.no_answer_log_prob(question, read)
+        out: list[dict[int, float]] = [{} for _ in passages]
+        for i, lp in zip(near, lps):
+            out[i] = lp
+        return out, null
 
 
 class GivenAnswersSkipped:
