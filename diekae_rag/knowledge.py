@@ -105,14 +105,11 @@ class KnowledgeEncoding:
 
     def reader_for(self, copy: CopyConfig):
         """The answer-start reader as ``copy`` reads with it: every passage, or with ``reader_margin``
-        only those near the question (:class:`~diekae_rag.copy.providers.NearPassagesRead`)."""
-        reader = self.answer_reader
-        if reader is None or not copy.reader_margin:
+        only those near the question (:class:`~diekae_rag.copy.providers.NearPassagesRead`; it needs the
+        passage embedder's cosines, so without one it reads every passage)."""
+        reader, prior = self.answer_reader, self._embedding_prior()
+        if reader is None or not copy.reader_margin or prior is None:
             return reader
-        prior = self._embedding_prior()
-        if prior is None:
-            raise ValueError("CopyConfig.reader_margin needs the passage embedder (model.passage_prior); assign one, "
-                             "or set reader_margin to 0.")
         return NearPassagesRead(reader, lambda q, ps: prior.cosines([q], [list(ps)])[0], copy.reader_margin)
 
     def prompter_for(self, encoder: DiekaeEncoder) -> Prompter:

@@ -278,5 +278,6 @@ def test_reader_margin_reads_only_the_passages_near_the_question():
     with pytest.raises(ValueError, match="reader_margin must be 0"):
         CopyConfig(reader_margin=-0.1)
     model.passage_prior = None
-    with pytest.raises(ValueError, match="reader_margin needs the passage embedder"):
-        model.generate(q, passages, max_new_tokens=2, copy={**near, "passage_prior": 0.0})
+    assert model.knowledge.reader_for(model.copy.replace(reader_margin=0.5)) is reader, \
+        "without the passage embedder there are no cosines: it reads every passage"
+    assert model.gate([q], [passages], copy={**near, "passage_prior": 0.0}) == [False]

@@ -46,7 +46,8 @@ class CopyConfig:
     whose summed probability goes to the likeliest of them (0: off).
     ``reader_margin``: the reader reads only the passages whose MiniLM cosine to the question (the
     passage prior's) lies within this of the best passage's; the others get no answer start, in the
-    copy and in the gate's "no answer" alike (0: it reads every passage).
+    copy and in the gate's "no answer" alike (0, or a model without the passage embedder: it reads every
+    passage; the shipped 0.3 leaves out only passages the prior already rules out, docs/results.md §3b).
     ``first_unspaced``: the first copy writes a passage token as an answer starts it (no space).
     ``answer_pieces``: extra slots that continue a word written with other pieces than the passage's.
     ``whitened_values``: write the direction that raises the copied token's logit alone.
@@ -74,7 +75,7 @@ class CopyConfig:
     passage_prior: float = 30.0
     reader_weight: float = 4.0
     start_merge: float = 0.0
-    reader_margin: float = 0.0
+    reader_margin: float = 0.3
     first_unspaced: bool = True
     answer_pieces: bool = True
     whitened_values: bool = True
@@ -139,8 +140,8 @@ class CopyConfig:
     def plain(cls) -> "CopyConfig":
         """The readout as trained: learned scores only, no serving-time term."""
         return cls(gain_scale=100.0, sharpness=1.0, first_gain=1.0, first_key_scale=1.0, bigram_bonus=0.0,
-                   continue_bonus=0.0, passage_prior=0.0, reader_weight=0.0, first_unspaced=False, answer_pieces=False,
-                   whitened_values=False, gate_no_answer=1.0, gate_ramp=0.0, question_turns=1)
+                   continue_bonus=0.0, passage_prior=0.0, reader_weight=0.0, reader_margin=0.0, first_unspaced=False,
+                   answer_pieces=False, whitened_values=False, gate_no_answer=1.0, gate_ramp=0.0, question_turns=1)
 
     def replace(self, **changes: Any) -> "CopyConfig":
         """A copy with ``changes``; an unknown name raises with the list of settings."""
