@@ -42,6 +42,18 @@ def signals(model: DiekaeModel, items) -> dict[str, list[float]]:
     return {"cosine": best, "no_answer": null, "null_margin": margin}
 
 
+def dev_items(n: int) -> tuple[dict, dict]:
+    """The gate's dev items: answerable ones (fictional and SQuAD-Shifts train, seed 999, at k=1 and at
+    k=5 with retrieved distractors) and the dev halves of the negative sets, ``n`` per set."""
+    answerable = {
+        "fictional_k1": DataSpec(fictional=n, k=1, seed=999).build(),
+        "fictional_k5_retrieved": DataSpec(fictional=n, k=5, seed=999, distractors="retrieved").build(),
+        "squad_train_k1": DataSpec(fictional=0, squad=n, k=1, seed=999).build(),
+        "squad_train_k5_retrieved": DataSpec(fictional=0, squad=n, k=5, seed=999, distractors="retrieved").build(),
+    }
+    return answerable, {"closed_book_dev": closed_book("dev"), "unanswerable_dev": unanswerable("dev", n)}
+
+
 def operating_points(sig: dict, keep: Sequence[float] = (0.95, 0.92, 0.9, 0.85)) -> list[dict]:
     """For each reader signal alone: at each share of answerable SQuAD-Shifts items to keep (at k=1
     and k=5), the threshold that gates the most negative dev items, and what it gates."""
@@ -75,13 +87,7 @@ def main() -> None:
         from diekae_rag.answer_reader import AnswerStartReader
         model.answer_reader = AnswerStartReader.from_pretrained(args.reader)
     n = args.n
-    answerable = {
-        "fictional_k1": DataSpec(fictional=n, k=1, seed=999).build(),
-        "fictional_k5_retrieved": DataSpec(fictional=n, k=5, seed=999, distractors="retrieved").build(),
-        "squad_train_k1": DataSpec(fictional=0, squad=n, k=1, seed=999).build(),
-        "squad_train_k5_retrieved": DataSpec(fictional=0, squad=n, k=5, seed=999, distractors="retrieved").build(),
-    }
-    negative = {"closed_book_dev": closed_book("dev"), "unanswerable_dev": unanswerable("dev", n)}
+    answerable, negative = dev_items(n)
     sig = {name: signals(model, items) for name, items in {**answerable, **negative}.items()}
     grid = []
     for c in COSINES:

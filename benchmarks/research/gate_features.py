@@ -3,7 +3,7 @@
     python benchmarks/research/gate_features.py [--n 60] [--out benchmarks/results/gate_features.json]
 
 For the dev items of ``benchmarks/gate_signals.py`` (answerable: fictional and SQuAD-Shifts train
-items at k=1, k=5 retrieved, fictional multi-fact k=3; not answerable: ``closed_book`` dev and
+items at k=1 and k=5 retrieved; not answerable: ``closed_book`` dev and
 ``unanswerable`` dev), it records the reader's P(no answer) and, for the sentence that holds the
 reader's likeliest start, the share of the question's content words it holds (``cover``). Then, for
 the rule "gate where P(no answer) > a or cover < b", the most negative dev items gated at each share
@@ -16,14 +16,13 @@ import argparse
 import json
 import math
 import re
+import runpy
 from pathlib import Path
 
 import numpy as np
 
 from diekae_rag import DiekaeModel
 from diekae_rag.atomic import atomic_write_text
-from diekae_rag.data.mixture import DataSpec
-from diekae_rag.data.negatives import closed_book, unanswerable
 
 STOP = set("""a an the of in on at to for from by with and or is are was were be been being do does did
 what which who whom whose when where why how that this these those it its as into than then there their
@@ -79,15 +78,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "results" / "gate_features.json")
     args = ap.parse_args()
     model = DiekaeModel.from_pretrained()
-    n = args.n
-    sets = {
-        "fictional_k1": DataSpec(fictional=n, k=1, seed=999).build(),
-        "fictional_k5_retrieved": DataSpec(fictional=n, k=5, seed=999, distractors="retrieved").build(),
-        "squad_train_k1": DataSpec(fictional=0, squad=n, k=1, seed=999).build(),
-        "squad_train_k5_retrieved": DataSpec(fictional=0, squad=n, k=5, seed=999, distractors="retrieved").build(),
-        "closed_book_dev": closed_book("dev"),
-        "unanswerable_dev": unanswerable("dev", n),
-    }
+    dev_items = runpy.run_path(str(Path(__file__).resolve().parents[1] / "gate_signals.py"))["dev_items"]
+    answerable, negative = dev_items(args.n)
+    sets = {**answerable, **negative}
     sig = {name: features(model, items) for name, items in sets.items()}
     for name, s in sig.items():
         print(name, {k: round(float(np.median(v)), 3) for k, v in s.items()})
@@ -106,7 +99,7 @@ def main() -> None:
             row = {"rule": name, "keep": keep, **trade(sig, rule, keep)}
             points.append(row)
             print(json.dumps(row))
-    atomic_write_text(args.out, json.dumps({"n": n, "points": points, "signals": sig}, indent=1))
+    atomic_write_text(args.out, json.dumps({"n": args.n, "points": points, "signals": sig}, indent=1))
 
 
 if __name__ == "__main__":
