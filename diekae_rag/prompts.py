@@ -210,32 +210,30 @@ class Prompter:
         """The passages the encoders read at least one token of within ``max_knowledge_tokens`` (the
         first ones, as :meth:`passage_ids` cuts): what the reader, the passage prior and the gate read,
         since the copy can start nowhere else."""
-        budget, used = self.config.max_knowledge_tokens, 0
-        for i, p in enumerate(passages):
-            if used >= budget:
-                return list(passages[:i])
-            used += len(self.ids(p))
-        return list(passages)
+        return list(passages[:sum(1 for ids in self._within_budget(passages) if ids)])
 
     def passage_ids(self, passages: Sequence[str]) -> list[list[int]]:
         """Token ids of each passage, cut to ``max_knowledge_tokens`` in all with a warning that says how much."""
-        budget = self.config.max_knowledge_tokens
-        out, used, cut_tokens, cut_passages = [], 0, 0, 0
-        for p in passages:
-            p_ids = self.ids(p)
-            room = max(budget - used, 0)
-            if len(p_ids) > room:
-                cut_tokens += len(p_ids) - room
-                cut_passages += 1
-                p_ids = p_ids[:room]
-            out.append(p_ids)
-            used += len(p_ids)
+        out = self._within_budget(passages)
+        full = [len(self.ids(p)) for p in passages]
+        cut_tokens = sum(f - len(ids) for f, ids in zip(full, out))
         if cut_tokens:
+            cut_passages = sum(f > len(ids) for f, ids in zip(full, out))
             warnings.warn(
-                f"Knowledge has {used + cut_tokens} tokens but the encoders read at most {budget} "
+                f"Knowledge has {sum(full)} tokens but the encoders read at most {self.config.max_knowledge_tokens} "
                 f"(max_knowledge_tokens): cut {cut_tokens} tokens from {cut_passages} of {len(passages)} "
                 "passage(s), keeping the first ones. Pass fewer or shorter passages, or raise "
                 "max_knowledge_tokens.", KnowledgeTruncatedWarning, stacklevel=5)
+        return out
+
+    def _within_budget(self, passages: Sequence[str]) -> list[list[int]]:
+        """Each passage's token ids, the first ones kept whole and the rest cut once
+        ``max_knowledge_tokens`` is used up (empty for passages past it)."""
+        budget, used, out = self.config.max_knowledge_tokens, 0, []
+        for p in passages:
+            p_ids = self.ids(p)[:max(budget - used, 0)]
+            out.append(p_ids)
+            used += len(p_ids)
         return out
 
     def knowledge_ids(self, passages: Sequence[str]) -> tuple[list[int], list[bool]]:
