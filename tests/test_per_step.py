@@ -501,6 +501,9 @@ def test_whitened_values_raise_the_copied_token_alone_and_decode_steps_still_equ
     values = model.knowledge.values
     torch.testing.assert_close(values.rows(ids[:5], True, enc.dtype), rows[:5].to(enc.dtype))
     torch.testing.assert_close(values.rows(ids[:5], False, enc.dtype), W[:5].to(enc.dtype))
+    some = torch.tensor([7, 3, 7, 11, 3])  # repeats, and tokens the table already holds beside new ones
+    torch.testing.assert_close(values.rows(some, True, enc.dtype), rows[some].to(enc.dtype))
+    assert values._made.sum() == 7  # ids 0-4, then 7 and 11: a token's row is made once
     assert_decode_rows_equal_reencode(model)
 
 

@@ -34,13 +34,18 @@ def whitened_values(lm_head: torch.Tensor, norm_weight: Optional[torch.Tensor], 
 
 
 class ValueRows:
-    """The value rows of one decoder: ``rows(ids, whitened)``; the whitener is made on first use."""
+    """The value rows of one decoder: ``rows(ids, whitened)``. The whitener is made on first use,
+    and each token's whitened row the first time a passage holds it: a table with a row per
+    vocabulary entry is filled as tokens arrive (its pages are written only for those), so a
+    passage's tokens cost one gather on later calls."""
 
     def __init__(self, decoder: torch.nn.Module) -> None:
         self.lm_head = decoder.get_output_embeddings().weight
         norm = getattr(getattr(decoder, "model", None), "norm", None)
         self.norm_weight = getattr(norm, "weight", None)
         self._whitener: Optional[torch.Tensor] = None
+        self._table: Optional[torch.Tensor] = None  # (V, H) float32 whitened rows, valid where _made
+        self._made: Optional[torch.Tensor] = None   # (V,) bool
 
     @property
     def vocab_size(self) -> int:
@@ -50,6 +55,15 @@ class ValueRows:
         with torch.no_grad():
             if not whitened:
                 return self.lm_head[ids].to(dtype)
-            if self._whitener is None:
-                self._whitener = whitener(self.lm_head, self.norm_weight)
-            return whitened_values(self.lm_head, self.norm_weight, self._whitener, ids).to(dtype)
+            return self._whitened(ids).to(dtype)
+
+    def _whitened(self, ids: torch.Tensor) -> torch.Tensor:
+        if self._whitener is None:
+            self._whitener = whitener(self.lm_head, self.norm_weight)
+            self._table = torch.empty(self.lm_head.shape, dtype=torch.float32, device=self.lm_head.device)
+            self._made = torch.zeros(self.lm_head.shape[0], dtype=torch.bool, device=self.lm_head.device)
+        new = ids[~self._made[ids]].unique()
+        if new.numel():  # rows written before the flags, so a concurrent call never reads an unwritten row
+            self._table[new] = whitened_values(self.lm_head, self.norm_weight, self._whitener, new)
+            self._made[new] = True
+        return self._table[ids]
