@@ -381,12 +381,16 @@ class DiekaeModel:
         states of these encoder weights; passages not stored there are encoded on first use."""
         return self._attach(PassageStateStore(folder, self.encoder, create=False))
 
-    def warm_up(self) -> "DiekaeModel":
+    def warm_up(self, k: int = 5) -> "DiekaeModel":
         """Load what the first call would load (the answer-start reader, the passage prior's
-        embedder) and run one short call, so that a server's first query is as fast as later ones."""
+        embedder) and run one call over ``k`` invented passages of a retrieved chunk's usual length,
+        so that a server's first query is about as fast as later ones: the code paths and kernels a
+        real query takes are made here, not in it."""
+        from .data.fictional import make_facts
+        facts = make_facts(max(k, 1), seed=101, relations="all", other_facts=(8, 8))  # no benchmark uses seed 101
         with torch.inference_mode(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self.generate("Warm-up?", ["Warm-up passage.", "Another warm-up passage."], max_new_tokens=1,
+            self.generate(facts[0].question, [f.passage for f in facts], max_new_tokens=1,
                           copy={"gate_no_answer": 1.0, "gate_ramp": 0.0})  # the gate off, so that the encoders' path runs too
         return self
 
