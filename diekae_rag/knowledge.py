@@ -84,6 +84,7 @@ class KnowledgeEncoding:
         self.passage_cache.attach(store, encoder)
         if hasattr(self.passage_prior, "stored"):
             self.passage_prior.stored = None if store is None else store.vectors
+        self.passage_tokens.stored = None if store is None else store.passage_tokens
         self._with_store(self._reader)  # a reader not loaded yet gets the store when it is
 
     def _with_store(self, reader: Optional[AnswerStartReader]) -> Optional[AnswerStartReader]:
@@ -231,6 +232,7 @@ class KnowledgeEncoding:
         first pieces and answer pieces as ``copy`` asks."""
         memory = CopyMemory.build(past.keys, past.ids, past.knowledge, self.classes,
                                   self._value_rows(past.ids, copy, encoder), encoder.config.pointer_match)
+        self.passage_tokens.fetch([p for ps in passages for p in ps], self.classes)  # indexed texts: not tokenised again
         layout = KnowledgeLayout.of([it[0] for it in items], [it[1] for it in items], self.passage_tokens.spans,
                                     passages, memory.width)
         questions, given = self.questions(prompts, copy)
@@ -263,14 +265,17 @@ class KnowledgeEncoding:
                      shard_segments: int = 1024, progress: bool = True, vectors: Optional[dict] = None) -> int:
         """Encode the passages whose segments ``store`` lacks and write their states to it (a shard
         per ``shard_segments``), with the passage prior's vectors of the passages (taken from
-        ``vectors`` where given) and the answer reader's passage sides; returns how many segments
-        were added."""
+        ``vectors`` where given), the answer reader's passage sides and what the copy needs of their
+        tokens (:class:`~diekae_rag.copy.pieces.TokenRecord`); returns how many segments were added."""
         from tqdm import tqdm
 
         from .passage_cache import encode_segments
-        from .state_store import reader_key, segment_key, text_key
+        from .state_store import reader_key, segment_key, text_key, tokens_key
         segs: dict[str, tuple] = {}
         passages = clean_passages(list(passages))
+        missing = [p for p in dict.fromkeys(passages) if tokens_key(p) not in store]
+        tokens = {p: self.passage_tokens.record(p, self.classes)  # written with the first states below
+                  for p in tqdm(missing, desc="passage tokens", disable=not progress or len(missing) < 256)}
         prior = self._embedding_prior()
         if prior is not None and (copy.passage_prior or copy.gate_cosine):
             missing = [p for p in passages if text_key(p) not in store]
@@ -300,9 +305,9 @@ class KnowledgeEncoding:
                 states = encode_segments(self.main, [s for _, (s, _) in part], [k for _, (_, k) in part], self.device)
                 pending.update(zip([key for key, _ in part], states))
                 if len(pending) >= shard_segments:
-                    added += store.add(pending)
-                    pending = {}
-        return added + store.add(pending)
+                    added += store.add(pending, tokens=tokens)
+                    pending, tokens = {}, {}
+        return added + store.add(pending, tokens=tokens)
 
     def precompute(self, passages: Sequence[str], copy: CopyConfig) -> int:
         """Encode passages ahead of queries (e.g. at index time), with what the copy needs of them."""

@@ -12,7 +12,9 @@ A segment's tensors are named ``<key>/<part>``, where the key is a hash of its t
 copyable-token mask, so the same text finds its states whichever retriever returned it. A passage's
 sentence vector (the passage prior's MiniLM embedding) is kept as ``text-<hash of the text>/vec``, and
 the answer-start reader's passage side (with ``separate_layers``) as ``read-<hash of the reader's
-fingerprint and the text>/{h,m,s}``, so that another reader simply finds none. ``encoder``
+fingerprint and the text>/{h,m,s}``, so that another reader simply finds none; what the copy needs
+of a text's tokens (spans, first pieces, answer pieces) as ``tok-<hash of the text>/...``, so a query
+does not tokenise an indexed passage again. ``encoder``
 is a hash of the encoder weights: states from other weights are refused with the command that
 rebuilds them. New segments go into a new shard (temp file, fsync, rename), then the manifest is
 replaced atomically, so a crash leaves the previous manifest pointing at complete shards.
@@ -67,8 +69,13 @@ def reader_key(text: str, fingerprint: str) -> str:
     return "read-" + hashlib.sha256(f"{fingerprint}\0{text}".encode("utf-8")).hexdigest()[:32]
 
 
+def tokens_key(text: str) -> str:
+    """The stored name of what the copy needs of a passage text's tokens (:class:`~diekae_rag.copy.pieces.PassageTokens`)."""
+    return "tok-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
 def _is_segment(key: str) -> bool:
-    return not key.startswith(("text-", "read-"))
+    return not key.startswith(("text-", "read-", "tok-"))
 
 
 def _pack(t: torch.Tensor, dtype: str) -> dict[str, torch.Tensor]:
@@ -179,6 +186,19 @@ class PassageStateStore:
                 out[text] = PassageSide(_unpack(get, "h", self.dtype, torch.float32), get("m"), get("s"))
         return out
 
+    def passage_tokens(self, texts: Sequence[str]) -> dict:
+        """The stored token records (:class:`~diekae_rag.copy.pieces.TokenRecord`) of those ``texts``
+        that have one."""
+        from .copy.pieces import TokenRecord
+        out = {}
+        for text in texts:
+            key = tokens_key(text)
+            shard = self._where.get(key)
+            if shard is not None:
+                f = self._shard(shard)
+                out[text] = TokenRecord.from_tensors({n: f.get_tensor(f"{key}/{n}") for n in TokenRecord.FIELDS})
+        return out
+
     def _shard(self, name: str):
         """A shard's memory-mapped reader, opened once."""
         from safetensors import safe_open
@@ -189,18 +209,21 @@ class PassageStateStore:
         return f
 
     def add(self, states: dict[str, SegmentState], vectors: Optional[dict] = None, sides: Optional[dict] = None,
-            reader: str = "") -> int:
-        """Write the states of new segments (and passage texts' sentence vectors, and their
-        answer-reader ``sides`` for the reader with fingerprint ``reader``) as one new shard, then the
-        manifest; returns how many segments were added."""
+            reader: str = "", tokens: Optional[dict] = None) -> int:
+        """Write the states of new segments (and passage texts' sentence vectors, their
+        answer-reader ``sides`` for the reader with fingerprint ``reader``, and their token records)
+        as one new shard, then the manifest; returns how many segments were added."""
         from safetensors.torch import save_file
         new = {k: s for k, s in states.items() if k not in self._where}
         vecs = {text_key(t): v for t, v in (vectors or {}).items() if text_key(t) not in self._where}
         reads = {reader_key(t, reader): s for t, s in (sides or {}).items() if reader_key(t, reader) not in self._where}
-        if not new and not vecs and not reads:
+        toks = {tokens_key(t): r for t, r in (tokens or {}).items() if tokens_key(t) not in self._where}
+        if not new and not vecs and not reads and not toks:
             return 0
         tensors: dict[str, torch.Tensor] = {f"{k}/vec": torch.as_tensor(v, dtype=torch.float32).contiguous()
                                             for k, v in vecs.items()}
+        for key, record in toks.items():
+            tensors.update({f"{key}/{n}": t for n, t in record.to_tensors().items()})
         for key, side in reads.items():
             tensors.update({f"{key}/h.{x}": y for x, y in _pack(side.hidden, self.dtype).items()})
             tensors[f"{key}/m"] = side.mask.to("cpu", torch.bool).contiguous()
@@ -221,7 +244,7 @@ class PassageStateStore:
             atomic_write(self.folder / shard, lambda tmp: save_file(tensors, str(tmp)))
             self.bytes += (self.folder / shard).stat().st_size
             self._shards.append(shard)
-            self._where.update({k: shard for k in [*new, *vecs, *reads]})
+            self._where.update({k: shard for k in [*new, *vecs, *reads, *toks]})
             keys: dict[str, list[str]] = {s: [] for s in self._shards}
             for k, s in self._where.items():
                 keys[s].append(k)
@@ -245,5 +268,5 @@ def states_folder(store_dir: str | Path) -> Path:
     return Path(store_dir) / "states"
 
 
-__all__ = ["PassageStateStore", "StateStoreError", "encoder_hash", "segment_key", "text_key", "reader_key",
+__all__ = ["PassageStateStore", "StateStoreError", "encoder_hash", "segment_key", "text_key", "reader_key", "tokens_key",
            "states_folder", "DTYPES"]

@@ -174,3 +174,28 @@ def test_the_latency_benchmark_times_every_mode_and_reads_the_store():
     assert [r["mode"] for r in rows] == ["none", "in_context", "diekae", "diekae_cold", "diekae_store"]
     assert all(r["ttft_s"] > 0 and r["decoder_tokens"] > 0 for r in rows)
     assert model.knowledge.passage_cache.stored > 0, "the store mode read passage states from disk"
+
+
+def test_what_the_copy_needs_of_a_passages_tokens_is_stored_and_read_back(tmp_path):
+    """Spans, first pieces and answer pieces are stored with the states; a new model attached to the
+    store reads them instead of tokenising the passages, and answers as a model that tokenises."""
+    def fresh():
+        model = _per_step_model(isolation=True, match=True, first_unspaced=True, answer_pieces=True)
+        model.knowledge.passage_cache.max_segments = 0
+        return model
+
+    ref = fresh()
+    want = ref.generate_batch(Q, K, max_new_tokens=N_NEW)
+    store = ref.index_states(PASSAGES, tmp_path, progress=False)
+    classes = ref.knowledge.classes
+    stored = store.passage_tokens(PASSAGES + ["never indexed"])
+    assert set(stored) == set(PASSAGES)
+    for p in PASSAGES:
+        assert stored[p] == ref.knowledge.passage_tokens.record(p, classes)
+
+    model = fresh()
+    model.attach_states(tmp_path)
+    model.knowledge.passage_tokens.tokenizer = None  # tokenising a passage now fails
+    assert model.generate_batch(Q, K, max_new_tokens=N_NEW) == want
+    with pytest.raises((TypeError, AttributeError)):
+        model.generate(Q[0], ["A passage nobody indexed."], max_new_tokens=2)

@@ -96,15 +96,39 @@ def bridge(alt: Sequence[int], last: Optional[int], ids: Sequence[int], classes:
     return [Piece(ids[last + 1], alt[-1], last + 1, last + 1, word, len(alt))]
 
 
+class TokenRecord(NamedTuple):
+    """What :class:`PassageTokens` computes for one passage text, as stored with its states."""
+    ids: list[int]
+    spans: list[tuple[int, int]]
+    first: list[int]
+    pieces: list[Piece]
+
+    FIELDS = ("ids", "spans", "first", "pieces")
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        return {"ids": torch.tensor(self.ids, dtype=torch.int32),
+                "spans": torch.tensor(self.spans, dtype=torch.int32).reshape(-1, 2),
+                "first": torch.tensor(self.first, dtype=torch.int32),
+                "pieces": torch.tensor(self.pieces, dtype=torch.int32).reshape(-1, len(Piece._fields))}
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor]) -> "TokenRecord":
+        return cls(t["ids"].tolist(), [tuple(x) for x in t["spans"].tolist()], t["first"].tolist(),
+                   [Piece(*x) for x in t["pieces"].tolist()])
+
+
 class PassageTokens:
     """What the copy needs of each passage text, computed once per text (a thread-safe LRU): its
     tokens' character spans, each token's first piece (the first token of the text from there on,
-    without the leading space: " Ithpelith" -> "I"), and its answer pieces (:func:`word_pieces`)."""
+    without the leading space: " Ithpelith" -> "I"), and its answer pieces (:func:`word_pieces`).
+    With ``stored`` (a state store's ``passage_tokens``), a text indexed with its states is read
+    back (:meth:`fetch`) instead of tokenised again."""
 
     def __init__(self, tokenizer, max_passages: int = 4096) -> None:
         self.tokenizer = tokenizer
         self._kept = LRU(max_passages)
         self._classes = None
+        self.stored: Optional[Callable[[Sequence[str]], dict]] = None
 
     def spans(self, text: str) -> list[tuple[int, int]]:
         return self._encoded(text)[1]
@@ -123,11 +147,32 @@ class PassageTokens:
         return self._kept.get_or_make(("first", text), make)
 
     def word_pieces(self, text: str, classes: torch.Tensor) -> list[Piece]:
+        self._use_classes(classes)
+        ids, spans = self._encoded(text)
+        return self._kept.get_or_make(("pieces", text), lambda: word_pieces(self.tokenizer, text, spans, ids, classes))
+
+    def _use_classes(self, classes: torch.Tensor) -> None:
         if classes is not self._classes:  # another tokenizer-to-class map: forget the old pieces
             self._kept.drop(lambda key: key[0] == "pieces")
             self._classes = classes
+
+    def record(self, text: str, classes: torch.Tensor) -> TokenRecord:
+        """Everything kept for ``text``, made where missing (what a state store keeps)."""
         ids, spans = self._encoded(text)
-        return self._kept.get_or_make(("pieces", text), lambda: word_pieces(self.tokenizer, text, spans, ids, classes))
+        return TokenRecord(list(ids), list(spans), self.first_pieces(text), self.word_pieces(text, classes))
+
+    def fetch(self, texts: Sequence[str], classes: torch.Tensor) -> None:
+        """Read the records of those ``texts`` not kept here from ``stored``, and keep them."""
+        if self.stored is None:
+            return
+        self._use_classes(classes)
+        texts = list(dict.fromkeys(texts))
+        kept = self._kept.get_many([("pieces", t) for t in texts])
+        todo = [t for t in texts if ("pieces", t) not in kept]
+        if todo:
+            found = self.stored(todo)
+            self._kept.put_many([item for t, r in found.items() for item in
+                                 ((("enc", t), (r.ids, r.spans)), (("first", t), r.first), (("pieces", t), r.pieces))])
 
 
 def first_piece_ids(tokens: PassageTokens, passages: Sequence[Sequence[str]], layout: KnowledgeLayout,
