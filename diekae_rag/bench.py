@@ -131,37 +131,50 @@ def bench_latency(model: DiekaeModel, ks=(1, 3, 5, 10), new_tokens: int = 32, re
         q, passages = bench_passages(model, k)
         if "diekae_store" in modes:
             stored = model.index_states(passages, Path(tmp.name) / "states", progress=False)
+
+        def setup(label: str) -> None:  # untimed: forget what the last call kept, then retrieve
+            mode = "diekae" if label.startswith("diekae") else label
+            if mode == "diekae" and model.answer_reader is not None:
+                model.answer_reader.clear()  # the reader reads each new question: never a kept answer
+            if label in ("diekae_cold", "diekae_store"):
+                model.knowledge.passage_cache.clear()
+                if reader is not None:
+                    reader.clear(passages=True)
+                if model.passage_prior is not None:
+                    model.passage_prior.clear()
+            use_store(stored if label == "diekae_store" else None)
+            if embedder is not None:
+                embedder.forget_queries()
+                if mode != "none":  # retrieval embeds the question, and the prior and the gate reuse it
+                    embedder.encode_queries([q])
+
+        def run(label: str, n_new: int) -> None:
+            kw = {"min_new_tokens": n_new} if n_new > 1 else {}
+            model.generate(q, passages, mode="diekae" if label.startswith("diekae") else label,
+                           max_new_tokens=n_new, **kw)
+
+        def medians(n_new: int, n: int) -> dict[str, float]:
+            """Each mode's median time, the modes taking turns so that a CPU whose speed drifts
+            during the run slows them alike."""
+            times: dict[str, list[float]] = {label: [] for label in modes}
+            for i in range(n + 1):  # the first round warms up
+                for label in modes:
+                    t = timed(lambda: run(label, n_new), dev, lambda: setup(label))
+                    if i:
+                        times[label].append(t)
+            return {label: statistics.median(ts) for label, ts in times.items()}
+
+        ttfts, totals = medians(1, repeats), medians(new_tokens, max(1, repeats // 2))
         for label in modes:
             mode = "diekae" if label.startswith("diekae") else label
-
-            def setup() -> None:  # untimed: forget what the last call kept, then retrieve
-                if mode == "diekae" and model.answer_reader is not None:
-                    model.answer_reader.clear()  # the reader reads each new question: never a kept answer
-                if label in ("diekae_cold", "diekae_store"):
-                    model.knowledge.passage_cache.clear()
-                    if reader is not None:
-                        reader.clear(passages=True)
-                    if model.passage_prior is not None:
-                        model.passage_prior.clear()
-                use_store(stored if label == "diekae_store" else None)
-                if embedder is not None:
-                    embedder.forget_queries()
-                    if mode != "none":  # retrieval embeds the question, and the prior and the gate reuse it
-                        embedder.encode_queries([q])
-
-            def run(n_new: int) -> None:
-                kw = {"min_new_tokens": n_new} if n_new > 1 else {}
-                model.generate(q, passages, mode=mode, max_new_tokens=n_new, **kw)
-
             prompt_len = len(model.prepare([q], [passages], mode)[0][0])
-            ttft = median_time(lambda: run(1), repeats, dev, setup)
-            total = median_time(lambda: run(new_tokens), max(1, repeats // 2), dev, setup)
-            setup()
+            setup(label)
             with PeakMemory(dev) as mem:
-                run(new_tokens)
+                run(label, new_tokens)
             extra = {}
-            if embedder is not None and mode == "diekae":
+            if embedder is not None and label == "diekae":
                 extra["question_embedding_s"] = median_time(lambda: embedder.encode([q]), repeats, dev)
+            ttft, total = ttfts[label], totals[label]
             rows.append({"k": k, "mode": label, "ttft_s": ttft, "total_s": total, **extra,
                          "decode_step_s": (total - ttft) / (new_tokens - 1), "decoder_tokens": prompt_len,
                          "knowledge_tokens": sum(len(model.prompter.ids(p)) for p in passages),
@@ -208,12 +221,14 @@ print(json.dumps({"load_s": loaded, "warm_up_s": warmed - loaded, "first_query_s
 """
 
 
-def bench_fresh_process(model: DiekaeModel, checkpoint: Optional[str], k: int = 5, n_docs: int = 40) -> dict:
+def bench_fresh_process(model: DiekaeModel, checkpoint: Optional[str], k: int = 5, n_docs: int = 40,
+                        runs: int = 3) -> dict:
     """A new Python process opens a persisted store (FAISS index and passage states) and warms the
     model up (``model.warm_up()``). Its first query is the latency rows' question over their ``k``
     passages, which the store holds (time to first token, the question vector made before the call
     as retrieval makes it: compare with the ``diekae`` row at ``k``); then the same again, and
-    questions answered over the ``k`` chunks retrieved from the store (retrieval included)."""
+    questions answered over the ``k`` chunks retrieved from the store (retrieval included). ``runs``
+    processes, one after another: the medians, and each process's figures under ``"runs"``."""
     from .retrievers import open_or_build
     from .state_store import states_folder
     facts = make_facts(n_docs, seed=7, relations="all", other_facts=(6, 6))
@@ -228,12 +243,16 @@ def bench_fresh_process(model: DiekaeModel, checkpoint: Optional[str], k: int = 
         model.index_states(passages, states_folder(Path(tmp) / "store"), progress=False)
         model.knowledge.attach_store(attached, model.encoder)  # not the store that is about to go
         asked = {"question": q, "passages": passages, "retrieved": [f.question for f in facts[:4]]}
-        out = subprocess.run([sys.executable, "-c", _FRESH, str(Path(tmp) / "store"), json.dumps(asked),
-                              str(torch.get_num_threads()), checkpoint or ""],
-                             capture_output=True, text=True, check=True)
-    row = json.loads(out.stdout.strip().splitlines()[-1])
-    row.update({"k": k, "chunks": len(store)})
-    print(f"fresh process: load {row['load_s']:.2f} s, warm-up {row['warm_up_s']:.2f} s, first query "
+        each = []
+        for _ in range(runs):
+            out = subprocess.run([sys.executable, "-c", _FRESH, str(Path(tmp) / "store"), json.dumps(asked),
+                                  str(torch.get_num_threads()), checkpoint or ""],
+                                 capture_output=True, text=True, check=True)
+            each.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    row = {key: statistics.median(r[key] for r in each) for key in ("load_s", "warm_up_s", "first_query_s", "second_query_s")}
+    row.update({"retrieved_queries_s": [statistics.median(ts) for ts in zip(*(r["retrieved_queries_s"] for r in each))],
+                "k": k, "chunks": len(store), "runs": each})
+    print(f"fresh process (median of {runs}): load {row['load_s']:.2f} s, warm-up {row['warm_up_s']:.2f} s, first query "
           f"{row['first_query_s'] * 1000:.0f} ms, second {row['second_query_s'] * 1000:.0f} ms, retrieved "
           f"{[round(t * 1000) for t in row['retrieved_queries_s']]} ms", flush=True)
     return row
@@ -398,6 +417,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--skip", nargs="*", default=[],
                     choices=["latency", "fresh", "batch", "training", "retrieval", "load"])
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--fresh-runs", type=int, default=3, help="new processes timed by the fresh-process row")
     ap.add_argument("--compiled", nargs="?", const="auto", default=None, metavar="MODE",
                     help="decode steps through torch.compile (DiekaeModel.compile_decode; MODE default: reduce-overhead "
                          "on CUDA, default on the CPU); each timing's untimed warm-up call compiles")
@@ -429,7 +449,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             res["batch"] = bench_batch(model)
             save()
     if "fresh" not in args.skip and model.config.passage_isolation:
-        res["fresh_process"] = bench_fresh_process(model, args.checkpoint)
+        res["fresh_process"] = bench_fresh_process(model, args.checkpoint, runs=args.fresh_runs)
         save()
     if "training" not in args.skip:
         res["training"] = bench_training(model)
