@@ -1,0 +1,108 @@
+"""Where DIEKÆ's time to the first token goes at k passages (CPU, the shipped model).
+
+    python benchmarks/research/ttft_profile.py [--k 5] [--calls 10] [--out benchmarks/results/cpu/ttft_profile.txt]
+
+Three parts, written to ``--out``:
+1. time to the first token of the bare decoder, DIEKÆ with the passages precomputed and DIEKÆ
+   with their states read from a store on disk, the three taking turns (medians of 7);
+2. a cProfile of ``--calls`` precomputed calls, cumulative time of this package's functions and
+   of the MiniLM models they call (the gate, the reader, the encoders' session, the copy readout);
+3. what the copy needs of the tokens of k new chunk-sized passages (spans, first pieces, answer
+   pieces): made by tokenising, and read back from the store.
+As in ``benchmarks/run.py``, the question's MiniLM vector is made before each timed call, as the
+retriever makes it in serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from diekae_rag import DiekaeModel
+from diekae_rag.atomic import atomic_write_text
+from diekae_rag.bench import bench_passages, hardware
+from diekae_rag.data.fictional import make_facts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--k", type=int, default=5)
+    ap.add_argument("--calls", type=int, default=10)
+    ap.add_argument("--out", default="benchmarks/results/cpu/ttft_profile.txt")
+    args = ap.parse_args()
+    model = DiekaeModel.from_pretrained()
+    q, passages = bench_passages(model, args.k)
+    tmp = tempfile.TemporaryDirectory()
+    store = model.index_states(passages, Path(tmp.name) / "states", progress=False)
+    embedder = model.passage_prior.embedder
+    out = io.StringIO()
+    out.write(f"{hardware(model.device)}, k={args.k}\n\n")
+
+    def call(label: str) -> None:
+        model.answer_reader.clear()
+        embedder.forget_queries()
+        if label != "none":
+            embedder.encode_queries([q])  # as retrieval does, before the call
+        if label == "store":
+            model.knowledge.passage_cache.clear()
+            model.passage_prior.clear()
+        model.knowledge.attach_store(store if label == "store" else None, model.encoder)
+        t = time.perf_counter()
+        model.generate(q, passages, mode="none" if label == "none" else "diekae", max_new_tokens=1)
+        return time.perf_counter() - t
+
+    labels = ("none", "precomputed", "store")
+    with torch.inference_mode():
+        times = {label: [] for label in labels}
+        for i in range(8):
+            for label in labels:
+                t = call(label)
+                if i:
+                    times[label].append(t)
+        med = {label: statistics.median(ts) * 1000 for label, ts in times.items()}
+        out.write("time to first token (median of 7, modes taking turns): " + ", ".join(
+            f"{label} {ms:.1f} ms ({ms / med['none']:.2f}x none)" for label, ms in med.items()) + "\n\n")
+
+        prof = cProfile.Profile()
+        for _ in range(args.calls):
+            model.answer_reader.clear()
+            embedder.forget_queries()
+            embedder.encode_queries([q])
+            model.knowledge.attach_store(None, model.encoder)
+            prof.enable()
+            model.generate(q, passages, max_new_tokens=1)
+            prof.disable()
+        stats = io.StringIO()
+        pstats.Stats(prof, stream=stats).sort_stats("cumulative").print_stats("diekae_rag|modeling_bert|modeling_llama.py:4", 45)
+        out.write(f"cProfile of {args.calls} precomputed calls (cumtime is the total over them):\n{stats.getvalue()}\n")
+
+    new = [f.passage for f in make_facts(args.k, seed=501, relations="all", other_facts=(12, 12))]
+    tokens = model.knowledge.passage_tokens
+    tokens.stored = None
+    t = time.perf_counter()
+    records = {p: tokens.record(p, model.knowledge.classes) for p in new}
+    made = time.perf_counter() - t
+    store.add({}, tokens=records)
+    tokens._kept.drop(lambda key: key[1] in records)
+    tokens.stored = store.passage_tokens
+    t = time.perf_counter()
+    tokens.fetch(new, model.knowledge.classes)
+    read = time.perf_counter() - t
+    n_tok = sum(len(r.ids) for r in records.values())
+    out.write(f"the copy's token records of {args.k} new passages ({n_tok} tokens): made by tokenising "
+              f"{made * 1000:.1f} ms, read from the store {read * 1000:.1f} ms\n")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(args.out), out.getvalue())
+    print(out.getvalue())
+
+
+if __name__ == "__main__":
+    main()
