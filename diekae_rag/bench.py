@@ -108,6 +108,11 @@ def bench_passages(model: DiekaeModel, k: int, tokens: int = 120, seed: int = 0)
     return facts[0].question, passages
 
 
+def _mode(label: str) -> str:
+    """The generate mode of a latency row ("diekae_store" and "diekae_cold" are "diekae")."""
+    return "diekae" if label.startswith("diekae") else label
+
+
 def bench_latency(model: DiekaeModel, ks=(1, 3, 5, 10), new_tokens: int = 32, repeats: int = 5) -> list[dict]:
     rows = []
     dev = model.device
@@ -133,7 +138,7 @@ def bench_latency(model: DiekaeModel, ks=(1, 3, 5, 10), new_tokens: int = 32, re
             stored = model.index_states(passages, Path(tmp.name) / "states", progress=False)
 
         def setup(label: str) -> None:  # untimed: forget what the last call kept, then retrieve
-            mode = "diekae" if label.startswith("diekae") else label
+            mode = _mode(label)
             if mode == "diekae" and model.answer_reader is not None:
                 model.answer_reader.clear()  # the reader reads each new question: never a kept answer
             if label in ("diekae_cold", "diekae_store"):
@@ -150,8 +155,7 @@ def bench_latency(model: DiekaeModel, ks=(1, 3, 5, 10), new_tokens: int = 32, re
 
         def run(label: str, n_new: int) -> None:
             kw = {"min_new_tokens": n_new} if n_new > 1 else {}
-            model.generate(q, passages, mode="diekae" if label.startswith("diekae") else label,
-                           max_new_tokens=n_new, **kw)
+            model.generate(q, passages, mode=_mode(label), max_new_tokens=n_new, **kw)
 
         def medians(n_new: int, n: int) -> dict[str, float]:
             """Each mode's median time, the modes taking turns so that a CPU whose speed drifts
@@ -166,8 +170,7 @@ def bench_latency(model: DiekaeModel, ks=(1, 3, 5, 10), new_tokens: int = 32, re
 
         ttfts, totals = medians(1, repeats), medians(new_tokens, max(1, repeats // 2))
         for label in modes:
-            mode = "diekae" if label.startswith("diekae") else label
-            prompt_len = len(model.prepare([q], [passages], mode)[0][0])
+            prompt_len = len(model.prepare([q], [passages], _mode(label))[0][0])
             setup(label)
             with PeakMemory(dev) as mem:
                 run(label, new_tokens)
@@ -203,7 +206,8 @@ asked = json.loads(sys.argv[2])
 store.embedder.encode_queries([asked["question"]])  # what retrieval does before the call
 first = []
 for _ in range(2):
-    model.answer_reader and model.answer_reader.clear()
+    if model.answer_reader is not None:
+        model.answer_reader.clear()
     t = time.perf_counter()
     with torch.inference_mode():
         model.generate(asked["question"], asked["passages"], max_new_tokens=1)

@@ -29,6 +29,7 @@ import torch
 from diekae_rag import DiekaeModel
 from diekae_rag.atomic import atomic_write_text
 from diekae_rag.bench import bench_passages, hardware
+from diekae_rag.copy.pieces import PassageTokens
 from diekae_rag.data.fictional import make_facts
 
 
@@ -46,7 +47,7 @@ def main() -> None:
     out = io.StringIO()
     out.write(f"{hardware(model.device)}, k={args.k}\n\n")
 
-    def call(label: str) -> None:
+    def call(label: str) -> float:
         model.answer_reader.clear()
         embedder.forget_queries()
         if label != "none":
@@ -85,16 +86,15 @@ def main() -> None:
         out.write(f"cProfile of {args.calls} precomputed calls (cumtime is the total over them):\n{stats.getvalue()}\n")
 
     new = [f.passage for f in make_facts(args.k, seed=501, relations="all", other_facts=(12, 12))]
-    tokens = model.knowledge.passage_tokens
-    tokens.stored = None
+    classes, tokenizer = model.knowledge.classes, model.knowledge.passage_tokens.tokenizer
     t = time.perf_counter()
-    records = {p: tokens.record(p, model.knowledge.classes) for p in new}
+    records = {p: PassageTokens(tokenizer).record(p, classes) for p in new}
     made = time.perf_counter() - t
     store.add({}, tokens=records)
-    tokens._kept.drop(lambda key: key[1] in records)
-    tokens.stored = store.passage_tokens
+    reading = PassageTokens(tokenizer)
+    reading.stored = store.passage_tokens
     t = time.perf_counter()
-    tokens.fetch(new, model.knowledge.classes)
+    reading.fetch(new, classes)
     read = time.perf_counter() - t
     n_tok = sum(len(r.ids) for r in records.values())
     out.write(f"the copy's token records of {args.k} new passages ({n_tok} tokens): made by tokenising "
