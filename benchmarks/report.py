@@ -125,14 +125,14 @@ def readme_cost(bench_path, step_path):
                                            f"{x['ttft_s'] / none:.2f}× none)" if mode != "in_context" else "")
         print(f"| {label} | {x['decoder_tokens']} tokens | {x['ttft_s'] * 1000:.0f} ms{ratio} | {dec} |")
     if "fresh_process" in r:
-        f, pre = r["fresh_process"], lat["diekae"]["ttft_s"]
+        f = r["fresh_process"]
         later = f["retrieved_queries_s"]
-        print(f"\nA new process that opens a stored index ({f['chunks']} chunks) loads in {f['load_s']:.1f} s and "
-              f"warms up (`model.warm_up()`: what a first call loads) in {f['warm_up_s']:.1f} s. Its first query, "
-              f"the question and passages of the rows above read from the store, takes {f['first_query_s'] * 1000:.0f} ms "
-              f"to the first token ({f['first_query_s'] / pre:.2f}× the precomputed row, "
-              f"{f['first_query_s'] / lat['in_context']['ttft_s']:.2f}× in-context); asked again, "
-              f"{f['second_query_s'] * 1000:.0f} ms. Questions over the chunks it retrieves take "
+        print(f"\nA new process that opens a stored index ({f['chunks']} chunks, `benchmarks/run.py`'s `fresh_process`, "
+              f"median of {len(f.get('runs', [f]))} processes) loads in {f['load_s']:.1f} s and warms up (`model.warm_up()`: "
+              f"one call over 5 chunk-sized passages) in {f['warm_up_s']:.1f} s. Its first query, the table's question and "
+              f"passages read from the store, takes {f['first_query_s'] * 1000:.0f} ms to the first token "
+              f"({f['first_query_s'] / lat['in_context']['ttft_s']:.2f}× in-context; asked again in that process, "
+              f"{f['second_query_s'] * 1000:.0f} ms), and questions over the chunks it retrieves take "
               f"{min(later) * 1000:.0f}–{max(later) * 1000:.0f} ms, retrieval included.")
 
 
