@@ -4,7 +4,8 @@
 
 Three parts, written to ``--out``:
 1. time to the first token of the bare decoder, DIEKÆ with the passages precomputed and DIEKÆ
-   with their states read from a store on disk, the three taking turns (medians of 7);
+   with their states read from a store on disk, the three taking turns (medians of 7), and how many
+   segments one call from the store reads from it and encodes (those no index holds);
 2. a cProfile of ``--calls`` precomputed calls, cumulative time of this package's functions and
    of the MiniLM models they call (the gate, the reader, the encoders' session, the copy readout);
 3. what the copy needs of the tokens of k new chunk-sized passages (spans, first pieces, answer
@@ -70,7 +71,12 @@ def main() -> None:
                     times[label].append(t)
         med = {label: statistics.median(ts) * 1000 for label, ts in times.items()}
         out.write("time to first token (median of 7, modes taking turns): " + ", ".join(
-            f"{label} {ms:.1f} ms ({ms / med['none']:.2f}x none)" for label, ms in med.items()) + "\n\n")
+            f"{label} {ms:.1f} ms ({ms / med['none']:.2f}x none)" for label, ms in med.items()) + "\n")
+        cache = model.knowledge.passage_cache
+        misses, stored = cache.misses, cache.stored
+        call("store")
+        out.write(f"one call from the store: {cache.stored - stored} segments read from it, "
+                  f"{cache.misses - misses} encoded in the call\n\n")
 
         prof = cProfile.Profile()
         for _ in range(args.calls):
