@@ -213,7 +213,8 @@ class KnowledgeEncoding:
                  for i, (x, p) in enumerate(zip(prompts, passages))]
         tails = [it[2] for it in items]
         ids, mask = prompter.pad(tails, self.device, side="left")
-        past = assemble(self.segment_states(encoder, items), room=ids.shape[1] + 64)  # the tail and decode steps
+        wholes = [prompter.whole_segments(p) for p in passages]  # passages the budget cuts: heads of stored states
+        past = assemble(self.segment_states(encoder, items, wholes), room=ids.shape[1] + 64)  # the tail and decode steps
         T = ids.shape[1]
         offsets = torch.tensor([T - len(t) + it[3] for t, it in zip(tails, items)], device=self.device)
         n_rows = torch.tensor([it[4] for it in items], device=self.device)
@@ -251,10 +252,13 @@ class KnowledgeEncoding:
                                        lambda ids: self._value_rows(ids, copy, encoder), passages, layout)
         return memory
 
-    def segment_states(self, encoder: DiekaeEncoder, items) -> list[list]:
-        """Each isolated item's segment states, from the passage cache (one batched encode for misses)."""
+    def segment_states(self, encoder: DiekaeEncoder, items, wholes: Optional[Sequence[list]] = None) -> list[list]:
+        """Each isolated item's segment states, from the passage cache (one batched encode for misses);
+        ``wholes``: per item, :meth:`Prompter.whole_segments` (a cut passage's states are then the head
+        of its whole segment's, where those are kept or stored)."""
         states = self.passage_cache.states(encoder, [s for it in items for s in it[0]],
-                                           [k for it in items for k in it[1]], self.device)
+                                           [k for it in items for k in it[1]], self.device,
+                                           None if wholes is None else [w for ws in wholes for w in ws])
         per_item, i = [], 0
         for it in items:
             per_item.append(states[i: i + len(it[0])])

@@ -110,6 +110,13 @@ def assemble(items: Sequence[Sequence[SegmentState]], room: int = 0) -> Assemble
     return Assembled(cache, ids, knowledge & key_valid, keys)
 
 
+def head_of(state: SegmentState, n: int) -> SegmentState:
+    """The states of a segment's first ``n`` tokens."""
+    kv = tuple((k[:, :, :n], v[:, :, :n]) for k, v in state.kv)
+    pk = state.pointer_keys[:, :n] if state.pointer_keys is not None else None
+    return SegmentState(state.ids[:n], kv, pk, state.knowledge[:n])
+
+
 def _weights_version(encoder: DiekaeEncoder) -> int:
     return sum(p._version for p in encoder.parameters())
 
@@ -120,7 +127,7 @@ class PassageCache:
 
     def __init__(self, max_segments: int = 128) -> None:
         self._kept = LRU(max_segments)
-        self.hits = self.misses = self.stored = 0
+        self.hits = self.misses = self.stored = self.cut = 0
         self.backing = None            # a PassageStateStore
         self._backing_for = None       # (id, weights version) of the encoder it was attached for
 
@@ -139,9 +146,12 @@ class PassageCache:
         self._kept.put_many([])  # drop what no longer fits
 
     def states(self, encoder: DiekaeEncoder, segments: Sequence[Sequence[int]], kmasks: Sequence[Sequence[bool]],
-               device: torch.device) -> list[SegmentState]:
+               device: torch.device, wholes: Optional[Sequence[Optional[tuple]]] = None) -> list[SegmentState]:
         """States for ``segments``; cached ones are reused when encoder weights are unchanged
-        and gradients are off (training always recomputes)."""
+        and gradients are off (training always recomputes). ``wholes[i]``: (ids, kmask) of the whole
+        segment that segment ``i`` is the head of (a passage cut by the knowledge budget), or None;
+        where the whole's states are kept or stored and the segment's are not, they are its first
+        positions (the encoders are causal and a segment has positions of its own)."""
         use_cache = ((self.max_segments > 0 or self.backing is not None) and not torch.is_grad_enabled()
                      and not encoder.training)
         if not use_cache:
@@ -149,24 +159,44 @@ class PassageCache:
         version = (id(encoder), _weights_version(encoder))
         keys = [(version, tuple(s), tuple(k)) for s, k in zip(segments, kmasks)]
         found = self._kept.get_many(keys)
-        todo = list(dict.fromkeys(key for key in keys if key not in found))
         self.hits += sum(key in found for key in keys)
-        if todo and self.backing is not None and self._backing_for == version:
-            from .state_store import segment_key
-            names = {key: segment_key(key[1], key[2]) for key in todo}
-            dtype = next(encoder.parameters()).dtype
-            stored = self.backing.get_many(names.values(), device, dtype)
-            read = [(key, stored[names[key]]) for key in todo if names[key] in stored]
-            found.update(read)
-            self._kept.put_many(read)
-            self.stored += len(read)
+        todo = list(dict.fromkeys(key for key in keys if key not in found))
+        if todo:
+            found.update(self._read_stored(encoder, todo, device))
             todo = [key for key in todo if key not in found]
+        if todo and wholes is not None:
+            heads = {key: (version, tuple(w[0]), tuple(w[1])) for key, w in zip(keys, wholes) if w is not None and key in todo}
+            if heads:
+                whole = self.states_kept(encoder, list(dict.fromkeys(heads.values())), device)
+                cut = [(key, head_of(whole[w], len(key[1]))) for key, w in heads.items() if w in whole]
+                found.update(cut)
+                self._kept.put_many(cut)
+                self.cut += len(cut)
+                todo = [key for key in todo if key not in found]
         self.misses += len(todo)
         if todo:
             new = encode_segments(encoder, [k[1] for k in todo], [k[2] for k in todo], device)
             found.update(zip(todo, new))
             self._kept.put_many(zip(todo, new))
         return [found[key] for key in keys]
+
+    def states_kept(self, encoder: DiekaeEncoder, keys: Sequence[tuple], device: torch.device) -> dict:
+        """The states of those ``keys`` ((weights version, ids, kmask)) kept in memory or in the store."""
+        found = self._kept.get_many(keys)
+        found.update(self._read_stored(encoder, [key for key in dict.fromkeys(keys) if key not in found], device))
+        return found
+
+    def _read_stored(self, encoder: DiekaeEncoder, keys: Sequence[tuple], device: torch.device) -> dict:
+        """The states of those ``keys`` that the store holds for these weights, kept in memory from now on."""
+        if not keys or self.backing is None or self._backing_for != (id(encoder), _weights_version(encoder)):
+            return {}
+        from .state_store import segment_key
+        names = {key: segment_key(key[1], key[2]) for key in keys}
+        stored = self.backing.get_many(names.values(), device, next(encoder.parameters()).dtype)
+        read = [(key, stored[names[key]]) for key in keys if names[key] in stored]
+        self._kept.put_many(read)
+        self.stored += len(read)
+        return dict(read)
 
     def __len__(self) -> int:
         return len(self._kept)

@@ -266,6 +266,16 @@ class Prompter:
         tail = x_ids + (list(answer_ids) if (answer_ids and cfg.per_step) else [])
         return segments, kmasks, head + tail, len(head), len(tail)
 
+    def whole_segments(self, passages: Sequence[str]) -> list[Optional[tuple[list[int], list[bool]]]]:
+        """For each segment of :meth:`isolated_item`, the whole segment (ids, knowledge mask) of a
+        passage the knowledge budget cuts, whose head that segment is; None for the others."""
+        sep = self.ids(self.config.passage_separator) if self.config.passage_separator else []
+        out: list[Optional[tuple[list[int], list[bool]]]] = [None]  # the knowledge prefix
+        for p, kept in zip(passages, self._within_budget(passages)):
+            full = self.ids(p)
+            out.append((sep + full, [False] * len(sep) + [True] * len(full)) if len(kept) < len(full) else None)
+        return out
+
     def encoder_item(self, passages: Sequence[str], x_ids: list[int], answer_ids: Optional[list[int]] = None
                      ) -> tuple[list[int], list[bool], int, int]:
         """One item's encoder ids, knowledge mask, offset of x and number of rows."""

@@ -199,3 +199,32 @@ def test_what_the_copy_needs_of_a_passages_tokens_is_stored_and_read_back(tmp_pa
     assert model.generate_batch(Q, K, max_new_tokens=N_NEW) == want
     with pytest.raises((TypeError, AttributeError)):
         model.generate(Q[0], ["A passage nobody indexed."], max_new_tokens=2)
+
+
+def test_a_passage_the_budget_cuts_takes_the_head_of_its_stored_states(tmp_path):
+    """With max_knowledge_tokens cutting the last passage, its states are the first positions of the
+    whole passage's stored states (causal encoders, a segment's own positions): nothing is encoded
+    in the call, and answers and scores are those of encoding the cut passage."""
+    import warnings
+
+    def fresh():
+        model = _per_step_model(isolation=True, max_knowledge_tokens=60)
+        model.knowledge.passage_cache.max_segments = 0
+        return model
+
+    knowledge = ["Marsul is married to Ithpelith.", "Calgra lies in the north and it rains there often."]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = fresh()
+        assert all(len(ref.prompter.ids(p)) <= 60 for p in knowledge), "each passage alone is stored whole"
+        assert ref.prompter.whole_segments(knowledge)[2] is not None, "together, the second passage is cut"
+        want = ref.generate(Q[0], knowledge, max_new_tokens=N_NEW)
+        want_nll = ref.score(Q[0], "Ithpelith", knowledge)
+        ref.index_states(knowledge, tmp_path, dtype="float32", progress=False)
+
+        model = fresh()
+        model.attach_states(tmp_path)
+        assert model.generate(Q[0], knowledge, max_new_tokens=N_NEW) == want
+        assert model.score(Q[0], "Ithpelith", knowledge) == pytest.approx(want_nll, abs=1e-4)
+    cache = model.knowledge.passage_cache
+    assert cache.misses == 0 and cache.cut > 0, "the cut passage's states came from its whole, stored"
