@@ -167,7 +167,7 @@ class PassageCache:
         if todo and wholes is not None:
             heads = {key: (version, tuple(w[0]), tuple(w[1])) for key, w in zip(keys, wholes) if w is not None and key in todo}
             if heads:
-                whole = self.states_kept(encoder, list(dict.fromkeys(heads.values())), device)
+                whole = self._kept_or_stored(encoder, list(dict.fromkeys(heads.values())), device)
                 cut = [(key, head_of(whole[w], len(key[1]))) for key, w in heads.items() if w in whole]
                 found.update(cut)
                 self._kept.put_many(cut)
@@ -180,7 +180,7 @@ class PassageCache:
             self._kept.put_many(zip(todo, new))
         return [found[key] for key in keys]
 
-    def states_kept(self, encoder: DiekaeEncoder, keys: Sequence[tuple], device: torch.device) -> dict:
+    def _kept_or_stored(self, encoder: DiekaeEncoder, keys: Sequence[tuple], device: torch.device) -> dict:
         """The states of those ``keys`` ((weights version, ids, kmask)) kept in memory or in the store."""
         found = self._kept.get_many(keys)
         found.update(self._read_stored(encoder, [key for key in dict.fromkeys(keys) if key not in found], device))

@@ -239,7 +239,7 @@ class Prompter:
     def knowledge_ids(self, passages: Sequence[str]) -> tuple[list[int], list[bool]]:
         """``prefix + passages + suffix + [eos]``, and which tokens are passage text."""
         cfg = self.config
-        sep = self.ids(cfg.passage_separator) if cfg.passage_separator else []
+        sep = self._separator()
         ids = self.ids(cfg.knowledge_prefix)
         mask = [False] * len(ids)
         for i, p_ids in enumerate(self.passage_ids(passages)):
@@ -257,11 +257,11 @@ class Prompter:
         and the number of rows."""
         cfg = self.config
         prefix = self.ids(cfg.knowledge_prefix)
-        sep = self.ids(cfg.passage_separator) if cfg.passage_separator else []
         segments, kmasks = [prefix], [[False] * len(prefix)]
         for p_ids in self.passage_ids(passages):
-            segments.append(sep + p_ids)
-            kmasks.append([False] * len(sep) + [True] * len(p_ids))
+            segment, kmask = self._passage_segment(p_ids)
+            segments.append(segment)
+            kmasks.append(kmask)
         head = self.ids(cfg.knowledge_suffix) + [self.eos_id]
         tail = x_ids + (list(answer_ids) if (answer_ids and cfg.per_step) else [])
         return segments, kmasks, head + tail, len(head), len(tail)
@@ -269,12 +269,19 @@ class Prompter:
     def whole_segments(self, passages: Sequence[str]) -> list[Optional[tuple[list[int], list[bool]]]]:
         """For each segment of :meth:`isolated_item`, the whole segment (ids, knowledge mask) of a
         passage the knowledge budget cuts, whose head that segment is; None for the others."""
-        sep = self.ids(self.config.passage_separator) if self.config.passage_separator else []
         out: list[Optional[tuple[list[int], list[bool]]]] = [None]  # the knowledge prefix
         for p, kept in zip(passages, self._within_budget(passages)):
             full = self.ids(p)
-            out.append((sep + full, [False] * len(sep) + [True] * len(full)) if len(kept) < len(full) else None)
+            out.append(self._passage_segment(full) if len(kept) < len(full) else None)
         return out
+
+    def _separator(self) -> list[int]:
+        return self.ids(self.config.passage_separator) if self.config.passage_separator else []
+
+    def _passage_segment(self, p_ids: list[int]) -> tuple[list[int], list[bool]]:
+        """A passage's isolated segment: the separator, then its tokens, and which of them it may copy."""
+        sep = self._separator()
+        return sep + p_ids, [False] * len(sep) + [True] * len(p_ids)
 
     def encoder_item(self, passages: Sequence[str], x_ids: list[int], answer_ids: Optional[list[int]] = None
                      ) -> tuple[list[int], list[bool], int, int]:
