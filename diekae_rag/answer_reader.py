@@ -216,21 +216,26 @@ class AnswerStartReader(nn.Module):
         mode always recomputes."""
         return self._read(question, passages)[0]
 
-    def no_answer_log_prob(self, question: str, passages: Sequence[str]) -> float:
-        """log P("no answer here") for the question over all the passages (the [CLS] slot of
-        :meth:`char_log_probs`' joint normalisation); 0.0 without passages."""
-        return self._read(question, passages)[1]
+    def no_answer_log_prob(self, question: str, passages: Sequence[str], nulls: str = "max") -> float:
+        """log P("no answer here") for the question over all the passages; 0.0 without passages.
+        ``nulls="max"``: the [CLS] slot of :meth:`char_log_probs`' joint normalisation (the most
+        confident window's); ``"every"``: each window's [CLS] is a slot of its own beside the same
+        starts (:func:`every_window_no_answer`), so every passage read adds its "no answer"."""
+        _, null, every = self._read(question, passages)
+        return null if check_nulls(nulls) == "max" else every
 
-    def _read(self, question: str, passages: Sequence[str]) -> tuple[list[dict[int, float]], float]:
+    def _read(self, question: str, passages: Sequence[str]) -> tuple[list[dict[int, float]], float, float]:
         if not passages:
-            return [], 0.0
+            return [], 0.0, 0.0
         return self._recent.get_or_make((question, tuple(passages)),
                                         lambda: self._char_log_probs(question, passages), reuse=not self.training)
 
     @torch.no_grad()
-    def _char_log_probs(self, question: str, passages: Sequence[str]) -> tuple[list[dict[int, float]], float]:
+    def _char_log_probs(self, question: str, passages: Sequence[str]
+                        ) -> tuple[list[dict[int, float]], float, float]:
         logits, batch = self.read_pairs([question] * len(passages), passages)
-        return joint_char_log_probs(logits.cpu(), batch, len(passages))
+        lps, null = joint_char_log_probs(logits.cpu(), batch, len(passages))
+        return lps, null, every_window_no_answer(logits[:, 0].cpu(), null)
 
     def read_pairs(self, questions: Sequence[str], passages: Sequence[str]) -> tuple[torch.Tensor, dict]:
         """(W, T) start logits over the windows of (question, passage) pairs (as :meth:`forward`), and
@@ -417,6 +422,29 @@ def joint_char_log_probs(logits: torch.Tensor, batch: dict, n_passages: int) -> 
     every = torch.tensor([v for s in out for v in s.values()] + [float(null)])
     norm = float(torch.logsumexp(every, 0))
     return [{c: v - norm for c, v in s.items()} for s in out], float(null) - norm
+
+
+NULLS = ("max", "every")
+
+
+def check_nulls(nulls: str) -> str:
+    """``nulls`` if it names a way to read "no answer" over several windows, else a ValueError."""
+    if nulls not in NULLS:
+        raise ValueError(f"nulls must be one of {NULLS} (how the windows' [CLS] slots make one "
+                         f"\"no answer\"), got {nulls!r}.")
+    return nulls
+
+
+def every_window_no_answer(cls_logits: torch.Tensor, null: float) -> float:
+    """log P("no answer") when each window's [CLS] logit (``cls_logits``, (W,)) is a slot of its own
+    beside the starts of :func:`joint_char_log_probs`, whose "no answer" (the best window's slot) is
+    ``null``. With one window it is ``null``."""
+    if cls_logits.numel() == 1 or null >= 0.0:  # one window, or no start has any mass
+        return null
+    top = float(cls_logits.max())
+    every = float(torch.logsumexp(cls_logits.float(), 0))
+    log_starts = top - null + math.log1p(-math.exp(null))  # the starts' summed exp(logit)
+    return every - float(torch.logaddexp(torch.tensor(log_starts), torch.tensor(every)))
 
 
 def token_log_probs(char_lp: dict[int, float], offsets: Sequence[tuple[int, int]]) -> list[float]:

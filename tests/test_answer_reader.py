@@ -11,7 +11,8 @@ from test_engine import K, Q
 from test_per_step import _assert_only_first_rows_differ, _first_position_rows, _per_step_model, \
     assert_decode_rows_equal_reencode
 
-from diekae_rag.answer_reader import LOG_FLOOR, AnswerStartReader, ReaderConfig, token_log_probs
+from diekae_rag.answer_reader import LOG_FLOOR, AnswerStartReader, ReaderConfig, every_window_no_answer, \
+    joint_char_log_probs, token_log_probs
 from diekae_rag.data.mixture import Example
 from diekae_rag.training.reader import batch_losses, gold_pieces
 
@@ -49,6 +50,21 @@ def test_merged_starts_read_nearby_starts_as_one_answer():
     assert merged_starts(apart, text, min_p=0.05) == apart  # a full stop between: two answers
 
 
+def test_every_windows_no_answer_is_a_slot_of_its_own_beside_the_same_starts():
+    """``nulls="every"``: the joint softmax over the starts (deduplicated as in
+    joint_char_log_probs) and every window's [CLS]; one window: the best window's "no answer"."""
+    logits = torch.tensor([[1.0, 2.0, 0.5, -math.inf], [0.3, -1.0, 1.5, 0.2], [2.2, 0.1, -math.inf, -math.inf]])
+    spans = torch.tensor([[[-1, -1], [0, 3], [4, 6], [-1, -1]], [[-1, -1], [4, 6], [7, 9], [10, 12]],
+                          [[-1, -1], [0, 5], [-1, -1], [-1, -1]]])
+    batch = {"spans": spans, "pair": torch.tensor([0, 0, 1])}
+    lps, null = joint_char_log_probs(logits, batch, 2)
+    starts = [2.0, 0.5, 1.5, 0.2, 0.1]  # offsets 0, 4 (the higher of two windows), 7, 10; passage 1's 0
+    every = torch.logsumexp(logits[:, 0], 0) - torch.logsumexp(torch.tensor(starts + logits[:, 0].tolist()), 0)
+    assert every_window_no_answer(logits[:, 0], null) == pytest.approx(float(every), abs=1e-6)
+    assert math.exp(null) == pytest.approx(math.exp(2.2) / sum(math.exp(v) for v in starts + [2.2]))
+    assert every_window_no_answer(logits[2:, 0], -0.7) == -0.7
+
+
 @pytest.fixture(scope="module")
 def reader():
     torch.manual_seed(0)
@@ -66,6 +82,13 @@ def test_reader_windows_cover_a_long_passage_and_log_probs_are_normalised(reader
     total = sum(math.exp(v) for d in lps for v in d.values())
     assert 0.0 < total <= 1.0 + 1e-5  # the rest is the "no answer" slot
     assert long.index("Word30") in lps[0] and 21 in lps[1]  # "Ithpelith" starts at character 21
+    one, two = reader.no_answer_log_prob(question, [long, "Marsul is married to Ithpelith."]), \
+        reader.no_answer_log_prob(question, [long, "Marsul is married to Ithpelith."], nulls="every")
+    assert two > one, "every window's 'no answer' adds to the best window's"
+    short = ["Marsul is married to Ithpelith."]
+    assert reader.no_answer_log_prob(question, short, "every") == reader.no_answer_log_prob(question, short)
+    with pytest.raises(ValueError, match="nulls must be one of"):
+        reader.no_answer_log_prob(question, short, "sum")
 
 
 def test_reader_reads_markdown_without_its_markup_and_offsets_still_point_into_the_text(reader):

@@ -34,7 +34,7 @@ class NullReader:
     def char_log_probs(self, question, passages):
         return [{0: -1.0} for _ in passages]
 
-    def no_answer_log_prob(self, question, passages):
+    def no_answer_log_prob(self, question, passages, nulls="max"):
         return math.log(0.95) if any("wool" in p for p in passages) else math.log(0.05)
 
 
@@ -89,6 +89,16 @@ def test_the_reader_signal_closes_the_gate_and_bad_settings_are_refused():
         CopyConfig(gate_cosine=1.5)
     with pytest.raises(ValueError, match="on_no_answer must be"):
         CopyConfig(on_no_answer="refuse")
+    with pytest.raises(ValueError, match="gate_nulls must be"):
+        CopyConfig(gate_nulls="sum")
+
+    class EveryWindowSure(NullReader):  # sure only when every window's "no answer" counts
+        def no_answer_log_prob(self, question, passages, nulls="max"):
+            return math.log(0.9 if nulls == "every" else 0.2)
+
+    model.answer_reader = EveryWindowSure()
+    assert model.gate([q], [ON_TOPIC]) == [True]
+    assert model.gate([q], [ON_TOPIC], copy={"gate_nulls": "every"}) == [False], "the gate reads gate_nulls"
     model.answer_reader = None
     with pytest.raises(ValueError, match="needs an answer-start reader"):
         model.generate(q, wool, max_new_tokens=2)
@@ -111,7 +121,7 @@ def test_framework_components_pass_abstention_through():
 
 def test_warm_up_runs_the_encoders_even_where_the_gate_would_close():
     class Closed(NullReader):
-        def no_answer_log_prob(self, question, passages):
+        def no_answer_log_prob(self, question, passages, nulls="max"):
             return math.log(0.99)
 
     model = _model(gate_no_answer=0.5)
@@ -126,7 +136,7 @@ class FixedReader(NullReader):
     def __init__(self, p: float) -> None:
         self.p = p
 
-    def no_answer_log_prob(self, question, passages):
+    def no_answer_log_prob(self, question, passages, nulls="max"):
         return math.log(self.p)
 
 
@@ -174,7 +184,7 @@ def test_question_turns_let_the_reader_and_the_gate_read_a_follow_up_with_its_hi
             self.questions.append(question)
             return super().char_log_probs(question, passages)
 
-        def no_answer_log_prob(self, question, passages):
+        def no_answer_log_prob(self, question, passages, nulls="max"):
             self.questions.append(question)
             return math.log(0.05) if "Calgra" in question else math.log(0.9)
 
@@ -209,7 +219,7 @@ def test_a_follow_up_is_not_answered_with_what_an_earlier_turn_said():
         def char_log_probs(self, question, passages):
             return [{said: math.log(0.6), said + 6: math.log(0.1), other: math.log(0.2)}]
 
-        def no_answer_log_prob(self, question, passages):
+        def no_answer_log_prob(self, question, passages, nulls="max"):
             return math.log(0.1)
 
     q = "Who founded Calgra? Orvel Tann. Where is it?"
@@ -219,6 +229,15 @@ def test_a_follow_up_is_not_answered_with_what_an_earlier_turn_said():
     assert math.exp(lp[other]) == pytest.approx(0.2 / 0.3) and math.exp(null) == pytest.approx(0.1 / 0.3)
     assert skipped.char_log_probs("Where is Calgra?", [passage])[0] == Reader().char_log_probs(q, [passage])[0], \
         "a question with no earlier answers reads as before"
+
+    class TwoWindows(Reader):  # on the scale where the starts (0.9) and the best window's slot (0.1) sum to 1,
+        def no_answer_log_prob(self, question, passages, nulls="max"):  # a second window's slot adds 0.2
+            return math.log(0.1) if nulls == "max" else math.log(0.3 / 1.2)
+
+    skipped = GivenAnswersSkipped(TwoWindows(), {q: ["Orvel Tann."]})
+    assert math.exp(skipped.no_answer_log_prob(q, [passage], "every")) == pytest.approx(0.3 / 0.5), \
+        "the given answer's starts (0.7) are taken out beside every window's 'no answer'"
+    assert skipped.no_answer_log_prob("Where is Calgra?", [passage], "every") == pytest.approx(math.log(0.25))
 
 
 class RecordingReader(NullReader):
@@ -231,9 +250,9 @@ class RecordingReader(NullReader):
         self.read.append(list(passages))
         return super().char_log_probs(question, passages)
 
-    def no_answer_log_prob(self, question, passages):
+    def no_answer_log_prob(self, question, passages, nulls="max"):
         self.read.append(list(passages))
-        return super().no_answer_log_prob(question, passages)
+        return super().no_answer_log_prob(question, passages, nulls)
 
 
 def test_the_reader_the_prior_and_the_gate_read_only_the_passages_the_encoders_hold():

@@ -56,6 +56,10 @@ class CopyConfig:
     where it closes, the decoder sees exactly what it sees with no knowledge. ``gate_cosine``: it
     closes when no passage's MiniLM cosine to the question reaches this (0: off). ``gate_no_answer``:
     it closes when the answer-start reader's probability of "no answer here" exceeds this (1: off).
+    ``gate_nulls``: how that probability reads several windows (passages, or a long passage's
+    parts): ``"max"``, the reader's joint normalisation, whose one "no answer" slot is the most
+    confident window's; ``"every"``, each window's "no answer" is a slot of its own beside the same
+    starts, so every passage read that does not answer adds to it (one window: the same).
     ``gate_ramp``: below that threshold, over a ramp this wide, the gate is half-open: everything the
     encoders write (rows and copy) is scaled by ``(gate_no_answer - P) / gate_ramp``, from 1 at
     ``gate_no_answer - gate_ramp`` down to 0 at the threshold (0: no ramp, the gate is open or closed).
@@ -81,6 +85,7 @@ class CopyConfig:
     whitened_values: bool = True
     gate_cosine: float = 0.0
     gate_no_answer: float = 0.4
+    gate_nulls: str = "max"
     gate_ramp: float = 0.3
     question_turns: int = 3
     on_no_answer: str = "decoder"
@@ -106,6 +111,8 @@ class CopyConfig:
             raise ValueError(f"CopyConfig.gate_cosine must be in [0, 1) (0: off), got {self.gate_cosine!r}.")
         if not (isinstance(self.gate_no_answer, (int, float)) and 0 < self.gate_no_answer <= 1):
             raise ValueError(f"CopyConfig.gate_no_answer must be in (0, 1] (1: off), got {self.gate_no_answer!r}.")
+        if self.gate_nulls not in ("max", "every"):
+            raise ValueError(f"CopyConfig.gate_nulls must be 'max' or 'every', got {self.gate_nulls!r}.")
         if not (isinstance(self.gate_ramp, (int, float)) and not isinstance(self.gate_ramp, bool)
                 and 0 <= self.gate_ramp < 1):
             raise ValueError(f"CopyConfig.gate_ramp must be in [0, 1) (0: no ramp), got {self.gate_ramp!r}.")

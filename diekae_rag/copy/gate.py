@@ -10,7 +10,8 @@ term, and the per-step rows, are scaled by 0). Two signals, each off until its t
   nearest passage. It separates off-topic retrievals; it cannot see a same-topic passage that
   lacks the answer.
 - ``CopyConfig.gate_no_answer``: the answer-start reader's probability of "no answer here", from
-  its joint normalisation over every passage's word-pieces and one [CLS] slot. With
+  its joint normalisation over every passage's word-pieces and one [CLS] slot (with
+  ``CopyConfig.gate_nulls="every"``, a [CLS] slot per window). With
   ``CopyConfig.gate_ramp`` the gate half-opens just below that threshold: what the encoders write
   is scaled by a strength between 0 and 1 (:meth:`CopyConfig.gate_strength`).
 """
@@ -42,7 +43,7 @@ def gate_strengths(questions: Sequence[str], passages: Sequence[Sequence[str]], 
         limit = math.log(copy.gate_no_answer)
         for i, (q, ps) in enumerate(zip(questions, passages)):
             if strength[i] and ps:
-                log_p = reader.no_answer_log_prob(q, list(ps))  # the threshold compared in log space
+                log_p = reader.no_answer_log_prob(q, list(ps), copy.gate_nulls)  # the threshold compared in log space
                 if log_p > limit:
                     strength[i] = 0.0
                 elif copy.gate_ramp:

@@ -170,8 +170,8 @@ class NearPassagesRead:
     def char_log_probs(self, question: str, passages: Sequence[str]) -> list[dict[int, float]]:
         return self._read(question, passages)[0]
 
-    def no_answer_log_prob(self, question: str, passages: Sequence[str]) -> float:
-        return self._read(question, passages)[1]
+    def no_answer_log_prob(self, question: str, passages: Sequence[str], nulls: str = "max") -> float:
+        return self._read(question, passages, nulls)[1]
 
     def near(self, question: str, passages: Sequence[str]) -> list[int]:
         """Which passages it reads."""
@@ -180,10 +180,11 @@ class NearPassagesRead:
         cos = np.asarray(self.cosines(question, passages))
         return [i for i, c in enumerate(cos) if c >= cos.max() - self.margin]
 
-    def _read(self, question: str, passages: Sequence[str]) -> tuple[list[dict[int, float]], float]:
+    def _read(self, question: str, passages: Sequence[str], nulls: str = "max"
+              ) -> tuple[list[dict[int, float]], float]:
         near = self.near(question, passages)
         read = [passages[i] for i in near]
-        lps, null = self.reader.char_log_probs(question, read), self.reader.no_answer_log_prob(question, read)
+        lps, null = self.reader.char_log_probs(question, read), self.reader.no_answer_log_prob(question, read, nulls)
         out: list[dict[int, float]] = [{} for _ in passages]
         for i, lp in zip(near, lps):
             out[i] = lp
@@ -202,14 +203,25 @@ class GivenAnswersSkipped:
     def char_log_probs(self, question: str, passages: Sequence[str]) -> list[dict[int, float]]:
         return self._read(question, passages)[0]
 
-    def no_answer_log_prob(self, question: str, passages: Sequence[str]) -> float:
-        return self._read(question, passages)[1]
+    def no_answer_log_prob(self, question: str, passages: Sequence[str], nulls: str = "max") -> float:
+        if nulls == "max":
+            return self._read(question, passages)[1]
+        # Every window's "no answer" (:func:`~diekae_rag.answer_reader.every_window_no_answer`): on the
+        # scale where the starts and the best window's slot sum to 1, its mass n = P s / (1 - P) beside
+        # the starts' s = 1 - P_max, of which the given answers' starts are taken out.
+        every = self.reader.no_answer_log_prob(question, passages, nulls)
+        removed = self._read(question, passages)[2]
+        s = -math.expm1(self.reader.no_answer_log_prob(question, passages))
+        if not removed or s <= 0 or every >= 0:
+            return every
+        log_n = every + math.log(s) - math.log(-math.expm1(every))
+        return log_n - float(np.logaddexp(math.log(max(s - removed, 1e-300)), log_n))
 
-    def _read(self, question: str, passages: Sequence[str]) -> tuple[list[dict[int, float]], float]:
+    def _read(self, question: str, passages: Sequence[str]) -> tuple[list[dict[int, float]], float, float]:
         lps, null = self.reader.char_log_probs(question, passages), self.reader.no_answer_log_prob(question, passages)
         said = [a for a in (x.strip().rstrip(".!?,;:").strip().lower() for x in self.given.get(question, ())) if a]
         if not said:
-            return lps, null
+            return lps, null, 0.0
         kept, removed = [], 0.0
         for lp, passage in zip(lps, passages):
             spans = [(m.start(), m.end()) for a in said
@@ -218,4 +230,4 @@ class GivenAnswersSkipped:
             removed += sum(math.exp(v) for c, v in lp.items() if c not in keep)
             kept.append(keep)
         shift = math.log(max(1.0 - removed, 1e-9))
-        return [{c: v - shift for c, v in k.items()} for k in kept], null - shift
+        return [{c: v - shift for c, v in k.items()} for k in kept], null - shift, removed
