@@ -5,9 +5,10 @@
 For dev items that hold the answer (fictional and SQuAD-Shifts *train* items, seed 999, at k=1 and
 at k=5 with retrieved distractors) and dev items that do not (``closed_book`` dev, ``unanswerable``
 dev), it records the best question-passage MiniLM cosine, the answer-start reader's P(no answer)
-and its null margin (log P(no answer) - the best start's log P, SQuAD 2.0's no-answer rule), then,
-for a grid of thresholds, the share of answerable items kept and of the others gated, and for each
-reader signal alone, the most it gates while every SQuAD-Shifts set keeps a given share.
+with one "no answer" slot and with one per window (``CopyConfig.gate_nulls``), and its null margin
+(log P(no answer) - the best start's log P, SQuAD 2.0's no-answer rule), then, for a grid of
+thresholds, the share of answerable items kept and of the others gated, and for each reader signal
+alone, the most it gates while every SQuAD-Shifts set keeps a given share.
 Never the eval sets. Writes benchmarks/results/gate_signals.json and .png.
 """
 
@@ -33,13 +34,14 @@ NO_ANSWER = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05)
 def signals(model: DiekaeModel, items) -> dict[str, list[float]]:
     qs, ps = [it.question for it in items], [list(it.passages) for it in items]
     best = [float(c.max()) for c in model.passage_prior.cosines(qs, ps)]
-    null, margin = [], []
+    null, every, margin = [], [], []
     for q, p in zip(qs, ps):
         starts = model.answer_reader.char_log_probs(q, p)
         lp_null = model.answer_reader.no_answer_log_prob(q, p)
         null.append(math.exp(lp_null))
+        every.append(math.exp(model.answer_reader.no_answer_log_prob(q, p, nulls="every")))
         margin.append(lp_null - max((v for s in starts for v in s.values()), default=-math.inf))
-    return {"cosine": best, "no_answer": null, "null_margin": margin}
+    return {"cosine": best, "no_answer": null, "no_answer_every": every, "null_margin": margin}
 
 
 def dev_items(n: int) -> tuple[dict, dict]:
@@ -60,7 +62,7 @@ def operating_points(sig: dict, keep: Sequence[float] = (0.95, 0.92, 0.9, 0.85))
     squad = [name for name in sig if name.startswith("squad")]
     negative = [name for name in sig if name.endswith("_dev")]
     out = []
-    for signal in ("no_answer", "null_margin"):
+    for signal in ("no_answer", "no_answer_every", "null_margin"):
         values = sorted({v for s in sig.values() for v in s[signal]})
         for share in keep:
             best = None

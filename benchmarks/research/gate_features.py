@@ -1,13 +1,15 @@
-"""Does a lexical signal add to the reader's P(no answer) as a copy gate? Dev items only.
+"""Do word overlap or the shape of the reader's starts add to its P(no answer) as a copy gate? Dev items only.
 
     python benchmarks/research/gate_features.py [--n 60] [--out benchmarks/results/gate_features.json]
 
 For the dev items of ``benchmarks/gate_signals.py`` (answerable: fictional and SQuAD-Shifts train
 items at k=1 and k=5 retrieved; not answerable: ``closed_book`` dev and
-``unanswerable`` dev), it records the reader's P(no answer) and, for the sentence that holds the
-reader's likeliest start, the share of the question's content words it holds (``cover``). Then, for
-the rule "gate where P(no answer) > a or cover < b", the most negative dev items gated at each share
-of answerable SQuAD-Shifts items kept, against P(no answer) alone.
+``unanswerable`` dev), it records the reader's P(no answer); for the sentence that holds the
+reader's likeliest start, the share of the question's content words it holds (``cover``); and how
+peaked the reader's starts are: the likeliest start's share of the mass on starts (``top_share``) and
+the entropy of the starts (``entropy``). Then, for rules such as "gate where P(no answer) > a or
+cover < b", the most negative dev items gated at each share of answerable SQuAD-Shifts items kept,
+against P(no answer) alone.
 """
 
 from __future__ import annotations
@@ -43,11 +45,16 @@ def sentence_at(passage: str, char: int) -> str:
 
 
 def features(model: DiekaeModel, items) -> dict[str, list[float]]:
-    out = {"no_answer": [], "cover": [], "cover_max": []}
+    out = {"no_answer": [], "cover": [], "cover_max": [], "top_share": [], "entropy": []}
     for it in items:
         q, ps = it.question, list(it.passages)
         starts = model.answer_reader.char_log_probs(q, ps)
         out["no_answer"].append(math.exp(model.answer_reader.no_answer_log_prob(q, ps)))
+        lps = np.array([v for s in starts for v in s.values()] or [0.0])
+        p = np.exp(lps - lps.max())
+        p /= p.sum()
+        out["top_share"].append(float(p.max()))  # the likeliest start's share of the mass on starts
+        out["entropy"].append(float(-(p * np.log(np.maximum(p, 1e-12))).sum()))
         words = content_words(q) or {""}
         best = max(((v, i, c) for i, s in enumerate(starts) for c, v in s.items()), default=None)
         sent = sentence_at(ps[best[1]], best[2]) if best else ""
@@ -86,12 +93,18 @@ def main() -> None:
         print(name, {k: round(float(np.median(v)), 3) for k, v in s.items()})
     nulls = sorted({v for s in sig.values() for v in s["no_answer"]} | {1.0})
     covers = [0.0, 0.1, 0.2, 0.25, 0.3, 0.34, 0.4, 0.5]
+    shares = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
+    entropies = [1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 99.0]
     rules = {
         "no_answer": [((a,), lambda s, a=a: np.array(s["no_answer"]) > a) for a in nulls],
         "no_answer_or_cover": [((a, b), lambda s, a=a, b=b: (np.array(s["no_answer"]) > a) | (np.array(s["cover"]) < b))
                                for a in nulls for b in covers],
         "no_answer_or_cover_max": [((a, b), lambda s, a=a, b=b: (np.array(s["no_answer"]) > a)
                                     | (np.array(s["cover_max"]) < b)) for a in nulls for b in covers],
+        "no_answer_or_top_share": [((a, b), lambda s, a=a, b=b: (np.array(s["no_answer"]) > a)
+                                    | (np.array(s["top_share"]) < b)) for a in nulls for b in shares],
+        "no_answer_or_entropy": [((a, b), lambda s, a=a, b=b: (np.array(s["no_answer"]) > a)
+                                  | (np.array(s["entropy"]) > b)) for a in nulls for b in entropies],
     }
     points = []
     for keep in (0.95, 0.92, 0.9):
