@@ -38,16 +38,18 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from torch import nn
 
 from .atomic import atomic_write, atomic_write_text
+from .copy.config import GATE_NULLS
+from .copy.memory import LOG_FLOOR  # log-probability given to a token no answer can start at
 from .lru import LRU
 
 READER_CONFIG = "reader.json"
 READER_WEIGHTS = "reader.safetensors"
 FROZEN = "embeddings.word_embeddings.weight"
-from .copy.memory import LOG_FLOOR  # log-probability given to a token no answer can start at
 
 _MARKUP = re.compile(r"(?m)^[ \t]{0,3}(?:#{1,6}|[-*+]|>+)(?=[ \t])|\*{1,3}(?=\w)|(?<=\w)\*{1,3}")
 MARKUP_VERSION = "blanked-1"  # part of the fingerprint: stored passage sides read with this markup rule
@@ -424,13 +426,10 @@ def joint_char_log_probs(logits: torch.Tensor, batch: dict, n_passages: int) -> 
     return [{c: v - norm for c, v in s.items()} for s in out], float(null) - norm
 
 
-NULLS = ("max", "every")
-
-
 def check_nulls(nulls: str) -> str:
     """``nulls`` if it names a way to read "no answer" over several windows, else a ValueError."""
-    if nulls not in NULLS:
-        raise ValueError(f"nulls must be one of {NULLS} (how the windows' [CLS] slots make one "
+    if nulls not in GATE_NULLS:
+        raise ValueError(f"nulls must be one of {GATE_NULLS} (how the windows' [CLS] slots make one "
                          f"\"no answer\"), got {nulls!r}.")
     return nulls
 
@@ -444,7 +443,7 @@ def every_window_no_answer(cls_logits: torch.Tensor, null: float) -> float:
     top = float(cls_logits.max())
     every = float(torch.logsumexp(cls_logits.float(), 0))
     log_starts = top - null + math.log1p(-math.exp(null))  # the starts' summed exp(logit)
-    return every - float(torch.logaddexp(torch.tensor(log_starts), torch.tensor(every)))
+    return every - float(np.logaddexp(log_starts, every))
 
 
 def token_log_probs(char_lp: dict[int, float], offsets: Sequence[tuple[int, int]]) -> list[float]:

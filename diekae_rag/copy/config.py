@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 COPY_NAME = "copy.json"
+GATE_NULLS = ("max", "every")  # how the gate's "no answer" reads several windows (CopyConfig.gate_nulls)
 
 # The names these settings had when they lived in the encoder config (checkpoint format 1).
 FORMAT1_NAMES = {
@@ -111,8 +112,8 @@ class CopyConfig:
             raise ValueError(f"CopyConfig.gate_cosine must be in [0, 1) (0: off), got {self.gate_cosine!r}.")
         if not (isinstance(self.gate_no_answer, (int, float)) and 0 < self.gate_no_answer <= 1):
             raise ValueError(f"CopyConfig.gate_no_answer must be in (0, 1] (1: off), got {self.gate_no_answer!r}.")
-        if self.gate_nulls not in ("max", "every"):
-            raise ValueError(f"CopyConfig.gate_nulls must be 'max' or 'every', got {self.gate_nulls!r}.")
+        if self.gate_nulls not in GATE_NULLS:
+            raise ValueError(f"CopyConfig.gate_nulls must be one of {GATE_NULLS}, got {self.gate_nulls!r}.")
         if not (isinstance(self.gate_ramp, (int, float)) and not isinstance(self.gate_ramp, bool)
                 and 0 <= self.gate_ramp < 1):
             raise ValueError(f"CopyConfig.gate_ramp must be in [0, 1) (0: no ramp), got {self.gate_ramp!r}.")
