@@ -56,13 +56,14 @@ def dev_items(n: int) -> tuple[dict, dict]:
     return answerable, {"closed_book_dev": closed_book("dev"), "unanswerable_dev": unanswerable("dev", n)}
 
 
-def operating_points(sig: dict, keep: Sequence[float] = (0.95, 0.92, 0.9, 0.85)) -> list[dict]:
+def operating_points(sig: dict, keep: Sequence[float] = (0.95, 0.92, 0.9, 0.85),
+                     signals: Sequence[str] = ("no_answer", "no_answer_every", "null_margin")) -> list[dict]:
     """For each reader signal alone: at each share of answerable SQuAD-Shifts items to keep (at k=1
     and k=5), the threshold that gates the most negative dev items, and what it gates."""
     squad = [name for name in sig if name.startswith("squad")]
     negative = [name for name in sig if name.endswith("_dev")]
     out = []
-    for signal in ("no_answer", "no_answer_every", "null_margin"):
+    for signal in signals:
         values = sorted({v for s in sig.values() for v in s[signal]})
         for share in keep:
             best = None

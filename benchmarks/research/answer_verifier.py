@@ -78,23 +78,6 @@ def p_answer(probe: dict, feats: np.ndarray) -> float:
     return float(1 / (1 + math.exp(-float(z.max()))))
 
 
-def operating_points(sig: dict, signals: list[str], keep=(0.95, 0.92, 0.9, 0.85)) -> list[dict]:
-    squad = [n for n in sig if n.startswith("squad")]
-    negative = [n for n in sig if n.endswith("_dev")]
-    out = []
-    for s in signals:
-        values = sorted({v for n in sig for v in sig[n][s]})
-        for share in keep:
-            best = None
-            for t in values:
-                kept = min(float(np.mean(np.array(sig[n][s]) <= t)) for n in squad)
-                gated = {n: round(float(np.mean(np.array(sig[n][s]) > t)), 3) for n in negative}
-                if kept >= share and (best is None or sum(gated.values()) > sum(best["gated"].values())):
-                    best = {"signal": s, "keep": share, "threshold": round(t, 4), "kept": round(kept, 3), "gated": gated}
-            out.append(best)
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--items", type=int, default=5000, help="training items (a fifth fictional)")
@@ -123,8 +106,8 @@ def main() -> None:
     print(f"{len(items)} items, {len(y_train)} training windows ({y_train.mean():.2f} hold the answer); "
           f"held-out window accuracy {check_acc:.3f}")
 
-    dev_items = runpy.run_path(str(HERE / "gate_signals.py"))["dev_items"]
-    answerable, negative = dev_items(args.n)
+    gate_signals = runpy.run_path(str(HERE / "gate_signals.py"))
+    answerable, negative = gate_signals["dev_items"](args.n)
     near = model.knowledge.reader_for(model.copy)
     sig = {}
     for name, dev in {**answerable, **negative}.items():
@@ -136,7 +119,7 @@ def main() -> None:
             s["both"].append((s["no_answer"][-1] + s["verifier"][-1]) / 2)
         sig[name] = s
         print(name, {k: round(float(np.median(v)), 3) for k, v in s.items()})
-    points = operating_points(sig, ["no_answer", "verifier", "both"])
+    points = gate_signals["operating_points"](sig, signals=("no_answer", "verifier", "both"))
     for p in points:
         print(json.dumps(p))
     atomic_write_text(args.out, json.dumps({"items": len(items), "training_windows": int(len(y_train)),
