@@ -97,7 +97,7 @@ def test_the_reader_signal_closes_the_gate_and_bad_settings_are_refused():
             return math.log(0.9 if nulls == "every" else 0.2)
 
     model.answer_reader = EveryWindowSure()
-    assert model.gate([q], [ON_TOPIC]) == [True]
+    assert model.gate([q], [ON_TOPIC], copy={"gate_nulls": "max"}) == [True]
     assert model.gate([q], [ON_TOPIC], copy={"gate_nulls": "every"}) == [False], "the gate reads gate_nulls"
     model.answer_reader = None
     with pytest.raises(ValueError, match="needs an answer-start reader"):

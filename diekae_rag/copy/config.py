@@ -58,9 +58,9 @@ class CopyConfig:
     closes when no passage's MiniLM cosine to the question reaches this (0: off). ``gate_no_answer``:
     it closes when the answer-start reader's probability of "no answer here" exceeds this (1: off).
     ``gate_nulls``: how that probability reads several windows (passages, or a long passage's
-    parts): ``"max"``, the reader's joint normalisation, whose one "no answer" slot is the most
-    confident window's; ``"every"``, each window's "no answer" is a slot of its own beside the same
-    starts, so every passage read that does not answer adds to it (one window: the same).
+    parts): ``"every"``, each window's "no answer" is a slot of its own beside the starts, so every
+    passage read that does not answer adds to it; ``"max"``, the reader's joint normalisation, whose
+    one "no answer" slot is the most confident window's (one window: the two are the same).
     ``gate_ramp``: below that threshold, over a ramp this wide, the gate is half-open: everything the
     encoders write (rows and copy) is scaled by ``(gate_no_answer - P) / gate_ramp``, from 1 at
     ``gate_no_answer - gate_ramp`` down to 0 at the threshold (0: no ramp, the gate is open or closed).
@@ -85,8 +85,8 @@ class CopyConfig:
     answer_pieces: bool = True
     whitened_values: bool = True
     gate_cosine: float = 0.0
-    gate_no_answer: float = 0.4
-    gate_nulls: str = "max"
+    gate_no_answer: float = 0.7
+    gate_nulls: str = "every"
     gate_ramp: float = 0.3
     question_turns: int = 3
     on_no_answer: str = "decoder"

@@ -10,8 +10,8 @@ term, and the per-step rows, are scaled by 0). Two signals, each off until its t
   nearest passage. It separates off-topic retrievals; it cannot see a same-topic passage that
   lacks the answer.
 - ``CopyConfig.gate_no_answer``: the answer-start reader's probability of "no answer here", from
-  its joint normalisation over every passage's word-pieces and one [CLS] slot (with
-  ``CopyConfig.gate_nulls="every"``, a [CLS] slot per window). With
+  its normalisation over every passage's word-pieces and a [CLS] slot per window it reads
+  (``CopyConfig.gate_nulls="every"``; ``"max"``: the most confident window's slot alone). With
   ``CopyConfig.gate_ramp`` the gate half-opens just below that threshold: what the encoders write
   is scaled by a strength between 0 and 1 (:meth:`CopyConfig.gate_strength`).
 """
