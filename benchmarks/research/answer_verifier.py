@@ -57,6 +57,19 @@ def window_features(model: DiekaeModel, question: str, passages: list[str]) -> t
     return feats.cpu().numpy(), texts
 
 
+def training_items(n: int) -> list:
+    """``n`` items (a fifth fictional; k in {1, 3, 5}, retrieved distractors, half without their gold
+    passage), less every one that shares a question or a paragraph with the first 200 SQuAD-Shifts
+    items drawn with the dev seed (999), shuffled."""
+    held = load_squad_items(TRAIN_FILES, seed=999)[:200]
+    dev_q, dev_p = {it.question for it in held}, {it.passage for it in held}
+    items = DataSpec(fictional=n // 5, squad=n - n // 5, k=[1, 3, 5], distractors="retrieved",
+                     negatives=0.5, seed=41).build()
+    items = [it for it in items if it.question not in dev_q and not dev_p & set(it.passages)]
+    random.Random(0).shuffle(items)
+    return items
+
+
 def fit(x: np.ndarray, y: np.ndarray, decay: float = 1e-3, epochs: int = 400) -> dict:
     """Logistic regression on standardised features (full batch, Adam)."""
     mu, sd = x.mean(0), x.std(0) + 1e-6
@@ -85,12 +98,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=HERE / "results" / "answer_verifier.json")
     args = ap.parse_args()
     model = DiekaeModel.from_pretrained()
-    held = load_squad_items(TRAIN_FILES, seed=999)[:200]
-    dev_q, dev_p = {it.question for it in held}, {it.passage for it in held}
-    items = DataSpec(fictional=args.items // 5, squad=args.items - args.items // 5, k=[1, 3, 5],
-                     distractors="retrieved", negatives=0.5, seed=41).build()
-    items = [it for it in items if it.question not in dev_q and not dev_p & set(it.passages)]
-    random.Random(0).shuffle(items)
+    items = training_items(args.items)
     split = int(0.85 * len(items))
     rows = {"train": ([], []), "check": ([], [])}
     for i, it in enumerate(tqdm(items, desc="reader windows")):

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import runpy
 from pathlib import Path
 
@@ -30,8 +29,6 @@ from tqdm import tqdm
 
 from diekae_rag import DiekaeModel
 from diekae_rag.atomic import atomic_write_text
-from diekae_rag.data.mixture import DataSpec
-from diekae_rag.data.squad import TRAIN_FILES, load_squad_items
 
 HERE = Path(__file__).resolve().parents[1]
 VERIFIER = runpy.run_path(str(Path(__file__).with_name("answer_verifier.py")))
@@ -56,12 +53,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=HERE / "results" / "trunk_gate_probe.json")
     args = ap.parse_args()
     model = DiekaeModel.from_pretrained()
-    held = load_squad_items(TRAIN_FILES, seed=999)[:200]
-    dev_q, dev_p = {it.question for it in held}, {it.passage for it in held}
-    items = DataSpec(fictional=args.items // 5, squad=args.items - args.items // 5, k=[1, 3, 5],
-                     distractors="retrieved", negatives=0.5, seed=41).build()
-    items = [it for it in items if it.question not in dev_q and not dev_p & set(it.passages)]
-    random.Random(0).shuffle(items)
+    items = VERIFIER["training_items"](args.items)
     split = int(0.85 * len(items))
     feats = [item_features(model, it.question, list(it.passages)) for it in tqdm(items, desc="items")]
     y = np.array([float(it.answerable) for it in items])
