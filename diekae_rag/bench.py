@@ -91,8 +91,10 @@ def timed(fn: Callable[[], object], device: torch.device, setup: Optional[Callab
 
 
 def median_time(fn: Callable[[], object], repeats: int, device: torch.device,
-                setup: Optional[Callable[[], object]] = None) -> float:
-    timed(fn, device, setup)  # warm-up
+                setup: Optional[Callable[[], object]] = None, warm_ups: int = 1) -> float:
+    """Median seconds of ``repeats`` timed calls of ``fn``, after ``warm_ups`` untimed ones."""
+    for _ in range(warm_ups):
+        timed(fn, device, setup)
     return statistics.median(timed(fn, device, setup) for _ in range(repeats))
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -23,17 +22,12 @@ import torch
 import diekae_rag.encoder as encoder_module
 from diekae_rag import DiekaeModel
 from diekae_rag.atomic import atomic_write_text
-from diekae_rag.bench import bench_passages, hardware
+from diekae_rag.bench import bench_passages, hardware, median_time
 from diekae_rag.injection import layer_rows_from
 
 
-def median_ms(fn, n: int) -> float:
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1000
+def median_ms(fn, n: int, device: torch.device) -> float:
+    return median_time(fn, n, device, warm_ups=0) * 1000
 
 
 def main() -> None:
@@ -69,7 +63,7 @@ def main() -> None:
             def one():
                 state["cache"] = fn(state["cache"], pre.readout)[1]
             one()  # compiles
-            row[f"encoder_step_{name}_ms"] = median_ms(one, args.steps)
+            row[f"encoder_step_{name}_ms"] = median_ms(one, args.steps, model.device)
         reader = model.answer_reader
         row["reader_dtype"] = str(next(reader.parameters()).dtype)
 
@@ -77,10 +71,10 @@ def main() -> None:
             reader.clear()
             reader._char_log_probs(f"{q} {time.perf_counter()}", passages)  # a new question each call
         read()
-        row["reader_eager_ms"] = median_ms(read, args.repeats)
+        row["reader_eager_ms"] = median_ms(read, args.repeats, model.device)
         reader.bert = torch.compile(reader.bert, dynamic=True)
         read()  # compiles
-        row["reader_compiled_ms"] = median_ms(read, args.repeats)
+        row["reader_compiled_ms"] = median_ms(read, args.repeats, model.device)
     print(json.dumps(row, indent=2))
     out = Path(args.out) / model.device.type
     out.mkdir(parents=True, exist_ok=True)

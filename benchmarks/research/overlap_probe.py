@@ -16,25 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import threading
-import time
 from pathlib import Path
 
 import torch
 
 from diekae_rag import DiekaeModel
 from diekae_rag.atomic import atomic_write_text
-from diekae_rag.bench import bench_passages, hardware
-
-
-def median_ms(fn, n: int) -> float:
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times[2:]) * 1000
+from diekae_rag.bench import bench_passages, hardware, median_time
 
 
 def main() -> None:
@@ -67,15 +56,18 @@ def main() -> None:
             thread.join()
         return run
 
+    def median_ms(fn) -> float:  # the first two calls left out
+        return median_time(fn, args.repeats - 2, model.device, warm_ups=2) * 1000
+
     threads = torch.get_num_threads()
     rows = []
     with torch.inference_mode():
         for _ in range(2):
             torch.set_num_threads(threads)
-            row = {"decoder": median_ms(decoder, args.repeats), "reader": median_ms(read, args.repeats)}
+            row = {"decoder": median_ms(decoder), "reader": median_ms(read)}
             row["one_after_the_other"] = row["decoder"] + row["reader"]
-            row["at_once"] = median_ms(at_once(None), args.repeats)
-            row["at_once_reader_on_one_thread"] = median_ms(at_once(1), args.repeats)
+            row["at_once"] = median_ms(at_once(None))
+            row["at_once_reader_on_one_thread"] = median_ms(at_once(1))
             torch.set_num_threads(threads)
             rows.append({k: round(v, 1) for k, v in row.items()})
             print(json.dumps(rows[-1]))
