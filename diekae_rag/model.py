@@ -390,8 +390,8 @@ class DiekaeModel:
         facts = make_facts(max(k, 1), seed=101, relations="all", other_facts=(8, 8))  # no benchmark uses seed 101
         with torch.inference_mode(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self.generate(facts[0].question, [f.passage for f in facts], max_new_tokens=1,
-                          copy={"gate_no_answer": 1.0, "gate_ramp": 0.0})  # the gate off, so that the encoders' path runs too
+            gate_off = {"gate_no_answer": 1.0, "gate_ramp": 0.0, "gate_given_answers": 1.0}  # so the encoders' path runs too
+            self.generate(facts[0].question, [f.passage for f in facts], max_new_tokens=1, copy=gate_off)
         return self
 
     def compile_decode(self, mode: Optional[str] = None, backend: Optional[str] = "inductor", cache_block: int = 256

@@ -239,6 +239,47 @@ def test_a_follow_up_is_not_answered_with_what_an_earlier_turn_said():
         "the given answer's starts (0.7) are taken out beside every window's 'no answer'"
     assert skipped.no_answer_log_prob("Where is Calgra?", [passage], "every") == pytest.approx(math.log(0.25))
 
+    # "No answer" or what was said: 0.1 beside the starts' 0.9, of which the given answer holds 0.7.
+    skipped = GivenAnswersSkipped(Reader(), {q: ["Orvel Tann."]})
+    assert math.exp(skipped.given_or_no_answer_log_prob(q, [passage])) == pytest.approx(0.1 + 0.7)
+    skipped = GivenAnswersSkipped(TwoWindows(), {q: ["Orvel Tann."]})
+    assert math.exp(skipped.given_or_no_answer_log_prob(q, [passage], "every")) == pytest.approx(0.25 + 0.75 * 0.7 / 0.9)
+    assert skipped.given_or_no_answer_log_prob("Where is Calgra?", [passage], "every") == pytest.approx(math.log(0.25)), \
+        "no earlier answers: the plain 'no answer'"
+
+
+def test_the_gate_closes_on_a_follow_up_whose_passage_holds_only_what_was_said():
+    """``gate_given_answers`` reads the reader's starts on earlier answers; a single question never does."""
+    passage = "Calgra was founded by Orvel Tann. It rains there."
+    said, other = passage.index("Orvel"), passage.index("rains")
+
+    class SaidReader(NullReader):  # starts: 0.85 on the answer already given, 0.1 elsewhere; "no answer" 0.05
+        def char_log_probs(self, question, passages):
+            return [{said: math.log(0.85), other: math.log(0.1)} for _ in passages]
+
+        def no_answer_log_prob(self, question, passages, nulls="max"):
+            return math.log(0.05)
+
+    model = _model(gate_no_answer=0.5, gate_ramp=0.0, question_turns=3)
+    model.answer_reader = SaidReader()
+    turns = [{"role": "user", "content": "Who founded Calgra?"}, {"role": "assistant", "content": "Orvel Tann."},
+             {"role": "user", "content": "Where is it?"}]
+    single = "Who founded Calgra?"
+    assert model.gate([turns, single], [[passage]] * 2) == [True, True], \
+        "off: without the given answer's starts, P(no answer) is 0.05 / 0.15, under 0.5"
+    assert model.gate([turns, single], [[passage]] * 2, copy={"gate_given_answers": 0.85}) == [False, True], \
+        "0.05 + 0.85 over 0.85 closes the follow-up; the single question (P 0.05) stays open"
+    assert model.gate([turns], [[passage]], copy={"gate_given_answers": 0.85, "question_turns": 1}) == [True], \
+        "the last question read alone has no earlier answers"
+    none = model.generate(turns, mode="none", max_new_tokens=6)
+    assert model.generate(turns, [passage], max_new_tokens=6, copy={"gate_given_answers": 0.85}) == none
+    model.answer_reader = None
+    with pytest.raises(ValueError, match="gate_given_answers needs an answer-start reader"):
+        model.gate([turns], [[passage]], copy={"gate_no_answer": 1.0, "gate_given_answers": 0.85})
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="gate_given_answers must be in"):
+            CopyConfig(gate_given_answers=bad)
+
 
 class RecordingReader(NullReader):
     """A stand-in reader that records which passages it is asked to read."""

@@ -183,9 +183,10 @@ def test_langchain_chat_keeps_turns_and_reports_usage(real_model):
     from diekae_rag.integrations.langchain import ChatDiekae
 
     passages = ["Ithpelith Quorne was born in Davrenholt, a river town."]
-    # The copy gate's reader reads the last question alone; "Where was she born?" names no one, so it
-    # would close the gate here (README, Limitations). This test is about turns and usage: gate off.
-    chat = ChatDiekae(model=real_model, max_new_tokens=NEW, copy_settings={"gate_no_answer": 1.0})
+    # The copy gate can close on a follow-up that names no one ("Where was she born?"; README,
+    # Limitations). This test is about turns and usage: gate off.
+    chat = ChatDiekae(model=real_model, max_new_tokens=NEW,
+                      copy_settings={"gate_no_answer": 1.0, "gate_given_answers": 1.0})
     messages = [HumanMessage(CONVERSATION[0][0]), AIMessage(CONVERSATION[0][1]), HumanMessage(CONVERSATION[1][0])]
     with spy(real_model) as (prompts, knowledge):
         reply = chat.invoke(messages, passages=passages)

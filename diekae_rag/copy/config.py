@@ -64,6 +64,10 @@ class CopyConfig:
     ``gate_ramp``: below that threshold, over a ramp this wide, the gate is half-open: everything the
     encoders write (rows and copy) is scaled by ``(gate_no_answer - P) / gate_ramp``, from 1 at
     ``gate_no_answer - gate_ramp`` down to 0 at the threshold (0: no ramp, the gate is open or closed).
+    ``gate_given_answers``: where the question is read with earlier turns that gave answers, the gate
+    also closes when the reader's "no answer" and its starts on those answers together exceed this
+    (1: off): a follow-up whose passages hold only what was already said (single-turn questions never
+    read it; :meth:`~diekae_rag.copy.providers.GivenAnswersSkipped.given_or_no_answer_log_prob`).
     ``question_turns``: how much of a conversation the passage prior, the answer-start reader and
     the gate read as the question: the last user turn and up to ``question_turns - 1`` turns before
     it (1: the last user turn alone; 3: with the previous question and its answer).
@@ -88,6 +92,7 @@ class CopyConfig:
     gate_no_answer: float = 0.7
     gate_nulls: str = "every"
     gate_ramp: float = 0.3
+    gate_given_answers: float = 0.97
     question_turns: int = 3
     on_no_answer: str = "decoder"
     no_answer_text: str = "The documents do not say."
@@ -112,6 +117,10 @@ class CopyConfig:
             raise ValueError(f"CopyConfig.gate_cosine must be in [0, 1) (0: off), got {self.gate_cosine!r}.")
         if not (isinstance(self.gate_no_answer, (int, float)) and 0 < self.gate_no_answer <= 1):
             raise ValueError(f"CopyConfig.gate_no_answer must be in (0, 1] (1: off), got {self.gate_no_answer!r}.")
+        if not (isinstance(self.gate_given_answers, (int, float)) and not isinstance(self.gate_given_answers, bool)
+                and 0 < self.gate_given_answers <= 1):
+            raise ValueError("CopyConfig.gate_given_answers must be in (0, 1] (1: off), "
+                             f"got {self.gate_given_answers!r}.")
         if self.gate_nulls not in GATE_NULLS:
             raise ValueError(f"CopyConfig.gate_nulls must be one of {GATE_NULLS}, got {self.gate_nulls!r}.")
         if not (isinstance(self.gate_ramp, (int, float)) and not isinstance(self.gate_ramp, bool)
@@ -142,14 +151,15 @@ class CopyConfig:
     @property
     def gated(self) -> bool:
         """Whether the gate can close (a threshold is set)."""
-        return self.gate_cosine > 0 or self.gate_no_answer < 1
+        return self.gate_cosine > 0 or self.gate_no_answer < 1 or self.gate_given_answers < 1
 
     @classmethod
     def plain(cls) -> "CopyConfig":
         """The readout as trained: learned scores only, no serving-time term."""
         return cls(gain_scale=100.0, sharpness=1.0, first_gain=1.0, first_key_scale=1.0, bigram_bonus=0.0,
                    continue_bonus=0.0, passage_prior=0.0, reader_weight=0.0, reader_margin=0.0, first_unspaced=False,
-                   answer_pieces=False, whitened_values=False, gate_no_answer=1.0, gate_ramp=0.0, question_turns=1)
+                   answer_pieces=False, whitened_values=False, gate_no_answer=1.0, gate_ramp=0.0, gate_given_answers=1.0,
+                   question_turns=1)
 
     def replace(self, **changes: Any) -> "CopyConfig":
         """A copy with ``changes``; an unknown name raises with the list of settings."""

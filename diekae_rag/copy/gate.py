@@ -14,6 +14,9 @@ term, and the per-step rows, are scaled by 0). Two signals, each off until its t
   (``CopyConfig.gate_nulls="every"``; ``"max"``: the most confident window's slot alone). With
   ``CopyConfig.gate_ramp`` the gate half-opens just below that threshold: what the encoders write
   is scaled by a strength between 0 and 1 (:meth:`CopyConfig.gate_strength`).
+- ``CopyConfig.gate_given_answers``: in a conversation read with its earlier turns, the reader's
+  "no answer" together with its starts on the answers those turns gave: a follow-up whose passages
+  hold nothing but what was already said. Single-turn questions never read it.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import math
 from typing import Optional, Sequence
 
 from .config import CopyConfig
-from .providers import PassagePrior
+from .providers import GivenAnswersSkipped, PassagePrior
 
 
 def gate_strengths(questions: Sequence[str], passages: Sequence[Sequence[str]], copy: CopyConfig,
@@ -36,17 +39,24 @@ def gate_strengths(questions: Sequence[str], passages: Sequence[Sequence[str]], 
                              "assign one, or set gate_cosine to 0.")
         best = prior.cosines(questions, passages)
         strength = [s if not len(c) or float(c.max()) >= copy.gate_cosine else 0.0 for s, c in zip(strength, best)]
-    if copy.gate_no_answer < 1:
-        if reader is None:
-            raise ValueError("CopyConfig.gate_no_answer needs an answer-start reader; assign model.answer_reader, "
-                             "or set gate_no_answer to 1.")
-        limit = math.log(copy.gate_no_answer)
-        for i, (q, ps) in enumerate(zip(questions, passages)):
-            if strength[i] and ps:
-                log_p = reader.no_answer_log_prob(q, list(ps), copy.gate_nulls)  # the threshold compared in log space
-                if log_p > limit:
-                    strength[i] = 0.0
-                elif copy.gate_ramp:
-                    strength[i] = copy.gate_strength(math.exp(log_p))
+    read = [name for name in ("gate_no_answer", "gate_given_answers") if getattr(copy, name) < 1]
+    if not read:
+        return strength
+    if reader is None:
+        raise ValueError(f"CopyConfig.{read[0]} needs an answer-start reader; assign model.answer_reader, "
+                         f"or set {' and '.join(read)} to 1.")
+    said = copy.gate_given_answers < 1 and isinstance(reader, GivenAnswersSkipped)
+    for i, (q, ps) in enumerate(zip(questions, passages)):
+        if not (strength[i] and ps):
+            continue
+        if said and reader.given.get(q) and \
+                reader.given_or_no_answer_log_prob(q, list(ps), copy.gate_nulls) > math.log(copy.gate_given_answers):
+            strength[i] = 0.0
+        elif copy.gate_no_answer < 1:
+            log_p = reader.no_answer_log_prob(q, list(ps), copy.gate_nulls)  # the threshold compared in log space
+            if log_p > math.log(copy.gate_no_answer):
+                strength[i] = 0.0
+            elif copy.gate_ramp:
+                strength[i] = copy.gate_strength(math.exp(log_p))
     return strength
 

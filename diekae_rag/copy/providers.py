@@ -217,6 +217,18 @@ class GivenAnswersSkipped:
         log_n = every + math.log(s) - math.log(-math.expm1(every))
         return log_n - float(np.logaddexp(math.log(max(s - removed, 1e-300)), log_n))
 
+    def given_or_no_answer_log_prob(self, question: str, passages: Sequence[str], nulls: str = "max") -> float:
+        """log P(no answer, or an answer an earlier turn gave): the reader's "no answer" (read as ``nulls``
+        says) plus, of the rest, the share its starts put on the given answers before they are taken out.
+        A question with no earlier answers gets its plain log P(no answer)."""
+        every = self.reader.no_answer_log_prob(question, passages, nulls)
+        removed = self._read(question, passages)[2]
+        s = -math.expm1(self.reader.no_answer_log_prob(question, passages))  # the starts' mass beside the best slot
+        if not removed or s <= 0:
+            return every
+        p = math.exp(every)
+        return math.log(min(1.0, p + (1.0 - p) * removed / s))
+
     def _read(self, question: str, passages: Sequence[str]) -> tuple[list[dict[int, float]], float, float]:
         lps, null = self.reader.char_log_probs(question, passages), self.reader.no_answer_log_prob(question, passages)
         said = [a for a in (x.strip().rstrip(".!?,;:").strip().lower() for x in self.given.get(question, ())) if a]
