@@ -400,6 +400,10 @@ def test_distilling_a_split_reader_from_a_joint_one(reader):
     with torch.no_grad():
         assert (batch_losses(student.eval(), [ex, none], teacher)[0] > batch_losses(student, [ex, none])[0] + 1e-3).all(), \
             "the split reader's starts differ from the joint one's: the KL is positive"
+        mixed = batch_losses(student.eval(), [ex, none], teacher, taught=[False, True])[0]
+        alone = batch_losses(student, [ex, none])[0]
+        assert mixed[0] == pytest.approx(float(alone[0])) and mixed[1] > alone[1] + 1e-3, \
+            "the teacher's KL only on the items it teaches"
     student.train()
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-3)
     first = None

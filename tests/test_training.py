@@ -290,3 +290,29 @@ def test_cut_answer_negatives_keep_the_gold_paragraph_without_its_answer():
     negatives = [ex for ex in base if not any(ex.answer in p for p in ex.passages)]
     assert 0.3 * len(negatives) < len(trimmed) <= 0.5 * len(negatives) + 10, "about half the negatives keep a cut gold"
     assert all(len(ex.passages) in (1, 3) for ex in cut)
+
+
+def test_squad_follow_ups_ask_a_second_question_the_passage_answers_or_lacks():
+    from diekae_rag.data.fictional import Fact
+    from diekae_rag.data.followups import conversation_question, squad_followups
+    a = "Calgra was founded by Orvel Tann in 1432. It lies on the Vell."
+    b = "The Merrow Guild trades wool. Its hall stands in Darnholt."
+    facts = [Fact(a, "Who founded Calgra?", "Orvel Tann", "", "squad", "Calgra"),
+             Fact(a, "Which river is Calgra on?", "the Vell", "", "squad", "Calgra"),
+             Fact(b, "What does the Merrow Guild trade?", "wool", "", "squad", "Calgra"),
+             Fact(b, "Where is the Merrow Guild's hall?", "Darnholt", "", "squad", "Calgra")]
+    items = squad_followups(facts, 8, seed=0)
+    assert {ex.answerable for ex in items} == {True, False}
+    for ex in items:
+        (passage,), (q1, a1, q2) = ex.passages, ex.question
+        assert a1["content"].rstrip(".") in passage, "turn 1's answer is in the passage"
+        assert (ex.answer in passage) == ex.answerable and q2["content"] != q1["content"]
+        assert conversation_question(ex.question) == f"{q1['content']} {a1['content']} {q2['content']}"
+
+
+def test_the_reader_reads_a_conversation_as_the_gate_does():
+    """Training joins the turns as serving does (``Prompter.question_text`` with 3 turns)."""
+    from diekae_rag.data.followups import conversation_question, make_followups
+    model = tiny_model("llama")
+    for ex in make_followups(3, seed=5):
+        assert conversation_question(ex.question) == model.prompter.question_text(model.prompter.prompt_ids(ex.question), 3)

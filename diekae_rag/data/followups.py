@@ -10,8 +10,9 @@ earlier turns (``CopyConfig.question_turns``) does.
 from __future__ import annotations
 
 import random
+from typing import Sequence
 
-from .fictional import RELATIONS, Relation, _fact, person, place
+from .fictional import RELATIONS, Fact, Relation, _fact, person, place
 from .mixture import Example
 
 STAND_INS = {person: "that person", place: "that place"}
@@ -44,4 +45,42 @@ def make_followups(n: int, seed: int, k: int = 3, answerable: bool = True) -> li
         passages = others + [passage]
         rng.shuffle(passages)
         out.append(Example(turns, passages, answer, distractor, relation, answerable))
+    return out
+
+
+def conversation_question(turns: Sequence[dict], n: int = 3) -> str:
+    """A conversation's last ``n`` turns joined as one question, as the reader and the gate read it with
+    ``CopyConfig.question_turns`` = ``n`` ("Who founded Calgra? Orvel Tann. Where is it?")."""
+    return " ".join(t["content"].strip() for t in turns[-n:] if t["content"].strip())
+
+
+def squad_followups(facts: Sequence[Fact], n: int, seed: int) -> list[Example]:
+    """Up to ``n`` two-question conversations over SQuAD-format items, one passage each: turn 1 asks
+    one question of the passage and gives its answer; turn 2 asks another. Half of them answer turn
+    2 (another question of the same paragraph), half do not (a question of another paragraph of the
+    same article, whose answer the passage lacks: the answer to turn 1 is there, the one asked is not)."""
+    rng = random.Random(seed)
+    by_passage: dict[str, list[Fact]] = {}
+    by_title: dict[str, list[Fact]] = {}
+    for f in facts:
+        by_passage.setdefault(f.passage, []).append(f)
+        by_title.setdefault(f.subject, []).append(f)  # SQuAD items: subject is the article title
+    passages = sorted(by_passage)
+    rng.shuffle(passages)
+    out = []
+    for i, passage in enumerate(passages):
+        if len(out) >= n:
+            break
+        first = rng.choice(by_passage[passage])
+        answerable = i % 2 == 0
+        pool = by_passage[passage] if answerable else [f for f in by_title.get(first.subject, [])
+                                                          if f.passage != passage]
+        pool = [f for f in pool if f.question != first.question and f.answer.lower() not in first.answer.lower()
+                and first.answer.lower() not in f.answer.lower() and (f.answer in passage) == answerable]
+        if not pool:
+            continue
+        second = rng.choice(pool)
+        turns = [{"role": "user", "content": first.question}, {"role": "assistant", "content": f"{first.answer}."},
+                 {"role": "user", "content": second.question}]
+        out.append(Example(turns, [passage], second.answer, first.answer, "squad_followup", answerable))
     return out

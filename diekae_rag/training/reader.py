@@ -12,6 +12,13 @@ distribution over starts (and "no answer") the new one also learns, with weight 
 term next to the gold loss), so that what the gate's threshold was chosen on carries over.
 ``layers`` keeps only some of ``init``'s layers (e.g. ``[0, 2, 4]``: a reader that reads in half
 the time), to be distilled from ``init`` in the same way.
+
+``conversations`` mixes in follow-up questions read as the gate reads them, with their earlier turns
+(:func:`~diekae_rag.data.followups.conversation_question`): fictional ones
+(:func:`~diekae_rag.data.followups.make_followups`) and SQuAD-format ones
+(:func:`~diekae_rag.data.followups.squad_followups`), half of them with a passage that holds only the
+earlier turn's answer, so "no answer" is their target there. The teacher's KL leaves them out: the
+teacher reads the earlier answer as the likeliest span, which is what they are there to unlearn.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ class ReaderTrainConfig:
     layers: Optional[list[int]] = None  # keep only these of init's layers (AnswerStartReader.keep_layers)
     teacher: str = ""        # a saved reader to distil from ("init": the one it starts from; "": the gold loss alone)
     distill: float = 1.0     # weight of the KL to the teacher
+    conversations: dict = field(default_factory=dict)  # {"fictional": n, "squad": n, "k": 3, "seed": s}: follow-ups mixed in
 
     @classmethod
     def from_file(cls, path: str) -> "ReaderTrainConfig":
@@ -104,10 +112,10 @@ def _per_item(batch: dict, owner: torch.Tensor, i: int) -> tuple[torch.Tensor, d
 
 
 def batch_losses(reader: AnswerStartReader, items: Sequence[Example], teacher: Optional[AnswerStartReader] = None,
-                 distill: float = 1.0) -> tuple[torch.Tensor, list[bool]]:
-    """Per item, -log P(gold start) (plus ``distill`` × the KL to ``teacher``'s distribution) and
-    whether its top start is a gold start. All (question, passage) pairs of the batch go through
-    the reader in one forward."""
+                 distill: float = 1.0, taught: Optional[Sequence[bool]] = None) -> tuple[torch.Tensor, list[bool]]:
+    """Per item, -log P(gold start) (plus ``distill`` × the KL to ``teacher``'s distribution, on the
+    items ``taught`` marks, default all) and whether its top start is a gold start. All (question,
+    passage) pairs of the batch go through the reader in one forward."""
     pairs = [(ex.question, p, i) for i, ex in enumerate(items) for p in ex.passages]
     questions, passages = [q for q, _, _ in pairs], [p for _, p, _ in pairs]
     def owners(windows: dict) -> torch.Tensor:  # the item each window belongs to
@@ -123,7 +131,7 @@ def batch_losses(reader: AnswerStartReader, items: Sequence[Example], teacher: O
         sel, sub = _per_item(batch, owner, i)
         lg = start[sel.to(start.device)]
         loss, ok = _joint_loss(lg, gold_pieces(sub, ex.passages, ex.answer).to(start.device))
-        if teacher is not None:
+        if teacher is not None and (taught is None or taught[i]):
             t_sel, t_sub = _per_item(t_batch, t_owner, i)
             target = joint_char_log_probs(t_start[t_sel.to(t_start.device)].cpu(), t_sub, len(ex.passages))
             loss = loss + distill * _kl_to_teacher(lg, sub, target)
@@ -150,23 +158,51 @@ def dev_row(reader: AnswerStartReader, dev: dict[str, list[Example]]) -> dict[st
     return row
 
 
-def dev_sets(n: int) -> dict[str, list[Example]]:
+def dev_sets(n: int, conversations: bool = False) -> dict[str, list[Example]]:
     """Training-style items never trained on: the dev items of ``benchmarks/copy_settings.py``
     (seed 999: fictional, and SQuAD-Shifts *train* items; the SQuAD dev file stays for evaluation),
     multi-fact fictional passages, and the dev halves of the negative sets (where the right top
-    start is "no answer" unless a passage happens to hold the answer)."""
+    start is "no answer" unless a passage happens to hold the answer). With ``conversations``, also
+    the follow-ups of ``benchmarks/chat_followups.py --split dev``, read with their earlier turns:
+    answered by their passage, and not (their right top start is "no answer")."""
     from ..data.negatives import closed_book, unanswerable
     negative = {"closed_book_dev": closed_book("dev"), "unanswerable_dev": unanswerable("dev", n)}
-    return {"fictional_k1": DataSpec(fictional=n, k=1, seed=999).build(),
+    sets = {"fictional_k1": DataSpec(fictional=n, k=1, seed=999).build(),
             "fictional_multi_k3": DataSpec(fictional=n, other_facts=(1, 3), k=3, seed=998).build(),
             "squad_train_k1": DataSpec(fictional=0, squad=n, k=1, seed=999).build(),
             **{name: [Example(it.question, list(it.passages), it.answers[0], "") for it in items]
                for name, items in negative.items()}}
+    if conversations:
+        from ..data.followups import make_followups
+        sets["followups_k3"] = _as_read(make_followups(n, 1001, 3))
+        sets["followups_silent_k3"] = _as_read(make_followups(n, 1002, 3, answerable=False))
+    return sets
+
+
+def _as_read(items: Sequence[Example]) -> list[Example]:
+    """Conversation items with their turns joined as the reader reads them."""
+    from ..data.followups import conversation_question
+    return [replace(ex, question=conversation_question(ex.question)) for ex in items]
+
+
+def conversation_items(spec: dict, held: set[str], data_dir=None) -> list[Example]:
+    """The follow-ups ``ReaderTrainConfig.conversations`` asks for, read with their earlier turns;
+    none whose questions are held out."""
+    from ..data.followups import make_followups, squad_followups
+    from ..data.squad import TRAIN_FILES, load_squad_items
+    seed, k, half = spec.get("seed", 0), spec.get("k", 3), spec.get("fictional", 0) // 2
+    items = make_followups(half, seed, k) + make_followups(spec.get("fictional", 0) - half, seed + 1, k,
+                                                            answerable=False)
+    if spec.get("squad"):
+        facts = load_squad_items(TRAIN_FILES, data_dir, seed=seed)
+        items += squad_followups(facts, spec["squad"], seed)
+    items = [ex for ex in items if not any(t["content"].strip() in held for t in ex.question if t["role"] == "user")]
+    return _as_read(items)
 
 
 def held_out_questions(n_dev: int) -> set[str]:
     """Questions the reader must not train on: its dev sets and copy_settings.py's (n=96)."""
-    sets = [*dev_sets(n_dev).values(), *dev_sets(96).values()]
+    sets = [*dev_sets(n_dev, conversations=True).values(), *dev_sets(96).values()]
     return {ex.question for d in sets for ex in d}
 
 
@@ -187,9 +223,12 @@ def train_reader(cfg: ReaderTrainConfig) -> dict:
     reader.train()
     spec = DataSpec(**{**cfg.data, "other_facts": tuple(cfg.data.get("other_facts", (0, 0)))})
     items = spec.build()
-    dev = dev_sets(cfg.n_dev)
+    dev = dev_sets(cfg.n_dev, conversations=bool(cfg.conversations))
     held = held_out_questions(cfg.n_dev)
     items = [ex for ex in items if ex.question not in held]
+    followups = conversation_items(cfg.conversations, held) if cfg.conversations else []
+    plain = len(items)
+    items = [(ex, True) for ex in items] + [(ex, False) for ex in followups]  # (item, taught by the teacher)
     heads = [p for n, p in reader.named_parameters() if n.split(".")[0] == "head"]
     body = [p for n, p in reader.named_parameters() if p.requires_grad and n.split(".")[0] != "head"]
     opt = torch.optim.AdamW([{"params": body, "lr": cfg.lr},
@@ -205,7 +244,7 @@ def train_reader(cfg: ReaderTrainConfig) -> dict:
         for g, base in zip(opt.param_groups, (cfg.lr, cfg.head_lr)):
             g["lr"] = base * min(1.0, (step + 1) / 50) * max(0.05, 1 - frac)
         batch = items[step * cfg.items_per_step: (step + 1) * cfg.items_per_step]
-        loss = batch_losses(reader, batch, teacher, cfg.distill)[0].mean()
+        loss = batch_losses(reader, [ex for ex, _ in batch], teacher, cfg.distill, [t for _, t in batch])[0].mean()
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(body, 1.0)
@@ -224,7 +263,8 @@ def train_reader(cfg: ReaderTrainConfig) -> dict:
                     **dev_row(reader, dev)})
     print(json.dumps(history[-1]), flush=True)
     reader.save_pretrained(cfg.out)
-    summary = {"config": asdict(cfg), "steps": step, "minutes": (time.time() - t0) / 60, "history": history}
+    summary = {"config": asdict(cfg), "steps": step, "minutes": (time.time() - t0) / 60,
+               "items": {"plain": plain, "conversations": len(followups)}, "history": history}
     atomic_write_text(Path(cfg.out) / "summary.json", json.dumps(summary, indent=2))
     plot_history(history, Path(cfg.out) / "summary.png")
     return summary
