@@ -25,17 +25,15 @@ from pathlib import Path
 from diekae_rag import DiekaeModel
 from diekae_rag.atomic import atomic_write_text
 from diekae_rag.config import parse_grid
-from diekae_rag.data.followups import make_followups
+from diekae_rag.data.followups import SPLIT_SEEDS, make_followups
 from diekae_rag.data.negatives import NegativeItem
 from diekae_rag.evaluation import evaluate_items, evaluate_negatives
-
-SEEDS = {"dev": 1001, "eval": 2002}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint", nargs="?", default=None)
-    ap.add_argument("--split", choices=sorted(SEEDS), default="dev")
+    ap.add_argument("--split", choices=sorted(SPLIT_SEEDS), default="dev")
     ap.add_argument("--turns", type=int, nargs="+", default=[1, 3])
     ap.add_argument("--n", type=int, default=60)
     ap.add_argument("--k", type=int, default=3)
@@ -48,7 +46,7 @@ def main() -> None:
     except ValueError as exc:
         raise SystemExit(f"--grid: {exc}") from None
     model = DiekaeModel.from_pretrained(args.checkpoint)
-    seed = SEEDS[args.split]
+    seed = SPLIT_SEEDS[args.split]
     answering = make_followups(args.n, seed, args.k)
     silent = [NegativeItem(e.question, e.passages, [e.answer])
               for e in make_followups(args.n, seed + 1, args.k, answerable=False)]

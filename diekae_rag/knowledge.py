@@ -128,7 +128,7 @@ class KnowledgeEncoding:
         if not copy.gated:
             return [1.0] * len(prompts)
         questions, given = self.questions(prompts, copy)
-        reader = self.reader_for(copy) if copy.gate_no_answer < 1 or copy.gate_given_answers < 1 else None
+        reader = self.reader_for(copy) if copy.reader_gated else None
         if reader is not None and given:
             reader = GivenAnswersSkipped(reader, given)
         held = [self.prompter.held(ps) for ps in passages]
@@ -147,7 +147,7 @@ class KnowledgeEncoding:
 
     def separate_reader(self, copy: CopyConfig) -> Optional[AnswerStartReader]:
         """The answer-start reader when ``copy`` uses it and its passage side can be kept apart."""
-        if not (copy.reader_weight or copy.gate_no_answer < 1 or copy.gate_given_answers < 1):
+        if not (copy.reader_weight or copy.reader_gated):
             return None
         reader = self.answer_reader
         return reader if getattr(reader, "separate", 0) else None

@@ -151,15 +151,20 @@ class CopyConfig:
     @property
     def gated(self) -> bool:
         """Whether the gate can close (a threshold is set)."""
-        return self.gate_cosine > 0 or self.gate_no_answer < 1 or self.gate_given_answers < 1
+        return self.gate_cosine > 0 or self.reader_gated
+
+    @property
+    def reader_gated(self) -> bool:
+        """Whether the gate reads the answer-start reader (``gate_no_answer`` or ``gate_given_answers`` set)."""
+        return self.gate_no_answer < 1 or self.gate_given_answers < 1
 
     @classmethod
     def plain(cls) -> "CopyConfig":
         """The readout as trained: learned scores only, no serving-time term."""
         return cls(gain_scale=100.0, sharpness=1.0, first_gain=1.0, first_key_scale=1.0, bigram_bonus=0.0,
                    continue_bonus=0.0, passage_prior=0.0, reader_weight=0.0, reader_margin=0.0, first_unspaced=False,
-                   answer_pieces=False, whitened_values=False, gate_no_answer=1.0, gate_ramp=0.0, gate_given_answers=1.0,
-                   question_turns=1)
+                   answer_pieces=False, whitened_values=False, gate_no_answer=1.0, gate_ramp=0.0,
+                   gate_given_answers=1.0, question_turns=1)
 
     def replace(self, **changes: Any) -> "CopyConfig":
         """A copy with ``changes``; an unknown name raises with the list of settings."""

@@ -39,10 +39,10 @@ def gate_strengths(questions: Sequence[str], passages: Sequence[Sequence[str]], 
                              "assign one, or set gate_cosine to 0.")
         best = prior.cosines(questions, passages)
         strength = [s if not len(c) or float(c.max()) >= copy.gate_cosine else 0.0 for s, c in zip(strength, best)]
-    read = [name for name in ("gate_no_answer", "gate_given_answers") if getattr(copy, name) < 1]
-    if not read:
+    if not copy.reader_gated:
         return strength
     if reader is None:
+        read = [name for name in ("gate_no_answer", "gate_given_answers") if getattr(copy, name) < 1]
         raise ValueError(f"CopyConfig.{read[0]} needs an answer-start reader; assign model.answer_reader, "
                          f"or set {' and '.join(read)} to 1.")
     said = copy.gate_given_answers < 1 and isinstance(reader, GivenAnswersSkipped)

@@ -16,6 +16,7 @@ from .fictional import RELATIONS, Fact, Relation, _fact, person, place
 from .mixture import Example
 
 STAND_INS = {person: "that person", place: "that place"}
+SPLIT_SEEDS = {"dev": 1001, "eval": 2002}  # make_followups seeds: answering at the seed, not answering at seed + 1
 
 
 def _pairs() -> list[tuple[Relation, Relation]]:

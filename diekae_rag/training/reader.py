@@ -173,9 +173,10 @@ def dev_sets(n: int, conversations: bool = False) -> dict[str, list[Example]]:
             **{name: [Example(it.question, list(it.passages), it.answers[0], "") for it in items]
                for name, items in negative.items()}}
     if conversations:
-        from ..data.followups import make_followups
-        sets["followups_k3"] = _as_read(make_followups(n, 1001, 3))
-        sets["followups_silent_k3"] = _as_read(make_followups(n, 1002, 3, answerable=False))
+        from ..data.followups import SPLIT_SEEDS, make_followups
+        seed = SPLIT_SEEDS["dev"]
+        sets["followups_k3"] = _as_read(make_followups(n, seed, 3))
+        sets["followups_silent_k3"] = _as_read(make_followups(n, seed + 1, 3, answerable=False))
     return sets
 
 
