@@ -206,28 +206,31 @@ class GivenAnswersSkipped:
     def no_answer_log_prob(self, question: str, passages: Sequence[str], nulls: str = "max") -> float:
         if nulls == "max":
             return self._read(question, passages)[1]
-        # Every window's "no answer" (:func:`~diekae_rag.answer_reader.every_window_no_answer`): on the
-        # scale where the starts and the best window's slot sum to 1, its mass n = P s / (1 - P) beside
-        # the starts' s = 1 - P_max, of which the given answers' starts are taken out.
-        every = self.reader.no_answer_log_prob(question, passages, nulls)
-        removed = self._read(question, passages)[2]
-        s = -math.expm1(self.reader.no_answer_log_prob(question, passages))
-        if not removed or s <= 0 or every >= 0:
+        # Every window's "no answer" P (:func:`~diekae_rag.answer_reader.every_window_no_answer`) beside
+        # the starts, of which the share f on the given answers is taken out: P / (P + (1 - P)(1 - f)).
+        every, share = self._given_share(question, passages, nulls)
+        p = math.exp(every)
+        if not share or p <= 0:
             return every
-        log_n = every + math.log(s) - math.log(-math.expm1(every))
-        return log_n - float(np.logaddexp(math.log(max(s - removed, 1e-300)), log_n))
+        return every - math.log(p + (1.0 - p) * (1.0 - share))
 
     def given_or_no_answer_log_prob(self, question: str, passages: Sequence[str], nulls: str = "max") -> float:
         """log P(no answer, or an answer an earlier turn gave): the reader's "no answer" (read as ``nulls``
         says) plus, of the rest, the share its starts put on the given answers before they are taken out.
         A question with no earlier answers gets its plain log P(no answer)."""
-        every = self.reader.no_answer_log_prob(question, passages, nulls)
-        removed = self._read(question, passages)[2]
-        s = -math.expm1(self.reader.no_answer_log_prob(question, passages))  # the starts' mass beside the best slot
-        if not removed or s <= 0:
+        every, share = self._given_share(question, passages, nulls)
+        if not share:
             return every
         p = math.exp(every)
-        return math.log(min(1.0, p + (1.0 - p) * removed / s))
+        return math.log(min(1.0, p + (1.0 - p) * share))
+
+    def _given_share(self, question: str, passages: Sequence[str], nulls: str) -> tuple[float, float]:
+        """log P(no answer) as ``nulls`` reads it, and the share of the reader's starts that lie on the
+        answers earlier turns gave (0 when there are none)."""
+        every = self.reader.no_answer_log_prob(question, passages, nulls)
+        removed = self._read(question, passages)[2]
+        starts = -math.expm1(self.reader.no_answer_log_prob(question, passages))  # beside the best window's slot
+        return every, (min(1.0, removed / starts) if removed and starts > 0 else 0.0)
 
     def _read(self, question: str, passages: Sequence[str]) -> tuple[list[dict[int, float]], float, float]:
         lps, null = self.reader.char_log_probs(question, passages), self.reader.no_answer_log_prob(question, passages)
