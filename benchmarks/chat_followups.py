@@ -9,9 +9,12 @@ conversation in ``none`` / ``in_context`` / ``diekae`` mode, DIEKÆ once per ``q
 (how many turns the passage prior, the answer-start reader and the copy gate read; the shipped gate
 otherwise). Two sets: the subject's passage holds the follow-up's answer (acc / EM / F1, gated), or
 does not (copy rate, gated: the harm side). ``--split dev`` (seed 1001) chooses; ``--split eval``
-(seed 2002) is run once for what ships. Single-turn questions read the same text whatever the
+(seed 2002) is run once for what ships. ``--source squad``: SQuAD follow-ups instead
+(``squad_followups``: turn 2 is another question of the same paragraph, or of another paragraph of the
+same article, which the passage does not answer; k=1), from the SQuAD-Shifts training files for
+``dev`` and from the SQuAD dev file for ``eval``. Single-turn questions read the same text whatever the
 setting (``tests/test_gate.py``). ``--grid``: DIEKÆ once more per combination of these ``CopyConfig``
-values, for each ``--turns``. Writes benchmarks/results/chat_followups_<split>.json.
+values, for each ``--turns``. Writes benchmarks/results/chat_followups_<split>[_squad].json.
 """
 
 from __future__ import annotations
@@ -25,9 +28,23 @@ from pathlib import Path
 from diekae_rag import DiekaeModel
 from diekae_rag.atomic import atomic_write_text
 from diekae_rag.config import parse_grid
-from diekae_rag.data.followups import SPLIT_SEEDS, make_followups
+from diekae_rag.data.followups import SPLIT_SEEDS, make_followups, squad_followups
 from diekae_rag.data.negatives import NegativeItem
 from diekae_rag.evaluation import evaluate_items, evaluate_negatives
+
+
+def conversations(source: str, split: str, n: int, k: int) -> tuple[list, list]:
+    """``n`` conversations whose passages answer the follow-up, and ``n`` whose passages do not."""
+    seed = SPLIT_SEEDS[split]
+    if source == "fictional":
+        return make_followups(n, seed, k), make_followups(n, seed + 1, k, answerable=False)
+    from diekae_rag.data.squad import DEV_FILE, TRAIN_FILES, load_squad_items
+    facts = load_squad_items(TRAIN_FILES if split == "dev" else [DEV_FILE], seed=seed)
+    items = squad_followups(facts, 4 * n, seed)
+    answering, silent = [e for e in items if e.answerable][:n], [e for e in items if not e.answerable][:n]
+    if min(len(answering), len(silent)) < n:
+        raise SystemExit(f"only {len(answering)} / {len(silent)} SQuAD follow-ups of each kind; ask for fewer (--n).")
+    return answering, silent
 
 
 def main() -> None:
@@ -36,7 +53,8 @@ def main() -> None:
     ap.add_argument("--split", choices=sorted(SPLIT_SEEDS), default="dev")
     ap.add_argument("--turns", type=int, nargs="+", default=[1, 3])
     ap.add_argument("--n", type=int, default=60)
-    ap.add_argument("--k", type=int, default=3)
+    ap.add_argument("--k", type=int, default=3, help="passages per conversation (fictional; SQuAD's have one)")
+    ap.add_argument("--source", choices=["fictional", "squad"], default="fictional")
     ap.add_argument("--modes", nargs="+", choices=["none", "in_context", "diekae"], default=["none", "in_context", "diekae"])
     ap.add_argument("--grid", nargs="+", default=[], help="FIELD=V1,V2: CopyConfig values, one DIEKÆ row per combination")
     ap.add_argument("--out", type=Path, default=None)
@@ -47,9 +65,8 @@ def main() -> None:
         raise SystemExit(f"--grid: {exc}") from None
     model = DiekaeModel.from_pretrained(args.checkpoint)
     seed = SPLIT_SEEDS[args.split]
-    answering = make_followups(args.n, seed, args.k)
-    silent = [NegativeItem(e.question, e.passages, [e.answer])
-              for e in make_followups(args.n, seed + 1, args.k, answerable=False)]
+    answering, silent = conversations(args.source, args.split, args.n, args.k)
+    silent = [NegativeItem(e.question, e.passages, [e.answer]) for e in silent]
     runs = [(mode, None, {}) for mode in ("none", "in_context") if mode in args.modes]
     settings = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
     runs += [("diekae", t, s) for t in args.turns for s in settings] if "diekae" in args.modes else []
@@ -68,9 +85,10 @@ def main() -> None:
         a, b = row["answering"], row["not_answering"]
         print(f"{mode:10s} turns {turns or '-'} {setting or ''}: acc {a['acc']:.2f} EM {a['em']:.2f} F1 {a['f1']:.2f} gated {a['gated']:.2f}"
               f" | not answering: copy {b['copy']:.2f} gated {b['gated']:.2f}", flush=True)
-    out = args.out or Path(__file__).parent / "results" / f"chat_followups_{args.split}.json"
+    name = f"chat_followups_{args.split}{'_squad' if args.source == 'squad' else ''}.json"
+    out = args.out or Path(__file__).parent / "results" / name
     atomic_write_text(out, json.dumps({"checkpoint": args.checkpoint or "shipped", "split": args.split, "seed": seed,
-                                       "n": args.n, "k": args.k, "copy": model.copy.to_dict(), "rows": rows},
+                                       "source": args.source, "n": args.n, "k": args.k, "copy": model.copy.to_dict(), "rows": rows},
                                       indent=1) + "\n")
     print(f"-> {out}")
 

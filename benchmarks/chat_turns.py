@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 
 from diekae_rag import DiekaeModel
-from diekae_rag.copy.providers import GivenAnswersSkipped
 
 PASSAGES = ["Marsul Vantrel is married to Ithpelith Quorne. Ithpelith Quorne was born in Davrenholt."]
 TURNS = [{"role": "user", "content": "Who is Marsul Vantrel married to?"},
@@ -32,7 +31,7 @@ def main() -> None:
             alone = model.generate(TURNS[-1]["content"], PASSAGES, mode=mode, max_new_tokens=16, copy=copy)
             print(f"{mode:10s} {name:16s}: with turns {with_turns!r} | alone {alone!r}")
     (conversation,), given = model.knowledge.questions([model.prompter.prompt_ids(TURNS)], model.copy)
-    reader = GivenAnswersSkipped(model.answer_reader, given)  # as the gate reads it: "Ithpelith Quorne" was said
+    reader = model.knowledge.turns_reader(model.answer_reader, given, model.copy)  # as the gate reads it: "Ithpelith Quorne" was said
     for q in ("Where was she born?", conversation, "Where was Ithpelith Quorne born?"):
         print(f"P(no answer | {q!r}) = {math.exp(reader.no_answer_log_prob(q, PASSAGES, model.copy.gate_nulls)):.3f}")
     said = reader.given_or_no_answer_log_prob(conversation, PASSAGES, model.copy.gate_nulls)

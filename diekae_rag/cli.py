@@ -74,11 +74,14 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _ship(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     import torch
 
     from .checkpoint import load_encoder, read_copy_config, save_encoder
     from .config import parse_settings
     from .copy import CopyConfig
+    from .knowledge import FOLLOWUP_READER
     from .model import SHIPPED_WEIGHTS
     enc, _ = load_encoder(args.checkpoint)
     copy = read_copy_config(args.checkpoint) or CopyConfig.plain().for_encoder(enc.config)
@@ -87,13 +90,22 @@ def _ship(args: argparse.Namespace) -> int:
         changes["reader_weight"] = args.reader_weight
     copy = copy.replace(**changes)
     copy.check_for(enc.config)
-    reader = None
-    if copy.reader_weight:  # the answer-start reader travels with the encoders
+    readers = {}
+    if copy.reader_weight:  # the answer-start readers travel with the encoders
         from .answer_reader import AnswerStartReader
-        reader = AnswerStartReader.from_pretrained(args.reader or args.checkpoint)
+        readers["."] = AnswerStartReader.from_pretrained(args.reader or args.checkpoint)
+        followups = args.followup_reader or Path(args.checkpoint) / FOLLOWUP_READER
+        if args.followup_reader != "none" and (args.followup_reader or (followups / "reader.json").exists()):
+            readers[FOLLOWUP_READER] = AnswerStartReader.from_pretrained(followups)
+    elif args.followup_reader not in (None, "none"):
+        raise SystemExit("--followup-reader needs copy.reader_weight > 0: the follow-up reader steers the copy "
+                         "as the answer-start reader does.")
     out = save_encoder(enc, args.out or SHIPPED_WEIGHTS, dtype=torch.float16, copy=copy)
-    if reader is not None:
-        reader.save_pretrained(out)
+    for folder, reader in readers.items():
+        reader.save_pretrained(out / folder)
+    if FOLLOWUP_READER not in readers and (out / FOLLOWUP_READER).exists():
+        import shutil
+        shutil.rmtree(out / FOLLOWUP_READER)  # a follow-up reader of the encoders shipped before
     print(f"wrote {out} (float16 weights, config.json, copy.json)")
     return 0
 
@@ -157,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--out", default=None)
     sh.add_argument("--reader", default=None, help="answer-start reader folder to ship with the encoders "
                     "(default: the checkpoint's own, if its config sets reader_weight)")
+    sh.add_argument("--followup-reader", default=None, help="answer-start reader folder for questions read "
+                    "with earlier turns (default: the checkpoint's followups/ folder, if it has one; "
+                    "'none' ships none)")
     sh.add_argument("--reader-weight", type=float, default=None, help="set copy.reader_weight (0: no reader)")
     sh.add_argument("--set", action="append", metavar="FIELD=JSON",
                     help="set a copy setting (copy.json), e.g. --set first_unspaced=true")

@@ -15,7 +15,7 @@ import torch
 
 from .answer_reader import AnswerStartReader, serving_dtype
 from .copy import CopyConfig, CopyMemory, CopyReadout, KnowledgeLayout, PassagePrior, ReaderScores, ScoreProvider
-from .copy.providers import GivenAnswersSkipped, NearPassagesRead
+from .copy.providers import FollowupsRead, GivenAnswersSkipped, NearPassagesRead
 from .copy.gate import gate_strengths
 from .copy.pieces import PassageTokens, add_answer_pieces, first_piece_ids
 from .copy.values import ValueRows
@@ -23,6 +23,8 @@ from .encoder import DiekaeEncoder, EncoderOutput
 from .injection import EncoderSession, align_rows, layer_rows_from
 from .passage_cache import PassageCache, assemble
 from .prompts import Prompter, clean_passages, match_classes
+
+FOLLOWUP_READER = "followups"  # the checkpoint's subfolder holding the reader of questions with earlier turns
 
 
 @dataclass
@@ -43,7 +45,8 @@ class Encoded:
 class KnowledgeEncoding:
     """What the encoders of one decoder share across calls: passage states, passage token facts,
     match classes, value rows, a prompter per encoder layout, and the copy's score providers (the
-    passage prior, and the answer-start reader saved in ``reader_dir``, loaded on first use)."""
+    passage prior, and the answer-start readers saved in ``reader_dir``, loaded on first use: the one
+    for every question, and the one for questions read with earlier turns in ``reader_dir/followups``)."""
 
     def __init__(self, decoder: torch.nn.Module, tokenizer, main: DiekaeEncoder,
                  reader_dir: Optional[Path] = None) -> None:
@@ -60,6 +63,8 @@ class KnowledgeEncoding:
         self.reader_dir = reader_dir
         self._reader: Optional[AnswerStartReader] = None
         self._reader_set = False
+        self._followup_reader: Optional[AnswerStartReader] = None
+        self._followup_reader_set = False
         self.reader_dtype: Optional[torch.dtype] = None  # the loaded reader's dtype (None: serving_dtype)
         self.state_store = None  # the PassageStateStore attached (attach_store)
 
@@ -68,13 +73,29 @@ class KnowledgeEncoding:
         if not self._reader_set and self._reader is None:
             if self.reader_dir is None or not (self.reader_dir / "reader.json").exists():
                 return None
-            reader = AnswerStartReader.from_pretrained(self.reader_dir, self.device)
-            self._reader = self._with_store(reader.serve_in(self.reader_dtype or serving_dtype(self.device)))
+            self._reader = self._load_reader(self.reader_dir)
         return self._reader
 
     @answer_reader.setter
     def answer_reader(self, reader: Optional[AnswerStartReader]) -> None:
         self._reader, self._reader_set = self._with_store(reader), True
+
+    @property
+    def followup_reader(self) -> Optional[AnswerStartReader]:
+        if not self._followup_reader_set and self._followup_reader is None:
+            folder = None if self.reader_dir is None else self.reader_dir / FOLLOWUP_READER
+            if folder is None or not (folder / "reader.json").exists():
+                return None
+            self._followup_reader = self._load_reader(folder)
+        return self._followup_reader
+
+    @followup_reader.setter
+    def followup_reader(self, reader: Optional[AnswerStartReader]) -> None:
+        self._followup_reader, self._followup_reader_set = self._with_store(reader), True
+
+    def _load_reader(self, folder: Path) -> AnswerStartReader:
+        reader = AnswerStartReader.from_pretrained(folder, self.device)
+        return self._with_store(reader.serve_in(self.reader_dtype or serving_dtype(self.device)))
 
     def attach_store(self, store, encoder: DiekaeEncoder) -> None:
         """Read what ``store`` holds before computing it: passage states (behind the memory cache),
@@ -86,6 +107,7 @@ class KnowledgeEncoding:
             self.passage_prior.stored = None if store is None else store.vectors
         self.passage_tokens.stored = None if store is None else store.passage_tokens
         self._with_store(self._reader)  # a reader not loaded yet gets the store when it is
+        self._with_store(self._followup_reader)
 
     def _with_store(self, reader: Optional[AnswerStartReader]) -> Optional[AnswerStartReader]:
         if getattr(reader, "separate", 0):  # any reader with char_log_probs works; only a split one reads sides
@@ -104,14 +126,26 @@ class KnowledgeEncoding:
             out.append(ReaderScores(self.reader_for(copy)))
         return out
 
-    def reader_for(self, copy: CopyConfig):
-        """The answer-start reader as ``copy`` reads with it: every passage, or with ``reader_margin``
-        only those near the question (:class:`~diekae_rag.copy.providers.NearPassagesRead`; it needs the
-        passage embedder's cosines, so without one it reads every passage)."""
-        reader, prior = self.answer_reader, self._embedding_prior()
+    def reader_for(self, copy: CopyConfig, reader: Optional[AnswerStartReader] = None):
+        """The answer-start reader (default: :attr:`answer_reader`) as ``copy`` reads with it: every
+        passage, or with ``reader_margin`` only those near the question
+        (:class:`~diekae_rag.copy.providers.NearPassagesRead`; it needs the passage embedder's cosines,
+        so without one it reads every passage)."""
+        reader, prior = self.answer_reader if reader is None else reader, self._embedding_prior()
         if reader is None or not copy.reader_margin or prior is None:
             return reader
         return NearPassagesRead(reader, lambda q, ps: prior.cosines([q], [list(ps)])[0], copy.reader_margin)
+
+    def turns_reader(self, reader, given: dict[str, list[str]], copy: CopyConfig):
+        """``reader`` (as :meth:`reader_for` gives it) for questions read with earlier turns (``given``,
+        from :meth:`questions`): those go to :attr:`followup_reader` where there is one, and the starts
+        of the answers already given are taken out
+        (:class:`~diekae_rag.copy.providers.GivenAnswersSkipped`)."""
+        if reader is None or not given:
+            return reader
+        if self.followup_reader is not None:
+            reader = FollowupsRead(reader, self.reader_for(copy, self.followup_reader), given)
+        return GivenAnswersSkipped(reader, given)
 
     def prompter_for(self, encoder: DiekaeEncoder) -> Prompter:
         """The prompter for an encoder's layout, built once per encoder (its token cache is kept)."""
@@ -128,9 +162,7 @@ class KnowledgeEncoding:
         if not copy.gated:
             return [1.0] * len(prompts)
         questions, given = self.questions(prompts, copy)
-        reader = self.reader_for(copy) if copy.reader_gated else None
-        if reader is not None and given:
-            reader = GivenAnswersSkipped(reader, given)
+        reader = self.turns_reader(self.reader_for(copy), given, copy) if copy.reader_gated else None
         held = [self.prompter.held(ps) for ps in passages]
         return gate_strengths(questions, held, copy, self._embedding_prior(), reader)
 
@@ -240,7 +272,7 @@ class KnowledgeEncoding:
         held = [self.prompter_for(encoder).held(ps) for ps in passages]
         for provider in providers:
             if given and isinstance(provider, ReaderScores):
-                provider = ReaderScores(GivenAnswersSkipped(provider.reader, given))
+                provider = ReaderScores(self.turns_reader(provider.reader, given, copy))
             scores = provider.slot_scores(questions, held, layout, copy, self.device)
             if scores is not None:
                 field = "first_bias" if provider.at_first else "prior"

@@ -20,7 +20,7 @@ from .defaults import DEFAULT_DECODER
 from .edit_scope import EditScopes
 from .encoder import DiekaeEncoder
 from .injection import Injection, compiled_steps, decoder_layers, injecting, install_hooks, thread_safe_kernel_funcs
-from .knowledge import Encoded, KnowledgeEncoding
+from .knowledge import FOLLOWUP_READER, Encoded, KnowledgeEncoding
 from .prompts import KnowledgeTruncatedWarning, Question, check_mode, check_question, clean_passages
 from .state_store import PassageStateStore
 from .streaming import cut_at_stop, held_back, iterate_in_thread, stop_list, stream_generation
@@ -122,11 +122,14 @@ class DiekaeModel:
 
     def save_pretrained(self, path: Union[str, Path]) -> Path:
         """Save the encoders (model.safetensors + config.json), their copy settings (copy.json) and the
-        answer-start reader when one is in use (reader.json + reader.safetensors); the decoder is
+        answer-start reader when one is in use (reader.json + reader.safetensors; the follow-up reader
+        in followups/); the decoder is
         referenced, not copied."""
         out = save_encoder(self.encoder, path, copy=self.copy)
         if self.copy.reader_weight and self.answer_reader is not None:
             self.answer_reader.save_pretrained(out)
+            if self.followup_reader is not None:
+                self.followup_reader.save_pretrained(out / FOLLOWUP_READER)
         return out
 
     def apply_edits(self, edits, **train_kwargs) -> DiekaeEncoder:
@@ -161,6 +164,18 @@ class DiekaeModel:
     @answer_reader.setter
     def answer_reader(self, reader: Optional[AnswerStartReader]) -> None:
         self.knowledge.answer_reader = self._copy_part("An answer-start reader", reader)
+
+    @property
+    def followup_reader(self) -> Optional[AnswerStartReader]:
+        """The answer-start reader of questions read with earlier turns (a conversation's follow-ups,
+        ``copy.question_turns`` > 1): the copy's first token and the gate read it in place of
+        :attr:`answer_reader` there. Loaded once from the checkpoint's ``followups/`` folder, unless one
+        was assigned; None: :attr:`answer_reader` reads follow-ups too."""
+        return self.knowledge.followup_reader
+
+    @followup_reader.setter
+    def followup_reader(self, reader: Optional[AnswerStartReader]) -> None:
+        self.knowledge.followup_reader = self._copy_part("A follow-up reader", reader)
 
     def _copy_part(self, what: str, part):
         if part is not None and not (self.config.pointer_layer is not None and self.config.passage_isolation):

@@ -191,6 +191,23 @@ class NearPassagesRead:
         return out, null
 
 
+class FollowupsRead:
+    """Two answer-start readers as one: questions read with earlier turns (the keys of ``given``) go to
+    ``followups``, a reader trained on conversations, and every other question to ``single``."""
+
+    def __init__(self, single, followups, given: Mapping[str, Sequence[str]]) -> None:
+        self.single, self.followups, self.given = single, followups, given
+
+    def reader_of(self, question: str):
+        return self.followups if question in self.given else self.single
+
+    def char_log_probs(self, question: str, passages: Sequence[str]) -> list[dict[int, float]]:
+        return self.reader_of(question).char_log_probs(question, passages)
+
+    def no_answer_log_prob(self, question: str, passages: Sequence[str], nulls: str = "max") -> float:
+        return self.reader_of(question).no_answer_log_prob(question, passages, nulls)
+
+
 class GivenAnswersSkipped:
     """An answer-start reader that reads a conversation as one question but does not start where an
     answer an earlier turn gave starts: those starts' probability is taken out and the rest, "no
