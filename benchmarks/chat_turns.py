@@ -30,7 +30,7 @@ def main() -> None:
             with_turns = model.generate(TURNS, PASSAGES, mode=mode, max_new_tokens=16, copy=copy)
             alone = model.generate(TURNS[-1]["content"], PASSAGES, mode=mode, max_new_tokens=16, copy=copy)
             print(f"{mode:10s} {name:16s}: with turns {with_turns!r} | alone {alone!r}")
-    (conversation,), given = model.knowledge.questions([model.prompter.prompt_ids(TURNS)], model.copy)
+    (conversation,), given = model.knowledge.questions([model.prompter.prompt_ids(TURNS)], model.copy, [PASSAGES])
     reader = model.knowledge.turns_reader(model.answer_reader, given, model.copy)  # as the gate reads it: "Ithpelith Quorne" was said
     for q in ("Where was she born?", conversation, "Where was Ithpelith Quorne born?"):
         print(f"P(no answer | {q!r}) = {math.exp(reader.no_answer_log_prob(q, PASSAGES, model.copy.gate_nulls)):.3f}")

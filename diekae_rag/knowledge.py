@@ -7,6 +7,7 @@ its memory, and their rows are aligned with the decoder's positions.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
@@ -161,17 +162,23 @@ class KnowledgeEncoding:
         (:mod:`diekae_rag.copy.gate`)."""
         if not copy.gated:
             return [1.0] * len(prompts)
-        questions, given = self.questions(prompts, copy)
-        reader = self.turns_reader(self.reader_for(copy), given, copy) if copy.reader_gated else None
         held = [self.prompter.held(ps) for ps in passages]
+        questions, given = self.questions(prompts, copy, held)
+        reader = self.turns_reader(self.reader_for(copy), given, copy) if copy.reader_gated else None
         return gate_strengths(questions, held, copy, self._embedding_prior(), reader)
 
-    def questions(self, prompts: Sequence[list[int]], copy: CopyConfig) -> tuple[list[str], dict[str, list[str]]]:
-        """Each prompt's question as the prior, the reader and the gate read it (``copy.question_turns``),
-        and for those with earlier turns, the answers those turns gave."""
+    def questions(self, prompts: Sequence[list[int]], copy: CopyConfig,
+                  held: Optional[Sequence[list[str]]] = None) -> tuple[list[str], dict[str, list[str]]]:
+        """Each prompt's question as the prior, the reader and the gate read it (``copy.question_turns``;
+        with ``copy.alone_first``, the last user turn alone where the reader finds its answer in the
+        ``held`` passages), and for those read with earlier turns, the answers those turns gave."""
+        alone = self.reader_for(copy) if copy.alone_first and held is not None else None
         questions, given = [], {}
-        for x in prompts:
+        for i, x in enumerate(prompts):
             turns = self.prompter.question_turns(x, copy.question_turns)
+            if len(turns) > 1 and alone is not None and held[i] and \
+                    math.exp(alone.no_answer_log_prob(turns[-1], held[i], copy.gate_nulls)) <= copy.alone_first:
+                turns = turns[-1:]
             questions.append(" ".join(turns))
             if len(turns) > 1:
                 given[questions[-1]] = turns[-2::-2]
@@ -268,8 +275,8 @@ class KnowledgeEncoding:
         self.passage_tokens.fetch([p for ps in passages for p in ps], self.classes)  # indexed texts: not tokenised again
         layout = KnowledgeLayout.of([it[0] for it in items], [it[1] for it in items], self.passage_tokens.spans,
                                     passages, memory.width)
-        questions, given = self.questions(prompts, copy)
         held = [self.prompter_for(encoder).held(ps) for ps in passages]
+        questions, given = self.questions(prompts, copy, held)
         for provider in providers:
             if given and isinstance(provider, ReaderScores):
                 provider = ReaderScores(self.turns_reader(provider.reader, given, copy))

@@ -309,6 +309,30 @@ def test_ship_writes_the_reader_with_the_encoders(reader, tmp_path, capsys):
     assert not (tmp_path / "other").exists()
     back = AnswerStartReader.from_pretrained(tmp_path / "shipped")
     assert back.config.max_length == reader.config.max_length
+    assert not (tmp_path / "shipped" / "followups").exists()
+
+
+def test_ship_and_save_carry_the_follow_up_reader(reader, tmp_path):
+    """``ship --followup-reader`` writes it to followups/; a model loads it from there on first use and
+    saves it back; shipping encoders without one over the folder removes the old one."""
+    from diekae_rag import DiekaeModel
+    from diekae_rag.cli import main
+    model = _per_step_model(isolation=True, match=True)
+    ckpt = model.save_pretrained(tmp_path / "enc")
+    reader.save_pretrained(tmp_path / "reader")
+    follow = AnswerStartReader(ReaderConfig(max_length=40, stride=16))
+    follow.save_pretrained(tmp_path / "follow")
+    shipped = tmp_path / "shipped"
+    assert main(["ship", str(ckpt), "--out", str(shipped), "--reader", str(tmp_path / "reader"), "--reader-weight", "2",
+                 "--followup-reader", str(tmp_path / "follow")]) == 0
+    loaded = DiekaeModel.from_pretrained(shipped, decoder=model.decoder, tokenizer=model.tokenizer)
+    assert loaded.answer_reader.config.max_length == 48 and loaded.followup_reader.config.max_length == 40
+    saved = loaded.save_pretrained(tmp_path / "saved")
+    assert AnswerStartReader.from_pretrained(saved / "followups").config.max_length == 40
+    assert main(["ship", str(ckpt), "--out", str(shipped), "--reader", str(tmp_path / "reader"),
+                 "--reader-weight", "2"]) == 0
+    assert not (shipped / "followups").exists(), "the follow-up reader shipped before is not left behind"
+    assert DiekaeModel.from_pretrained(shipped, decoder=model.decoder, tokenizer=model.tokenizer).followup_reader is None
 
 
 @pytest.fixture(scope="module")

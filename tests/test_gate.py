@@ -341,3 +341,76 @@ def test_reader_margin_reads_only_the_passages_near_the_question():
     assert model.knowledge.reader_for(model.copy.replace(reader_margin=0.5)) is reader, \
         "without the passage embedder there are no cosines: it reads every passage"
     assert model.gate([q], [passages], copy={**near, "passage_prior": 0.0}) == [False]
+
+
+class QuestionsRead(NullReader):
+    """A stand-in reader that records the questions it reads and says "no answer" with ``p``."""
+
+    def __init__(self, p: float) -> None:
+        self.p, self.questions, self.starts = p, [], []
+
+    def char_log_probs(self, question, passages):
+        self.questions.append(question)
+        self.starts.append(question)
+        return super().char_log_probs(question, passages)
+
+    def no_answer_log_prob(self, question, passages, nulls="max"):
+        self.questions.append(question)
+        return math.log(self.p)
+
+
+def test_a_follow_up_reader_reads_the_questions_with_earlier_turns_and_no_other():
+    """``followup_reader`` reads a conversation's follow-up for the gate and the first copy; a single
+    question, in the same batch or alone, is read by ``answer_reader`` as before."""
+    model = _model(gate_no_answer=0.5, gate_ramp=0.0, reader_weight=1.0, question_turns=3)
+    model.answer_reader = single = QuestionsRead(0.05)
+    model.followup_reader = followups = QuestionsRead(0.95)
+    turns = [{"role": "user", "content": "Who founded Calgra?"}, {"role": "assistant", "content": "Orvel Tann."},
+             {"role": "user", "content": "Where is it?"}]
+    conversation = "Who founded Calgra? Orvel Tann. Where is it?"
+    assert model.gate([turns, "Where is Calgra?"], [ON_TOPIC] * 2) == [False, True], \
+        "the follow-up reader's 'no answer' (0.95) closes the follow-up; the single question reads 0.05"
+    assert set(followups.questions) == {conversation} and set(single.questions) == {"Where is Calgra?"}
+    followups.questions.clear()
+    single.questions.clear()
+    alone = model.generate("Where is Calgra?", ON_TOPIC, max_new_tokens=4)
+    assert single.questions and not followups.questions, "a single question never reads the follow-up reader"
+    assert model.generate(turns, ON_TOPIC, max_new_tokens=4) == model.generate(turns, mode="none", max_new_tokens=4)
+    assert set(followups.questions) == {conversation}
+    followups.p, single.starts = 0.05, []
+    model.generate(turns, ON_TOPIC, max_new_tokens=4)
+    assert conversation in followups.starts and not single.starts, "the first copy's starts come from it too"
+    model.followup_reader = None
+    assert model.gate([turns], [ON_TOPIC]) == [True], "without one, the answer reader reads follow-ups too"
+    assert model.generate("Where is Calgra?", ON_TOPIC, max_new_tokens=4) == alone
+    with pytest.raises(ValueError, match="A follow-up reader biases the copy readout"):
+        tiny_model("llama").followup_reader = single
+
+
+def test_alone_first_reads_a_follow_up_that_names_its_subject_as_a_single_question():
+    """With ``alone_first``, the last question is read alone where the reader finds its answer alone,
+    and with its earlier turns elsewhere; off, always with them."""
+    class NamesCalgra(QuestionsRead):  # "no answer" unless the question names Calgra
+        def no_answer_log_prob(self, question, passages, nulls="max"):
+            self.questions.append(question)
+            return math.log(0.05 if "Calgra" in question else 0.95)
+
+    model = _model(gate_no_answer=0.7, gate_ramp=0.0, reader_weight=1.0, question_turns=3)
+    model.answer_reader = NamesCalgra(0.0)
+    elliptic = [{"role": "user", "content": "Who founded Calgra?"}, {"role": "assistant", "content": "Orvel Tann."},
+                {"role": "user", "content": "Where is it?"}]
+    named = [{"role": "user", "content": "Who founded Vell?"}, {"role": "assistant", "content": "Orvel Tann."},
+             {"role": "user", "content": "Where is Calgra?"}]
+    prompts = [model.prompter.prompt_ids(t) for t in (elliptic, named)]
+    both = "Who founded Vell? Orvel Tann. Where is Calgra?"
+    assert model.knowledge.questions(prompts, model.copy, [ON_TOPIC] * 2)[0] == \
+        ["Who founded Calgra? Orvel Tann. Where is it?", both], "off: both read with their turns"
+    questions, given = model.knowledge.questions(prompts, model.copy.replace(alone_first=0.7), [ON_TOPIC] * 2)
+    assert questions == ["Who founded Calgra? Orvel Tann. Where is it?", "Where is Calgra?"]
+    assert list(given) == [questions[0]], "only the question read with its turns has answers already given"
+    assert model.gate([elliptic, named], [ON_TOPIC] * 2, copy={"alone_first": 0.7}) == [True, True]
+    assert model.knowledge.questions(prompts, model.copy.replace(alone_first=0.01), [ON_TOPIC] * 2)[0][1] == both, \
+        "P(no answer) 0.05 alone is over 0.01: read with its turns"
+    for bad in (-0.1, 1.5, True):
+        with pytest.raises(ValueError, match="alone_first must be in"):
+            CopyConfig(alone_first=bad)

@@ -71,6 +71,11 @@ class CopyConfig:
     ``question_turns``: how much of a conversation the passage prior, the answer-start reader and
     the gate read as the question: the last user turn and up to ``question_turns - 1`` turns before
     it (1: the last user turn alone; 3: with the previous question and its answer).
+    ``alone_first``: with ``question_turns`` > 1, a follow-up is read alone where the answer-start
+    reader's P(no answer) for the last user turn alone (read as ``gate_nulls`` says) is at most this,
+    and with its earlier turns only elsewhere: a follow-up that names what it asks about ("When did
+    the Normans conquer England?") reads as the single question it is, and one that does not ("Where
+    was she born?") with the turns it needs (0: off, always with its turns).
     ``on_no_answer``: where it closes, ``"decoder"`` answers from its own knowledge and
     ``"abstain"`` returns ``no_answer_text``.
     """
@@ -94,6 +99,7 @@ class CopyConfig:
     gate_ramp: float = 0.3
     gate_given_answers: float = 0.97
     question_turns: int = 3
+    alone_first: float = 0.0
     on_no_answer: str = "decoder"
     no_answer_text: str = "The documents do not say."
 
@@ -132,6 +138,9 @@ class CopyConfig:
         if not (isinstance(self.question_turns, int) and not isinstance(self.question_turns, bool)
                 and self.question_turns >= 1):
             raise ValueError(f"CopyConfig.question_turns must be a whole number of turns >= 1, got {self.question_turns!r}.")
+        if not (isinstance(self.alone_first, (int, float)) and not isinstance(self.alone_first, bool)
+                and 0 <= self.alone_first <= 1):
+            raise ValueError(f"CopyConfig.alone_first must be in [0, 1] (0: off), got {self.alone_first!r}.")
         if self.on_no_answer not in ("decoder", "abstain"):
             raise ValueError(f"CopyConfig.on_no_answer must be 'decoder' or 'abstain', got {self.on_no_answer!r}.")
         if not isinstance(self.no_answer_text, str) or not self.no_answer_text.strip():
