@@ -414,3 +414,23 @@ def test_alone_first_reads_a_follow_up_that_names_its_subject_as_a_single_questi
     for bad in (-0.1, 1.5, True):
         with pytest.raises(ValueError, match="alone_first must be in"):
             CopyConfig(alone_first=bad)
+
+
+def test_gate_no_answer_turns_is_a_stricter_threshold_for_questions_read_with_their_turns():
+    model = _model(gate_no_answer=0.7, gate_ramp=0.0, question_turns=3)
+    model.answer_reader = QuestionsRead(0.5)
+    turns = [{"role": "user", "content": "Who founded Calgra?"}, {"role": "assistant", "content": "Orvel Tann."},
+             {"role": "user", "content": "Where is it?"}]
+    single = "Where is Calgra?"
+    assert model.gate([turns, single], [ON_TOPIC] * 2) == [True, True], "P(no answer) 0.5 is under 0.7"
+    assert model.gate([turns, single], [ON_TOPIC] * 2, copy={"gate_no_answer_turns": 0.4}) == [False, True], \
+        "0.5 is over 0.4 for the follow-up; the single question keeps the threshold of 0.7"
+    assert model.gate([turns, single], [ON_TOPIC] * 2, copy={"gate_no_answer_turns": 0.4, "gate_no_answer": 1.0}) \
+        == [False, True], "it needs no other threshold set"
+    assert model.gate([turns], [ON_TOPIC], copy={"gate_no_answer_turns": 0.4, "question_turns": 1}) == [True], \
+        "the last question read alone is not read with its turns"
+    none = model.generate(turns, mode="none", max_new_tokens=6)
+    assert model.generate(turns, ON_TOPIC, max_new_tokens=6, copy={"gate_no_answer_turns": 0.4}) == none
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="gate_no_answer_turns must be in"):
+            CopyConfig(gate_no_answer_turns=bad)

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 COPY_NAME = "copy.json"
-GATE_NULLS = ("max", "every")  # how the gate's "no answer" reads several windows (CopyConfig.gate_nulls)
+GATE_NULLS = ("max", "every")
+READER_GATES = ("gate_no_answer", "gate_given_answers", "gate_no_answer_turns")  # the gate's thresholds on the reader  # how the gate's "no answer" reads several windows (CopyConfig.gate_nulls)
 
 # The names these settings had when they lived in the encoder config (checkpoint format 1).
 FORMAT1_NAMES = {
@@ -68,6 +69,10 @@ class CopyConfig:
     also closes when the reader's "no answer" and its starts on those answers together exceed this
     (1: off): a follow-up whose passages hold only what was already said (single-turn questions never
     read it; :meth:`~diekae_rag.copy.providers.GivenAnswersSkipped.given_or_no_answer_log_prob`).
+    ``gate_no_answer_turns``: where the question is read with earlier turns, the gate also closes when
+    the reader's P(no answer) exceeds this, with no ramp (1: off). With ``alone_first`` those are the
+    follow-ups whose last question alone the reader found no answer for: read with their turns, they
+    must be answered surely to pass.
     ``question_turns``: how much of a conversation the passage prior, the answer-start reader and
     the gate read as the question: the last user turn and up to ``question_turns - 1`` turns before
     it (1: the last user turn alone; 3: with the previous question and its answer).
@@ -98,6 +103,7 @@ class CopyConfig:
     gate_nulls: str = "every"
     gate_ramp: float = 0.3
     gate_given_answers: float = 0.97
+    gate_no_answer_turns: float = 1.0
     question_turns: int = 3
     alone_first: float = 0.0
     on_no_answer: str = "decoder"
@@ -127,6 +133,10 @@ class CopyConfig:
                 and 0 < self.gate_given_answers <= 1):
             raise ValueError("CopyConfig.gate_given_answers must be in (0, 1] (1: off), "
                              f"got {self.gate_given_answers!r}.")
+        if not (isinstance(self.gate_no_answer_turns, (int, float)) and not isinstance(self.gate_no_answer_turns, bool)
+                and 0 < self.gate_no_answer_turns <= 1):
+            raise ValueError("CopyConfig.gate_no_answer_turns must be in (0, 1] (1: off), "
+                             f"got {self.gate_no_answer_turns!r}.")
         if self.gate_nulls not in GATE_NULLS:
             raise ValueError(f"CopyConfig.gate_nulls must be one of {GATE_NULLS}, got {self.gate_nulls!r}.")
         if not (isinstance(self.gate_ramp, (int, float)) and not isinstance(self.gate_ramp, bool)
@@ -164,8 +174,8 @@ class CopyConfig:
 
     @property
     def reader_gated(self) -> bool:
-        """Whether the gate reads the answer-start reader (``gate_no_answer`` or ``gate_given_answers`` set)."""
-        return self.gate_no_answer < 1 or self.gate_given_answers < 1
+        """Whether the gate reads the answer-start reader (a threshold of :data:`READER_GATES` set)."""
+        return any(getattr(self, name) < 1 for name in READER_GATES)
 
     @classmethod
     def plain(cls) -> "CopyConfig":
@@ -173,7 +183,7 @@ class CopyConfig:
         return cls(gain_scale=100.0, sharpness=1.0, first_gain=1.0, first_key_scale=1.0, bigram_bonus=0.0,
                    continue_bonus=0.0, passage_prior=0.0, reader_weight=0.0, reader_margin=0.0, first_unspaced=False,
                    answer_pieces=False, whitened_values=False, gate_no_answer=1.0, gate_ramp=0.0,
-                   gate_given_answers=1.0, question_turns=1)
+                   gate_given_answers=1.0, gate_no_answer_turns=1.0, question_turns=1)
 
     def replace(self, **changes: Any) -> "CopyConfig":
         """A copy with ``changes``; an unknown name raises with the list of settings."""

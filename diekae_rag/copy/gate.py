@@ -17,6 +17,8 @@ term, and the per-step rows, are scaled by 0). Two signals, each off until its t
 - ``CopyConfig.gate_given_answers``: in a conversation read with its earlier turns, the reader's
   "no answer" together with its starts on the answers those turns gave: a follow-up whose passages
   hold nothing but what was already said. Single-turn questions never read it.
+- ``CopyConfig.gate_no_answer_turns``: a stricter "no answer" threshold for questions read with their
+  earlier turns.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence
 
-from .config import CopyConfig
+from .config import READER_GATES, CopyConfig
 from .providers import GivenAnswersSkipped, PassagePrior
 
 
@@ -42,20 +44,23 @@ def gate_strengths(questions: Sequence[str], passages: Sequence[Sequence[str]], 
     if not copy.reader_gated:
         return strength
     if reader is None:
-        read = [name for name in ("gate_no_answer", "gate_given_answers") if getattr(copy, name) < 1]
+        read = [name for name in READER_GATES if getattr(copy, name) < 1]
         raise ValueError(f"CopyConfig.{read[0]} needs an answer-start reader; assign model.answer_reader, "
                          f"or set {' and '.join(read)} to 1.")
-    said = copy.gate_given_answers < 1 and isinstance(reader, GivenAnswersSkipped)
     for i, (q, ps) in enumerate(zip(questions, passages)):
         if not (strength[i] and ps):
             continue
-        if said and reader.given.get(q) and \
+        turns = isinstance(reader, GivenAnswersSkipped) and bool(reader.given.get(q))
+        threshold = min(copy.gate_no_answer, copy.gate_no_answer_turns) if turns else copy.gate_no_answer
+        if turns and copy.gate_given_answers < 1 and \
                 reader.given_or_no_answer_log_prob(q, list(ps), copy.gate_nulls) > math.log(copy.gate_given_answers):
             strength[i] = 0.0
-        elif copy.gate_no_answer < 1:
+        elif threshold < 1:
             log_p = reader.no_answer_log_prob(q, list(ps), copy.gate_nulls)  # the threshold compared in log space
-            if log_p > math.log(copy.gate_no_answer):
+            if log_p > math.log(threshold):
                 strength[i] = 0.0
+            elif copy.gate_no_answer >= 1:
+                continue  # only the turns' threshold is set: it has no ramp
             elif copy.gate_ramp:
                 strength[i] = copy.gate_strength(math.exp(log_p))
     return strength
