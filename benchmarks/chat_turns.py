@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 from diekae_rag import DiekaeModel
+from diekae_rag.copy import GATE_OFF
 
 PASSAGES = ["Marsul Vantrel is married to Ithpelith Quorne. Ithpelith Quorne was born in Davrenholt."]
 TURNS = [{"role": "user", "content": "Who is Marsul Vantrel married to?"},
@@ -24,7 +25,7 @@ TURNS = [{"role": "user", "content": "Who is Marsul Vantrel married to?"},
 
 def main() -> None:
     model = DiekaeModel.from_pretrained()
-    variants = {"shipped": None, "question_turns 1": {"question_turns": 1}, "gate off": {"gate_no_answer": 1.0, "gate_given_answers": 1.0}}
+    variants = {"shipped": None, "question_turns 1": {"question_turns": 1}, "gate off": GATE_OFF}
     for mode in ("none", "in_context", "diekae"):
         for name, copy in (variants.items() if mode == "diekae" else [("", None)]):
             with_turns = model.generate(TURNS, PASSAGES, mode=mode, max_new_tokens=16, copy=copy)

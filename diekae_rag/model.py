@@ -14,7 +14,7 @@ from transformers import CompileConfig, PreTrainedModel, PreTrainedTokenizerBase
 from .answer_reader import AnswerStartReader
 from .checkpoint import DecoderMismatchError, load_encoder, read_config, read_copy_config, save_encoder
 from .config import EncoderConfig, decoder_fingerprint
-from .copy import CopyConfig, ScoreProvider
+from .copy import GATE_OFF, CopyConfig, ScoreProvider
 from .decoder import freeze, load_decoder
 from .defaults import DEFAULT_DECODER
 from .edit_scope import EditScopes
@@ -405,8 +405,8 @@ class DiekaeModel:
         facts = make_facts(max(k, 1), seed=101, relations="all", other_facts=(8, 8))  # no benchmark uses seed 101
         with torch.inference_mode(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            gate_off = {"gate_no_answer": 1.0, "gate_ramp": 0.0, "gate_given_answers": 1.0}  # so the encoders' path runs too
-            self.generate(facts[0].question, [f.passage for f in facts], max_new_tokens=1, copy=gate_off)
+            self.generate(facts[0].question, [f.passage for f in facts], max_new_tokens=1,
+                          copy=GATE_OFF)  # so the encoders' path runs too
         return self
 
     def compile_decode(self, mode: Optional[str] = None, backend: Optional[str] = "inductor", cache_block: int = 256

@@ -17,10 +17,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_the_shipped_chain_uses_committed_inputs_and_ends_in_the_shipped_shape(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
-    steps, readers, copy = chain_steps("configs/shipped.json", tmp_path)
+    steps, readers, copy, followups = chain_steps("configs/shipped.json", tmp_path)
     assert len(steps) == 6 and steps[0].init_from is None and readers and readers[0].init == ""
     for prev, reader in zip(readers, readers[1:]):
         assert reader.init == prev.out, "each reader step continues the one before it"
+    assert len(followups) == 1 and followups[0].init == readers[-1].out and followups[0].teacher == "init", \
+        "the follow-up reader continues the shipped reader, and is distilled from it"
+    assert followups[0].conversations, "it is trained with conversations"
     for prev, step in zip(steps, steps[1:]):
         assert step.init_from == str(Path(prev.out) / "best"), "each step continues the one before it"
     shape = {}
@@ -65,7 +68,7 @@ def test_a_reader_step_can_name_an_earlier_reader_step_as_its_teacher(tmp_path, 
     chain = tmp_path / "chain.json"
     chain.write_text(json.dumps({"steps": ["configs/shipped/1_perstep_pointer.json"],
                                  "reader": [str(tmp_path / n) for n in ("joint.json", "split.json", "other.json")]}))
-    _, readers, _ = chain_steps(chain, tmp_path / "runs")
+    readers = chain_steps(chain, tmp_path / "runs").readers
     assert readers[1].teacher == readers[0].out == str(tmp_path / "runs" / "joint")
     assert readers[1].init == readers[0].out and readers[1].separate_layers == 4
     assert readers[2].teacher == "some/reader/dir", "a path that names no step stays a path"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from diekae_rag.copy import GATE_OFF
 from diekae_rag.retrievers import PassageStore
 
 DOCS = Path(__file__).resolve().parents[1] / "examples" / "docs"
@@ -186,7 +187,7 @@ def test_langchain_chat_keeps_turns_and_reports_usage(real_model):
     # The copy gate can close on a follow-up that names no one ("Where was she born?"; README,
     # Limitations). This test is about turns and usage: gate off.
     chat = ChatDiekae(model=real_model, max_new_tokens=NEW,
-                      copy_settings={"gate_no_answer": 1.0, "gate_given_answers": 1.0})
+                      copy_settings=GATE_OFF)
     messages = [HumanMessage(CONVERSATION[0][0]), AIMessage(CONVERSATION[0][1]), HumanMessage(CONVERSATION[1][0])]
     with spy(real_model) as (prompts, knowledge):
         reply = chat.invoke(messages, passages=passages)

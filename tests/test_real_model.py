@@ -86,13 +86,32 @@ def test_non_editable_install_imports_from_outside_the_repo(tmp_path):
     assert not (target / "retrievers").exists() and not (target / "integrations").exists()
     code = ("import diekae_rag, diekae_rag.retrievers, diekae_rag.integrations, diekae_rag.integrations.langchain;"
             "from diekae_rag.model import SHIPPED_WEIGHTS; print(diekae_rag.__file__);"
-            "print((SHIPPED_WEIGHTS / 'model.safetensors').exists())")
+            "print((SHIPPED_WEIGHTS / 'model.safetensors').exists(), (SHIPPED_WEIGHTS / 'followups' / 'reader.safetensors').exists())")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                        env={**os.environ, "PYTHONPATH": str(target)}, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.split()
     assert lines[0].startswith(str(target))
     assert lines[1] == "True", "the shipped encoders are installed with the package"
+    assert lines[2] == "True", "and the follow-up reader"
+
+
+def test_a_follow_up_that_names_no_one_is_answered_from_the_passage(real_model):
+    """The README's conversation: the shipped follow-up reader reads "Where was she born?" with its turns
+    and DIEKÆ copies the passage's answer; the question alone is gated; a follow-up that names its
+    subject is read as the single question it is."""
+    passages = ["Marsul Vantrel is married to Ithpelith Quorne. Ithpelith Quorne was born in Davrenholt."]
+    turns = [{"role": "user", "content": "Who is Marsul Vantrel married to?"},
+             {"role": "assistant", "content": "Ithpelith Quorne."},
+             {"role": "user", "content": "Where was she born?"}]
+    assert real_model.followup_reader is not None and real_model.followup_reader is not real_model.answer_reader
+    assert "Davrenholt" in real_model.generate(turns, passages, max_new_tokens=8)
+    alone = "Where was she born?"
+    assert real_model.generate(alone, passages, max_new_tokens=8) == \
+        real_model.generate(alone, passages, mode="none", max_new_tokens=8), "alone it names no one: gated"
+    named = turns[:2] + [{"role": "user", "content": "Where was Ithpelith Quorne born?"}]
+    questions, given = real_model.knowledge.questions([real_model.prompter.prompt_ids(named)], real_model.copy, [passages])
+    assert questions == ["Where was Ithpelith Quorne born?"] and not given
 
 
 def test_edit_set_neighbours_are_facts_the_decoder_keeps_apart(real_model, monkeypatch):

@@ -13,12 +13,12 @@ added to one decoder layer's MLP output. Its parts, one idea each:
 - :mod:`.readout`   ``CopyReadout``: one call's readout, the prefill then each decode step
 """
 
-from .config import CopyConfig
+from .config import GATE_OFF, CopyConfig
 from .head import CopyHead
 from .memory import CopyMemory, KnowledgeLayout
 from .providers import PassagePrior, ReaderScores, ScoreProvider
 from .readout import CopyReadout
 from .score import copy_scores
 
-__all__ = ["CopyConfig", "CopyHead", "CopyMemory", "CopyReadout", "KnowledgeLayout", "PassagePrior",
+__all__ = ["GATE_OFF", "CopyConfig", "CopyHead", "CopyMemory", "CopyReadout", "KnowledgeLayout", "PassagePrior",
            "ReaderScores", "ScoreProvider", "copy_scores"]

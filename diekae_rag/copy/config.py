@@ -15,7 +15,8 @@ from typing import Any, Mapping, Optional, Union
 
 COPY_NAME = "copy.json"
 GATE_NULLS = ("max", "every")
-READER_GATES = ("gate_no_answer", "gate_given_answers", "gate_no_answer_turns")  # the gate's thresholds on the reader  # how the gate's "no answer" reads several windows (CopyConfig.gate_nulls)
+READER_GATES = ("gate_no_answer", "gate_given_answers", "gate_no_answer_turns")  # the gate's thresholds on the reader
+GATE_OFF = {"gate_cosine": 0.0, **{name: 1.0 for name in READER_GATES}, "gate_ramp": 0.0}  # copy=GATE_OFF: no gate  # how the gate's "no answer" reads several windows (CopyConfig.gate_nulls)
 
 # The names these settings had when they lived in the encoder config (checkpoint format 1).
 FORMAT1_NAMES = {
@@ -103,9 +104,9 @@ class CopyConfig:
     gate_nulls: str = "every"
     gate_ramp: float = 0.3
     gate_given_answers: float = 0.97
-    gate_no_answer_turns: float = 1.0
+    gate_no_answer_turns: float = 0.1
     question_turns: int = 3
-    alone_first: float = 0.0
+    alone_first: float = 0.7
     on_no_answer: str = "decoder"
     no_answer_text: str = "The documents do not say."
 
@@ -183,7 +184,7 @@ class CopyConfig:
         return cls(gain_scale=100.0, sharpness=1.0, first_gain=1.0, first_key_scale=1.0, bigram_bonus=0.0,
                    continue_bonus=0.0, passage_prior=0.0, reader_weight=0.0, reader_margin=0.0, first_unspaced=False,
                    answer_pieces=False, whitened_values=False, gate_no_answer=1.0, gate_ramp=0.0,
-                   gate_given_answers=1.0, gate_no_answer_turns=1.0, question_turns=1)
+                   gate_given_answers=1.0, gate_no_answer_turns=1.0, question_turns=1, alone_first=0.0)
 
     def replace(self, **changes: Any) -> "CopyConfig":
         """A copy with ``changes``; an unknown name raises with the list of settings."""

@@ -2,10 +2,11 @@
 
 A chain file lists training configs (each continuing the one before it), the answer-start
 reader's configs (each also continuing the one before; a reader step's ``teacher`` may name an
-earlier reader step by its config's file name), and the copy settings to ship with them::
+earlier reader step by its config's file name), optionally the follow-up reader's (continuing the
+last reader step; ``DiekaeModel.followup_reader``), and the copy settings to ship with them::
 
     {"steps": ["configs/shipped/1_....json", ...], "reader": ["configs/shipped/reader.json", ...],
-     "copy": {...}}
+     "followup_reader": ["configs/shipped/followup_reader.json"], "copy": {...}}
 
 Step ``i`` writes ``OUT/<its name>`` and starts from step ``i-1``'s best checkpoint, so a chain needs
 nothing that is not committed. Each step resumes where an interrupted run left off.
@@ -15,21 +16,29 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from ..copy import CopyConfig
 from .trainer import TrainConfig
 from .reader import ReaderTrainConfig
 
 
-def chain_steps(chain: str | Path, out: str | Path) -> tuple[list[TrainConfig], list[ReaderTrainConfig], CopyConfig]:
-    """The chain's training configs (with their ``out`` and ``init_from`` set), the reader's (with
-    ``out`` and ``init`` set), and the copy settings; a step that names its own ``init_from``/``init``
-    or ``out`` is refused (the chain sets them)."""
+class Chain(NamedTuple):
+    steps: list[TrainConfig]
+    readers: list[ReaderTrainConfig]
+    copy: CopyConfig
+    followup_readers: list[ReaderTrainConfig]
+
+
+def chain_steps(chain: str | Path, out: str | Path) -> Chain:
+    """The chain's training configs (with their ``out`` and ``init_from`` set), the reader's and the
+    follow-up reader's (with ``out`` and ``init`` set), and the copy settings; a step that names its own
+    ``init_from``/``init`` or ``out`` is refused (the chain sets them)."""
     data = json.loads(Path(chain).read_text(encoding="utf-8"))
-    unknown = sorted(set(data) - {"steps", "reader", "copy"})
+    unknown = sorted(set(data) - {"steps", "reader", "followup_reader", "copy"})
     if unknown or not data.get("steps"):
-        raise ValueError(f"{chain}: a chain has 'steps' (training config files), 'reader' and 'copy'; got {sorted(data)}.")
+        raise ValueError(f"{chain}: a chain has 'steps' (training config files), 'reader', 'followup_reader' "
+                         f"and 'copy'; got {sorted(data)}.")
     steps, prev = [], None
     for path in data["steps"]:
         _check_step(path, "init_from")
@@ -39,15 +48,17 @@ def chain_steps(chain: str | Path, out: str | Path) -> tuple[list[TrainConfig], 
         steps.append(cfg)
         prev = cfg.out
     readers, prev, outs = [], "", {}
-    paths = data.get("reader") or []
-    for path in [paths] if isinstance(paths, str) else paths:
-        _check_step(path, "init")
-        cfg = ReaderTrainConfig.from_file(path)
-        cfg.out, cfg.init = str(Path(out) / Path(path).stem), prev
-        cfg.teacher = outs.get(cfg.teacher, cfg.teacher)  # an earlier reader step, by its config's name
-        readers.append(cfg)
-        prev = outs[Path(path).stem] = cfg.out
-    return steps, readers, CopyConfig.plain().replace(**data.get("copy", {}))
+    for key in ("reader", "followup_reader"):
+        paths = data.get(key) or []
+        for path in [paths] if isinstance(paths, str) else paths:
+            _check_step(path, "init")
+            cfg = ReaderTrainConfig.from_file(path)
+            cfg.out, cfg.init = str(Path(out) / Path(path).stem), prev
+            cfg.teacher = outs.get(cfg.teacher, cfg.teacher)  # an earlier reader step, by its config's name
+            readers.append((key, cfg))
+            prev = outs[Path(path).stem] = cfg.out
+    return Chain(steps, [c for k, c in readers if k == "reader"], CopyConfig.plain().replace(**data.get("copy", {})),
+                 [c for k, c in readers if k == "followup_reader"])
 
 
 def _check_step(path: str, init_key: str) -> None:
@@ -58,16 +69,17 @@ def _check_step(path: str, init_key: str) -> None:
 
 
 def rebuild(chain: str | Path, out: str | Path = "runs/shipped", install: bool = False) -> Path:
-    """Train every step of ``chain`` in turn and the reader, then write the result (float16 encoders,
-    copy.json, the reader) to ``OUT/final``, or over the package's shipped encoders with ``install``."""
+    """Train every step of ``chain`` in turn and the readers, then write the result (float16 encoders,
+    copy.json, the readers) to ``OUT/final``, or over the package's shipped encoders with ``install``."""
     import torch
 
     from ..answer_reader import AnswerStartReader
     from ..checkpoint import load_encoder, save_encoder
+    from ..knowledge import FOLLOWUP_READER
     from ..model import SHIPPED_WEIGHTS
     from .reader import train_reader
     from .trainer import train
-    steps, readers, copy = chain_steps(chain, out)
+    steps, readers, copy, followups = chain_steps(chain, out)
     for cfg in steps:
         print(f"== {cfg.out} (from {cfg.init_from or 'fresh encoders'})", flush=True)
         train(cfg)
@@ -75,9 +87,11 @@ def rebuild(chain: str | Path, out: str | Path = "runs/shipped", install: bool =
     copy.check_for(enc.config)
     target = SHIPPED_WEIGHTS if install else Path(out) / "final"
     save_encoder(enc, target, dtype=torch.float16, copy=copy)
-    for cfg in readers:
+    for cfg in readers + followups:
         print(f"== {cfg.out} (from {cfg.init or 'a fresh head on MiniLM'})", flush=True)
         train_reader(cfg)
     if readers:
         AnswerStartReader.from_pretrained(readers[-1].out).save_pretrained(target)
+    if followups:
+        AnswerStartReader.from_pretrained(followups[-1].out).save_pretrained(target / FOLLOWUP_READER)
     return target
