@@ -94,9 +94,10 @@ def _ship(args: argparse.Namespace) -> int:
     if copy.reader_weight:  # the answer-start readers travel with the encoders
         from .answer_reader import AnswerStartReader
         readers["."] = AnswerStartReader.from_pretrained(args.reader or args.checkpoint)
-        followups = args.followup_reader or Path(args.checkpoint) / FOLLOWUP_READER
-        if args.followup_reader != "none" and (args.followup_reader or (followups / "reader.json").exists()):
-            readers[FOLLOWUP_READER] = AnswerStartReader.from_pretrained(followups)
+        if args.followup_reader != "none":  # named, or the checkpoint's own where it has one
+            folder = Path(args.followup_reader or Path(args.checkpoint) / FOLLOWUP_READER)
+            if args.followup_reader or (folder / "reader.json").exists():
+                readers[FOLLOWUP_READER] = AnswerStartReader.from_pretrained(folder)
     elif args.followup_reader not in (None, "none"):
         raise SystemExit("--followup-reader needs copy.reader_weight > 0: the follow-up reader steers the copy "
                          "as the answer-start reader does.")

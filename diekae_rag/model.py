@@ -122,9 +122,8 @@ class DiekaeModel:
 
     def save_pretrained(self, path: Union[str, Path]) -> Path:
         """Save the encoders (model.safetensors + config.json), their copy settings (copy.json) and the
-        answer-start reader when one is in use (reader.json + reader.safetensors; the follow-up reader
-        in followups/); the decoder is
-        referenced, not copied."""
+        answer-start readers when in use (reader.json + reader.safetensors; the follow-up reader's in
+        followups/); the decoder is referenced, not copied."""
         out = save_encoder(self.encoder, path, copy=self.copy)
         if self.copy.reader_weight and self.answer_reader is not None:
             self.answer_reader.save_pretrained(out)

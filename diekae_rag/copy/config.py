@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 COPY_NAME = "copy.json"
-GATE_NULLS = ("max", "every")
+GATE_NULLS = ("max", "every")  # how the gate's "no answer" reads several windows (CopyConfig.gate_nulls)
 READER_GATES = ("gate_no_answer", "gate_given_answers", "gate_no_answer_turns")  # the gate's thresholds on the reader
-GATE_OFF = {"gate_cosine": 0.0, **{name: 1.0 for name in READER_GATES}, "gate_ramp": 0.0}  # copy=GATE_OFF: no gate  # how the gate's "no answer" reads several windows (CopyConfig.gate_nulls)
+GATE_OFF = {"gate_cosine": 0.0, **{name: 1.0 for name in READER_GATES}, "gate_ramp": 0.0}  # copy=GATE_OFF: no gate
 
 # The names these settings had when they lived in the encoder config (checkpoint format 1).
 FORMAT1_NAMES = {
