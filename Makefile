@@ -39,6 +39,8 @@ figures: $(STAMP)
 	$(PY) benchmarks/run.py --skip batch training retrieval load --ks 1 5 10 20 50 --repeats 3 --out benchmarks/results/ksweep
 	$(PY) benchmarks/decode_step.py --ks 5
 	$(PY) benchmarks/example_docs.py
+	$(PY) benchmarks/chat_followups.py --split eval --turns 1 3 --out benchmarks/results/chat_followups_eval_turns.json
+	$(PY) benchmarks/chat_followups.py --source squad --split eval --turns 1 3 --out benchmarks/results/chat_followups_eval_squad_turns.json
 	$(PY) benchmarks/report.py readme
 
 clean:
