@@ -28,23 +28,9 @@ from pathlib import Path
 from diekae_rag import DiekaeModel
 from diekae_rag.atomic import atomic_write_text
 from diekae_rag.config import parse_grid
-from diekae_rag.data.followups import SPLIT_SEEDS, make_followups, squad_followups
+from diekae_rag.data.followups import SPLIT_SEEDS, followup_split
 from diekae_rag.data.negatives import NegativeItem
 from diekae_rag.evaluation import evaluate_items, evaluate_negatives
-
-
-def conversations(source: str, split: str, n: int, k: int) -> tuple[list, list]:
-    """``n`` conversations whose passages answer the follow-up, and ``n`` whose passages do not."""
-    seed = SPLIT_SEEDS[split]
-    if source == "fictional":
-        return make_followups(n, seed, k), make_followups(n, seed + 1, k, answerable=False)
-    from diekae_rag.data.squad import DEV_FILE, TRAIN_FILES, load_squad_items
-    facts = load_squad_items(TRAIN_FILES if split == "dev" else [DEV_FILE], seed=seed)
-    items = squad_followups(facts, 4 * n, seed)
-    answering, silent = [e for e in items if e.answerable][:n], [e for e in items if not e.answerable][:n]
-    if min(len(answering), len(silent)) < n:
-        raise SystemExit(f"only {len(answering)} / {len(silent)} SQuAD follow-ups of each kind; ask for fewer (--n).")
-    return answering, silent
 
 
 def main() -> None:
@@ -65,7 +51,10 @@ def main() -> None:
         raise SystemExit(f"--grid: {exc}") from None
     model = DiekaeModel.from_pretrained(args.checkpoint)
     seed = SPLIT_SEEDS[args.split]
-    answering, silent = conversations(args.source, args.split, args.n, args.k)
+    try:
+        answering, silent = followup_split(args.source, args.split, args.n, args.k)
+    except ValueError as exc:
+        raise SystemExit(f"{exc} (--n)") from None
     silent = [NegativeItem(e.question, e.passages, [e.answer]) for e in silent]
     runs = [(mode, None, {}) for mode in ("none", "in_context") if mode in args.modes]
     settings = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]

@@ -85,3 +85,22 @@ def squad_followups(facts: Sequence[Fact], n: int, seed: int) -> list[Example]:
                  {"role": "user", "content": second.question}]
         out.append(Example(turns, [passage], second.answer, first.answer, "squad_followup", answerable))
     return out
+
+
+def followup_split(source: str, split: str, n: int, k: int = 3) -> tuple[list[Example], list[Example]]:
+    """``n`` conversations of a split (``SPLIT_SEEDS``) whose passages answer the follow-up, and ``n``
+    whose passages do not: fictional ones (``make_followups``, ``k`` passages), or SQuAD ones
+    (``squad_followups``, one passage; from the SQuAD-Shifts training files for ``dev`` and the SQuAD
+    dev file for ``eval``)."""
+    seed = SPLIT_SEEDS[split]
+    if source == "fictional":
+        return make_followups(n, seed, k), make_followups(n, seed + 1, k, answerable=False)
+    if source != "squad":
+        raise ValueError(f"source must be 'fictional' or 'squad', got {source!r}.")
+    from .squad import DEV_FILE, TRAIN_FILES, load_squad_items
+    facts = load_squad_items(TRAIN_FILES if split == "dev" else [DEV_FILE], seed=seed)
+    items = squad_followups(facts, 4 * n, seed)
+    answering, silent = [e for e in items if e.answerable][:n], [e for e in items if not e.answerable][:n]
+    if min(len(answering), len(silent)) < n:
+        raise ValueError(f"only {len(answering)} / {len(silent)} SQuAD follow-ups of each kind; ask for fewer.")
+    return answering, silent

@@ -164,7 +164,8 @@ def dev_sets(n: int, conversations: bool = False) -> dict[str, list[Example]]:
     multi-fact fictional passages, and the dev halves of the negative sets (where the right top
     start is "no answer" unless a passage happens to hold the answer). With ``conversations``, also
     the follow-ups of ``benchmarks/chat_followups.py --split dev``, read with their earlier turns:
-    answered by their passage, and not (their right top start is "no answer")."""
+    answered by their passage, and not (their right top start is "no answer"), fictional and SQuAD ones
+    (``data.followups.followup_split``)."""
     from ..data.negatives import closed_book, unanswerable
     negative = {"closed_book_dev": closed_book("dev"), "unanswerable_dev": unanswerable("dev", n)}
     sets = {"fictional_k1": DataSpec(fictional=n, k=1, seed=999).build(),
@@ -173,10 +174,10 @@ def dev_sets(n: int, conversations: bool = False) -> dict[str, list[Example]]:
             **{name: [Example(it.question, list(it.passages), it.answers[0], "") for it in items]
                for name, items in negative.items()}}
     if conversations:
-        from ..data.followups import SPLIT_SEEDS, make_followups
-        seed = SPLIT_SEEDS["dev"]
-        sets["followups_k3"] = _as_read(make_followups(n, seed, 3))
-        sets["followups_silent_k3"] = _as_read(make_followups(n, seed + 1, 3, answerable=False))
+        from ..data.followups import followup_split
+        for source, name in (("fictional", "followups_k3"), ("squad", "squad_followups")):
+            answering, silent = followup_split(source, "dev", n)
+            sets[name], sets[name.replace("followups", "followups_silent")] = _as_read(answering), _as_read(silent)
     return sets
 
 
@@ -202,9 +203,13 @@ def conversation_items(spec: dict, held: set[str], data_dir=None) -> list[Exampl
 
 
 def held_out_questions(n_dev: int) -> set[str]:
-    """Questions the reader must not train on: its dev sets and copy_settings.py's (n=96)."""
+    """Questions the reader must not train on: its dev sets and copy_settings.py's (n=96), and every
+    user turn of the dev follow-ups of ``benchmarks/chat_followups.py`` (150 each way and kind)."""
+    from ..data.followups import followup_split
     sets = [*dev_sets(n_dev, conversations=True).values(), *dev_sets(96).values()]
-    return {ex.question for d in sets for ex in d}
+    turns = {t["content"].strip() for source in ("fictional", "squad")
+             for ex in sum(followup_split(source, "dev", max(n_dev, 150)), []) for t in ex.question if t["role"] == "user"}
+    return {ex.question for d in sets for ex in d} | turns
 
 
 def train_reader(cfg: ReaderTrainConfig) -> dict:
