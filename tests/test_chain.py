@@ -21,9 +21,11 @@ def test_the_shipped_chain_uses_committed_inputs_and_ends_in_the_shipped_shape(t
     assert len(steps) == 6 and steps[0].init_from is None and readers and readers[0].init == ""
     for prev, reader in zip(readers, readers[1:]):
         assert reader.init == prev.out, "each reader step continues the one before it"
-    assert len(followups) == 1 and followups[0].init == readers[-1].out and followups[0].teacher == "init", \
+    assert len(followups) == 2 and followups[0].init == readers[-1].out and followups[0].teacher == "init", \
         "the follow-up reader continues the shipped reader, and is distilled from it"
-    assert followups[0].conversations, "it is trained with conversations"
+    assert followups[1].init == followups[0].out and followups[1].teacher == readers[-1].out, \
+        "its second step continues the first, distilled from the shipped reader on single questions"
+    assert all(f.conversations for f in followups), "it is trained with conversations"
     for prev, step in zip(steps, steps[1:]):
         assert step.init_from == str(Path(prev.out) / "best"), "each step continues the one before it"
     shape = {}
