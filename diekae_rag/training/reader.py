@@ -203,10 +203,11 @@ def conversation_items(spec: dict, held: set[str], data_dir=None) -> list[Exampl
 
 
 def held_out_questions(n_dev: int) -> set[str]:
-    """Questions the reader must not train on: its dev sets and copy_settings.py's (n=96), and every
-    user turn of the dev follow-ups of ``benchmarks/chat_followups.py`` (150 each way and kind)."""
+    """Questions the reader must not train on: its single-question dev sets and copy_settings.py's
+    (n=96), and every user turn of the dev follow-ups (its own and ``benchmarks/chat_followups.py``'s,
+    150 each way and kind), which is what a training conversation is checked against."""
     from ..data.followups import followup_split
-    sets = [*dev_sets(n_dev, conversations=True).values(), *dev_sets(96).values()]
+    sets = [*dev_sets(n_dev).values(), *dev_sets(96).values()]
     turns = {t["content"].strip() for source in ("fictional", "squad")
              for ex in sum(followup_split(source, "dev", max(n_dev, 150)), []) for t in ex.question if t["role"] == "user"}
     return {ex.question for d in sets for ex in d} | turns
