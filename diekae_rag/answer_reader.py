@@ -29,6 +29,7 @@ installed MiniLM package.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import math
@@ -189,11 +190,8 @@ class AnswerStartReader(nn.Module):
         with self._lock:
             enc = self._tokenize(questions, passages)
         spans = enc["offset_mapping"].clone()
-        for w in range(spans.shape[0]):
-            seq = enc.sequence_ids(w)
-            for t, s in enumerate(seq):
-                if s != 1:
-                    spans[w, t] = -1
+        not_passage = torch.tensor([[s != 1 for s in enc.sequence_ids(w)] for w in range(spans.shape[0])])
+        spans[not_passage] = -1
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
                 "token_type_ids": enc.get("token_type_ids"), "pair": enc["overflow_to_sample_mapping"],
                 "spans": spans}
@@ -416,11 +414,12 @@ def joint_char_log_probs(logits: torch.Tensor, batch: dict, n_passages: int) -> 
     overlap, the higher logit counts."""
     null = logits[:, 0].max()
     out: list[dict[int, float]] = [{} for _ in range(n_passages)]
-    for w in range(logits.shape[0]):
-        p = int(batch["pair"][w])
-        for t in torch.nonzero(torch.isfinite(logits[w, 1:]))[:, 0].tolist():
-            c = int(batch["spans"][w, t + 1, 0])
-            out[p][c] = max(out[p].get(c, -math.inf), float(logits[w, t + 1]))
+    starts = batch["spans"][:, :, 0].tolist()
+    for row, chars, p in zip(logits.tolist(), starts, batch["pair"].tolist()):
+        best = out[p]
+        for v, c in zip(row[1:], chars[1:]):
+            if math.isfinite(v) and v > best.get(c, -math.inf):
+                best[c] = v
     every = torch.tensor([v for s in out for v in s.values()] + [float(null)])
     norm = float(torch.logsumexp(every, 0))
     return [{c: v - norm for c, v in s.items()} for s in out], float(null) - norm
@@ -449,8 +448,14 @@ def every_window_no_answer(cls_logits: torch.Tensor, null: float) -> float:
 def token_log_probs(char_lp: dict[int, float], offsets: Sequence[tuple[int, int]]) -> list[float]:
     """Map character log-probs onto tokens given by their character spans: a token gets the
     best start inside its span (so " Ithp" gets the score of "Ithp"), else ``LOG_FLOOR``."""
+    if not char_lp:  # a passage the reader did not read
+        return [LOG_FLOOR] * len(offsets)
+    starts = sorted(char_lp)
     out = []
     for a, b in offsets:
-        best = max((char_lp[c] for c in range(a, b) if c in char_lp), default=LOG_FLOOR)
-        out.append(max(best, LOG_FLOOR))
+        best, i = LOG_FLOOR, bisect.bisect_left(starts, a)
+        while i < len(starts) and starts[i] < b:
+            best = max(best, char_lp[starts[i]])
+            i += 1
+        out.append(best)
     return out
