@@ -8,7 +8,9 @@ Three parts, written to ``--out``:
    segments one call from the store reads from it and encodes (those no index holds);
 2. a cProfile of ``--calls`` precomputed calls, cumulative time of this package's functions and
    of the MiniLM models they call (the gate, the reader, the encoders' session, the copy readout);
-3. what the copy needs of the tokens of k new chunk-sized passages (spans, first pieces, answer
+3. with ``--ops``, a ``torch.profiler`` table of the gate and of the encoders' session alone (no
+   decoder), op by op and input shape, over ``--calls`` precomputed calls, with their medians;
+4. what the copy needs of the tokens of k new chunk-sized passages (spans, first pieces, answer
    pieces): made by tokenising, and read back from the store.
 As in ``benchmarks/run.py``, the question's MiniLM vector is made before each timed call, as the
 retriever makes it in serving.
@@ -38,6 +40,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--calls", type=int, default=10)
+    ap.add_argument("--ops", action="store_true", help="also profile the gate and the session op by op")
     ap.add_argument("--out", default="benchmarks/results/cpu/ttft_profile.txt")
     args = ap.parse_args()
     model = DiekaeModel.from_pretrained()
@@ -90,6 +93,8 @@ def main() -> None:
         stats = io.StringIO()
         pstats.Stats(prof, stream=stats).sort_stats("cumulative").print_stats("diekae_rag|modeling_bert|modeling_llama.py:4", 45)
         out.write(f"cProfile of {args.calls} precomputed calls (cumtime is the total over them):\n{stats.getvalue()}\n")
+        if args.ops:
+            out.write(knowledge_ops(model, q, passages, args.calls))
 
     new = [f.passage for f in make_facts(args.k, seed=501, relations="all", other_facts=(12, 12))]
     classes, tokenizer = model.knowledge.classes, model.knowledge.passage_tokens.tokenizer
@@ -108,6 +113,41 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(args.out), out.getvalue())
     print(out.getvalue())
+
+
+def knowledge_ops(model: DiekaeModel, q: str, passages: list[str], calls: int) -> str:
+    """The gate and the encoders' session of precomputed calls, timed (medians) and op by op."""
+    from torch.profiler import ProfilerActivity, profile
+
+    copy, knowledge = model.copy, model.knowledge
+    knowledge.attach_store(None, model.encoder)
+    prompts, held = model.prepare([q], [passages], "diekae")
+    mask = model.prompter.pad(prompts, model.device, side="left")[1]
+
+    def gate() -> list[float]:
+        model.answer_reader.clear()
+        return knowledge.gate(prompts, held, copy)
+
+    def session(strengths: list[float]) -> None:
+        knowledge.session(model.encoder, prompts, held, mask, None, strengths, copy, knowledge.providers(copy))
+
+    times = {"gate": [], "session": []}
+    for _ in range(calls):
+        t = time.perf_counter()
+        strengths = gate()
+        t1 = time.perf_counter()
+        session(strengths)
+        times["gate"].append(t1 - t)
+        times["session"].append(time.perf_counter() - t1)
+    text = "the gate and the encoders' session alone, medians of {}: {}\n\n".format(calls, ", ".join(
+        f"{k} {statistics.median(v) * 1000:.1f} ms" for k, v in times.items()))
+    for label, run in (("gate", gate), ("session", lambda: session(strengths))):
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            for _ in range(calls):
+                run()
+        table = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=20)
+        text += f"torch.profiler, the {label} of {calls} calls (totals over them):\n{table}\n\n"
+    return text
 
 
 if __name__ == "__main__":
