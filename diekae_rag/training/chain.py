@@ -47,18 +47,17 @@ def chain_steps(chain: str | Path, out: str | Path) -> Chain:
         cfg.init_from = None if prev is None else str(Path(prev) / "best")
         steps.append(cfg)
         prev = cfg.out
-    readers, prev, outs = [], "", {}
-    for key in ("reader", "followup_reader"):
+    readers, prev, outs = {"reader": [], "followup_reader": []}, "", {}
+    for key, configs in readers.items():  # the follow-up reader's steps continue the reader's
         paths = data.get(key) or []
         for path in [paths] if isinstance(paths, str) else paths:
             _check_step(path, "init")
             cfg = ReaderTrainConfig.from_file(path)
             cfg.out, cfg.init = str(Path(out) / Path(path).stem), prev
             cfg.teacher = outs.get(cfg.teacher, cfg.teacher)  # an earlier reader step, by its config's name
-            readers.append((key, cfg))
+            configs.append(cfg)
             prev = outs[Path(path).stem] = cfg.out
-    return Chain(steps, [c for k, c in readers if k == "reader"], CopyConfig.plain().replace(**data.get("copy", {})),
-                 [c for k, c in readers if k == "followup_reader"])
+    return Chain(steps, readers["reader"], CopyConfig.plain().replace(**data.get("copy", {})), readers["followup_reader"])
 
 
 def _check_step(path: str, init_key: str) -> None:
