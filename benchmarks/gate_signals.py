@@ -1,6 +1,7 @@
 """The copy gate's signals on dev items: how well they keep answerable items and gate the rest.
 
     python benchmarks/gate_signals.py [CHECKPOINT] [--n 60] [--reader DIR]
+    python benchmarks/gate_signals.py --match REFERENCE.json OTHER.json [...] --at 0.7
 
 For dev items that hold the answer (fictional and SQuAD-Shifts *train* items, seed 999, at k=1 and
 at k=5 with retrieved distractors) and dev items that do not (``closed_book`` dev, ``unanswerable``
@@ -8,7 +9,9 @@ dev), it records the best question-passage MiniLM cosine, the answer-start reade
 with one "no answer" slot and with one per window (``CopyConfig.gate_nulls``), and its null margin
 (log P(no answer) - the best start's log P, SQuAD 2.0's no-answer rule), then, for a grid of
 thresholds, the share of answerable items kept and of the others gated, and for each reader signal
-alone, the most it gates while every SQuAD-Shifts set keeps a given share.
+alone, the most it gates while every SQuAD-Shifts set keeps a given share. ``--match`` reads files
+it wrote and, for each other reader, finds the threshold on ``no_answer_every`` at which each
+SQuAD-Shifts set keeps as large a share as the reference's reader keeps at ``--at``, and what it gates.
 Never the eval sets. Writes benchmarks/results/gate_signals.json and .png.
 """
 
@@ -78,13 +81,38 @@ def operating_points(sig: dict, keep: Sequence[float] = (0.95, 0.92, 0.9, 0.85),
     return out
 
 
+def matched_point(sig: dict, reference: dict, at: float, signal: str = "no_answer_every") -> dict:
+    """The lowest threshold on ``signal`` at which each SQuAD-Shifts set of ``sig`` keeps at least
+    the share that ``reference`` keeps at ``at``, with what it keeps and gates there."""
+    squad = [name for name in sig if name.startswith("squad")]
+    target = {n: float(np.mean([v <= at for v in reference[n][signal]])) for n in squad}
+    for t in sorted({v for n in squad for v in sig[n][signal]}):
+        kept = {n: float(np.mean([v <= t for v in sig[n][signal]])) for n in squad}
+        if all(kept[n] >= target[n] for n in squad):
+            gated = {n: round(float(np.mean([v > t for v in s[signal]])), 3) for n, s in sig.items() if n.endswith("_dev")}
+            return {"threshold": round(t, 4), "kept": {n: round(v, 3) for n, v in kept.items()}, "gated": gated}
+    raise ValueError("no threshold keeps the reference's shares")
+
+
+def match(reference: Path, at: float, others: Sequence[Path]) -> None:
+    ref = json.loads(reference.read_text())["signals"]
+    for path in [reference, *others]:
+        point = matched_point(json.loads(path.read_text())["signals"], ref, at)
+        print(json.dumps({"file": str(path), **point}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint", nargs="?", default=None)
     ap.add_argument("--n", type=int, default=60)
     ap.add_argument("--reader", default=None, help="an answer-start reader folder to read in place of the checkpoint's")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "gate_signals.json")
+    ap.add_argument("--match", type=Path, nargs="+", default=None,
+                    help="files this script wrote: the reference, then the readers to compare with it")
+    ap.add_argument("--at", type=float, default=0.7, help="the reference's threshold for --match")
     args = ap.parse_args()
+    if args.match:
+        return match(args.match[0], args.at, args.match[1:])
     model = DiekaeModel.from_pretrained(args.checkpoint)
     if args.reader:
         from diekae_rag.answer_reader import AnswerStartReader
