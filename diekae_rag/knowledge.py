@@ -253,7 +253,8 @@ class KnowledgeEncoding:
         tails = [it[2] for it in items]
         ids, mask = prompter.pad(tails, self.device, side="left")
         wholes = [prompter.whole_segments(p) for p in passages]  # passages the budget cuts: heads of stored states
-        past = assemble(self.segment_states(encoder, items, wholes), room=ids.shape[1] + 64)  # the tail and decode steps
+        past = assemble(self.segment_states(encoder, items, wholes), room=ids.shape[1] + 64,  # the tail and decode steps
+                        dtype=encoder.dtype)
         T = ids.shape[1]
         offsets = torch.tensor([T - len(t) + it[3] for t, it in zip(tails, items)], device=self.device)
         n_rows = torch.tensor([it[4] for it in items], device=self.device)

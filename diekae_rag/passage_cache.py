@@ -56,12 +56,12 @@ def encode_segments(encoder: DiekaeEncoder, segments: Sequence[Sequence[int]], k
 
 
 def _left_padded(parts: Sequence[Sequence[torch.Tensor]], length: int, dim: int, stack_dim: int,
-                 room: int = 0) -> torch.Tensor:
+                 room: int = 0, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Each item's ``parts`` side by side along ``dim``, left-padded with zeros to ``length`` and
-    stacked at ``stack_dim``. Without gradients every part is copied once, into one buffer with
-    ``room`` spare positions after ``length`` along ``dim`` (left out of the view returned), so
-    :func:`~diekae_rag.encoder.append_kv` extends it in place; under autograd it is cat, pad and
-    stack, with no in-place writes, so training through it stays cheap."""
+    stacked at ``stack_dim``. Without gradients every part is copied once, into one buffer of ``dtype``
+    (default: the first part's) with ``room`` spare positions after ``length`` along ``dim`` (left out
+    of the view returned), so :func:`~diekae_rag.encoder.append_kv` extends it in place; under
+    autograd it is cat, pad and stack, with no in-place writes, so training through it stays cheap."""
     if torch.is_grad_enabled() and any(t.requires_grad for ts in parts for t in ts):
         padded = []
         for ts in parts:
@@ -72,7 +72,7 @@ def _left_padded(parts: Sequence[Sequence[torch.Tensor]], length: int, dim: int,
     shape = list(first.shape)
     shape[dim] = length + room
     shape.insert(stack_dim, len(parts))
-    out = first.new_empty(shape).narrow(dim + (stack_dim <= dim), 0, length)
+    out = first.new_empty(shape, dtype=dtype).narrow(dim + (stack_dim <= dim), 0, length)
     for b, ts in enumerate(parts):
         row = out.select(stack_dim, b)
         at = length - sum(t.shape[dim] for t in ts)
@@ -92,20 +92,21 @@ class Assembled(NamedTuple):
     keys: Optional[torch.Tensor]
 
 
-def assemble(items: Sequence[Sequence[SegmentState]], room: int = 0) -> Assembled:
+def assemble(items: Sequence[Sequence[SegmentState]], room: int = 0, dtype: Optional[torch.dtype] = None) -> Assembled:
     """Concatenate each item's segment states into a left-padded past for the tail, with ``room``
-    positions to spare in the keys and values for the tail and the decode steps to be appended in place."""
+    positions to spare in the keys and values for the tail and the decode steps to be appended in place.
+    ``dtype``: the encoders' (states read from a store stay in its float type until copied here)."""
     lens = [sum(int(s.ids.shape[0]) for s in segs) for segs in items]
     P = max(lens)
     first = items[0][0]
-    kv = [tuple(_left_padded([[s.kv[blk][i] for s in segs] for segs in items], P, 2, 1, room) for i in (0, 1))
+    kv = [tuple(_left_padded([[s.kv[blk][i] for s in segs] for segs in items], P, 2, 1, room, dtype) for i in (0, 1))
           for blk in range(len(first.kv))]  # (n, B, h, P, hd) each
     key_valid = _left_padded([[torch.ones(n, dtype=torch.bool, device=first.ids.device)] for n in lens], P, 0, 0)
     ids = _left_padded([[s.ids for s in segs] for segs in items], P, 0, 0)
     knowledge = _left_padded([[s.knowledge for s in segs] for segs in items], P, 0, 0)
     keys = None
     if first.pointer_keys is not None:
-        keys = _left_padded([[s.pointer_keys for s in segs] for segs in items], P, 1, 0)
+        keys = _left_padded([[s.pointer_keys for s in segs] for segs in items], P, 1, 0, dtype=dtype)
     cache = EncoderCache(kv=kv, key_valid=key_valid, next_position=torch.tensor(lens, device=ids.device))
     return Assembled(cache, ids, knowledge & key_valid, keys)
 
@@ -192,7 +193,7 @@ class PassageCache:
             return {}
         from .state_store import segment_key
         names = {key: segment_key(key[1], key[2]) for key in keys}
-        stored = self.backing.get_many(names.values(), device, next(encoder.parameters()).dtype)
+        stored = self.backing.get_many(names.values(), device, None)  # cast by assemble
         read = [(key, stored[names[key]]) for key in keys if names[key] in stored]
         self._kept.put_many(read)
         self.stored += len(read)

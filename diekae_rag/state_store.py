@@ -86,10 +86,12 @@ def _pack(t: torch.Tensor, dtype: str) -> dict[str, torch.Tensor]:
     return {"x": t.to(getattr(torch, dtype))}
 
 
-def _unpack(get, name: str, stored: str, dtype: torch.dtype) -> torch.Tensor:
+def _unpack(get, name: str, stored: str, dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """A stored tensor in ``dtype``; ``None``: as stored if a float type, float32 from int8."""
     if stored == "int8":
-        return (get(f"{name}.q").to(torch.float32) * get(f"{name}.s").to(torch.float32)).to(dtype)
-    return get(f"{name}.x").to(dtype)
+        return (get(f"{name}.q").to(torch.float32) * get(f"{name}.s").to(torch.float32)).to(dtype or torch.float32)
+    x = get(f"{name}.x")
+    return x if dtype is None else x.to(dtype)
 
 
 class PassageStateStore:
@@ -143,10 +145,11 @@ class PassageStateStore:
     def __contains__(self, key: str) -> bool:
         return key in self._where
 
-    def get_many(self, keys: Iterable[str], device: torch.device, dtype: torch.dtype = torch.float32
+    def get_many(self, keys: Iterable[str], device: torch.device, dtype: Optional[torch.dtype] = torch.float32
                  ) -> dict[str, SegmentState]:
         """The stored states of those ``keys`` that are stored (memory-mapped shards; tensors are
-        copied to ``device`` and ``dtype``)."""
+        copied to ``device`` and ``dtype``; ``None``: kept in the stored float type, float32 from
+        int8, for :func:`~diekae_rag.passage_cache.assemble` to cast as it copies them)."""
         out = {}
         for key in keys:
             shard = self._where.get(key)

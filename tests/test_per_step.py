@@ -313,6 +313,11 @@ def test_assembled_past_equals_cat_pad_stack_and_takes_the_tail_in_place():
     assert past.keys.shape == (2, 2, 7, 6) and torch.equal(past.keys[1, :, :4], torch.zeros(2, 4, 6))
     assert past.cache.key_valid.tolist() == [[True] * 7, [False] * 4 + [True] * 3]
     assert torch.equal(past.ids[1, 4:], items[1][0].ids) and not past.knowledge[1, :4].any()
+    half = [[SegmentState(s.ids, tuple((a.half(), b.half()) for a, b in s.kv), s.pointer_keys.half(), s.knowledge)
+             for s in segs] for segs in items]
+    cast = assemble(half, room=10, dtype=torch.float32)  # states kept as a float16 store holds them
+    assert cast.cache.kv[1][1].dtype == cast.keys.dtype == torch.float32
+    assert torch.equal(cast.cache.kv[1][1], assemble(half, room=10).cache.kv[1][1].float())
     k = past.cache.kv[0][0]
     tail = torch.randn(3, 2, 2, 3, 4)
     assert append_kv(k, tail).data_ptr() == k.data_ptr(), "the tail is written into the spare room"

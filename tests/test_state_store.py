@@ -52,6 +52,22 @@ def test_smaller_stored_states_stay_close(tmp_path, dtype, tol):
     assert model.knowledge.passage_cache.misses == 0
 
 
+def test_float16_states_stay_float16_in_memory_and_are_cast_as_they_are_assembled(tmp_path):
+    """The memory cache keeps states read from a float16 store as they are stored (half the memory of
+    float32), and the encoders get them cast: the same score whether they came from disk or memory."""
+    ref = _fresh()
+    ref.index_states(PASSAGES, tmp_path, dtype="float16", progress=False)
+    model = _fresh()
+    model.attach_states(tmp_path)
+    from_disk = model.score(Q[1], "north", K[1])
+    cache = model.knowledge.passage_cache
+    cache.max_segments = 8
+    assert model.score(Q[1], "north", K[1]) == from_disk
+    kept = list(cache._kept._data.values())
+    assert kept and all(k.dtype == v.dtype == torch.float16 for s in kept for k, v in s.kv)
+    assert model.score(Q[1], "north", K[1]) == from_disk and cache.hits > 0, "read from memory this time"
+
+
 def test_states_are_added_incrementally_and_refused_for_other_weights(tmp_path):
     model = _fresh()
     model.index_states(PASSAGES[:2], tmp_path, progress=False)
