@@ -52,13 +52,16 @@ def main() -> None:
     ap.add_argument("--negatives", action="store_true", help="also the dev halves of closed_book and unanswerable")
     ap.add_argument("--reader-dtype", choices=["float32", "bfloat16"], default=None,
                     help="the answer-start reader's dtype (default: the one it serves in here)")
+    ap.add_argument("--encoder-dtype", choices=["float32", "bfloat16"], default=None,
+                    help="the encoders' dtype over the question and decode steps (default: the one they serve in here)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "copy_settings.json")
     args = ap.parse_args()
     try:
         grid = parse_grid(args.grid)
     except ValueError as exc:
         raise SystemExit(f"--grid: {exc}") from None
-    model = DiekaeModel.from_pretrained(args.checkpoint, reader_dtype=args.reader_dtype and getattr(torch, args.reader_dtype))
+    model = DiekaeModel.from_pretrained(args.checkpoint, reader_dtype=args.reader_dtype and getattr(torch, args.reader_dtype),
+                                        encoder_dtype=args.encoder_dtype and getattr(torch, args.encoder_dtype))
     own = {name: getattr(model.copy, name) for name in grid}
     sets = {
         "fictional_k1": DataSpec(fictional=args.n, k=1, seed=999).build(),
@@ -92,6 +95,7 @@ def main() -> None:
     atomic_write_text(args.out, json.dumps({"checkpoint": args.checkpoint or "shipped", "n": args.n,
                                             "reader_dtype": str(model.answer_reader.head.weight.dtype)
                                             if model.answer_reader is not None else None,
+                                            "encoder_dtype": str(model.knowledge.served(model.encoder).dtype),
                                             "checkpoint_setting": own, "rows": rows}, indent=2))
 
 

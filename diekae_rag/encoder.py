@@ -175,6 +175,17 @@ class DiekaeEncoder(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.down.weight.dtype
 
+    def served_in(self, dtype: torch.dtype) -> "DiekaeEncoder":
+        """These weights cast to ``dtype``, on the same frozen embedding (``self`` when already in
+        ``dtype``): the encoders that read the question and take the decode steps, while the passages'
+        states stay those this encoder computes."""
+        if dtype == self.dtype:
+            return self
+        twin = DiekaeEncoder(self.config).to(device=self.down.weight.device, dtype=dtype)
+        twin.load_state_dict(self.state_dict())
+        twin._frozen = self._frozen
+        return twin.eval().requires_grad_(False)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 cache: Optional[EncoderCache] = None, use_cache: bool = False,
                 output_start: int = 0) -> EncoderOutput:

@@ -8,6 +8,7 @@ its memory, and their rows are aligned with the decoder's positions.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
@@ -22,7 +23,7 @@ from .copy.pieces import PassageTokens, add_answer_pieces, first_piece_ids
 from .copy.values import ValueRows
 from .encoder import DiekaeEncoder, EncoderOutput
 from .injection import EncoderSession, align_rows, layer_rows_from
-from .passage_cache import PassageCache, assemble
+from .passage_cache import PassageCache, assemble, weights_version
 from .prompts import Prompter, clean_passages, match_classes
 
 FOLLOWUP_READER = "followups"  # the checkpoint's subfolder holding the reader of questions with earlier turns
@@ -67,6 +68,9 @@ class KnowledgeEncoding:
         self._followup_reader: Optional[AnswerStartReader] = None
         self._followup_reader_set = False
         self.reader_dtype: Optional[torch.dtype] = None  # the loaded reader's dtype (None: serving_dtype)
+        self.encoder_dtype: Optional[torch.dtype] = None  # the encoders' dtype over the question (None: their own)
+        self._served: tuple = (None, None)  # (key, the encoder as it serves), see served()
+        self._served_lock = threading.Lock()
         self.state_store = None  # the PassageStateStore attached (attach_store)
 
     @property
@@ -148,9 +152,22 @@ class KnowledgeEncoding:
             reader = FollowupsRead(reader, self.reader_for(copy, self.followup_reader), given)
         return GivenAnswersSkipped(reader, given)
 
+    def served(self, encoder: DiekaeEncoder) -> DiekaeEncoder:
+        """``encoder`` as it reads the question and takes the decode steps: cast to :attr:`encoder_dtype`
+        where that is set and differs (a copy, made again when the weights change). The passages' states
+        are ``encoder``'s own either way, so stored states serve both; training uses ``encoder``."""
+        dtype = self.encoder_dtype
+        if dtype is None or dtype == encoder.dtype or encoder.training or torch.is_grad_enabled():
+            return encoder
+        key = (id(encoder), weights_version(encoder), dtype)
+        with self._served_lock:
+            if self._served[0] != key:
+                self._served = (key, encoder.served_in(dtype))
+            return self._served[1]
+
     def prompter_for(self, encoder: DiekaeEncoder) -> Prompter:
         """The prompter for an encoder's layout, built once per encoder (its token cache is kept)."""
-        if encoder is self.main:
+        if encoder is self.main or encoder.config is self.main.config:
             return self.prompter
         p = self._prompters.get(id(encoder))
         if p is None or p.config is not encoder.config:
@@ -206,7 +223,8 @@ class KnowledgeEncoding:
         rows = align_rows(rows, enc.offsets, enc.n_rows * (scale > 0), decoder_mask)
         if bool((scale < 1).any()):
             rows = {layer: r * scale[:, None, None].to(r.dtype) for layer, r in rows.items()}
-        return EncoderSession(encoder, enc.out.cache, rows, encoder.config.per_step, scale, enc.readout)
+        stepper = self.served(encoder) if encoder.config.passage_isolation else encoder
+        return EncoderSession(stepper, enc.out.cache, rows, encoder.config.per_step, scale, enc.readout)
 
     def encode(self, encoder: DiekaeEncoder, prompts: Sequence[list[int]], passages: Sequence[list[str]],
                answers: Optional[Sequence[list[int]]] = None, copy: Optional[CopyConfig] = None,
@@ -253,17 +271,18 @@ class KnowledgeEncoding:
         tails = [it[2] for it in items]
         ids, mask = prompter.pad(tails, self.device, side="left")
         wholes = [prompter.whole_segments(p) for p in passages]  # passages the budget cuts: heads of stored states
+        served = self.served(encoder)  # reads the question; the passages' states are encoder's
         past = assemble(self.segment_states(encoder, items, wholes), room=ids.shape[1] + 64,  # the tail and decode steps
-                        dtype=encoder.dtype)
+                        dtype=served.dtype)
         T = ids.shape[1]
         offsets = torch.tensor([T - len(t) + it[3] for t, it in zip(tails, items)], device=self.device)
         n_rows = torch.tensor([it[4] for it in items], device=self.device)
         first = offsets + torch.tensor([len(x) for x in prompts], device=self.device) - 1
-        out = encoder(ids, mask.bool(), cache=past.cache, use_cache=encoder.config.per_step)
+        out = served(ids, mask.bool(), cache=past.cache, use_cache=encoder.config.per_step)
         pointer = readout = None
         if encoder.copy_head is not None:
-            memory = self.memory(encoder, items, prompts, passages, past, copy, providers)
-            readout = self._readout(encoder, memory, copy)
+            memory = self.memory(served, items, prompts, passages, past, copy, providers)
+            readout = self._readout(served, memory, copy)
             pointer = readout(out.states, ids, None, first)
         return Encoded(out, ids, pointer, readout, offsets, n_rows, first)
 

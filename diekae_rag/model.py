@@ -83,7 +83,8 @@ class DiekaeModel:
                         device: Optional[Union[str, torch.device]] = None,
                         dtype: Optional[torch.dtype] = None,
                         config: Optional[EncoderConfig] = None, copy: CopyOverride = None,
-                        reader_dtype: Optional[torch.dtype] = None) -> "DiekaeModel":
+                        reader_dtype: Optional[torch.dtype] = None,
+                        encoder_dtype: Optional[torch.dtype] = None) -> "DiekaeModel":
         """Load encoders from ``path`` (default: the shipped ones) onto their decoder.
 
         ``decoder`` may be a loaded model (shared, never copied) or a name/folder; by default
@@ -92,7 +93,9 @@ class DiekaeModel:
         training; with neither path, config nor shipped encoders, the paper's form is used and
         a warning is logged. ``copy`` overrides the checkpoint's copy settings. ``reader_dtype``: the
         answer-start reader's (default: bfloat16 on a CPU with native bfloat16 matrix products,
-        else float32; see :func:`diekae_rag.answer_reader.serving_dtype`).
+        else float32; see :func:`diekae_rag.answer_reader.serving_dtype`). ``encoder_dtype``: the
+        encoders' over the question and the decode steps (default: the decoder's); the passages' states
+        are computed, cached and stored in the decoder's dtype either way, and cast as a call reads them.
         """
         if path is None and config is None and (SHIPPED_WEIGHTS / "model.safetensors").exists():
             path = SHIPPED_WEIGHTS  # a config asks for fresh encoders instead
@@ -118,6 +121,7 @@ class DiekaeModel:
             saved = CopyConfig.plain().for_encoder(cfg)
         model = cls(dec, tok, enc, copy=saved.with_overrides(copy), source=str(path or ""))
         model.knowledge.reader_dtype = reader_dtype
+        model.knowledge.encoder_dtype = encoder_dtype
         return model
 
     def save_pretrained(self, path: Union[str, Path]) -> Path:

@@ -118,7 +118,8 @@ def head_of(state: SegmentState, n: int) -> SegmentState:
     return SegmentState(state.ids[:n], kv, pk, state.knowledge[:n])
 
 
-def _weights_version(encoder: DiekaeEncoder) -> int:
+def weights_version(encoder: DiekaeEncoder) -> int:
+    """A number that changes whenever the encoder's weights are changed in place."""
     return sum(p._version for p in encoder.parameters())
 
 
@@ -134,7 +135,7 @@ class PassageCache:
 
     def attach(self, store, encoder: DiekaeEncoder) -> None:
         """Read segments missing from memory from ``store`` (states of ``encoder``'s current weights)."""
-        self.backing, self._backing_for = store, (id(encoder), _weights_version(encoder))
+        self.backing, self._backing_for = store, (id(encoder), weights_version(encoder))
 
     @property
     def max_segments(self) -> int:
@@ -157,7 +158,7 @@ class PassageCache:
                      and not encoder.training)
         if not use_cache:
             return encode_segments(encoder, segments, kmasks, device)
-        version = (id(encoder), _weights_version(encoder))
+        version = (id(encoder), weights_version(encoder))
         keys = [(version, tuple(s), tuple(k)) for s, k in zip(segments, kmasks)]
         found = self._kept.get_many(keys)
         self.hits += sum(key in found for key in keys)
@@ -189,7 +190,7 @@ class PassageCache:
 
     def _read_stored(self, encoder: DiekaeEncoder, keys: Sequence[tuple], device: torch.device) -> dict:
         """The states of those ``keys`` that the store holds for these weights, kept in memory from now on."""
-        if not keys or self.backing is None or self._backing_for != (id(encoder), _weights_version(encoder)):
+        if not keys or self.backing is None or self._backing_for != (id(encoder), weights_version(encoder)):
             return {}
         from .state_store import segment_key
         names = {key: segment_key(key[1], key[2]) for key in keys}
