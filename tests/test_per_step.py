@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from typing import Optional
 
 import pytest
 import torch
@@ -38,8 +39,9 @@ def _reencoded_rows(model, questions, knowledges, texts_ids):
     return prompts, inj.sessions[0].layer_rows
 
 
-def assert_decode_rows_equal_reencode(model, atol: float = 2e-4, rtol: float = 1e-3) -> None:
-    """The rows injected at each decode step equal those of a full re-encode of the same sequence."""
+def assert_decode_rows_equal_reencode(model, atol: float = 2e-4, rtol: float = 1e-3, rel: Optional[float] = None) -> None:
+    """The rows injected at each decode step equal those of a full re-encode of the same sequence
+    (``rel``: instead, each row lies within that share of its norm)."""
     gen = model._generate_ids(Q, K, "diekae", N_NEW, min_new_tokens=N_NEW)
     gen = [g.tolist() for g in gen]
     _, calls = _generate_and_record(model, Q, K)
@@ -52,7 +54,10 @@ def assert_decode_rows_equal_reencode(model, atol: float = 2e-4, rtol: float = 1
             for b, p in enumerate(prompts):
                 got, want = step[layer][b, 0], rows[layer][b, len(p) + j]
                 assert want.abs().sum() > 0
-                torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+                if rel is None:
+                    torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+                else:
+                    assert float((got - want.to(got.dtype)).norm() / want.norm()) < rel
         for layer, d in step.items():
             if layer not in hooked:
                 assert (d == 0).all()
@@ -552,3 +557,21 @@ def test_continuation_keeps_a_copy_on_the_occurrence_it_started_on():
     assert_decode_rows_equal_reencode(model)
     with pytest.raises(ValueError, match="continue_bonus needs the token match"):
         _per_step_model(isolation=True, match=False, continue_bonus=4.0)
+
+
+def test_bfloat16_encoders_read_the_question_while_the_passages_states_stay_float32():
+    """``encoder_dtype``: a bfloat16 copy of the encoders reads the question and takes the decode steps
+    (its decode-step rows agree with a re-encode to bfloat16's precision); the passages' states are the
+    float32 encoders' own, and a change to the weights makes a new copy."""
+    model = _per_step_model(isolation=True, match=True)
+    model.knowledge.encoder_dtype = torch.bfloat16
+    assert_decode_rows_equal_reencode(model, rel=0.05)  # bfloat16 keeps about 3 significant digits
+    with torch.no_grad():
+        served = model.knowledge.served(model.encoder)
+        assert served.dtype == torch.bfloat16 and served is not model.encoder
+        assert all(torch.equal(a.to(torch.bfloat16), b) for a, b in zip(model.encoder.parameters(), served.parameters()))
+        kept = list(model.knowledge.passage_cache._kept._data.values())
+        assert kept and all(k.dtype == v.dtype == torch.float32 for s in kept for k, v in s.kv)
+        next(model.encoder.parameters()).add_(1.0)
+        assert model.knowledge.served(model.encoder) is not served, "new weights, a new copy"
+    assert model.knowledge.served(model.encoder) is model.encoder, "with gradients on, the float32 encoders"
