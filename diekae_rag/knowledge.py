@@ -32,8 +32,9 @@ FOLLOWUP_READER = "followups"  # the checkpoint's subfolder holding the reader o
 @dataclass
 class Encoded:
     """One encoder's reading of a call: its trunk output, the copy rows and readout (with a pointer),
-    the token ids at its output positions, and per item the output position of the prompt's first
-    token, the number of rows, and the position that predicts the answer's first token."""
+    the token ids at its output positions, per item the output position of the prompt's first
+    token, the number of rows, and the position that predicts the answer's first token, and the
+    encoders that continue from ``out.cache`` (the decode steps')."""
 
     out: EncoderOutput
     ids: torch.Tensor
@@ -42,6 +43,7 @@ class Encoded:
     offsets: torch.Tensor
     n_rows: torch.Tensor
     first: torch.Tensor
+    stepper: DiekaeEncoder
 
 
 class KnowledgeEncoding:
@@ -167,7 +169,7 @@ class KnowledgeEncoding:
 
     def prompter_for(self, encoder: DiekaeEncoder) -> Prompter:
         """The prompter for an encoder's layout, built once per encoder (its token cache is kept)."""
-        if encoder is self.main or encoder.config is self.main.config:
+        if encoder.config is self.main.config:  # the main encoders, or their copy in another dtype
             return self.prompter
         p = self._prompters.get(id(encoder))
         if p is None or p.config is not encoder.config:
@@ -223,8 +225,7 @@ class KnowledgeEncoding:
         rows = align_rows(rows, enc.offsets, enc.n_rows * (scale > 0), decoder_mask)
         if bool((scale < 1).any()):
             rows = {layer: r * scale[:, None, None].to(r.dtype) for layer, r in rows.items()}
-        stepper = self.served(encoder) if encoder.config.passage_isolation else encoder
-        return EncoderSession(stepper, enc.out.cache, rows, encoder.config.per_step, scale, enc.readout)
+        return EncoderSession(enc.stepper, enc.out.cache, rows, encoder.config.per_step, scale, enc.readout)
 
     def encode(self, encoder: DiekaeEncoder, prompts: Sequence[list[int]], passages: Sequence[list[str]],
                answers: Optional[Sequence[list[int]]] = None, copy: Optional[CopyConfig] = None,
@@ -261,7 +262,7 @@ class KnowledgeEncoding:
             valid[:, 0] = False
             readout = self._readout(encoder, replace(memory, valid=valid), copy)
             pointer = readout(out.states[:, start:], ids[:, start:], ids[:, start - 1] if start > 0 else None, first)
-        return Encoded(out, batch.input_ids[:, start:], pointer, readout, offsets, n_rows, first)
+        return Encoded(out, batch.input_ids[:, start:], pointer, readout, offsets, n_rows, first, encoder)
 
     def _encode_isolated(self, encoder, prompts, passages, answers, copy, providers) -> Encoded:
         """Each passage encoded on its own (cached), then only the tail runs through the encoders."""
@@ -284,7 +285,7 @@ class KnowledgeEncoding:
             memory = self.memory(served, items, prompts, passages, past, copy, providers)
             readout = self._readout(served, memory, copy)
             pointer = readout(out.states, ids, None, first)
-        return Encoded(out, ids, pointer, readout, offsets, n_rows, first)
+        return Encoded(out, ids, pointer, readout, offsets, n_rows, first, served)
 
     def memory(self, encoder, items, prompts, passages, past, copy: CopyConfig,
                providers: Sequence[ScoreProvider]) -> CopyMemory:
