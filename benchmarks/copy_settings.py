@@ -95,7 +95,7 @@ def main() -> None:
     atomic_write_text(args.out, json.dumps({"checkpoint": args.checkpoint or "shipped", "n": args.n,
                                             "reader_dtype": str(model.answer_reader.head.weight.dtype)
                                             if model.answer_reader is not None else None,
-                                            "encoder_dtype": str(model.knowledge.served(model.encoder).dtype),
+                                            "encoder_dtype": str(model.knowledge.encoder_dtype or model.encoder.dtype),
                                             "checkpoint_setting": own, "rows": rows}, indent=2))
 
 
