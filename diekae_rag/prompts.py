@@ -17,6 +17,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from .config import EncoderConfig
+from .passages import passage_texts
 
 MODES = ("diekae", "in_context", "none")
 
@@ -66,24 +67,16 @@ def check_question(question: object) -> Question:
 
 
 def clean_passages(knowledge: object) -> list[str]:
-    """Normalise ``knowledge`` to a list of non-blank passages.
+    """Normalise ``knowledge`` to a list of non-blank passage texts.
 
-    ``None`` and ``[]`` mean no knowledge. A single string is one passage. Blank passages
-    are dropped with a warning; anything that is not text raises ``TypeError``.
+    ``None`` and ``[]`` mean no knowledge; passages may come in any form that
+    :func:`diekae_rag.passages.passage_texts` reads. Blank passages are dropped with a warning;
+    anything that is not a passage raises ``TypeError``.
     """
-    if knowledge is None:
-        return []
-    if isinstance(knowledge, str):
-        knowledge = [knowledge]
-    if not isinstance(knowledge, (list, tuple)):
-        raise TypeError(f"knowledge must be a list of passage strings, got {type(knowledge).__name__}.")
-    bad = [type(p).__name__ for p in knowledge if not isinstance(p, str)]
-    if bad:
-        raise TypeError(f"Every passage must be a str; got {', '.join(sorted(set(bad)))}. "
-                        "Pass each passage's text (e.g. node.get_content() or doc.page_content).")
-    kept = [p for p in knowledge if p.strip()]
-    if len(kept) < len(knowledge):
-        warnings.warn(f"Dropped {len(knowledge) - len(kept)} empty or whitespace-only passage(s).", stacklevel=3)
+    texts = passage_texts(knowledge)
+    kept = [p for p in texts if p.strip()]
+    if len(kept) < len(texts):
+        warnings.warn(f"Dropped {len(texts) - len(kept)} empty or whitespace-only passage(s).", stacklevel=3)
     return kept
 
 

@@ -25,25 +25,6 @@ def model_name(model: Optional[DiekaeModel]) -> str:
     return "diekae:" + (model.config.decoder_name if model is not None else DEFAULT_DECODER)
 
 
-def passage_texts(passages) -> list[str]:
-    """Strings, LangChain Documents or LlamaIndex nodes -> passage strings."""
-    if passages is None:
-        return []
-    if isinstance(passages, str):
-        return [passages]
-    out = []
-    for p in passages:
-        if isinstance(p, str):
-            out.append(p)
-        elif hasattr(p, "page_content"):
-            out.append(p.page_content)
-        elif hasattr(p, "get_content"):
-            out.append(p.get_content())
-        else:
-            raise TypeError(f"Cannot use {type(p).__name__} as a passage; pass str, Document or a node.")
-    return out
-
-
 def copy_overrides(copy: Optional[dict], on_no_answer: Optional[str]) -> Optional[dict]:
     """A component's copy settings for each call: its ``copy`` dict, with ``on_no_answer`` when set."""
     out = dict(copy or {})

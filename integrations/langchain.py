@@ -13,22 +13,27 @@ from __future__ import annotations
 
 from typing import Any, AsyncIterator, Iterator, Optional
 
-from langchain_core.callbacks import (AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun,
-                                      CallbackManagerForRetrieverRun)
-from langchain_core.documents import Document
-from langchain_core.language_models import BaseChatModel, LangSmithParams
-from langchain_core.language_models.llms import LLM
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, SystemMessage
-from langchain_core.messages.ai import UsageMetadata
-from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, GenerationChunk
-from langchain_core.retrievers import BaseRetriever
-from langchain_core.runnables import Runnable, RunnableGenerator
-from langchain_core.runnables.utils import AddableDict
-from pydantic import ConfigDict, Field
+try:
+    from langchain_core.callbacks import (AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun,
+                                          CallbackManagerForRetrieverRun)
+    from langchain_core.documents import Document
+    from langchain_core.language_models import BaseChatModel, LangSmithParams
+    from langchain_core.language_models.llms import LLM
+    from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, SystemMessage
+    from langchain_core.messages.ai import UsageMetadata
+    from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, GenerationChunk
+    from langchain_core.retrievers import BaseRetriever
+    from langchain_core.runnables import Runnable, RunnableGenerator
+    from langchain_core.runnables.utils import AddableDict
+    from pydantic import ConfigDict, Field
+except ImportError as exc:  # the framework is an extra
+    raise ImportError(f"diekae_rag.integrations.langchain needs langchain-core: "
+                      f"pip install 'diekae-rag[langchain]' (or 'diekae-rag[all]'). ({exc})") from exc
 
 from diekae_rag.model import DiekaeModel
+from diekae_rag.passages import passage_texts, text_blocks
 
-from ._shared import copy_overrides, default_model, model_name, passage_texts
+from ._shared import copy_overrides, default_model, model_name
 
 
 class _DiekaeMixin:
@@ -94,9 +99,11 @@ class DiekaeLLM(_DiekaeMixin, LLM):
 
 class ChatDiekae(_DiekaeMixin, BaseChatModel):
     """A LangChain chat model. Human and AI messages reach the decoder as chat turns (the last
-    human message is the question); ``passages=`` is the knowledge. System messages are not passed:
-    the encoders were trained with the model's own system prompt. Usage metadata counts the decoder's
-    input and output tokens, and the passage tokens the encoders read (``input_token_details["knowledge"]``)."""
+    human message is the question); ``passages=`` is the knowledge. A system message's text goes to the
+    encoders as knowledge too, one passage per blank-line-separated block, so the context that the
+    canonical RAG chain formats into a system message is read, not dropped (the decoder keeps the system
+    prompt its encoders were trained with). Usage metadata counts the decoder's input and output tokens,
+    and the passage tokens the encoders read (``input_token_details["knowledge"]``)."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
@@ -105,16 +112,24 @@ class ChatDiekae(_DiekaeMixin, BaseChatModel):
         return "diekae-chat"
 
     @staticmethod
-    def _conversation(messages: list[BaseMessage]) -> list[dict]:
+    def _conversation(messages: list[BaseMessage]) -> tuple[list[dict], list[str]]:
+        """The decoder's chat turns, and the passages that system messages carry."""
+        system = [b for m in messages if isinstance(m, SystemMessage) for b in text_blocks(str(m.text))]
         turns = [m for m in messages if not isinstance(m, SystemMessage)]
         if not turns or not isinstance(turns[-1], HumanMessage):
             raise ValueError("ChatDiekae needs the last message to be a HumanMessage with the question.")
         out = []
         for m in turns:
             if not isinstance(m, (HumanMessage, AIMessage)):
-                raise ValueError(f"ChatDiekae reads human and AI messages only, got {type(m).__name__}.")
+                raise ValueError(f"ChatDiekae reads human, AI and system messages only, got {type(m).__name__}.")
             out.append({"role": "user" if isinstance(m, HumanMessage) else "assistant", "content": str(m.text)})
-        return out
+        return out, system
+
+    def _chat_args(self, messages: list[BaseMessage], kwargs: dict, stop: Optional[list[str]]
+                   ) -> tuple[tuple, dict]:
+        turns, system = self._conversation(messages)
+        kwargs["passages"] = passage_texts(kwargs.get("passages")) + system
+        return self._call_args(turns, kwargs, stop)
 
     def _usage(self, args: tuple, mode: str, text: str) -> UsageMetadata:
         u = self._diekae().usage(*args, text, mode=mode)
@@ -124,7 +139,7 @@ class ChatDiekae(_DiekaeMixin, BaseChatModel):
 
     def _generate(self, messages: list[BaseMessage], stop: Optional[list[str]] = None,
                   run_manager: Optional[CallbackManagerForLLMRun] = None, **kwargs: Any) -> ChatResult:
-        args, call = self._call_args(self._conversation(messages), kwargs, stop)
+        args, call = self._chat_args(messages, kwargs, stop)
         text = self._diekae().generate(*args, **call, **kwargs)
         message = AIMessage(content=text, usage_metadata=self._usage(args, call["mode"], text),
                             response_metadata={"model_name": model_name(self.model)})
@@ -142,7 +157,7 @@ class ChatDiekae(_DiekaeMixin, BaseChatModel):
     def _stream(self, messages: list[BaseMessage], stop: Optional[list[str]] = None,
                 run_manager: Optional[CallbackManagerForLLMRun] = None, **kwargs: Any
                 ) -> Iterator[ChatGenerationChunk]:
-        args, call = self._call_args(self._conversation(messages), kwargs, stop)
+        args, call = self._chat_args(messages, kwargs, stop)
         text = ""
         for delta in self._diekae().stream(*args, **call, **kwargs):
             text += delta
@@ -155,7 +170,7 @@ class ChatDiekae(_DiekaeMixin, BaseChatModel):
     async def _astream(self, messages: list[BaseMessage], stop: Optional[list[str]] = None,
                        run_manager: Optional[AsyncCallbackManagerForLLMRun] = None, **kwargs: Any
                        ) -> AsyncIterator[ChatGenerationChunk]:
-        args, call = self._call_args(self._conversation(messages), kwargs, stop)
+        args, call = self._chat_args(messages, kwargs, stop)
         text = ""
         async for delta in self._diekae().astream(*args, **call, **kwargs):
             text += delta

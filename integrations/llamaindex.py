@@ -21,36 +21,39 @@ For exact per-passage input (one node = one passage) use :class:`DiekaeSynthesiz
 from __future__ import annotations
 
 import asyncio
-import re
 from typing import Any, NamedTuple, Optional, Sequence
 
-from llama_index.core.base.embeddings.base import BaseEmbedding
-from llama_index.core.base.llms.generic_utils import (astream_completion_response_to_chat_response,
-                                                       completion_response_to_chat_response,
-                                                       stream_completion_response_to_chat_response)
-from llama_index.core.base.llms.types import (ChatMessage, ChatResponse, ChatResponseAsyncGen, ChatResponseGen,
-                                              CompletionResponse, CompletionResponseAsyncGen,
-                                              CompletionResponseGen, LLMMetadata, MessageRole)
-from llama_index.core.callbacks import CallbackManager
-from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
-from llama_index.core.llms.custom import CustomLLM
-from llama_index.core.prompts import BasePromptTemplate, ChatPromptTemplate
-from llama_index.core.response_synthesizers import BaseSynthesizer
-from llama_index.core.retrievers import BaseRetriever
-from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
-from llama_index.core.types import TokenAsyncGen, TokenGen
-from pydantic import PrivateAttr
+try:
+    from llama_index.core.base.embeddings.base import BaseEmbedding
+    from llama_index.core.base.llms.generic_utils import (astream_completion_response_to_chat_response,
+                                                           completion_response_to_chat_response,
+                                                           stream_completion_response_to_chat_response)
+    from llama_index.core.base.llms.types import (ChatMessage, ChatResponse, ChatResponseAsyncGen, ChatResponseGen,
+                                                  CompletionResponse, CompletionResponseAsyncGen,
+                                                  CompletionResponseGen, LLMMetadata, MessageRole)
+    from llama_index.core.callbacks import CallbackManager
+    from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
+    from llama_index.core.llms.custom import CustomLLM
+    from llama_index.core.prompts import BasePromptTemplate, ChatPromptTemplate
+    from llama_index.core.response_synthesizers import BaseSynthesizer
+    from llama_index.core.retrievers import BaseRetriever
+    from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
+    from llama_index.core.types import TokenAsyncGen, TokenGen
+    from pydantic import PrivateAttr
+except ImportError as exc:  # the framework is an extra
+    raise ImportError(f"diekae_rag.integrations.llamaindex needs llama-index-core: "
+                      f"pip install 'diekae-rag[llamaindex]' (or 'diekae-rag[all]'). ({exc})") from exc
 
 from diekae_rag.model import DiekaeModel
+from diekae_rag.passages import passage_texts, text_blocks
 from diekae_rag.prompts import Question
 
 from ._shared import copy_overrides, default_model, model_name
 
 _CONTEXT_KEYS = ("context_str", "context_msg")
 # LlamaIndex packs retrieved chunks into one context string with blank lines between them
-# (PromptHelper.repack); each blank-line-separated block becomes its own passage, so chunks stay
-# cacheable and the passage prior can weigh them.
-_BLANK_LINES = re.compile(r"\n\s*\n")
+# (PromptHelper.repack); each blank-line-separated block becomes its own passage (text_blocks), so
+# chunks stay cacheable and the passage prior can weigh them.
 
 
 # LlamaIndex counts tokens with its own tokenizer (tiktoken cl100k_base); the decoder's tokenizer
@@ -81,7 +84,7 @@ def split_prompt_args(prompt: BasePromptTemplate, prompt_args: dict) -> Template
         v = args.get(k)
         for text in [v] if isinstance(v, str) else (v if isinstance(v, (list, tuple)) else []):
             if isinstance(text, str):  # simple_summarize passes a list of (truncated) chunks
-                context += [p.strip() for p in _BLANK_LINES.split(text) if p.strip()]
+                context += text_blocks(text)
     if not any(k in args for k in _CONTEXT_KEYS):
         return TemplateCall(None, [])
     blank = {**prompt_args, **{k: "" for k in _CONTEXT_KEYS}}
@@ -97,10 +100,17 @@ def split_prompt_args(prompt: BasePromptTemplate, prompt_args: dict) -> Template
 
 
 def chat_turns(messages: Sequence[ChatMessage]) -> list[dict]:
-    """LlamaIndex chat messages -> the decoder's chat turns (system messages are not passed: the
-    encoders were trained with the model's own system prompt)."""
+    """LlamaIndex chat messages -> the decoder's chat turns (the decoder keeps the system prompt its
+    encoders were trained with; see :func:`chat_knowledge` for what system messages carry)."""
     return [{"role": m.role.value, "content": m.content or ""} for m in messages
             if m.role in (MessageRole.USER, MessageRole.ASSISTANT)]
+
+
+def chat_knowledge(messages: Sequence[ChatMessage], knowledge: Any = None) -> list[str]:
+    """A chat call's passages: ``knowledge=`` (any passage form), then each system message's
+    blank-line-separated blocks, so context put in a system message reaches the encoders."""
+    return passage_texts(knowledge) + [b for m in messages if m.role == MessageRole.SYSTEM
+                                       for b in text_blocks(m.content or "")]
 
 
 class DiekaeLLM(CustomLLM):
@@ -191,12 +201,12 @@ class DiekaeLLM(CustomLLM):
 
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        return completion_response_to_chat_response(self._answer(chat_turns(messages), kwargs.pop("knowledge", None)))
+        return completion_response_to_chat_response(self._answer(chat_turns(messages), chat_knowledge(messages, kwargs.pop("knowledge", None))))
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
         return stream_completion_response_to_chat_response(
-            self._pieces(chat_turns(messages), kwargs.pop("knowledge", None)))
+            self._pieces(chat_turns(messages), chat_knowledge(messages, kwargs.pop("knowledge", None))))
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
@@ -205,7 +215,7 @@ class DiekaeLLM(CustomLLM):
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
         return astream_completion_response_to_chat_response(
-            self._apieces(chat_turns(messages), kwargs.pop("knowledge", None)))
+            self._apieces(chat_turns(messages), chat_knowledge(messages, kwargs.pop("knowledge", None))))
 
     # -- template calls from query and chat engines: context -> encoders, the rest -> decoder ----
     def _kept_answer(self, call: TemplateCall) -> Optional[str]:

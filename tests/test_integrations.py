@@ -194,7 +194,7 @@ def test_langchain_chat_keeps_turns_and_reports_usage(real_model):
     _history_in_prompt(prompts)
     assert knowledge == [passages] and reply.content.strip()
     usage = reply.usage_metadata
-    turns = ChatDiekae._conversation(messages)
+    turns, _ = ChatDiekae._conversation(messages)
     assert usage["input_tokens"] == len(real_model.prompter.prompt_ids(turns))
     assert usage["output_tokens"] == len(real_model.prompter.ids(reply.content)) > 0
     assert usage["input_token_details"]["knowledge"] == len(real_model.prompter.ids(passages[0]))
@@ -260,3 +260,58 @@ def test_langchain_models_take_passages_side_channel(real_model):
     assert "".join(c.content for c in chat.stream(QUESTION, passages=passages)).strip() == want
     with pytest.raises(ValueError, match="HumanMessage"):
         chat.invoke([])
+
+
+CANONICAL_QUESTIONS = {  # examples/docs: question -> a word of the answer
+    "Who is Marsul married to?": "Ithpelith",
+    "Who founded the Thornvale Railway Company?": "Brunhild",
+    "Where are the Thornvale Railway Company's workshops?": "Maddervale",
+}
+
+
+def test_langchain_canonical_rag_chain_with_chat_diekae_answers_from_its_context(real_model, store):
+    """LangChain's own RAG chain, the context formatted into a system message: ChatDiekae reads that
+    context (as passages for the encoders), so it is neither dropped nor put in the decoder's prompt."""
+    from langchain_core.output_parsers import StrOutputParser
+    from langchain_core.prompts import ChatPromptTemplate
+    from langchain_core.runnables import RunnablePassthrough
+    from diekae_rag.integrations.langchain import ChatDiekae, DiekaeRetriever
+
+    def format_docs(docs):
+        return "\n\n".join(d.page_content for d in docs)
+
+    prompt = ChatPromptTemplate.from_messages([
+        ("system", "Use the following pieces of retrieved context to answer the question.\n\n{context}"),
+        ("human", "{question}")])
+    retriever = DiekaeRetriever(store=store, k=3)
+    chain = ({"context": retriever | format_docs, "question": RunnablePassthrough()}
+             | prompt | ChatDiekae(model=real_model, max_new_tokens=16) | StrOutputParser())
+    for question, word in CANONICAL_QUESTIONS.items():
+        with spy(real_model) as (prompts, knowledge):
+            answer = chain.invoke(question)
+        docs = [d.page_content.strip() for d in retriever.invoke(question)]
+        assert all(d in knowledge[0] for d in docs), "each retrieved chunk is one passage for the encoders"
+        _assert_passages_only_in_encoders(prompts, knowledge, needle=word)
+        assert word in answer, (question, answer)
+        bare = real_model.generate(question, mode="none", max_new_tokens=16)
+        assert word not in bare, "the bare decoder does not know it: the answer came from the context"
+
+
+def test_llamaindex_chat_reads_system_messages_as_knowledge(real_model):
+    from llama_index.core.base.llms.types import ChatMessage, MessageRole
+    from diekae_rag.integrations.llamaindex import DiekaeLLM
+
+    llm = DiekaeLLM(model=real_model, max_new_tokens=NEW)
+    context = "Context:\n\nMarsul is married to Ithpelith."
+    with spy(real_model) as (_, knowledge):
+        reply = llm.chat([ChatMessage(role=MessageRole.SYSTEM, content=context),
+                          ChatMessage(role=MessageRole.USER, content=QUESTION)])
+    assert knowledge == [["Context:", "Marsul is married to Ithpelith."]]
+    assert reply.message.content == real_model.generate(QUESTION, ["Context:", "Marsul is married to Ithpelith."],
+                                                        max_new_tokens=NEW)
+
+
+def test_generate_takes_the_stores_passages_as_they_are(real_model, store):
+    found = store.search(QUESTION, k=5)
+    assert real_model.generate(QUESTION, found, max_new_tokens=NEW) == real_model.generate(
+        QUESTION, [p.text for p in found], max_new_tokens=NEW)

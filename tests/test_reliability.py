@@ -29,7 +29,7 @@ def test_empty_inputs_get_clear_errors_or_defined_behaviour():
         model.generate("   ", K[0])
     with pytest.raises(TypeError, match="question must be a str"):
         model.generate(None, K[0])
-    with pytest.raises(TypeError, match="Every passage must be a str"):
+    with pytest.raises(TypeError, match="Cannot use a bytes as a passage"):
         model.generate(Q[0], [b"bytes"])
     with pytest.raises(ValueError, match="mode must be one of"):
         model.generate(Q[0], K[0], mode="rag")
