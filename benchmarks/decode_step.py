@@ -25,7 +25,7 @@ import torch
 
 from diekae_rag import DiekaeModel
 from diekae_rag.atomic import atomic_write_text
-from diekae_rag.bench import bench_passages, hardware, timed
+from bench import bench_passages, hardware, timed
 from diekae_rag.config import parse_settings
 
 

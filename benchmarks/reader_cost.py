@@ -26,7 +26,7 @@ import torch
 from diekae_rag import DiekaeModel
 from diekae_rag.answer_reader import AnswerStartReader, serving_dtype
 from diekae_rag.atomic import atomic_write_text
-from diekae_rag.bench import bench_passages, hardware, median_time
+from bench import bench_passages, hardware, median_time
 from diekae_rag.model import SHIPPED_WEIGHTS
 
 

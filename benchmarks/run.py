@@ -4,7 +4,7 @@ Results go to benchmarks/results/<device>/bench.json and latency_memory.png.
 """
 import sys
 
-from diekae_rag.bench import main
+from bench import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -5,7 +5,8 @@
 
 Records the greedy answers (``mode="diekae"``, 24 new tokens, as ``diekae-rag eval``) of the
 shipped model on the nine eval rows (fictional seen / unseen and SQuAD dev A; k=1, k=5 with random
-distractors, k=5 with retrieved ones; 60 items each) and on 200 dev items (fictional k=1 and k=5,
+distractors, k=5 with retrieved ones; 60 items each), on the two negative sets (closed_book and
+unanswerable, 76 items each, as ``make figures``) and on 200 dev items (fictional k=1 and k=5,
 SQuAD-Shifts train k=1, seed 999, as ``copy_settings.py``), and the gold answer's NLL on the dev
 items. ``--compare`` prints how many answers are identical per row and the largest NLL difference,
 and exits 1 when any answer differs. A behaviour-preserving change must give 0 differences.
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from diekae_rag import DiekaeModel
 from diekae_rag.data.mixture import DataSpec, eval_sets
+from diekae_rag.data.negatives import closed_book, unanswerable
 
 
 def rows(n: int, n_dev: int) -> dict[str, list]:
@@ -28,6 +30,8 @@ def rows(n: int, n_dev: int) -> dict[str, list]:
     for k, distractors in ((1, "random"), (5, "random"), (5, "retrieved")):
         for name, items in eval_sets(n=n, k=k, distractors=distractors).items():
             out[f"eval/{name}@k={k}/{distractors}"] = items
+    out["eval/closed_book@k=3"] = closed_book("eval", 76)
+    out["eval/unanswerable@k=5"] = unanswerable("eval", 76)
     third = n_dev // 3
     out["dev/fictional_k1"] = DataSpec(fictional=n_dev - 2 * third, k=1, seed=999).build()
     out["dev/fictional_k5"] = DataSpec(fictional=third, k=5, seed=999).build()

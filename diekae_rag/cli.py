@@ -1,4 +1,4 @@
-"""The ``diekae-rag`` command line: train, train-reader, rebuild, eval, data, index, bench, ship, edit, ask."""
+"""The ``diekae-rag`` command line: train, train-reader, rebuild, eval, data, index, ship, edit, ask."""
 
 from __future__ import annotations
 
@@ -66,11 +66,6 @@ def _index(args: argparse.Namespace) -> int:
     print(json.dumps({"chunks": len(store), "stored_segments": len(states), "state_bytes": states.bytes,
                       "states": str(states.folder)}))
     return 0
-
-
-def _bench(args: argparse.Namespace) -> int:
-    from .bench import main as bench_main
-    return bench_main(args.rest)
 
 
 def _ship(args: argparse.Namespace) -> int:
@@ -162,9 +157,6 @@ def build_parser() -> argparse.ArgumentParser:
     ix.add_argument("--checkpoint", default=None, help="encoder folder (default: shipped)")
     ix.add_argument("--states-dtype", choices=["float16", "float32", "int8"], default=None)
     ix.set_defaults(func=_index)
-    b = sub.add_parser("bench", help="latency / memory benchmark (see benchmarks/)")
-    b.add_argument("rest", nargs=argparse.REMAINDER)
-    b.set_defaults(func=_bench)
     sh = sub.add_parser("ship", help="copy a checkpoint (float16) into the package as the default encoders")
     sh.add_argument("checkpoint")
     sh.add_argument("--out", default=None)

@@ -16,7 +16,7 @@ from test_engine import K, Q
 from test_per_step import assert_decode_rows_equal_reencode
 
 from diekae_rag import DiekaeModel
-from diekae_rag.bench import PeakMemory
+from bench import PeakMemory
 from diekae_rag.data.mixture import Example
 from diekae_rag.injection import injecting
 from diekae_rag.training.phase2 import lm_loss

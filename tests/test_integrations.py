@@ -264,8 +264,8 @@ def test_langchain_models_take_passages_side_channel(real_model):
 
 CANONICAL_QUESTIONS = {  # examples/docs: question -> a word of the answer
     "Who is Marsul married to?": "Ithpelith",
-    "Who founded the Thornvale Railway Company?": "Brunhild",
-    "Where are the Thornvale Railway Company's workshops?": "Maddervale",
+    "When was Calgra founded?": "1432",
+    "How many people does the Thornvale Railway Company employ?": "2,300",
 }
 
 
@@ -289,8 +289,9 @@ def test_langchain_canonical_rag_chain_with_chat_diekae_answers_from_its_context
     for question, word in CANONICAL_QUESTIONS.items():
         with spy(real_model) as (prompts, knowledge):
             answer = chain.invoke(question)
-        docs = [d.page_content.strip() for d in retriever.invoke(question)]
-        assert all(d in knowledge[0] for d in docs), "each retrieved chunk is one passage for the encoders"
+        from diekae_rag.passages import text_blocks
+        blocks = [b for d in retriever.invoke(question) for b in text_blocks(d.page_content)]
+        assert all(b in knowledge[0] for b in blocks), "each retrieved chunk's blocks reach the encoders"
         _assert_passages_only_in_encoders(prompts, knowledge, needle=word)
         assert word in answer, (question, answer)
         bare = real_model.generate(question, mode="none", max_new_tokens=16)

@@ -184,7 +184,7 @@ def test_open_or_build_embeds_each_chunk_once(tmp_path, real_embedder, monkeypat
 
 
 def test_the_latency_benchmark_times_every_mode_and_reads_the_store():
-    from diekae_rag.bench import bench_latency
+    from bench import bench_latency
     model = _fresh()
     rows = bench_latency(model, ks=(2,), new_tokens=3, repeats=1)
     assert [r["mode"] for r in rows] == ["none", "in_context", "diekae", "diekae_cold", "diekae_store"]

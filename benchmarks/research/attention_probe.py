@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from diekae_rag.atomic import atomic_write_text
-from diekae_rag.bench import hardware
+from bench import hardware
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ import torch
 import diekae_rag.encoder as encoder_module
 from diekae_rag import DiekaeModel
 from diekae_rag.atomic import atomic_write_text
-from diekae_rag.bench import bench_passages, hardware, median_time
+from bench import bench_passages, hardware, median_time
 from diekae_rag.injection import layer_rows_from
 
 

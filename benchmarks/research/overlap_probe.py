@@ -23,7 +23,7 @@ import torch
 
 from diekae_rag import DiekaeModel
 from diekae_rag.atomic import atomic_write_text
-from diekae_rag.bench import bench_passages, hardware, median_time
+from bench import bench_passages, hardware, median_time
 
 
 def main() -> None:

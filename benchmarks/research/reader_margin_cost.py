@@ -19,7 +19,7 @@ from pathlib import Path
 
 from diekae_rag import DiekaeModel
 from diekae_rag.atomic import atomic_write_text
-from diekae_rag.bench import hardware
+from bench import hardware
 from diekae_rag.data.mixture import DataSpec
 
 

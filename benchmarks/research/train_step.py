@@ -12,7 +12,7 @@ from pathlib import Path
 
 from diekae_rag import DiekaeModel
 from diekae_rag.atomic import atomic_write_text
-from diekae_rag.bench import hardware, timed
+from bench import hardware, timed
 from diekae_rag.data.mixture import DataSpec
 from diekae_rag.training.phase2 import lm_loss
 from diekae_rag.training.trainer import autocast_for

@@ -31,7 +31,7 @@ import torch
 
 from diekae_rag import DiekaeModel
 from diekae_rag.atomic import atomic_write_text
-from diekae_rag.bench import bench_passages, hardware
+from bench import bench_passages, hardware
 from diekae_rag.copy.pieces import PassageTokens
 from diekae_rag.data.fictional import make_facts
 

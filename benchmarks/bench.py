@@ -1,4 +1,4 @@
-"""Benchmarks behind ``diekae-rag bench`` / ``python benchmarks/run.py``.
+"""The benchmark helpers behind ``python benchmarks/run.py`` and the other scripts here.
 
 In one process, on the same question and passages, for none / in_context / diekae at
 k = 1, 3, 5, 10 passages of about 120 tokens: time to first token, latency for 32 new tokens,
@@ -25,10 +25,10 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .atomic import atomic_write_text
-from .data.fictional import make_facts
-from .data.mixture import Example
-from .model import DiekaeModel
+from diekae_rag.atomic import atomic_write_text
+from diekae_rag.data.fictional import make_facts
+from diekae_rag.data.mixture import Example
+from diekae_rag.model import DiekaeModel
 
 MODES = ("none", "in_context", "diekae")
 
@@ -235,8 +235,8 @@ def bench_fresh_process(model: DiekaeModel, checkpoint: Optional[str], k: int = 
     as retrieval makes it: compare with the ``diekae`` row at ``k``); then the same again, and
     questions answered over the ``k`` chunks retrieved from the store (retrieval included). ``runs``
     processes, one after another: the medians, and each process's figures under ``"runs"``."""
-    from .retrievers import open_or_build
-    from .state_store import states_folder
+    from diekae_rag.retrievers import open_or_build
+    from diekae_rag.state_store import states_folder
     facts = make_facts(n_docs, seed=7, relations="all", other_facts=(6, 6))
     q, passages = bench_passages(model, k)
     attached = model.knowledge.state_store
@@ -301,9 +301,9 @@ def bench_training(model: DiekaeModel, batch_size: int = 16) -> dict:
 
 
 def _bench_training(model: DiekaeModel, batch_size: int) -> dict:
-    from .training.phase1 import difference_loss, teacher_deltas
-    from .training.phase2 import lm_loss
-    from .training.trainer import autocast_for
+    from diekae_rag.training.phase1 import difference_loss, teacher_deltas
+    from diekae_rag.training.phase2 import lm_loss
+    from diekae_rag.training.trainer import autocast_for
     facts = make_facts(batch_size, seed=3, other_facts=(2, 2))
     batch = [Example(f.question, [f.passage], f.answer, f.distractor) for f in facts]
     enc = model.encoder
@@ -415,7 +415,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="diekae-rag bench", description=__doc__)
+    ap = argparse.ArgumentParser(prog="benchmarks/run.py", description=__doc__)
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--ks", type=int, nargs="+", default=[1, 3, 5, 10])
