@@ -16,7 +16,7 @@ from diekae_rag import DiekaeModel
 from diekae_rag.atomic import atomic_write_text
 from diekae_rag.checkpoint import save_encoder
 from diekae_rag.data.edits import build_edit_set, read_jsonl, reworded_neighbourhood, write_jsonl
-from diekae_rag.editing import EDIT_KEYS, evaluate_edits
+from diekae_rag.editing import EDIT_KEYS, apply_edits, evaluate_edits
 
 
 def main() -> None:
@@ -46,10 +46,10 @@ def main() -> None:
     rows["unedited"]["neighborhood_reworded"] = evaluate_edits(model, reworded)["neighborhood"]
     minutes = None
     if args.encoder:
-        enc = model.apply_edits(args.encoder)
+        enc = apply_edits(model, args.encoder)
     else:
         t0 = time.time()
-        enc = model.apply_edits(edits, retain=[r["prompt"] for e in edits for r in e.get("retain", [])],
+        enc = apply_edits(model, edits, retain=[r["prompt"] for e in edits for r in e.get("retain", [])],
                                 steps=args.steps, retain_weight=args.retain_weight, scope=args.scope)
         minutes = (time.time() - t0) / 60
         save_encoder(enc, out / "edit_encoder")

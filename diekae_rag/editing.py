@@ -23,6 +23,7 @@ from .config import EncoderConfig
 from .data.edits import read_jsonl
 from .edit_scope import to_template
 from .encoder import DiekaeEncoder
+from .evaluation import preferences
 from .injection import injecting
 from .model import DiekaeModel
 
@@ -120,19 +121,6 @@ def apply_edits(model: DiekaeModel, edits: Sequence[dict] | str | Path | DiekaeE
     enc.to(device=model.device, dtype=model.decoder.dtype).attach(model.decoder).eval()
     model.edit_encoders = model.edit_encoders + [enc]
     return enc
-
-
-def preferences(model: DiekaeModel, rows: list[tuple[str, str, str, Optional[list]]], mode: str,
-                batch_size: int = 32) -> list[bool]:
-    """For each (prompt, better, worse, knowledge): is NLL(better) < NLL(worse)? Batched."""
-    out = []
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i: i + batch_size]
-        prompts, better, worse, knowledge = (list(x) for x in zip(*chunk))
-        a = model.score_batch(prompts, better, knowledge, mode=mode)
-        b = model.score_batch(prompts, worse, knowledge, mode=mode)
-        out += [x < y for x, y in zip(a, b)]
-    return out
 
 
 def evaluate_edits(model: DiekaeModel, edits: Sequence[dict], mode: str = "none", as_knowledge: bool = False) -> dict:

@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from .atomic import atomic_write_text
+from .text import normalize
 from .data.mixture import Example, eval_sets
 from .data.negatives import closed_book, unanswerable
 from .model import DiekaeModel
@@ -29,10 +30,6 @@ MODES = ("none", "in_context", "diekae")
 NEGATIVE_SETS = ("closed_book", "unanswerable")
 METRICS = ("nll", "pref", "acc", "em", "f1", "copy", "gated", "len")
 NEGATIVE_METRICS = ("acc", "em", "f1", "copy", "abstain", "gated", "len")
-
-
-def normalize(text: str) -> str:
-    return re.sub(r"\s+", " ", re.sub(r"[^\w\s]", " ", text.lower())).strip()
 
 
 def contains(answer: str, gold: str) -> bool:
@@ -204,3 +201,16 @@ def plot_summary(summary: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def preferences(model: DiekaeModel, rows: list[tuple[str, str, str, Optional[list]]], mode: str,
+                batch_size: int = 32) -> list[bool]:
+    """For each (prompt, better, worse, knowledge): is NLL(better) < NLL(worse)? Batched."""
+    out = []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i: i + batch_size]
+        prompts, better, worse, knowledge = (list(x) for x in zip(*chunk))
+        a = model.score_batch(prompts, better, knowledge, mode=mode)
+        b = model.score_batch(prompts, worse, knowledge, mode=mode)
+        out += [x < y for x, y in zip(a, b)]
+    return out

@@ -23,6 +23,7 @@ from .copy.pieces import PassageTokens, add_answer_pieces, first_piece_ids
 from .copy.values import ValueRows
 from .encoder import DiekaeEncoder, EncoderOutput
 from .injection import EncoderSession, align_rows, layer_rows_from
+from .keys import reader_key, segment_key, text_key, tokens_key
 from .passage_cache import PassageCache, assemble, weights_version
 from .prompts import Prompter, clean_passages, match_classes
 
@@ -334,7 +335,6 @@ class KnowledgeEncoding:
         from tqdm import tqdm
 
         from .passage_cache import encode_segments
-        from .state_store import reader_key, segment_key, text_key, tokens_key
         segs: dict[str, tuple] = {}
         passages = clean_passages(list(passages))
         missing = [p for p in dict.fromkeys(passages) if tokens_key(p) not in store]

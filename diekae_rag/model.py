@@ -135,16 +135,9 @@ class DiekaeModel:
                 self.followup_reader.save_pretrained(out / FOLLOWUP_READER)
         return out
 
-    def apply_edits(self, edits, **train_kwargs) -> DiekaeEncoder:
-        """Attach editing encoders (trained from edit dicts / a JSONL path, or a saved folder).
-
-        Until :meth:`remove_edits`, every generate/score call, in any mode, goes through them.
-        """
-        from .editing import apply_edits
-        return apply_edits(self, edits, **train_kwargs)
-
     def remove_edits(self) -> None:
-        """Detach all editing encoders; the decoder is exactly as before."""
+        """Detach all editing encoders (attached by :func:`diekae_rag.editing.apply_edits`); the decoder
+        is exactly as before."""
         self.edit_encoders = []
         self.edit_scopes.clear()
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .encoder import DiekaeEncoder, EncoderCache
+from .keys import segment_key
 from .lru import LRU
 
 
@@ -192,7 +193,6 @@ class PassageCache:
         """The states of those ``keys`` that the store holds for these weights, kept in memory from now on."""
         if not keys or self.backing is None or self._backing_for != (id(encoder), weights_version(encoder)):
             return {}
-        from .state_store import segment_key
         names = {key: segment_key(key[1], key[2]) for key in keys}
         stored = self.backing.get_many(names.values(), device, None)  # cast by assemble
         read = [(key, stored[names[key]]) for key in keys if names[key] in stored]

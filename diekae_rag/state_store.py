@@ -34,6 +34,7 @@ import torch
 
 from .atomic import atomic_write, atomic_write_text
 from .encoder import DiekaeEncoder
+from .keys import reader_key, segment_key, text_key, tokens_key
 from .passage_cache import SegmentState
 
 FORMAT = "diekae-rag-states/1"
@@ -51,27 +52,6 @@ def encoder_hash(encoder: DiekaeEncoder) -> str:
         h.update(name.encode())
         h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()[:24]
-
-
-def segment_key(ids: Sequence[int], knowledge: Sequence[bool]) -> str:
-    """The stored name of a segment: a hash of its token ids and copyable mask."""
-    h = hashlib.sha256(json.dumps([list(map(int, ids)), [bool(k) for k in knowledge]]).encode())
-    return h.hexdigest()[:32]
-
-
-def text_key(text: str) -> str:
-    """The stored name of a passage text's sentence vector."""
-    return "text-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
-
-
-def reader_key(text: str, fingerprint: str) -> str:
-    """The stored name of a passage text's answer-reader side, for one reader's weights."""
-    return "read-" + hashlib.sha256(f"{fingerprint}\0{text}".encode("utf-8")).hexdigest()[:32]
-
-
-def tokens_key(text: str) -> str:
-    """The stored name of what the copy needs of a passage text's tokens (:class:`~diekae_rag.copy.pieces.PassageTokens`)."""
-    return "tok-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
 
 def _is_segment(key: str) -> bool:

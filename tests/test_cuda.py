@@ -18,6 +18,7 @@ from test_per_step import assert_decode_rows_equal_reencode
 from diekae_rag import DiekaeModel
 from bench import PeakMemory
 from diekae_rag.data.mixture import Example
+from diekae_rag.editing import apply_edits
 from diekae_rag.injection import injecting
 from diekae_rag.training.phase2 import lm_loss
 from diekae_rag.training.trainer import TrainConfig, train
@@ -85,7 +86,7 @@ def test_training_with_bf16_autocast_only_moves_encoders(tmp_path):
 def test_edit_encoder_trains_on_cuda_and_detaches():
     model = cuda_model(nonzero=False)
     plain = model.score("Where is Calgra?", "north", mode="none")
-    enc = model.apply_edits([{"subject": "Calgra", "prompt": "Where is Calgra?", "target_old": "north",
+    enc = apply_edits(model, [{"subject": "Calgra", "prompt": "Where is Calgra?", "target_old": "north",
                               "target_new": "south"}], steps=5, progress=False)
     assert enc.up.weight.device.type == DEVICE
     model.remove_edits()

@@ -11,7 +11,7 @@ from conftest import tiny_model
 from diekae_rag.checkpoint import save_encoder
 from diekae_rag.data.edits import read_jsonl, reworded_neighbourhood, write_jsonl
 from diekae_rag.edit_scope import EditScope
-from diekae_rag.editing import evaluate_edits
+from diekae_rag.editing import apply_edits, evaluate_edits
 
 EDITS = [
     {"subject": "Brenna", "prompt": "Where does Brenna live?", "target_old": "Oslo", "target_new": "Lima",
@@ -30,7 +30,7 @@ def test_apply_and_remove_edits(tmp_path):
     before = evaluate_edits(model, EDITS)
     plain = model.generate(EDITS[0]["prompt"], mode="none", max_new_tokens=5)
     weights = _decoder_state(model)
-    model.apply_edits(EDITS, steps=80, lr=5e-3, batch_size=2, progress=False)
+    apply_edits(model, EDITS, steps=80, lr=5e-3, batch_size=2, progress=False)
     after = evaluate_edits(model, EDITS)
     assert after["efficacy"] == 1.0 and before["efficacy"] < 1.0, (before, after)
     # Every mode goes through the edit encoders while they are attached.
@@ -45,13 +45,13 @@ def test_apply_and_remove_edits(tmp_path):
 
 def test_edits_stack_with_augmentation_and_round_trip(tmp_path):
     model = tiny_model()
-    enc = model.apply_edits(EDITS, steps=10, batch_size=2, progress=False)
+    enc = apply_edits(model, EDITS, steps=10, batch_size=2, progress=False)
     stacked = model.score(EDITS[0]["prompt"], "Lima", ["Brenna moved to Lima."])
     save_encoder(enc, tmp_path / "edits")
     model.remove_edits()
     alone = model.score(EDITS[0]["prompt"], "Lima", ["Brenna moved to Lima."])
     assert stacked != pytest.approx(alone, abs=1e-5)
-    model.apply_edits(tmp_path / "edits")
+    apply_edits(model, tmp_path / "edits")
     assert model.score(EDITS[0]["prompt"], "Lima", ["Brenna moved to Lima."]) == pytest.approx(stacked, abs=1e-5)
 
 
@@ -71,7 +71,7 @@ def test_subject_scope_leaves_other_prompts_exactly_unedited(tmp_path):
     model = tiny_model(nonzero=False)
     others = ["Where does Tomas live?", "Where does Brennan live?", "What does kell eat?"]
     plain = [model.score(q, "Lima", mode="none") for q in others + [EDITS[0]["prompt"]]]
-    enc = model.apply_edits(EDITS, steps=20, lr=5e-3, batch_size=2, progress=False, scope="subject")
+    enc = apply_edits(model, EDITS, steps=20, lr=5e-3, batch_size=2, progress=False, scope="subject")
     assert enc.config.edit_scope == ["Brenna", "Kell"] and enc.config.edit_templates == {}
     scored = [model.score(q, "Lima", mode="none") for q in others + [EDITS[0]["prompt"]]]
     assert scored[:2] == plain[:2], "prompts naming no edited subject (whole words) are untouched"
@@ -79,15 +79,15 @@ def test_subject_scope_leaves_other_prompts_exactly_unedited(tmp_path):
     assert scored[3] != pytest.approx(plain[3], abs=1e-5), "the edited prompt is changed"
     save_encoder(enc, tmp_path / "scoped")
     model.remove_edits()
-    model.apply_edits(tmp_path / "scoped")
+    apply_edits(model, tmp_path / "scoped")
     assert model.edit_encoders[0].config.edit_scope == ["Brenna", "Kell"], "the scope is saved with the weights"
     assert [model.score(q, "Lima", mode="none") for q in others[:1]] == plain[:1]
     model.remove_edits()
-    everywhere = model.apply_edits(EDITS, steps=20, lr=5e-3, batch_size=2, progress=False, scope="all")
+    everywhere = apply_edits(model, EDITS, steps=20, lr=5e-3, batch_size=2, progress=False, scope="all")
     assert everywhere.config.edit_scope == []
     assert model.score(others[0], "Lima", mode="none") != pytest.approx(plain[0], abs=1e-5)
     with pytest.raises(ValueError, match="scope must be"):
-        model.apply_edits(EDITS, steps=1, scope="nearby")
+        apply_edits(model, EDITS, steps=1, scope="nearby")
 
 
 def test_fact_scope_compares_wordings_with_minilm():
@@ -108,17 +108,17 @@ def test_fact_scope_is_the_default_and_leaves_other_facts_of_a_subject_unedited(
     model = tiny_model(nonzero=False)
     other_fact = "What does Brenna eat?"  # names an edited subject, worded like the other edit
     plain = [model.score(q, "Lima", mode="none") for q in (other_fact, EDITS[0]["prompt"])]
-    enc = model.apply_edits(EDITS, steps=20, lr=5e-3, batch_size=2, progress=False)
+    enc = apply_edits(model, EDITS, steps=20, lr=5e-3, batch_size=2, progress=False)
     assert enc.config.edit_templates == {"Brenna": ["Where does {s} live?"], "Kell": ["What does {s} eat?"]}
     assert model.score(other_fact, "Lima", mode="none") == plain[0]
     assert model.score(EDITS[0]["prompt"], "Lima", mode="none") != pytest.approx(plain[1], abs=1e-5)
     save_encoder(enc, tmp_path / "fact")
     model.remove_edits()
-    model.apply_edits(tmp_path / "fact")
+    apply_edits(model, tmp_path / "fact")
     assert model.edit_encoders[0].config.edit_templates == enc.config.edit_templates, "saved with the weights"
     model.remove_edits()
     with pytest.raises(ValueError, match="does not name its subject"):
-        model.apply_edits([dict(EDITS[0], prompt="Where does she live?")], steps=1)
+        apply_edits(model, [dict(EDITS[0], prompt="Where does she live?")], steps=1)
 
 
 def test_reworded_neighbourhood_uses_the_relation_paraphrases():

@@ -123,7 +123,7 @@ def build_edit_set(model, n: int = 100, seed: int = 0, n_neighbours: int = 3, n_
         retain += rng.sample([f for f in retain_pool if f not in retain], n_retain - len(retain))
         plans.append((rel, s, old, new, candidates, retain))
     checks = [(RELATIONS[r2][1].format(s=s2), o2, new) for *_, new, cands_, _ in plans for r2, s2, o2 in cands_]
-    from ..editing import preferences  # the editing metrics' own test, on the unedited decoder
+    from ..evaluation import preferences  # the editing metrics' own test, on the unedited decoder
     verdict = iter(preferences(model, [(p, truth, new, None) for p, truth, new in checks], "none"))
     edits = []
     for rel, s, old, new, candidates, retain in tqdm(plans, desc="building edits"):

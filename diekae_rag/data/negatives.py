@@ -48,7 +48,7 @@ def build_closed_book(known: Sequence[tuple[str, list[str]]], corpus: Sequence[s
     """``known`` (question, accepted answers) pairs with each question's ``k`` nearest ``corpus``
     passages that hold none of its answers as a whole word (MiniLM + FAISS, as the product retrieves);
     a question with fewer than ``k`` such passages among its 64 nearest is left out."""
-    from ..evaluation import normalize
+    from ..text import normalize
     from ..retrievers import Embedder
     from ..retrievers.store import build_index
     emb = Embedder()
