@@ -28,6 +28,7 @@ import torch
 from diekae_rag.atomic import atomic_write_text
 from diekae_rag.data.fictional import make_facts
 from diekae_rag.data.mixture import Example
+from diekae_rag.indexing import index_states
 from diekae_rag.model import DiekaeModel
 
 MODES = ("none", "in_context", "diekae")
@@ -137,7 +138,7 @@ def bench_latency(model: DiekaeModel, ks=(1, 3, 5, 10), new_tokens: int = 32, re
     for k in ks:
         q, passages = bench_passages(model, k)
         if "diekae_store" in modes:
-            stored = model.index_states(passages, Path(tmp.name) / "states", progress=False)
+            stored = index_states(model, passages, Path(tmp.name) / "states", progress=False)
 
         def setup(label: str) -> None:  # untimed: forget what the last call kept, then retrieve
             mode = _mode(label)
@@ -198,11 +199,12 @@ torch.set_num_threads(int(sys.argv[3]))
 from diekae_rag import DiekaeModel
 from diekae_rag.retrievers import PassageStore
 from diekae_rag.state_store import states_folder
+from diekae_rag.indexing import attach_states, warm_up
 model = DiekaeModel.from_pretrained(sys.argv[4] or None)
 store = PassageStore.load(sys.argv[1])
-model.attach_states(states_folder(sys.argv[1]))
+attach_states(model, states_folder(sys.argv[1]))
 loaded = time.perf_counter() - t0
-model.warm_up()
+warm_up(model)
 warmed = time.perf_counter() - t0
 asked = json.loads(sys.argv[2])
 store.embedder.encode_queries([asked["question"]])  # what retrieval does before the call
@@ -230,7 +232,7 @@ print(json.dumps({"load_s": loaded, "warm_up_s": warmed - loaded, "first_query_s
 def bench_fresh_process(model: DiekaeModel, checkpoint: Optional[str], k: int = 5, n_docs: int = 40,
                         runs: int = 3) -> dict:
     """A new Python process opens a persisted store (FAISS index and passage states) and warms the
-    model up (``model.warm_up()``). Its first query is the latency rows' question over their ``k``
+    model up (``warm_up(model)``). Its first query is the latency rows' question over their ``k``
     passages, which the store holds (time to first token, the question vector made before the call
     as retrieval makes it: compare with the ``diekae`` row at ``k``); then the same again, and
     questions answered over the ``k`` chunks retrieved from the store (retrieval included). ``runs``
@@ -246,7 +248,7 @@ def bench_fresh_process(model: DiekaeModel, checkpoint: Optional[str], k: int = 
         for i, f in enumerate(facts):
             (docs / f"{i}.md").write_text(f.passage)
         store = open_or_build(docs, Path(tmp) / "store", model=model, progress=False)
-        model.index_states(passages, states_folder(Path(tmp) / "store"), progress=False)
+        index_states(model, passages, states_folder(Path(tmp) / "store"), progress=False)
         model.knowledge.attach_store(attached, model.encoder)  # not the store that is about to go
         asked = {"question": q, "passages": passages, "retrieved": [f.question for f in facts[:4]]}
         each = []

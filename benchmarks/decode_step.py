@@ -27,6 +27,7 @@ from diekae_rag import DiekaeModel
 from diekae_rag.atomic import atomic_write_text
 from bench import bench_passages, hardware, timed
 from diekae_rag.config import parse_settings
+from diekae_rag.indexing import precompute
 
 
 def encoder_step_ms(model: DiekaeModel, q: str, passages: list[str], settings: dict[str, dict], repeats: int = 200
@@ -84,7 +85,7 @@ def main() -> None:
     with torch.inference_mode():
         for k in args.ks:
             q, passages = bench_passages(model, k)
-            model.precompute(passages)
+            precompute(model, passages)
 
             def answer(mode: str, n: int) -> str:
                 if mode != "none" and model.answer_reader is not None:

@@ -128,7 +128,7 @@ def readme_cost(bench_path, step_path):
         f = r["fresh_process"]
         later = f["retrieved_queries_s"]
         print(f"\nA new process that opens a stored index ({f['chunks']} chunks, `benchmarks/run.py`'s `fresh_process`, "
-              f"median of {len(f.get('runs', [f]))} processes) loads in {f['load_s']:.1f} s and warms up (`model.warm_up()`: "
+              f"median of {len(f.get('runs', [f]))} processes) loads in {f['load_s']:.1f} s and warms up (`warm_up(model)` from `diekae_rag.indexing`: "
               f"one call over 5 chunk-sized passages) in {f['warm_up_s']:.1f} s. Its first query, the table's question and "
               f"passages read from the store, takes {f['first_query_s'] * 1000:.0f} ms to the first token "
               f"({f['first_query_s'] / lat['in_context']['ttft_s']:.2f}× in-context; asked again in that process, "

@@ -21,6 +21,7 @@ from diekae_rag import DiekaeModel
 from diekae_rag.atomic import atomic_write_text
 from diekae_rag.data.mixture import DataSpec
 from diekae_rag.evaluation import evaluate_items
+from diekae_rag.indexing import attach_states, index_states
 
 DTYPES = ("float16", "int8")
 
@@ -41,11 +42,11 @@ def main() -> None:
               "encoded": {name: {m: round(r[m], 4) for m in ("acc", "f1", "nll")} for name, r in reference.items()}}
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in DTYPES:
-            store = ref.index_states(passages, Path(tmp) / dtype, dtype=dtype)
+            store = index_states(ref, passages, Path(tmp) / dtype, dtype=dtype)
             tokens = store.knowledge_tokens()
             model = DiekaeModel.from_pretrained(args.checkpoint)
             model.knowledge.passage_cache.max_segments = 0  # every call reads the store
-            model.attach_states(Path(tmp) / dtype)
+            attach_states(model, Path(tmp) / dtype)
             row = {"bytes": store.bytes, "knowledge_tokens": tokens, "bytes_per_token": round(store.bytes / tokens, 1)}
             per_chunk = store.bytes / len(passages)
             row["disk_mb_per"] = {str(n): round(per_chunk * n / 2**20, 1) for n in (1_000, 10_000, 100_000)}

@@ -62,7 +62,8 @@ def _index(args: argparse.Namespace) -> int:
     from .state_store import states_folder
     model = DiekaeModel.from_pretrained(args.checkpoint)
     store = open_or_build(args.docs, args.store_dir, model=model, states_dtype=args.states_dtype)
-    states = model.attach_states(states_folder(args.store_dir))
+    from .indexing import attach_states
+    states = attach_states(model, states_folder(args.store_dir))
     print(json.dumps({"chunks": len(store), "stored_segments": len(states), "state_bytes": states.bytes,
                       "states": str(states.folder)}))
     return 0

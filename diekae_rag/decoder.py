@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, CompileConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from .defaults import DEFAULT_DECODER, default_decoder_path
 
@@ -56,3 +56,27 @@ def freeze(model: PreTrainedModel) -> PreTrainedModel:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def decode_compile_config(device: torch.device, mode: Optional[str] = None, backend: Optional[str] = "inductor",
+                          cache_block: int = 256) -> Optional[CompileConfig]:
+    """The ``torch.compile`` settings of decode steps with a static KV cache (``mode``: default
+    ``"reduce-overhead"``, CUDA graphs, on a GPU, and inductor's default on the CPU); None for
+    ``backend=None`` (eager). The prefill and the encoders' per-step work stay eager. The static cache
+    is sized in multiples of ``cache_block`` tokens so that longer prompts rarely recompile; each new
+    batch size or cache size compiles once more (past torch's recompile limit, calls run eagerly)."""
+    if backend is None:
+        return None
+    if cache_block < 1:
+        raise ValueError("cache_block must be at least 1 token.")
+    if mode is None:
+        mode = "reduce-overhead" if torch.device(device).type == "cuda" else "default"
+    cfg = CompileConfig(fullgraph=False, dynamic=False, backend=backend, mode=mode)
+    cfg._compile_all_devices = True  # transformers compiles only on accelerators unless told
+    return cfg
+
+
+def static_cache_kwargs(cfg: CompileConfig, need: int, cache_block: int) -> dict:
+    """``generate`` arguments for compiled decode steps over ``need`` positions."""
+    return dict(cache_implementation="static", compile_config=cfg,
+                max_cache_len=-(-need // cache_block) * cache_block)

@@ -11,18 +11,16 @@ from typing import Any, AsyncIterator, Iterator, Mapping, NamedTuple, Optional, 
 import torch
 from transformers import CompileConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from .answer_reader import AnswerStartReader
 from .checkpoint import DecoderMismatchError, load_encoder, read_config, read_copy_config, save_encoder
 from .config import EncoderConfig, decoder_fingerprint
-from .copy import GATE_OFF, CopyConfig, ScoreProvider
-from .decoder import freeze, load_decoder
+from .copy import CopyConfig
+from .decoder import decode_compile_config, freeze, load_decoder, static_cache_kwargs
 from .defaults import DEFAULT_DECODER
 from .edit_scope import EditScopes
 from .encoder import DiekaeEncoder
 from .injection import Injection, compiled_steps, decoder_layers, injecting, install_hooks, thread_safe_kernel_funcs
 from .knowledge import FOLLOWUP_READER, Encoded, KnowledgeEncoding
 from .prompts import KnowledgeTruncatedWarning, Question, check_mode, check_question, clean_passages
-from .state_store import PassageStateStore
 from .streaming import cut_at_stop, held_back, iterate_in_thread, stop_list, stream_generation
 
 log = logging.getLogger(__name__)
@@ -39,6 +37,27 @@ class Usage(NamedTuple):
     input_tokens: int      # the decoder's prompt
     output_tokens: int     # the answer
     knowledge_tokens: int  # passage tokens the encoders read
+
+
+class CopyPart:
+    """A part of the copy readout that :class:`KnowledgeEncoding` holds, read and assigned on the model;
+    assigning one to encoders without an isolated copy readout is refused, as it would do nothing."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, model: Optional["DiekaeModel"], owner: type):
+        return self if model is None else getattr(model.knowledge, self.name)
+
+    def __set__(self, model: "DiekaeModel", part) -> None:
+        cfg = model.config
+        if part is not None and not (cfg.pointer_layer is not None and cfg.passage_isolation):
+            raise ValueError(f"{self.what} biases the copy readout of isolated passages; these encoders have no "
+                             "pointer_layer or no passage_isolation, so it would do nothing.")
+        setattr(model.knowledge, self.name, part)
 
 
 class DiekaeModel:
@@ -141,43 +160,14 @@ class DiekaeModel:
         self.edit_encoders = []
         self.edit_scopes.clear()
 
-    @property
-    def passage_prior(self) -> Optional[ScoreProvider]:
-        """Which passage the question is about (strength: ``copy.passage_prior``): the retriever's
-        MiniLM by default; assign ``PassagePrior(embedder=yours)``, another provider, or None."""
-        return self.knowledge.passage_prior
-
-    @passage_prior.setter
-    def passage_prior(self, prior: Optional[ScoreProvider]) -> None:
-        self.knowledge.passage_prior = self._copy_part("A passage prior", prior)
-
-    @property
-    def answer_reader(self) -> Optional[AnswerStartReader]:
-        """The answer-start reader whose scores steer the first copy (weight: ``copy.reader_weight``):
-        loaded once from the checkpoint folder, unless one was assigned (None switches it off)."""
-        return self.knowledge.answer_reader
-
-    @answer_reader.setter
-    def answer_reader(self, reader: Optional[AnswerStartReader]) -> None:
-        self.knowledge.answer_reader = self._copy_part("An answer-start reader", reader)
-
-    @property
-    def followup_reader(self) -> Optional[AnswerStartReader]:
-        """The answer-start reader of questions read with earlier turns (a conversation's follow-ups,
-        ``copy.question_turns`` > 1): the copy's first token and the gate read it in place of
-        :attr:`answer_reader` there. Loaded once from the checkpoint's ``followups/`` folder, unless one
-        was assigned; None: :attr:`answer_reader` reads follow-ups too."""
-        return self.knowledge.followup_reader
-
-    @followup_reader.setter
-    def followup_reader(self, reader: Optional[AnswerStartReader]) -> None:
-        self.knowledge.followup_reader = self._copy_part("A follow-up reader", reader)
-
-    def _copy_part(self, what: str, part):
-        if part is not None and not (self.config.pointer_layer is not None and self.config.passage_isolation):
-            raise ValueError(f"{what} biases the copy readout of isolated passages; these encoders have no "
-                             "pointer_layer or no passage_isolation, so it would do nothing.")
-        return part
+    # The copy readout's parts, held by the encoding: the passage prior (which passage the question is
+    # about, strength ``copy.passage_prior``: the retriever's MiniLM by default), the answer-start
+    # reader (where the first copy starts, weight ``copy.reader_weight``) and the follow-up reader
+    # (questions read with earlier turns). Readers load once from the checkpoint folder unless one is
+    # assigned; None switches a part off.
+    passage_prior = CopyPart("A passage prior")
+    answer_reader = CopyPart("An answer-start reader")
+    followup_reader = CopyPart("A follow-up reader")
 
     @property
     def device(self) -> torch.device:
@@ -367,64 +357,15 @@ class DiekaeModel:
         with torch.inference_mode():
             return self.knowledge.encode(self.encoder, prompts, passages, answers, copy, self.knowledge.providers(copy))
 
-    def precompute(self, passages: Sequence[str], copy: CopyOverride = None) -> int:
-        """Encode passages ahead of queries (e.g. at index time) so that queries only encode
-        the prompt. Needs ``passage_isolation``; returns how many passages are now cached."""
-        if not self.config.passage_isolation:
-            raise ValueError("precompute() needs encoders trained with passage_isolation=True.")
-        return self.knowledge.precompute(passages, self.copy.with_overrides(copy))
-
-    def index_states(self, passages: Sequence[str], folder: Union[str, Path], dtype: Optional[str] = None,
-                     progress: bool = True, vectors: Optional[dict] = None) -> PassageStateStore:
-        """Compute the passages' encoder states once (those not stored yet) and keep them on disk in
-        ``folder``; queries then read a passage's states instead of encoding it (see :meth:`attach_states`).
-        ``dtype``: ``"float16"`` (the default for a new folder), ``"float32"`` or ``"int8"``.
-        ``vectors``: {text: unit vector} already computed by the passage prior's embedder (e.g. the
-        FAISS store's, when it uses the same model), so those passages are not embedded again."""
-        if not self.config.passage_isolation:
-            raise ValueError("Stored passage states need encoders trained with passage_isolation=True.")
-        store = PassageStateStore(folder, self.encoder, dtype=dtype)
-        self.knowledge.store_states(passages, store, self.copy, progress=progress, vectors=vectors)
-        return self._attach(store)
-
-    def attach_states(self, folder: Union[str, Path]) -> PassageStateStore:
-        """Read passage states from ``folder`` (written by :meth:`index_states`), which must hold
-        states of these encoder weights; passages not stored there are encoded on first use."""
-        return self._attach(PassageStateStore(folder, self.encoder, create=False))
-
-    def warm_up(self, k: int = 5) -> "DiekaeModel":
-        """Load what the first call would load (the answer-start reader, the passage prior's
-        embedder) and run one call over ``k`` invented passages of a retrieved chunk's usual length,
-        so that a server's first query is about as fast as later ones: the code paths and kernels a
-        real query takes are made here, not in it."""
-        from .data.fictional import make_facts
-        facts = make_facts(max(k, 1), seed=101, relations="all", other_facts=(8, 8))  # no benchmark uses seed 101
-        with torch.inference_mode(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            self.generate(facts[0].question, [f.passage for f in facts], max_new_tokens=1,
-                          copy=GATE_OFF)  # so the encoders' path runs too
-        return self
-
     def compile_decode(self, mode: Optional[str] = None, backend: Optional[str] = "inductor", cache_block: int = 256
                        ) -> "DiekaeModel":
-        """Run decode steps through ``torch.compile`` with a static KV cache (``mode``: default
-        ``"reduce-overhead"``, CUDA graphs, on a GPU, and inductor's default on the CPU). The answers
-        are the eager ones; the prefill and the encoders' per-step work stay eager. The static cache
-        is sized in multiples of ``cache_block`` tokens so that longer prompts rarely recompile; each
-        new batch size or cache size compiles once more (past torch's recompile limit, calls run
-        eagerly, with torch's warning). Compiled calls on one decoder run one at a time.
-        ``compile_decode(backend=None)`` turns it off."""
-        if backend is None:
-            self.decode_compile = None
-            return self
-        if cache_block < 1:
-            raise ValueError("cache_block must be at least 1 token.")
-        if mode is None:
-            mode = "reduce-overhead" if self.device.type == "cuda" else "default"
-        cfg = CompileConfig(fullgraph=False, dynamic=False, backend=backend, mode=mode)
-        cfg._compile_all_devices = True  # transformers compiles only on accelerators unless told
-        thread_safe_kernel_funcs()  # eager calls in other threads may run while this one compiles
-        self.decode_compile, self.cache_block = cfg, cache_block
+        """Run decode steps through ``torch.compile`` with a static KV cache (see
+        :func:`diekae_rag.decoder.decode_compile_config`; the answers are the eager ones). Compiled
+        calls on one decoder run one at a time; ``compile_decode(backend=None)`` turns it off."""
+        self.decode_compile = decode_compile_config(self.device, mode, backend, cache_block)
+        if self.decode_compile is not None:
+            thread_safe_kernel_funcs()  # eager calls in other threads may run while this one compiles
+            self.cache_block = cache_block
         return self
 
     def _decode_steps(self, ids: torch.Tensor, max_new_tokens: int, gen_kwargs: dict):
@@ -432,14 +373,8 @@ class DiekaeModel:
         ``gen_kwargs``) when :meth:`compile_decode` is on, else nothing."""
         if self.decode_compile is None:
             return contextlib.nullcontext()
-        need = ids.shape[1] + max_new_tokens
-        gen_kwargs.update(cache_implementation="static", compile_config=self.decode_compile,
-                          max_cache_len=-(-need // self.cache_block) * self.cache_block)
+        gen_kwargs.update(static_cache_kwargs(self.decode_compile, ids.shape[1] + max_new_tokens, self.cache_block))
         return compiled_steps(self.decoder, ids.shape[0])
-
-    def _attach(self, store: PassageStateStore) -> PassageStateStore:
-        self.knowledge.attach_store(store, self.encoder)
-        return store
 
     def _generate_ids(self, questions, knowledges, mode, max_new_tokens, copy=None, stop=(), gate=None, **gen_kwargs
                       ) -> list[Optional[torch.Tensor]]:

@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from bench import bench_passages, hardware  # noqa: E402
 from diekae_rag.copy.pieces import PassageTokens
 from diekae_rag.data.fictional import make_facts
+from diekae_rag.indexing import index_states
 
 
 def main() -> None:
@@ -48,7 +49,7 @@ def main() -> None:
     model = DiekaeModel.from_pretrained()
     q, passages = bench_passages(model, args.k)
     tmp = tempfile.TemporaryDirectory()
-    store = model.index_states(passages, Path(tmp.name) / "states", progress=False)
+    store = index_states(model, passages, Path(tmp.name) / "states", progress=False)
     embedder = model.passage_prior.embedder
     out = io.StringIO()
     out.write(f"{hardware(model.device)}, k={args.k}\n\n")

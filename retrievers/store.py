@@ -314,7 +314,8 @@ def open_or_build(folder: str | Path, store_dir: str | Path, embedder: Optional[
         texts = [c["text"] for c in store.chunks]
         prior = model.passage_prior
         same = isinstance(prior, PassagePrior) and getattr(prior.embedder, "name", None) == store.embedder.name
-        model.index_states(texts, states_folder(store_dir), dtype=states_dtype, progress=progress,
+        from diekae_rag.indexing import index_states
+        index_states(model, texts, states_folder(store_dir), dtype=states_dtype, progress=progress,
                            vectors=dict(zip(texts, store.vectors)) if same else None)  # embedded once, not twice
     return store
 

@@ -12,6 +12,7 @@ from diekae_rag import CopyConfig
 from diekae_rag.copy import PassagePrior
 from diekae_rag.data.negatives import NegativeItem
 from diekae_rag.evaluation import evaluate_negatives
+from diekae_rag.indexing import warm_up
 
 ON_TOPIC = ["Calgra lies in the north of Vell.", "It rains in Calgra."]
 OFF_TOPIC = ["The harbour froze early that winter.", "Prices of wool fell again."]
@@ -126,7 +127,7 @@ def test_warm_up_runs_the_encoders_even_where_the_gate_would_close():
 
     model = _model(gate_no_answer=0.5)
     model.answer_reader = Closed()
-    model.warm_up()
+    warm_up(model)
     assert model.knowledge.passage_cache.misses >= 5, "the warm-up call encoded 5 passages, as a query at k=5 does"
 
 

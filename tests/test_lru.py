@@ -8,6 +8,7 @@ from conftest import tiny_model
 from diekae_rag.lru import LRU
 from diekae_rag.passage_cache import PassageCache
 from diekae_rag.copy import PassagePrior
+from diekae_rag.indexing import precompute
 
 
 class CountingEmbedder:
@@ -40,8 +41,8 @@ def test_passage_prior_and_passage_cache_share_the_lru():
     cache = PassageCache(max_segments=2)
     assert isinstance(cache._kept, LRU)
     model.knowledge.passage_cache = cache
-    model.precompute(["alpha beta", "gamma delta", "epsilon"])
+    precompute(model, ["alpha beta", "gamma delta", "epsilon"])
     assert len(cache) == 2 and cache.misses == 4  # the prefix segment and three passages, two kept
     hits = cache.hits
-    model.precompute(["epsilon"])
+    precompute(model, ["epsilon"])
     assert cache.hits == hits + 1                 # "epsilon" was kept; the prefix, used first, was not

@@ -11,6 +11,7 @@ from test_engine import K, Q, _record_deltas
 
 from diekae_rag.copy import KnowledgeLayout
 from diekae_rag.copy.pieces import Piece, first_piece_ids
+from diekae_rag.indexing import precompute
 
 N_NEW = 5
 
@@ -269,7 +270,7 @@ def test_isolated_passages_are_cached_and_exact():
     cold = model.generate_batch(Q, K, max_new_tokens=N_NEW)
     cold_score = model.score(Q[1], "north", K[1])
     model.knowledge.passage_cache.max_segments = 64
-    assert model.precompute([p for ps in K for p in ps]) == 3
+    assert precompute(model, [p for ps in K for p in ps]) == 3
     misses = model.knowledge.passage_cache.misses
     assert model.generate_batch(Q, K, max_new_tokens=N_NEW) == cold
     assert model.score(Q[1], "north", K[1]) == pytest.approx(cold_score, abs=1e-5)
@@ -279,7 +280,7 @@ def test_isolated_passages_are_cached_and_exact():
     assert model.score(Q[1], "north", list(reversed(K[1]))) == pytest.approx(cold_score, abs=1e-5)
     assert model.score(Q[1], "north", K[1][:1]) != pytest.approx(cold_score, abs=1e-4)
     with pytest.raises(ValueError, match="passage_isolation"):
-        _per_step_model().precompute(["x"])
+        precompute(_per_step_model(), ["x"])
 
 
 def test_append_kv_equals_cat_and_extends_in_place():

@@ -10,6 +10,7 @@ from test_engine import K, Q
 from test_per_step import _per_step_model
 
 from diekae_rag.state_store import PassageStateStore, StateStoreError
+from diekae_rag.indexing import attach_states, index_states
 
 PASSAGES = [p for ps in K for p in ps]
 N_NEW = 6
@@ -26,11 +27,11 @@ def test_stored_states_give_the_answers_of_encoding_and_skip_the_encoders(tmp_pa
     ref = _fresh()
     want = ref.generate_batch(Q, K, max_new_tokens=N_NEW)
     want_nll = ref.score(Q[1], "north", K[1])
-    store = ref.index_states(PASSAGES, tmp_path, dtype="float32", progress=False)
+    store = index_states(ref, PASSAGES, tmp_path, dtype="float32", progress=False)
     assert len(store) == 4  # the knowledge prefix and three passages
 
     model = _fresh()
-    model.attach_states(tmp_path)
+    attach_states(model, tmp_path)
     assert model.generate_batch(Q, K, max_new_tokens=N_NEW) == want
     assert model.score(Q[1], "north", K[1]) == pytest.approx(want_nll, abs=1e-5)
     cache = model.knowledge.passage_cache
@@ -43,11 +44,11 @@ def test_stored_states_give_the_answers_of_encoding_and_skip_the_encoders(tmp_pa
 def test_smaller_stored_states_stay_close(tmp_path, dtype, tol):
     ref = _fresh()
     want = ref.score(Q[1], "north", K[1])
-    full = ref.index_states(PASSAGES, tmp_path / "f32", dtype="float32", progress=False).bytes
-    small = ref.index_states(PASSAGES, tmp_path / dtype, dtype=dtype, progress=False).bytes
+    full = index_states(ref, PASSAGES, tmp_path / "f32", dtype="float32", progress=False).bytes
+    small = index_states(ref, PASSAGES, tmp_path / dtype, dtype=dtype, progress=False).bytes
     assert small < full * (0.6 if dtype == "float16" else 0.4)
     model = _fresh()
-    model.attach_states(tmp_path / dtype)
+    attach_states(model, tmp_path / dtype)
     assert model.score(Q[1], "north", K[1]) == pytest.approx(want, abs=tol)
     assert model.knowledge.passage_cache.misses == 0
 
@@ -56,9 +57,9 @@ def test_float16_states_stay_float16_in_memory_and_are_cast_as_they_are_assemble
     """The memory cache keeps states read from a float16 store as they are stored (half the memory of
     float32), and the encoders get them cast: the same score whether they came from disk or memory."""
     ref = _fresh()
-    ref.index_states(PASSAGES, tmp_path, dtype="float16", progress=False)
+    index_states(ref, PASSAGES, tmp_path, dtype="float16", progress=False)
     model = _fresh()
-    model.attach_states(tmp_path)
+    attach_states(model, tmp_path)
     from_disk = model.score(Q[1], "north", K[1])
     cache = model.knowledge.passage_cache
     cache.max_segments = 8
@@ -70,23 +71,23 @@ def test_float16_states_stay_float16_in_memory_and_are_cast_as_they_are_assemble
 
 def test_states_are_added_incrementally_and_refused_for_other_weights(tmp_path):
     model = _fresh()
-    model.index_states(PASSAGES[:2], tmp_path, progress=False)
-    store = model.index_states(PASSAGES, tmp_path, progress=False)
+    index_states(model, PASSAGES[:2], tmp_path, progress=False)
+    store = index_states(model, PASSAGES, tmp_path, progress=False)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert len(store) == 4 and len(manifest["shards"]) == 2, "only the new passage was encoded, into a new shard"
-    assert model.index_states(PASSAGES, tmp_path, progress=False).bytes == store.bytes, "nothing new: nothing written"
+    assert index_states(model, PASSAGES, tmp_path, progress=False).bytes == store.bytes, "nothing new: nothing written"
     (tmp_path / "shard-00009.safetensors.tmp").write_bytes(b"half a shard")  # a crash mid-write
     assert len(PassageStateStore(tmp_path, model.encoder)) == 4
     with pytest.raises(StateStoreError, match="stored as float16, not int8"):
-        model.index_states(PASSAGES, tmp_path, dtype="int8", progress=False)
+        index_states(model, PASSAGES, tmp_path, dtype="int8", progress=False)
 
     other = _fresh()
     with torch.no_grad():
         other.encoder.up.weight.add_(0.01)
     with pytest.raises(StateStoreError, match="other encoder weights.*Rebuild"):
-        other.attach_states(tmp_path)
+        attach_states(other, tmp_path)
     with pytest.raises(StateStoreError, match="missing"):
-        other.attach_states(tmp_path / "nothing")
+        attach_states(other, tmp_path / "nothing")
 
 
 def test_the_passage_priors_vectors_are_stored_and_read_back(tmp_path):
@@ -96,11 +97,11 @@ def test_the_passage_priors_vectors_are_stored_and_read_back(tmp_path):
     ref = _per_step_model(isolation=True, passage_prior=30.0)
     ref.passage_prior = PassagePrior(embedder=TopicEmbedder())
     want = ref.score(Q[1], "north", K[1])
-    ref.index_states(PASSAGES, tmp_path, progress=False)
+    index_states(ref, PASSAGES, tmp_path, progress=False)
     model = _per_step_model(isolation=True, passage_prior=30.0)
     embedder = TopicEmbedder()
     model.passage_prior = PassagePrior(embedder=embedder)
-    model.attach_states(tmp_path)
+    attach_states(model, tmp_path)
     assert model.score(Q[1], "north", K[1]) == pytest.approx(want, abs=1e-3)
     assert embedder.texts == [Q[1]], "only the question was embedded: the passages' vectors came from the store"
 
@@ -116,7 +117,7 @@ def test_open_or_build_stores_every_chunks_states_beside_the_index(tmp_path, rea
     store = open_or_build(docs, tmp_path / "store", embedder=real_embedder, model=_fresh(), progress=False)
     assert (states_folder(tmp_path / "store") / "manifest.json").exists()
     fresh = _fresh()  # a new process: the FAISS store and the states are read back from disk
-    fresh.attach_states(states_folder(tmp_path / "store"))
+    attach_states(fresh, states_folder(tmp_path / "store"))
     passages = [p.text for p in store.search(Q[1], k=2)]
     fresh.generate(Q[1], passages, max_new_tokens=2)
     assert fresh.knowledge.passage_cache.misses == 0 and fresh.knowledge.passage_cache.stored == 3
@@ -137,14 +138,14 @@ def test_the_answer_readers_passage_sides_are_stored_and_read_back(tmp_path):
     reader = AnswerStartReader.from_pretrained(tmp_path / "reader")  # as a model loads it
     ref = with_reader(reader)
     want = ref.score(Q[1], "north", K[1])
-    ref.index_states(PASSAGES, tmp_path / "states", progress=False)
+    index_states(ref, PASSAGES, tmp_path / "states", progress=False)
     store = PassageStateStore(tmp_path / "states", ref.encoder)
     assert len(store.reader_sides(PASSAGES, reader.fingerprint())) == len(set(PASSAGES))
     assert len(store) == 4, "reader sides are not counted as segments"
 
     fresh = AnswerStartReader.from_pretrained(tmp_path / "reader")
     model = with_reader(fresh)
-    model.attach_states(tmp_path / "states")
+    attach_states(model, tmp_path / "states")
     read = []
     real = fresh._read_alone
     fresh._read_alone = lambda texts: read.append(list(texts)) or real(texts)
@@ -153,7 +154,7 @@ def test_the_answer_readers_passage_sides_are_stored_and_read_back(tmp_path):
 
     late = AnswerStartReader.from_pretrained(tmp_path / "reader")
     model = _per_step_model(isolation=True, reader_weight=1.0)
-    model.attach_states(tmp_path / "states")
+    attach_states(model, tmp_path / "states")
     model.answer_reader = late  # a reader set (or loaded) after the store was attached reads it too
     late._read_alone = lambda texts: pytest.fail(f"read {texts} again")
     assert model.score(Q[1], "north", K[1]) == pytest.approx(want, abs=2e-2)
@@ -202,7 +203,7 @@ def test_what_the_copy_needs_of_a_passages_tokens_is_stored_and_read_back(tmp_pa
 
     ref = fresh()
     want = ref.generate_batch(Q, K, max_new_tokens=N_NEW)
-    store = ref.index_states(PASSAGES, tmp_path, progress=False)
+    store = index_states(ref, PASSAGES, tmp_path, progress=False)
     classes = ref.knowledge.classes
     stored = store.passage_tokens(PASSAGES + ["never indexed"])
     assert set(stored) == set(PASSAGES)
@@ -210,7 +211,7 @@ def test_what_the_copy_needs_of_a_passages_tokens_is_stored_and_read_back(tmp_pa
         assert stored[p] == ref.knowledge.passage_tokens.record(p, classes)
 
     model = fresh()
-    model.attach_states(tmp_path)
+    attach_states(model, tmp_path)
     model.knowledge.passage_tokens.tokenizer = None  # tokenising a passage now fails
     assert model.generate_batch(Q, K, max_new_tokens=N_NEW) == want
     with pytest.raises((TypeError, AttributeError)):
@@ -236,10 +237,10 @@ def test_a_passage_the_budget_cuts_takes_the_head_of_its_stored_states(tmp_path)
         assert ref.prompter.whole_segments(knowledge)[2] is not None, "together, the second passage is cut"
         want = ref.generate(Q[0], knowledge, max_new_tokens=N_NEW)
         want_nll = ref.score(Q[0], "Ithpelith", knowledge)
-        ref.index_states(knowledge, tmp_path, dtype="float32", progress=False)
+        index_states(ref, knowledge, tmp_path, dtype="float32", progress=False)
 
         model = fresh()
-        model.attach_states(tmp_path)
+        attach_states(model, tmp_path)
         assert model.generate(Q[0], knowledge, max_new_tokens=N_NEW) == want
         assert model.score(Q[0], "Ithpelith", knowledge) == pytest.approx(want_nll, abs=1e-4)
     cache = model.knowledge.passage_cache
