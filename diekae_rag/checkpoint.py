@@ -72,7 +72,13 @@ def read_config(path: str | Path) -> EncoderConfig:
 
 def read_copy_config(path: str | Path) -> Optional[CopyConfig]:
     """The checkpoint's copy settings: its ``copy.json``, else a format-1 config's, else None."""
-    return CopyConfig.load(path) or _read(path)[1]
+    return read_checkpoint(path)[1]
+
+
+def read_checkpoint(path: str | Path) -> tuple[EncoderConfig, Optional[CopyConfig]]:
+    """The encoder config and the copy settings of the checkpoint at ``path``, each file parsed once."""
+    config, format1_copy = _read(path)
+    return config, CopyConfig.load(path) or format1_copy
 
 
 def _read(path: str | Path) -> tuple[EncoderConfig, Optional[CopyConfig]]:
@@ -105,10 +111,11 @@ def _read(path: str | Path) -> tuple[EncoderConfig, Optional[CopyConfig]]:
         raise CheckpointError(f"{weights}: bad encoder config ({exc}).") from exc
 
 
-def load_encoder(path: str | Path, device: torch.device | str = "cpu", dtype: Optional[torch.dtype] = None
-                 ) -> tuple[DiekaeEncoder, dict[str, torch.Tensor]]:
-    """Load encoders from ``path``; returns the module and any extra tensors stored beside it."""
-    config = read_config(path)
+def load_encoder(path: str | Path, device: torch.device | str = "cpu", dtype: Optional[torch.dtype] = None,
+                 config: Optional[EncoderConfig] = None) -> tuple[DiekaeEncoder, dict[str, torch.Tensor]]:
+    """Load encoders from ``path``; returns the module and any extra tensors stored beside it.
+    ``config``: the checkpoint's, when :func:`read_checkpoint` has read it already."""
+    config = config or read_config(path)
     weights = _weights_file(path)
     try:
         state = load_file(str(weights), device="cpu")

@@ -270,15 +270,15 @@ class KnowledgeEncoding:
         prompter = self.prompter_for(encoder)
         items = [prompter.isolated_item(p, x, None if answers is None else answers[i])
                  for i, (x, p) in enumerate(zip(prompts, passages))]
-        tails = [it[2] for it in items]
+        tails = [it.tail for it in items]
         ids, mask = prompter.pad(tails, self.device, side="left")
         wholes = [prompter.whole_segments(p) for p in passages]  # passages the budget cuts: heads of stored states
         served = self.served(encoder)  # reads the question; the passages' states are encoder's
         past = assemble(self.segment_states(encoder, items, wholes), room=ids.shape[1] + 64,  # the tail and decode steps
                         dtype=served.dtype)
         T = ids.shape[1]
-        offsets = torch.tensor([T - len(t) + it[3] for t, it in zip(tails, items)], device=self.device)
-        n_rows = torch.tensor([it[4] for it in items], device=self.device)
+        offsets = torch.tensor([T - len(t) + it.x_offset for t, it in zip(tails, items)], device=self.device)
+        n_rows = torch.tensor([it.rows for it in items], device=self.device)
         first = offsets + torch.tensor([len(x) for x in prompts], device=self.device) - 1
         out = served(ids, mask.bool(), cache=past.cache, use_cache=encoder.config.per_step)
         pointer = readout = None
@@ -295,7 +295,7 @@ class KnowledgeEncoding:
         memory = CopyMemory.build(past.keys, past.ids, past.knowledge, self.classes,
                                   self._value_rows(past.ids, copy, encoder), encoder.config.pointer_match)
         self.passage_tokens.fetch([p for ps in passages for p in ps], self.classes)  # indexed texts: not tokenised again
-        layout = KnowledgeLayout.of([it[0] for it in items], [it[1] for it in items], self.passage_tokens.spans,
+        layout = KnowledgeLayout.of([it.segments for it in items], [it.knowledge_masks for it in items], self.passage_tokens.spans,
                                     passages, memory.width)
         held = [self.prompter_for(encoder).held(ps) for ps in passages]
         questions, given = self.questions(prompts, copy, held)
@@ -317,13 +317,13 @@ class KnowledgeEncoding:
         """Each isolated item's segment states, from the passage cache (one batched encode for misses);
         ``wholes``: per item, :meth:`Prompter.whole_segments` (a cut passage's states are then the head
         of its whole segment's, where those are kept or stored)."""
-        states = self.passage_cache.states(encoder, [s for it in items for s in it[0]],
-                                           [k for it in items for k in it[1]], self.device,
+        states = self.passage_cache.states(encoder, [s for it in items for s in it.segments],
+                                           [k for it in items for k in it.knowledge_masks], self.device,
                                            None if wholes is None else [w for ws in wholes for w in ws])
         per_item, i = [], 0
         for it in items:
-            per_item.append(states[i: i + len(it[0])])
-            i += len(it[0])
+            per_item.append(states[i: i + len(it.segments)])
+            i += len(it.segments)
         return per_item
 
     def store_states(self, passages: Sequence[str], store, copy: CopyConfig, batch_size: int = 32,

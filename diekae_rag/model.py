@@ -11,7 +11,7 @@ from typing import Any, AsyncIterator, Iterator, Mapping, NamedTuple, Optional, 
 import torch
 from transformers import CompileConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from .checkpoint import DecoderMismatchError, load_encoder, read_config, read_copy_config, save_encoder
+from .checkpoint import DecoderMismatchError, load_encoder, read_checkpoint, save_encoder
 from .config import EncoderConfig, decoder_fingerprint
 from .copy import CopyConfig
 from .decoder import decode_compile_config, freeze, load_decoder, static_cache_kwargs
@@ -118,7 +118,7 @@ class DiekaeModel:
         """
         if path is None and config is None and (SHIPPED_WEIGHTS / "model.safetensors").exists():
             path = SHIPPED_WEIGHTS  # a config asks for fresh encoders instead
-        cfg = read_config(path) if path is not None else None
+        cfg, saved = read_checkpoint(path) if path is not None else (None, None)
         if isinstance(decoder, PreTrainedModel):
             dec, tok = decoder, tokenizer
             if tok is None:
@@ -128,8 +128,8 @@ class DiekaeModel:
             dec, tok = load_decoder(decoder or (cfg.decoder_name if cfg else DEFAULT_DECODER), device, dtype)
             tok = tokenizer or tok
         if path is not None:
-            enc, _ = load_encoder(path, dec.device, dec.dtype)
-            saved = read_copy_config(path) or CopyConfig.plain().for_encoder(enc.config)
+            enc, _ = load_encoder(path, dec.device, dec.dtype, config=cfg)
+            saved = saved or CopyConfig.plain().for_encoder(enc.config)
         else:
             cfg = (config or EncoderConfig()).for_decoder(dec.config, decoder if isinstance(decoder, str) else DEFAULT_DECODER)
             if config is None:
@@ -188,7 +188,8 @@ class DiekaeModel:
         """Answer several questions in one padded batch; equals calling :meth:`generate` on each. Where
         the copy gate closes and ``copy.on_no_answer`` is ``"abstain"``, the answer is ``copy.no_answer_text``."""
         stop = stop_list(stop, gen_kwargs.pop("stop_strings", None))
-        out = self._generate_ids(questions, knowledges, mode, max_new_tokens, copy, stop=stop, **gen_kwargs)
+        out = self._generate_ids(self.prepare(questions, knowledges, mode), mode, max_new_tokens, copy, stop=stop,
+                                 **gen_kwargs)
         return [cut_at_stop(self.tokenizer.decode(o, skip_special_tokens=True), stop).strip() if o is not None
                 else self.copy.with_overrides(copy).no_answer_text for o in out]
 
@@ -206,7 +207,7 @@ class DiekaeModel:
             return
         user = gen_kwargs.pop("stopping_criteria", None)
         yield from held_back(stream_generation(
-            lambda streamer, criteria: self._generate_ids([question], [knowledge], mode, max_new_tokens, resolved,
+            lambda streamer, criteria: self._generate_ids((prompts, passages), mode, max_new_tokens, resolved,
                                                           stop=stop, gate=gate, streamer=streamer,
                                                           stopping_criteria=criteria, **gen_kwargs),
             self.tokenizer, user), stop)
@@ -376,7 +377,7 @@ class DiekaeModel:
         gen_kwargs.update(static_cache_kwargs(self.decode_compile, ids.shape[1] + max_new_tokens, self.cache_block))
         return compiled_steps(self.decoder, ids.shape[0])
 
-    def _generate_ids(self, questions, knowledges, mode, max_new_tokens, copy=None, stop=(), gate=None, **gen_kwargs
+    def _generate_ids(self, prepared, mode, max_new_tokens, copy=None, stop=(), gate=None, **gen_kwargs
                       ) -> list[Optional[torch.Tensor]]:
         """Each answer's new token ids (None where the gate closed and the model abstains); generation
         ends at a ``stop`` string through transformers' own ``stop_strings``."""
@@ -384,7 +385,7 @@ class DiekaeModel:
             gen_kwargs.update(stop_strings=list(stop), tokenizer=self.tokenizer)
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1.")
-        prompts, passages = self.prepare(questions, knowledges, mode)
+        prompts, passages = prepared  # from prepare(), once per call
         if gen_kwargs.get("num_beams", 1) != 1 or gen_kwargs.get("num_return_sequences", 1) != 1:
             raise ValueError("Beam search and num_return_sequences>1 are not supported with injection.")
         ids, mask = self.prompter.pad(prompts, self.device, side="left")

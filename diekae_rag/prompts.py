@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import warnings
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence, Union
+from typing import Mapping, NamedTuple, Optional, Sequence, Union
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -84,6 +84,16 @@ def check_mode(mode: str) -> str:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
     return mode
+
+
+class IsolatedItem(NamedTuple):
+    """What the encoders read for one item with passages isolated."""
+
+    segments: list[list[int]]          # token ids: the prefix, then separator + passage each
+    knowledge_masks: list[list[bool]]  # per segment, which tokens the copy readout may copy
+    tail: list[int]                    # suffix, eos, the prompt and the answer so far
+    x_offset: int                      # where the prompt starts in the tail
+    rows: int                          # the rows the encoders write (the tail's prompt and answer)
 
 
 @dataclass
@@ -244,10 +254,9 @@ class Prompter:
         suffix = self.ids(cfg.knowledge_suffix) + [self.eos_id]
         return ids + suffix, mask + [False] * len(suffix)
 
-    def isolated_item(self, passages: Sequence[str], x_ids: list[int], answer_ids: Optional[list[int]] = None):
-        """Passage isolation layout: segments (prefix, then separator+passage each), their
-        knowledge masks, the tail (suffix, eos, prompt, answer so far), x's offset in the tail
-        and the number of rows."""
+    def isolated_item(self, passages: Sequence[str], x_ids: list[int], answer_ids: Optional[list[int]] = None
+                      ) -> "IsolatedItem":
+        """One item's passage isolation layout (see :class:`IsolatedItem`)."""
         cfg = self.config
         prefix = self.ids(cfg.knowledge_prefix)
         segments, kmasks = [prefix], [[False] * len(prefix)]
@@ -257,7 +266,7 @@ class Prompter:
             kmasks.append(kmask)
         head = self.ids(cfg.knowledge_suffix) + [self.eos_id]
         tail = x_ids + (list(answer_ids) if (answer_ids and cfg.per_step) else [])
-        return segments, kmasks, head + tail, len(head), len(tail)
+        return IsolatedItem(segments, kmasks, head + tail, len(head), len(tail))
 
     def whole_segments(self, passages: Sequence[str]) -> list[Optional[tuple[list[int], list[bool]]]]:
         """For each segment of :meth:`isolated_item`, the whole segment (ids, knowledge mask) of a

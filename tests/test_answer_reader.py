@@ -6,10 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_model
-from test_engine import K, Q
-from test_per_step import _assert_only_first_rows_differ, _first_position_rows, _per_step_model, \
-    assert_decode_rows_equal_reencode
+from conftest import _assert_only_first_rows_differ, _first_position_rows, _per_step_model, assert_decode_rows_equal_reencode, K, Q, tiny_model
 
 from diekae_rag.answer_reader import LOG_FLOOR, AnswerStartReader, ReaderConfig, every_window_no_answer, \
     joint_char_log_probs, token_log_probs

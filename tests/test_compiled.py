@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import in_threads, tiny_model
-from test_engine import K, Q
+from conftest import in_threads, K, Q, tiny_model
 from torch._dynamo.utils import counters
 
 N_NEW = 6
@@ -30,7 +29,7 @@ def _model():
 
 
 def _ids(model, mode: str, questions=Q, knowledges=K) -> list[list[int]]:
-    return [o.tolist() for o in model._generate_ids(questions, knowledges, mode, N_NEW, min_new_tokens=N_NEW)]
+    return [o.tolist() for o in model._generate_ids(model.prepare(questions, knowledges, mode), mode, N_NEW, min_new_tokens=N_NEW)]
 
 
 def _graphs() -> int:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import tiny_model
-from test_engine import K, Q
+from conftest import K, Q, tiny_model
 
 from diekae_rag import CopyConfig, DiekaeModel
 from diekae_rag.checkpoint import CheckpointError, read_config, read_copy_config

@@ -11,9 +11,7 @@ import os
 
 import pytest
 import torch
-from conftest import tiny_model
-from test_engine import K, Q
-from test_per_step import assert_decode_rows_equal_reencode
+from conftest import assert_decode_rows_equal_reencode, K, Q, tiny_model
 
 from diekae_rag import DiekaeModel
 from bench import PeakMemory

@@ -5,26 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import byte_tokenizer, in_threads, tiny_decoder, tiny_model
+from conftest import _record_deltas, byte_tokenizer, in_threads, K, Q, tiny_decoder, tiny_model
 
 from diekae_rag import DecoderMismatchError, EncoderConfig, DiekaeModel
 from diekae_rag.injection import decoder_layers, injecting
 
 ARCHS = ["llama", "mistral", "qwen2"]
-Q = ["Who is Marsul married to?", "Where?"]
-K = [["Marsul is married to Ithpelith."], ["Calgra lies in the north.", "It rains there."]]
-
-
-def _record_deltas(model):
-    """Hooks that record, per forward call, what the injection added to each MLP output."""
-    raw, final, calls = {}, {}, []
-    handles = []
-    for i, layer in enumerate(decoder_layers(model.decoder)):
-        handles.append(layer.mlp.register_forward_hook(lambda m, a, o, i=i: raw.__setitem__(i, o.clone()), prepend=True))
-        handles.append(layer.mlp.register_forward_hook(lambda m, a, o, i=i: final.__setitem__(i, o.clone())))
-    handles.append(model.decoder.get_decoder().register_forward_hook(
-        lambda m, a, o: calls.append({i: final[i] - raw[i] for i in raw})))
-    return calls, handles
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -176,7 +162,7 @@ def test_generation_stops_when_the_model_opens_a_new_chat_turn():
 
     handle = model.decoder.get_output_embeddings().register_forward_hook(force)
     try:
-        ids = model._generate_ids([Q[0]], [K[0]], "diekae", 16)[0]
+        ids = model._generate_ids(model.prepare([Q[0]], [K[0]], "diekae"), "diekae", 16)[0]
     finally:
         handle.remove()
     assert ids.tolist() == [h, turn], "the answer ends where the next turn would begin"

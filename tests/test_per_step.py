@@ -6,62 +6,12 @@ from typing import Optional
 
 import pytest
 import torch
-from conftest import in_threads, tiny_model
-from test_engine import K, Q, _record_deltas
+from conftest import _assert_only_first_rows_differ, _first_position_rows, _per_step_model, _record_deltas, assert_decode_rows_equal_reencode, in_threads, K, N_NEW, Q, tiny_model
 
 from diekae_rag.copy import KnowledgeLayout
 from diekae_rag.copy.pieces import Piece, first_piece_ids
 from diekae_rag.indexing import precompute
 
-N_NEW = 5
-
-
-def _per_step_model(pointer: bool = True, isolation: bool = False, match: bool = False, **cfg):
-    return tiny_model("llama", layers=[1, 2], per_step=True, pointer_layer=3 if pointer else None, pointer_heads=2,
-                      passage_isolation=isolation, pointer_match=match, **cfg)
-
-
-def _generate_and_record(model, questions, knowledges):
-    calls, handles = _record_deltas(model)
-    try:
-        texts = model.generate_batch(questions, knowledges, max_new_tokens=N_NEW, min_new_tokens=N_NEW)
-    finally:
-        for h in handles:
-            h.remove()
-    return texts, calls
-
-
-def _reencoded_rows(model, questions, knowledges, texts_ids):
-    prompts, passages = model.prepare(questions, knowledges, "diekae")
-    answers = [g[:-1] for g in texts_ids]  # the last token is never fed back
-    _, mask = model.prompter.pad([p + a for p, a in zip(prompts, answers)], model.device, side="right")
-    with torch.no_grad():
-        inj = model.build_injection(prompts, passages, mask, answers)
-    return prompts, inj.sessions[0].layer_rows
-
-
-def assert_decode_rows_equal_reencode(model, atol: float = 2e-4, rtol: float = 1e-3, rel: Optional[float] = None) -> None:
-    """The rows injected at each decode step equal those of a full re-encode of the same sequence
-    (``rel``: instead, each row lies within that share of its norm)."""
-    gen = model._generate_ids(Q, K, "diekae", N_NEW, min_new_tokens=N_NEW)
-    gen = [g.tolist() for g in gen]
-    _, calls = _generate_and_record(model, Q, K)
-    prompts, rows = _reencoded_rows(model, Q, K, gen)
-    hooked = model.config.hooked_layers
-    assert len(calls) == N_NEW
-    for j in range(N_NEW - 1):
-        step = calls[j + 1]
-        for layer in hooked:
-            for b, p in enumerate(prompts):
-                got, want = step[layer][b, 0], rows[layer][b, len(p) + j]
-                assert want.abs().sum() > 0
-                if rel is None:
-                    torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
-                else:
-                    assert float((got - want.to(got.dtype)).norm() / want.norm()) < rel
-        for layer, d in step.items():
-            if layer not in hooked:
-                assert (d == 0).all()
 
 
 @pytest.mark.parametrize("pointer,isolation,match,bigram",
@@ -178,33 +128,6 @@ def test_bigram_match_keeps_the_copy_in_place_where_a_token_repeats(isolation):
         _per_step_model(bigram_bonus=3.0)
 
 
-def _first_position_rows(model) -> tuple[list, list]:
-    """Pointer-layer rows for Q, K in left-padded generation (plus its first decode step) and right-padded
-    teacher forcing, and each item's position that predicts the first answer token in both layouts."""
-    prompts, passages = model.prepare(Q, K, "diekae")
-    answers = [model.prompter.answer_ids("Ab"), model.prompter.answer_ids("Xyz")]
-    layer = model.config.pointer_layer
-    _, left = model.prompter.pad(prompts, model.device, side="left")
-    _, right = model.prompter.pad([p + a for p, a in zip(prompts, answers)], model.device, side="right")
-    with torch.no_grad():
-        gen = model.build_injection(prompts, passages, left).sessions[0]
-        step = gen.step(torch.tensor([[answers[0][0]], [answers[1][0]]]))[layer]
-        forced = model.build_injection(prompts, passages, right, answers).sessions[0].layer_rows[layer]
-    # left padding: every prompt ends at the last column; right padding: at its own length
-    return [gen.layer_rows[layer], forced, step], [(left.shape[1] - 1, len(p) - 1) for p in prompts]
-
-
-def _assert_only_first_rows_differ(before: list, after: list, firsts: list, check_first) -> None:
-    """Generation and teacher-forced rows are equal outside each item's first position, where
-    ``check_first(before_row, after_row)`` holds; the decode step is unchanged."""
-    for b, ats in enumerate(firsts):
-        for rows0, rows1, at in zip(before[:2], after[:2], ats):
-            assert rows0[b, at].abs().sum() > 0
-            check_first(rows0[b, at], rows1[b, at])
-            keep = torch.ones(rows0.shape[1], dtype=torch.bool)
-            keep[at] = False
-            torch.testing.assert_close(rows1[b, keep], rows0[b, keep])
-    torch.testing.assert_close(after[2], before[2])
 
 
 @pytest.mark.parametrize("isolation", [False, True])

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import byte_tokenizer, in_threads, tiny_model
-from test_engine import K, Q
+from conftest import byte_tokenizer, in_threads, K, Q, tiny_model
 
 from diekae_rag import CheckpointError, DecoderMismatchError, DiekaeModel, KnowledgeTruncatedWarning
 from diekae_rag.retrievers import PassageStore, StoreError

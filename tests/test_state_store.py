@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from conftest import K, Q, _per_step_model
+
 import json
 
 import pytest
 import torch
-from test_engine import K, Q
-from test_per_step import _per_step_model
 
 from diekae_rag.state_store import PassageStateStore, StateStoreError
 from diekae_rag.indexing import attach_states, index_states

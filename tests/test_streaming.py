@@ -8,8 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import tiny_model
-from test_engine import K, Q
+from conftest import K, Q, tiny_model
 
 from diekae_rag.streaming import live_streams
 
@@ -197,3 +196,20 @@ def test_aclose_on_an_async_stream_stops_generation():
         return first
     assert asyncio.run(main())
     _assert_generation_stopped(calls, 40)
+
+
+def test_a_stream_prepares_its_inputs_once():
+    model = tiny_model()
+    calls = []
+    prepare = model.prepare
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return prepare(*args, **kwargs)
+
+    model.prepare = counted
+    try:
+        pieces = list(model.stream("Who is Marsul married to?", ["Marsul is married to Ithpelith."], max_new_tokens=3))
+    finally:
+        del model.prepare
+    assert pieces and len(calls) == 1
