@@ -14,6 +14,7 @@ Nothing here ever unpickles.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Optional
 
@@ -22,9 +23,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_write, atomic_write_text
-from .config import EncoderConfig, migrate, read_json
+from .config import EncoderConfig, decoder_fingerprint, migrate, read_json
 from .copy.config import CopyConfig
 from .encoder import DiekaeEncoder
+
+log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -145,3 +148,25 @@ def _weights_file(path: str | Path) -> Path:
                 "convert them to safetensors.") if pickles else ""
         raise CheckpointError(f"{weights} is missing.{hint}")
     return weights
+
+
+def check_decoder(config: EncoderConfig, decoder_config, source: str = "") -> None:
+    """Refuse a decoder other than the one the encoders were trained for (by its fingerprint)."""
+    fp = decoder_fingerprint(decoder_config)
+    if config.decoder_fingerprint and config.decoder_fingerprint != fp:
+        raise DecoderMismatchError(
+            f"The encoders{(' in ' + source) if source else ''} were trained for decoder "
+            f"{config.decoder_name!r} (fingerprint {config.decoder_fingerprint}), but the decoder given has "
+            f"fingerprint {fp} ({decoder_config.model_type}, hidden {decoder_config.hidden_size}, "
+            f"{decoder_config.num_hidden_layers} layers). Load the matching decoder or train new encoders.")
+
+
+def fresh_encoder(config: Optional[EncoderConfig], decoder, decoder_name: str) -> DiekaeEncoder:
+    """Zero-output encoders of ``config``'s shape (the paper's form when None, with a warning that they
+    inject nothing) for ``decoder``, on its device and in its dtype."""
+    cfg = (config or EncoderConfig()).for_decoder(decoder.config, decoder_name)
+    if config is None:
+        log.warning("!!! No trained DIEKÆ encoders found: using freshly initialised encoders, which "
+                    "inject NOTHING (mode='diekae' answers like mode='none'). Train some with "
+                    "`diekae-rag train`.")
+    return DiekaeEncoder(cfg).to(device=decoder.device, dtype=decoder.dtype)

@@ -80,3 +80,14 @@ def static_cache_kwargs(cfg: CompileConfig, need: int, cache_block: int) -> dict
     """``generate`` arguments for compiled decode steps over ``need`` positions."""
     return dict(cache_implementation="static", compile_config=cfg,
                 max_cache_len=-(-need // cache_block) * cache_block)
+
+
+def decoder_and_tokenizer(decoder: Optional[Union[str, PreTrainedModel]], tokenizer: Optional[PreTrainedTokenizerBase],
+                          default: str, device=None, dtype: Optional[torch.dtype] = None
+                          ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A loaded decoder as it is (shared, never copied), with its own tokenizer unless one is given;
+    else the decoder named ``decoder`` (or ``default``), loaded once per process."""
+    if isinstance(decoder, PreTrainedModel):
+        return decoder, tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(decoder.name_or_path)
+    dec, tok = load_decoder(decoder or default, device, dtype)
+    return dec, tokenizer or tok

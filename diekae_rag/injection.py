@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
+from .decoder import static_cache_kwargs
 from .encoder import DiekaeEncoder, EncoderCache
 
 if TYPE_CHECKING:
@@ -290,3 +291,12 @@ def capturing_mlp_outputs(decoder: nn.Module, layers: Sequence[int]) -> Iterator
     finally:
         for h in handles:
             h.remove()
+
+
+def decode_steps(decoder: nn.Module, cfg, cache_block: int, ids: torch.Tensor, max_new_tokens: int, gen_kwargs: dict):
+    """The context of one generate call: compiled decode steps (adding their settings to ``gen_kwargs``)
+    where ``cfg`` (:func:`diekae_rag.decoder.decode_compile_config`) is set, else nothing."""
+    if cfg is None:
+        return contextlib.nullcontext()
+    gen_kwargs.update(static_cache_kwargs(cfg, ids.shape[1] + max_new_tokens, cache_block))
+    return compiled_steps(decoder, ids.shape[0])

@@ -391,3 +391,59 @@ class KnowledgeEncoding:
             for i in range(0, len(passages), 32):
                 self.segment_states(self.main, [self.prompter.isolated_item([p], []) for p in passages[i: i + 32]])
         return len(passages)
+
+
+class CopyPart:
+    """A part of the copy readout that :class:`KnowledgeEncoding` holds, read and assigned on the model:
+    the passage prior (which passage the question is about, strength ``copy.passage_prior``; the
+    retriever's MiniLM by default), the answer-start reader (where the first copy starts, weight
+    ``copy.reader_weight``) and the follow-up reader (questions read with earlier turns). Readers load
+    once from the checkpoint folder unless one is assigned. Assigning one to encoders without an
+    isolated copy readout is refused, as it would do nothing."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, model: Optional[object], owner: type):
+        return self if model is None else getattr(model.knowledge, self.name)
+
+    def __set__(self, model, part) -> None:
+        cfg = model.config
+        if part is not None and not (cfg.pointer_layer is not None and cfg.passage_isolation):
+            raise ValueError(f"{self.what} biases the copy readout of isolated passages; these encoders have no "
+                             "pointer_layer or no passage_isolation, so it would do nothing.")
+        setattr(model.knowledge, self.name, part)
+
+
+def call_gate(knowledge: KnowledgeEncoding, prompts, passages, mode: str, copy: CopyConfig
+              ) -> tuple[Optional[list[float]], list[bool]]:
+    """The copy gate's strengths in a diekae call (None when it cannot close), and which items get
+    ``copy.no_answer_text`` instead of an answer: knowledge given, the gate closed, abstention on."""
+    if mode != "diekae" or not copy.gated or not any(passages):
+        return None, [False] * len(prompts)
+    gate = knowledge.gate(prompts, passages, copy)
+    abstain = copy.on_no_answer == "abstain"
+    return gate, [abstain and bool(p) and g <= 0 for p, g in zip(passages, gate)]
+
+
+def encoder_sessions(knowledge: KnowledgeEncoding, encoder: DiekaeEncoder, prompts, passages, decoder_mask,
+                     answers, copy: CopyConfig, gate: Optional[Sequence[float]], edits: Sequence[tuple]) -> list:
+    """The sessions of one call: the encoders' over the passages the gate lets through (each item's
+    rows scaled by its gate strength; computed when ``gate`` is None), then each edit encoder's over
+    the items in its scope (``edits``: (encoder, in scope per item))."""
+    if gate is None and any(passages):
+        gate = knowledge.gate(prompts, passages, copy)
+    if gate is not None:  # the gate: where it closes, the item gets no knowledge (exactly mode="none")
+        passages = [p if g > 0 else [] for p, g in zip(passages, gate)]
+    strength = gate if gate is not None else [1.0] * len(passages)
+    has_k = [float(g) if p else 0.0 for p, g in zip(passages, strength)]  # each item's scale
+    sessions = []
+    if any(has_k):
+        sessions.append(knowledge.session(encoder, prompts, passages, decoder_mask, answers, has_k, copy,
+                                          knowledge.providers(copy)))
+    for enc, in_scope in edits:
+        sessions.append(knowledge.session(enc, prompts, [[] for _ in prompts], decoder_mask, answers, in_scope, copy))
+    return sessions

@@ -2,62 +2,30 @@
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import warnings
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Any, AsyncIterator, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from transformers import CompileConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from .checkpoint import DecoderMismatchError, load_encoder, read_checkpoint, save_encoder
-from .config import EncoderConfig, decoder_fingerprint
+from .checkpoint import check_decoder, fresh_encoder, load_encoder, read_checkpoint, save_encoder
+from .config import EncoderConfig
 from .copy import CopyConfig
-from .decoder import decode_compile_config, freeze, load_decoder, static_cache_kwargs
+from .decoder import decode_compile_config, decoder_and_tokenizer, freeze
 from .defaults import DEFAULT_DECODER
 from .edit_scope import EditScopes
 from .encoder import DiekaeEncoder
-from .injection import Injection, compiled_steps, decoder_layers, injecting, install_hooks, thread_safe_kernel_funcs
-from .knowledge import FOLLOWUP_READER, Encoded, KnowledgeEncoding
-from .prompts import KnowledgeTruncatedWarning, Question, check_mode, check_question, clean_passages
+from .injection import Injection, decode_steps, decoder_layers, injecting, install_hooks, thread_safe_kernel_funcs
+from .knowledge import FOLLOWUP_READER, CopyPart, Encoded, KnowledgeEncoding, call_gate, encoder_sessions
+from .prompts import (Question, Usage, check_answers, check_batch, check_mode, check_question,
+                      clean_passages)
 from .streaming import cut_at_stop, held_back, iterate_in_thread, stop_list, stream_generation
 
-log = logging.getLogger(__name__)
 
 SHIPPED_WEIGHTS = Path(__file__).parent / "weights" / "smollm2-135m"
 
 Knowledge = Optional[Sequence[str]]
 CopyOverride = Union[CopyConfig, Mapping[str, Any], None]
-
-
-class Usage(NamedTuple):
-    """Token counts of one call (see :meth:`DiekaeModel.usage`)."""
-
-    input_tokens: int      # the decoder's prompt
-    output_tokens: int     # the answer
-    knowledge_tokens: int  # passage tokens the encoders read
-
-
-class CopyPart:
-    """A part of the copy readout that :class:`KnowledgeEncoding` holds, read and assigned on the model;
-    assigning one to encoders without an isolated copy readout is refused, as it would do nothing."""
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
-
-    def __get__(self, model: Optional["DiekaeModel"], owner: type):
-        return self if model is None else getattr(model.knowledge, self.name)
-
-    def __set__(self, model: "DiekaeModel", part) -> None:
-        cfg = model.config
-        if part is not None and not (cfg.pointer_layer is not None and cfg.passage_isolation):
-            raise ValueError(f"{self.what} biases the copy readout of isolated passages; these encoders have no "
-                             "pointer_layer or no passage_isolation, so it would do nothing.")
-        setattr(model.knowledge, self.name, part)
 
 
 class DiekaeModel:
@@ -72,13 +40,7 @@ class DiekaeModel:
     def __init__(self, decoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                  encoder: DiekaeEncoder, *, copy: Optional[CopyConfig] = None, source: str = "") -> None:
         cfg = encoder.config
-        fp = decoder_fingerprint(decoder.config)
-        if cfg.decoder_fingerprint and cfg.decoder_fingerprint != fp:
-            raise DecoderMismatchError(
-                f"The encoders{(' in ' + source) if source else ''} were trained for decoder "
-                f"{cfg.decoder_name!r} (fingerprint {cfg.decoder_fingerprint}), but the decoder given has "
-                f"fingerprint {fp} ({decoder.config.model_type}, hidden {decoder.config.hidden_size}, "
-                f"{decoder.config.num_hidden_layers} layers). Load the matching decoder or train new encoders.")
+        check_decoder(cfg, decoder.config, source)
         cfg.validate(len(decoder_layers(decoder)))
         self.decoder = freeze(decoder)
         self.tokenizer = tokenizer
@@ -104,40 +66,22 @@ class DiekaeModel:
                         config: Optional[EncoderConfig] = None, copy: CopyOverride = None,
                         reader_dtype: Optional[torch.dtype] = None,
                         encoder_dtype: Optional[torch.dtype] = None) -> "DiekaeModel":
-        """Load encoders from ``path`` (default: the shipped ones) onto their decoder.
-
-        ``decoder`` may be a loaded model (shared, never copied) or a name/folder; by default
-        the decoder named in the checkpoint (the embedded SmolLM2) is loaded once per process.
-        With ``config`` (and no path), fresh zero-output encoders of that shape are made for
-        training; with neither path, config nor shipped encoders, the paper's form is used and
-        a warning is logged. ``copy`` overrides the checkpoint's copy settings. ``reader_dtype``: the
-        answer-start reader's (default: bfloat16 on a CPU with native bfloat16 matrix products,
-        else float32; see :func:`diekae_rag.answer_reader.serving_dtype`). ``encoder_dtype``: the
-        encoders' over the question and the decode steps (default: the decoder's); the passages' states
-        are computed, cached and stored in the decoder's dtype either way, and cast as a call reads them.
-        """
+        """Load encoders from ``path`` (default: the shipped ones) onto their decoder: a loaded model
+        (shared, never copied) or a name/folder, by default the checkpoint's, loaded once per process.
+        ``config`` (and no path): fresh zero-output encoders of that shape, for training. ``copy``
+        overrides the checkpoint's copy settings. ``reader_dtype``: the answer-start reader's (default:
+        :func:`diekae_rag.answer_reader.serving_dtype`); ``encoder_dtype``: the encoders' over the
+        question and the decode steps (default: the decoder's; passage states keep the decoder's)."""
         if path is None and config is None and (SHIPPED_WEIGHTS / "model.safetensors").exists():
             path = SHIPPED_WEIGHTS  # a config asks for fresh encoders instead
         cfg, saved = read_checkpoint(path) if path is not None else (None, None)
-        if isinstance(decoder, PreTrainedModel):
-            dec, tok = decoder, tokenizer
-            if tok is None:
-                from transformers import AutoTokenizer
-                tok = AutoTokenizer.from_pretrained(decoder.name_or_path)
-        else:
-            dec, tok = load_decoder(decoder or (cfg.decoder_name if cfg else DEFAULT_DECODER), device, dtype)
-            tok = tokenizer or tok
+        dec, tok = decoder_and_tokenizer(decoder, tokenizer, cfg.decoder_name if cfg else DEFAULT_DECODER, device, dtype)
         if path is not None:
             enc, _ = load_encoder(path, dec.device, dec.dtype, config=cfg)
             saved = saved or CopyConfig.plain().for_encoder(enc.config)
         else:
-            cfg = (config or EncoderConfig()).for_decoder(dec.config, decoder if isinstance(decoder, str) else DEFAULT_DECODER)
-            if config is None:
-                log.warning("!!! No trained DIEKÆ encoders found: using freshly initialised encoders, which "
-                            "inject NOTHING (mode='diekae' answers like mode='none'). Train some with "
-                            "`diekae-rag train`.")
-            enc = DiekaeEncoder(cfg).to(device=dec.device, dtype=dec.dtype)
-            saved = CopyConfig.plain().for_encoder(cfg)
+            enc = fresh_encoder(config, dec, decoder if isinstance(decoder, str) else DEFAULT_DECODER)
+            saved = CopyConfig.plain().for_encoder(enc.config)
         model = cls(dec, tok, enc, copy=saved.with_overrides(copy), source=str(path or ""))
         model.knowledge.reader_dtype = reader_dtype
         model.knowledge.encoder_dtype = encoder_dtype
@@ -155,16 +99,11 @@ class DiekaeModel:
         return out
 
     def remove_edits(self) -> None:
-        """Detach all editing encoders (attached by :func:`diekae_rag.editing.apply_edits`); the decoder
-        is exactly as before."""
+        """Detach the editing encoders that :func:`diekae_rag.editing.apply_edits` attached."""
         self.edit_encoders = []
         self.edit_scopes.clear()
 
-    # The copy readout's parts, held by the encoding: the passage prior (which passage the question is
-    # about, strength ``copy.passage_prior``: the retriever's MiniLM by default), the answer-start
-    # reader (where the first copy starts, weight ``copy.reader_weight``) and the follow-up reader
-    # (questions read with earlier turns). Readers load once from the checkpoint folder unless one is
-    # assigned; None switches a part off.
+    # The copy readout's parts (see :class:`~diekae_rag.knowledge.KnowledgeEncoding`); None switches one off.
     passage_prior = CopyPart("A passage prior")
     answer_reader = CopyPart("An answer-start reader")
     followup_reader = CopyPart("A follow-up reader")
@@ -222,10 +161,7 @@ class DiekaeModel:
         """Token counts of one call: the decoder's prompt, the answer, and the passage tokens that the
         encoders read (in-context passages count as input tokens instead)."""
         prompts, passages = self.prepare([question], [knowledge], mode)
-        with warnings.catch_warnings():  # the call itself has warned about any cut
-            warnings.simplefilter("ignore", KnowledgeTruncatedWarning)
-            read = sum(map(len, self.prompter.passage_ids(passages[0]))) if mode == "diekae" else 0
-        return Usage(len(prompts[0]), len(self.prompter.ids(answer)) if answer else 0, read)
+        return self.prompter.usage(prompts[0], passages[0] if mode == "diekae" else [], answer)
 
     def score(self, question: str, answer: str, knowledge: Knowledge = None, *, mode: str = "diekae",
               copy: CopyOverride = None) -> float:
@@ -236,21 +172,13 @@ class DiekaeModel:
                     knowledges: Optional[Sequence[Knowledge]] = None, *, mode: str = "diekae",
                     with_eos: bool = False, copy: CopyOverride = None) -> list[float]:
         """Mean answer-token NLL for each (question, answer, knowledge)."""
-        if len(answers) != len(questions):
-            raise ValueError(f"Got {len(questions)} questions but {len(answers)} answers.")
-        for a in answers:
-            if not isinstance(a, str) or not a.strip():
-                raise ValueError("Every answer to score must be a non-empty string.")
+        check_answers(questions, answers)
         prompts, passages = self.prepare(questions, knowledges, mode)
         ans = [self.prompter.answer_ids(a, with_eos) for a in answers]
         with torch.inference_mode():
             logits, targets = self.answer_logits(prompts, passages, ans, mode, copy)
             tok_nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
-        out, i = [], 0
-        for a in ans:
-            out.append(float(tok_nll[i: i + len(a)].mean()))
-            i += len(a)
-        return out
+        return [float(t.mean()) for t in tok_nll.split([len(a) for a in ans])]
 
     def answer_logits(self, prompts: Sequence[list[int]], passages: Sequence[list[str]],
                       answers: Sequence[list[int]], mode: str = "diekae", copy: CopyOverride = None
@@ -275,14 +203,7 @@ class DiekaeModel:
                 ) -> tuple[list[list[int]], list[list[str]]]:
         """Check inputs and build each item's decoder prompt ids and passages."""
         check_mode(mode)
-        if isinstance(questions, str):
-            raise TypeError("questions must be a list of strings; use generate() for one question.")
-        if len(questions) == 0:
-            raise ValueError("No questions given.")
-        knowledges = [None] * len(questions) if knowledges is None else list(knowledges)
-        if len(knowledges) != len(questions):
-            raise ValueError(f"Got {len(questions)} questions but {len(knowledges)} knowledge lists.")
-        passages = [clean_passages(k) for k in knowledges]
+        passages = [clean_passages(k) for k in check_batch(questions, knowledges)]
         prompts = [self.prompter.prompt_ids(check_question(q), p if mode == "in_context" else ())
                    for q, p in zip(questions, passages)]
         return prompts, passages
@@ -296,20 +217,9 @@ class DiekaeModel:
         encoders in per-step mode. ``gate``: each item's copy-gate strength (computed when None).
         Edit encoders, when applied, are added on top.
         """
-        copy = self._copy(copy)
-        if gate is None and any(passages):
-            gate = self.knowledge.gate(prompts, passages, copy)
-        if gate is not None:  # the gate: where it closes, the item gets no knowledge (exactly mode="none")
-            passages = [p if g > 0 else [] for p, g in zip(passages, gate)]
-        sessions = []
-        strength = gate if gate is not None else [1.0] * len(passages)
-        has_k = [float(g) if p else 0.0 for p, g in zip(passages, strength)]  # each item's scale
-        if any(has_k):
-            sessions.append(self.knowledge.session(self.encoder, prompts, passages, decoder_mask, answers, has_k,
-                                                   copy, self.knowledge.providers(copy)))
-        for enc in self.edit_encoders:
-            sessions.append(self.knowledge.session(enc, prompts, [[] for _ in prompts], decoder_mask, answers,
-                                                   self.in_edit_scope(enc, prompts), copy))
+        edits = [(enc, self.in_edit_scope(enc, prompts)) for enc in self.edit_encoders]
+        sessions = encoder_sessions(self.knowledge, self.encoder, prompts, passages, decoder_mask, answers,
+                                    self._copy(copy), gate, edits)
         return Injection(self.decoder, sessions) if sessions else None
 
     def gate(self, questions: Sequence[Question], knowledges: Sequence[Knowledge], copy: CopyOverride = None
@@ -328,13 +238,7 @@ class DiekaeModel:
         return [1.0] * len(prompts) if gate is None else gate
 
     def _gate(self, prompts, passages, mode: str, copy: CopyConfig) -> tuple[Optional[list[float]], list[bool]]:
-        """The copy gate's strengths in a diekae call (None when it cannot close), and which items get
-        ``copy.no_answer_text`` instead of an answer: knowledge given, the gate closed, abstention on."""
-        if mode != "diekae" or not copy.gated or not any(passages):
-            return None, [False] * len(prompts)
-        gate = self.knowledge.gate(prompts, passages, copy)
-        abstain = copy.on_no_answer == "abstain"
-        return gate, [abstain and bool(p) and g <= 0 for p, g in zip(passages, gate)]
+        return call_gate(self.knowledge, prompts, passages, mode, copy)
 
     def _copy(self, copy: CopyOverride) -> CopyConfig:
         if copy is None:
@@ -370,12 +274,7 @@ class DiekaeModel:
         return self
 
     def _decode_steps(self, ids: torch.Tensor, max_new_tokens: int, gen_kwargs: dict):
-        """The context of one generate call: compiled decode steps (adding their settings to
-        ``gen_kwargs``) when :meth:`compile_decode` is on, else nothing."""
-        if self.decode_compile is None:
-            return contextlib.nullcontext()
-        gen_kwargs.update(static_cache_kwargs(self.decode_compile, ids.shape[1] + max_new_tokens, self.cache_block))
-        return compiled_steps(self.decoder, ids.shape[0])
+        return decode_steps(self.decoder, self.decode_compile, self.cache_block, ids, max_new_tokens, gen_kwargs)
 
     def _generate_ids(self, prepared, mode, max_new_tokens, copy=None, stop=(), gate=None, **gen_kwargs
                       ) -> list[Optional[torch.Tensor]]:

@@ -80,10 +80,40 @@ def clean_passages(knowledge: object) -> list[str]:
     return kept
 
 
+def check_batch(questions: Sequence, knowledges: Optional[Sequence]) -> list:
+    """Each question's knowledge (None for all when not given); a bare string or an empty or
+    mismatched batch raises."""
+    if isinstance(questions, str):
+        raise TypeError("questions must be a list of strings; use generate() for one question.")
+    if len(questions) == 0:
+        raise ValueError("No questions given.")
+    knowledges = [None] * len(questions) if knowledges is None else list(knowledges)
+    if len(knowledges) != len(questions):
+        raise ValueError(f"Got {len(questions)} questions but {len(knowledges)} knowledge lists.")
+    return knowledges
+
+
+def check_answers(questions: Sequence, answers: Sequence) -> None:
+    """Answers to score: one non-empty string per question."""
+    if len(answers) != len(questions):
+        raise ValueError(f"Got {len(questions)} questions but {len(answers)} answers.")
+    for a in answers:
+        if not isinstance(a, str) or not a.strip():
+            raise ValueError("Every answer to score must be a non-empty string.")
+
+
 def check_mode(mode: str) -> str:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
     return mode
+
+
+class Usage(NamedTuple):
+    """Token counts of one call (see :meth:`DiekaeModel.usage <diekae_rag.model.DiekaeModel.usage>`)."""
+
+    input_tokens: int      # the decoder's prompt
+    output_tokens: int     # the answer
+    knowledge_tokens: int  # passage tokens the encoders read
 
 
 class IsolatedItem(NamedTuple):
@@ -214,6 +244,14 @@ class Prompter:
         first ones, as :meth:`passage_ids` cuts): what the reader, the passage prior and the gate read,
         since the copy can start nowhere else."""
         return list(passages[:sum(1 for ids in self._within_budget(passages) if ids)])
+
+    def usage(self, prompt: list[int], passages: Sequence[str], answer: str) -> Usage:
+        """Token counts of one call: the decoder's prompt, the answer, and the passage tokens the
+        encoders read (``passages``: those of a diekae call; in-context passages are in the prompt)."""
+        with warnings.catch_warnings():  # the call itself has warned about any cut
+            warnings.simplefilter("ignore", KnowledgeTruncatedWarning)
+            read = sum(map(len, self.passage_ids(passages))) if passages else 0
+        return Usage(len(prompt), len(self.ids(answer)) if answer else 0, read)
 
     def passage_ids(self, passages: Sequence[str]) -> list[list[int]]:
         """Token ids of each passage, cut to ``max_knowledge_tokens`` in all with a warning that says how much."""
