@@ -98,21 +98,86 @@ def test_no_pickle_loading_anywhere_in_the_code():
 
 
 # 5. a crash mid-save leaves the previous state intact ---------------------------------------
+# The child stalls its N-th atomic rename (the commit point of one file: its new bytes are all in the
+# temp file), says so, and is killed there: the kill lands while the save is being written, always.
+_STALL = """
+import os, time
+import diekae_rag.atomic as atomic
+calls = [0]
+def stalled(src, dst, _replace=os.replace):
+    calls[0] += 1
+    if calls[0] == {stall}:
+        print("writing", src, flush=True)
+        time.sleep(600)
+    _replace(src, dst)
+atomic.os.replace = stalled
+"""
+
 _SAVE_LOOP = textwrap.dedent("""
     import sys, torch
     sys.path.insert(0, {tests!r})
     from conftest import tiny_model
-    model = tiny_model()
-    print("ready", flush=True)
-    i = 0
-    while True:
-        with torch.no_grad():
-            model.encoder.up.weight.fill_(float(i % 2))
-        model.save_pretrained({path!r})
-        i += 1
+    model = tiny_model(nonzero=False)
+    with torch.no_grad():
+        model.encoder.up.weight.fill_(1.0)  # the new save's bytes differ from the saved zeros
 """)
 
 _STORE_LOOP = textwrap.dedent("""
+    import numpy as np
+    from diekae_rag.retrievers import PassageStore
+    store = PassageStore()
+    rng = np.random.default_rng(0)
+    def add():
+        v = rng.standard_normal((200, store.embedder.dim)).astype("float32")
+        v /= np.linalg.norm(v, axis=1, keepdims=True)
+        store.add_vectors(v, [{"doc_id": "d", "chunk_index": len(store) + j, "text": "t" * 50, "metadata": {}}
+                              for j in range(200)])
+""")
+
+
+def _kill_while_writing(code: str, timeout: float = 120) -> str:
+    """Run ``code`` until it prints that it stalls a rename, kill it there; the temp file it stalled on."""
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        line = proc.stdout.readline().strip()
+        assert line.startswith("writing "), f"the save never reached its stalled rename: {line!r}"
+        tmp = line.split(" ", 1)[1]
+        assert Path(tmp).exists(), "the kill lands while the new file is written, not yet in place"
+        return tmp
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout)
+
+
+def test_kill_during_checkpoint_save_keeps_a_complete_checkpoint(tmp_path):
+    path = tmp_path / "enc"
+    tiny_model(nonzero=False).save_pretrained(path)
+    code = _SAVE_LOOP.format(tests=str(ROOT / "tests")) + _STALL.format(stall=1) + f"model.save_pretrained({str(path)!r})\n"
+    tmp = _kill_while_writing(code)
+    assert Path(tmp).parent == path and Path(tmp).stat().st_size > 0, "the new weights were being written"
+    model = tiny_model(nonzero=False)
+    loaded = DiekaeModel.from_pretrained(path, decoder=model.decoder, tokenizer=model.tokenizer)
+    assert bool((loaded.encoder.up.weight == 0).all()), "the old checkpoint, whole"
+    # the same save, not killed, is the new one
+    subprocess.run([sys.executable, "-c", _SAVE_LOOP.format(tests=str(ROOT / "tests")) +
+                    f"model.save_pretrained({str(path)!r})\n"], check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    loaded = DiekaeModel.from_pretrained(path, decoder=model.decoder, tokenizer=model.tokenizer)
+    assert bool((loaded.encoder.up.weight == 1).all())
+
+
+@pytest.mark.parametrize("stall", [1, 2, 3, 4])  # chunks, embeddings, index, manifest of the second save
+def test_kill_during_store_save_keeps_a_complete_store(tmp_path, stall, real_embedder):
+    path = tmp_path / "store"
+    code = (_STORE_LOOP + f"add()\nstore.save({str(path)!r})\nadd()\n" + _STALL.format(stall=stall) +
+            f"store.save({str(path)!r})\n")
+    _kill_while_writing(code)
+    store = PassageStore.load(path, real_embedder)
+    assert len(store) == 200 == store.index.ntotal == len(store.vectors), "the first save, whole"
+
+
+# 8. loading while another process appends -------------------------------------------------
+_APPEND_LOOP = textwrap.dedent("""
     import numpy as np
     from diekae_rag.retrievers import PassageStore
     store = PassageStore()
@@ -126,41 +191,9 @@ _STORE_LOOP = textwrap.dedent("""
         store.save({path!r})
 """)
 
-
-def _run_and_kill(code: str, after: float) -> None:
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert proc.stdout.readline().strip() == "ready"
-    time.sleep(after)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-
-
-@pytest.mark.parametrize("after", [0.3, 0.7, 1.1])
-def test_kill_during_checkpoint_save_keeps_a_complete_checkpoint(tmp_path, after):
-    path = tmp_path / "enc"
-    tiny_model(nonzero=False).save_pretrained(path)
-    _run_and_kill(_SAVE_LOOP.format(tests=str(ROOT / "tests"), path=str(path)), after)
-    model = tiny_model(nonzero=False)
-    loaded = DiekaeModel.from_pretrained(path, decoder=model.decoder, tokenizer=model.tokenizer)
-    w = loaded.encoder.up.weight
-    assert bool((w == 0).all()) or bool((w == 1).all()), "the weights are one whole save, never a mix"
-
-
-@pytest.mark.parametrize("after", [2.5, 3.5])
-def test_kill_during_store_save_keeps_a_complete_store(tmp_path, after, real_embedder):
-    path = tmp_path / "store"
-    _run_and_kill(_STORE_LOOP.format(path=str(path)), after)
-    if not (path / "manifest.json").exists():
-        pytest.skip("killed before the first save finished")
-    store = PassageStore.load(path, real_embedder)
-    assert len(store) % 200 == 0 and len(store) == store.index.ntotal == len(store.vectors)
-
-
-# 8. loading while another process appends -------------------------------------------------
 def test_loading_while_another_process_appends(tmp_path, real_embedder):
     path = tmp_path / "store"
-    proc = subprocess.Popen([sys.executable, "-c", _STORE_LOOP.format(path=str(path))], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", _APPEND_LOOP.format(path=str(path))], stdout=subprocess.PIPE,
                             text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         assert proc.stdout.readline().strip() == "ready"
