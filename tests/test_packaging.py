@@ -21,3 +21,13 @@ def test_every_source_package_is_installed_under_diekae_rag():
     assert found == listed, (f"pyproject.toml [tool.setuptools] packages lacks {sorted(found - listed)} "
                              f"or lists {sorted(listed - found)}: a wheel would leave them out")
     assert all(n == "diekae_rag" or n.startswith("diekae_rag.") for n in listed), "no bare top-level package"
+
+
+def test_the_frameworks_are_extras_and_the_makefile_installs_them():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = {d.split("[")[0].split(">")[0].split("=")[0].strip() for d in project["dependencies"]}
+    assert not names & {"llama-index-core", "langchain-core", "langchain-community"}, "frameworks are extras"
+    extras = project["optional-dependencies"]
+    assert extras["llamaindex"] == ["llama-index-core"] and extras["langchain"] == ["langchain-core"]
+    assert set(extras["all"]) == {"llama-index-core", "langchain-core"}
+    assert "'.[all,test]'" in (ROOT / "Makefile").read_text()
