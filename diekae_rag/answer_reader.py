@@ -35,6 +35,7 @@ import json
 import math
 import re
 import threading
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
@@ -54,6 +55,10 @@ FROZEN = "embeddings.word_embeddings.weight"
 
 _MARKUP = re.compile(r"(?m)^[ \t]{0,3}(?:#{1,6}|[-*+]|>+)(?=[ \t])|\*{1,3}(?=\w)|(?<=\w)\*{1,3}")
 MARKUP_VERSION = "blanked-1"  # part of the fingerprint: stored passage sides read with this markup rule
+
+
+class QuestionCutWarning(UserWarning):
+    """The answer-start reader read only the end of a long question."""
 
 
 def without_markup(text: str) -> str:
@@ -196,11 +201,32 @@ class AnswerStartReader(nn.Module):
                 "token_type_ids": enc.get("token_type_ids"), "pair": enc["overflow_to_sample_mapping"],
                 "spans": spans}
 
+    def question_room(self) -> int:
+        """The most word-pieces of a question that a window holds beside its passage: the window less
+        its three special tokens and more than ``stride`` word-pieces of passage."""
+        return self.config.max_length - self.config.stride - 4
+
+    def read_questions(self, questions: Sequence[str]) -> list[str]:
+        """Each question as the reader reads it: a question longer than :meth:`question_room` is read
+        from its end (where it asks), with a warning that says how much of it the reader left out."""
+        room, out = self.question_room(), []
+        enc = self.tokenizer(list(questions), add_special_tokens=False, return_offsets_mapping=True)
+        for q, offsets in zip(questions, enc["offset_mapping"]):
+            if len(offsets) > room:
+                start = offsets[len(offsets) - room][0]
+                warnings.warn(f"The answer-start reader reads a question's last {room} word-pieces beside each "
+                              f"passage; it left out the first {len(offsets) - room} of this one's "
+                              f"{len(offsets)} (the decoder reads it whole).", QuestionCutWarning, stacklevel=4)
+                q = q[start:]
+            out.append(q)
+        return out
+
     def _tokenize(self, questions: Sequence[str], passages: Sequence[str]):
-        return self.tokenizer(list(questions), [without_markup(p) for p in passages], truncation="only_second",
-                             max_length=self.config.max_length, stride=self.config.stride,
-                             return_overflowing_tokens=True, return_offsets_mapping=True,
-                             padding=True, return_tensors="pt")
+        return self.tokenizer(self.read_questions(questions), [without_markup(p) for p in passages],
+                              truncation="only_second",
+                              max_length=self.config.max_length, stride=self.config.stride,
+                              return_overflowing_tokens=True, return_offsets_mapping=True,
+                              padding=True, return_tensors="pt")
 
     def forward(self, batch: dict) -> torch.Tensor:
         """(W, T) start logits; positions that cannot start an answer (question, padding,
@@ -328,7 +354,7 @@ class AnswerStartReader(nn.Module):
     def _question_sides(self, questions: Sequence[str]) -> list[torch.Tensor]:
         """Each question as [CLS] question [SEP] through the separate layers: (length, hidden)."""
         with self._lock:
-            enc = self.tokenizer(list(questions), padding=True, return_tensors="pt")
+            enc = self.tokenizer(self.read_questions(questions), padding=True, return_tensors="pt")
         dev = self.device
         mask = enc["attention_mask"].bool().to(dev)
         h = self.bert.embeddings(input_ids=enc["input_ids"].to(dev), token_type_ids=enc["token_type_ids"].to(dev))

@@ -62,7 +62,7 @@ class KnowledgeEncoding:
         self.values = ValueRows(decoder)
         self.tokenizer = tokenizer
         self.main = main
-        self.prompter = Prompter(tokenizer, main.config)
+        self.prompter = Prompter(tokenizer, main.config, getattr(decoder.config, "max_position_embeddings", None))
         self._prompters: dict[int, Prompter] = {}
         self.passage_prior: Optional[ScoreProvider] = PassagePrior()
         self.reader_dir = reader_dir

@@ -140,9 +140,11 @@ class EncoderBatch:
 class Prompter:
     """Builds token ids for the decoder and the encoders from one tokenizer and one config."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, config: EncoderConfig) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, config: EncoderConfig,
+                 max_prompt_tokens: Optional[int] = None) -> None:
         self.tok = tokenizer
         self.config = config
+        self.max_prompt_tokens = max_prompt_tokens  # the decoder's positions (None: unchecked)
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         self._encode = functools.lru_cache(maxsize=4096)(self._encode_uncached)
@@ -186,7 +188,14 @@ class Prompter:
         return f"{prefix}{history}{last}\nAnswer:"
 
     def prompt_ids(self, question: Question, passages: Sequence[str] = ()) -> list[int]:
-        return self.ids(self.prompt_text(question, passages))
+        """The decoder's prompt; one longer than the decoder's positions raises ``ValueError``."""
+        ids = self.ids(self.prompt_text(question, passages))
+        if self.max_prompt_tokens and len(ids) > self.max_prompt_tokens:
+            raise ValueError(f"The prompt is {len(ids)} tokens long; the decoder reads at most "
+                             f"{self.max_prompt_tokens}. Shorten the question" +
+                             (", or pass the passages with mode='diekae' (they then stay out of the prompt)."
+                              if passages else "."))
+        return ids
 
     def _frames(self) -> tuple[str, str, str, str]:
         """The chat template's text before the first question (``head``), after the last (``tail``),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -466,3 +467,20 @@ def test_a_reader_keeps_some_of_its_layers_and_saves_which(reader, tmp_path):
     assert back.fingerprint() != reader.fingerprint()
     with pytest.raises(ValueError, match=r"distinct indices in \[0, 1\]"):
         back.keep_layers([0, 2])
+
+
+def test_a_question_longer_than_a_window_is_read_from_its_end_with_a_warning(reader):
+    from diekae_rag.answer_reader import QuestionCutWarning
+    passage = "Marsul Vantrel is a glassmaker. Marsul is married to Ithpelith, a weaver from Calgra."
+    short = "Who is Marsul married to?"
+    assert reader.read_questions([short]) == [short]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a question that fits is read whole, without a word
+        reader.char_log_probs(short, [passage])
+    long = "Tell me everything. " * 400 + short
+    with pytest.warns(QuestionCutWarning, match="left out the first"):
+        cut = reader.read_questions([long])[0]
+    assert cut.endswith(short) and len(cut) < len(long)
+    with pytest.warns(QuestionCutWarning):
+        probs = reader.char_log_probs(long, [passage])
+    assert len(probs) == 1 and probs[0]

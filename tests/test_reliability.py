@@ -236,3 +236,13 @@ def test_eight_threads_share_a_model_and_a_retriever(real_embedder):
 
     alone = [call(i) for i in range(8)]
     assert in_threads(call, 8) == alone
+
+
+def test_a_question_longer_than_the_decoder_reads_gets_a_clear_error():
+    model = tiny_model()
+    limit = model.decoder.config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"the decoder reads at most {limit}. Shorten the question"):
+        model.generate("why " * limit, K[0], max_new_tokens=2)
+    with pytest.raises(ValueError, match="mode='diekae'"):
+        model.generate(Q[0], ["word " * limit], mode="in_context", max_new_tokens=2)
+    assert model.generate(Q[0], ["word " * limit], max_new_tokens=2) is not None, "passages to the encoders are cut, with a warning"
