@@ -29,7 +29,6 @@ installed MiniLM package.
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import json
 import math
@@ -46,7 +45,7 @@ from torch import nn
 
 from .atomic import atomic_write, atomic_write_text
 from .copy.config import GATE_NULLS
-from .copy.memory import LOG_FLOOR  # log-probability given to a token no answer can start at
+from .copy.memory import LOG_FLOOR, token_log_probs  # noqa: F401 - token_log_probs: readers' scores on tokens
 from .lru import LRU
 
 READER_CONFIG = "reader.json"
@@ -469,19 +468,3 @@ def every_window_no_answer(cls_logits: torch.Tensor, null: float) -> float:
     every = float(torch.logsumexp(cls_logits.float(), 0))
     log_starts = top - null + math.log1p(-math.exp(null))  # the starts' summed exp(logit)
     return every - float(np.logaddexp(log_starts, every))
-
-
-def token_log_probs(char_lp: dict[int, float], offsets: Sequence[tuple[int, int]]) -> list[float]:
-    """Map character log-probs onto tokens given by their character spans: a token gets the
-    best start inside its span (so " Ithp" gets the score of "Ithp"), else ``LOG_FLOOR``."""
-    if not char_lp:  # a passage the reader did not read
-        return [LOG_FLOOR] * len(offsets)
-    starts = sorted(char_lp)
-    out = []
-    for a, b in offsets:
-        best, i = LOG_FLOOR, bisect.bisect_left(starts, a)
-        while i < len(starts) and starts[i] < b:
-            best = max(best, char_lp[starts[i]])
-            i += 1
-        out.append(best)
-    return out

@@ -20,10 +20,9 @@ from tqdm import tqdm
 
 from .checkpoint import load_encoder, save_encoder
 from .config import EncoderConfig
-from .data.edits import read_jsonl
+from .data.edits import preferences, read_jsonl
 from .edit_scope import to_template
 from .encoder import DiekaeEncoder
-from .evaluation import preferences
 from .injection import injecting
 from .model import DiekaeModel
 

@@ -201,16 +201,3 @@ def plot_summary(summary: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def preferences(model: DiekaeModel, rows: list[tuple[str, str, str, Optional[list]]], mode: str,
-                batch_size: int = 32) -> list[bool]:
-    """For each (prompt, better, worse, knowledge): is NLL(better) < NLL(worse)? Batched."""
-    out = []
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i: i + batch_size]
-        prompts, better, worse, knowledge = (list(x) for x in zip(*chunk))
-        a = model.score_batch(prompts, better, knowledge, mode=mode)
-        b = model.score_batch(prompts, worse, knowledge, mode=mode)
-        out += [x < y for x, y in zip(a, b)]
-    return out

@@ -7,6 +7,8 @@ with other tokens than the passage). Built once per call, read by every position
 
 from __future__ import annotations
 
+import bisect
+
 from dataclasses import dataclass, replace
 from typing import Callable, Optional, Sequence
 
@@ -123,3 +125,19 @@ class KnowledgeLayout:
             for (start, spans), vals in zip(per, values[b]):
                 rows[b, start: start + len(spans)] = torch.tensor(vals, dtype=dtype)
         return rows.to(device)
+
+
+def token_log_probs(char_lp: dict[int, float], offsets: Sequence[tuple[int, int]]) -> list[float]:
+    """Map character log-probs onto tokens given by their character spans: a token gets the
+    best start inside its span (so " Ithp" gets the score of "Ithp"), else ``LOG_FLOOR``."""
+    if not char_lp:  # a passage the reader did not read
+        return [LOG_FLOOR] * len(offsets)
+    starts = sorted(char_lp)
+    out = []
+    for a, b in offsets:
+        best, i = LOG_FLOOR, bisect.bisect_left(starts, a)
+        while i < len(starts) and starts[i] < b:
+            best = max(best, char_lp[starts[i]])
+            i += 1
+        out.append(best)
+    return out

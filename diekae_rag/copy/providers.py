@@ -17,7 +17,7 @@ import torch
 
 from ..lru import LRU
 from .config import CopyConfig
-from .memory import LOG_FLOOR, KnowledgeLayout
+from .memory import LOG_FLOOR, KnowledgeLayout, token_log_probs
 
 
 class ScoreProvider(Protocol):
@@ -119,7 +119,6 @@ class ReaderScores:
     def slot_scores(self, questions, passages, layout, copy, device):
         if not copy.reader_weight:
             return None
-        from ..answer_reader import token_log_probs
         lps = [self.reader.char_log_probs(q, ps) if ps else [] for q, ps in zip(questions, passages)]
         if copy.start_merge:
             lps = [[merged_starts(lp, p, copy.start_merge) for lp, p in zip(item, ps)]

@@ -123,7 +123,6 @@ def build_edit_set(model, n: int = 100, seed: int = 0, n_neighbours: int = 3, n_
         retain += rng.sample([f for f in retain_pool if f not in retain], n_retain - len(retain))
         plans.append((rel, s, old, new, candidates, retain))
     checks = [(RELATIONS[r2][1].format(s=s2), o2, new) for *_, new, cands_, _ in plans for r2, s2, o2 in cands_]
-    from ..evaluation import preferences  # the editing metrics' own test, on the unedited decoder
     verdict = iter(preferences(model, [(p, truth, new, None) for p, truth, new in checks], "none"))
     edits = []
     for rel, s, old, new, candidates, retain in tqdm(plans, desc="building edits"):
@@ -179,3 +178,16 @@ def read_jsonl(path: str | Path, required: Optional[tuple[str, ...]] = None) -> 
     if not rows:
         raise ValueError(f"{path} holds no edits.")
     return rows
+
+
+def preferences(model, rows: list[tuple[str, str, str, Optional[list]]], mode: str,
+                batch_size: int = 32) -> list[bool]:
+    """For each (prompt, better, worse, knowledge): is NLL(better) < NLL(worse)? Batched."""
+    out = []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i: i + batch_size]
+        prompts, better, worse, knowledge = (list(x) for x in zip(*chunk))
+        a = model.score_batch(prompts, better, knowledge, mode=mode)
+        b = model.score_batch(prompts, worse, knowledge, mode=mode)
+        out += [x < y for x, y in zip(a, b)]
+    return out
