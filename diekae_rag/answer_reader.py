@@ -45,7 +45,6 @@ from torch import nn
 
 from .atomic import atomic_write, atomic_write_text
 from .copy.config import GATE_NULLS
-from .copy.memory import LOG_FLOOR, token_log_probs  # noqa: F401 - token_log_probs: readers' scores on tokens
 from .lru import LRU
 
 READER_CONFIG = "reader.json"

@@ -12,7 +12,7 @@ import argparse
 import json
 import random
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import _assert_only_first_rows_differ, _first_position_rows, _per_step_model, assert_decode_rows_equal_reencode, K, Q, tiny_model
 
-from diekae_rag.answer_reader import LOG_FLOOR, AnswerStartReader, ReaderConfig, every_window_no_answer, \
-    joint_char_log_probs, token_log_probs
+from diekae_rag.answer_reader import AnswerStartReader, ReaderConfig, every_window_no_answer, joint_char_log_probs
+from diekae_rag.copy.memory import LOG_FLOOR, token_log_probs
 from diekae_rag.data.mixture import Example
 from diekae_rag.training.reader import batch_losses, gold_pieces
 
