@@ -207,16 +207,19 @@ class AnswerStartReader(nn.Module):
     def read_questions(self, questions: Sequence[str]) -> list[str]:
         """Each question as the reader reads it: a question longer than :meth:`question_room` is read
         from its end (where it asks), with a warning that says how much of it the reader left out."""
-        room, out = self.question_room(), []
-        enc = self.tokenizer(list(questions), add_special_tokens=False, return_offsets_mapping=True)
-        for q, offsets in zip(questions, enc["offset_mapping"]):
+        room, out = self.question_room(), list(questions)
+        long = [i for i, q in enumerate(out) if len(q) > room]  # a word-piece spans at least one character
+        if not long:
+            return out
+        enc = self.tokenizer([out[i] for i in long], add_special_tokens=False, return_offsets_mapping=True)
+        for i, offsets in zip(long, enc["offset_mapping"]):
+            q = out[i]
             if len(offsets) > room:
                 start = offsets[len(offsets) - room][0]
                 warnings.warn(f"The answer-start reader reads a question's last {room} word-pieces beside each "
                               f"passage; it left out the first {len(offsets) - room} of this one's "
                               f"{len(offsets)} (the decoder reads it whole).", QuestionCutWarning, stacklevel=4)
-                q = q[start:]
-            out.append(q)
+                out[i] = q[start:]
         return out
 
     def _tokenize(self, questions: Sequence[str], passages: Sequence[str]):

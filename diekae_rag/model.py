@@ -140,7 +140,7 @@ class DiekaeModel:
         stop = stop_list(stop, gen_kwargs.pop("stop_strings", None))
         prompts, passages = self.prepare([question], [knowledge], mode)  # fail fast, in the caller's thread
         resolved = self._copy(copy)
-        gate, abstain = self._gate(prompts, passages, mode, resolved)
+        gate, abstain = call_gate(self.knowledge, prompts, passages, mode, resolved)
         if abstain[0]:
             yield resolved.no_answer_text
             return
@@ -213,10 +213,8 @@ class DiekaeModel:
                         copy: CopyOverride = None, gate: Optional[Sequence[float]] = None) -> Optional[Injection]:
         """Encode the passages and align the rows with the decoder's (padded) prompts.
 
-        Items with no passages get no rows. ``answers`` (teacher forcing) are read by the
-        encoders in per-step mode. ``gate``: each item's copy-gate strength (computed when None).
-        Edit encoders, when applied, are added on top.
-        """
+        Items with no passages get no rows; ``answers`` (teacher forcing) are read in per-step mode;
+        ``gate``: each item's copy-gate strength (computed when None); edit encoders add their own."""
         edits = [(enc, self.in_edit_scope(enc, prompts)) for enc in self.edit_encoders]
         sessions = encoder_sessions(self.knowledge, self.encoder, prompts, passages, decoder_mask, answers,
                                     self._copy(copy), gate, edits)
@@ -234,11 +232,8 @@ class DiekaeModel:
         """How far the copy gate opens for each item: 1.0 open, 0.0 closed, in between where
         ``copy.gate_ramp`` half-opens it (what the encoders write is scaled by it)."""
         prompts, passages = self.prepare(questions, knowledges)
-        gate, _ = self._gate(prompts, passages, "diekae", self._copy(copy))
+        gate, _ = call_gate(self.knowledge, prompts, passages, "diekae", self._copy(copy))
         return [1.0] * len(prompts) if gate is None else gate
-
-    def _gate(self, prompts, passages, mode: str, copy: CopyConfig) -> tuple[Optional[list[float]], list[bool]]:
-        return call_gate(self.knowledge, prompts, passages, mode, copy)
 
     def _copy(self, copy: CopyOverride) -> CopyConfig:
         if copy is None:
@@ -253,9 +248,8 @@ class DiekaeModel:
 
     def inspect(self, question: str, knowledge: Knowledge, answer: Optional[str] = None, copy: CopyOverride = None
                 ) -> Encoded:
-        """What the encoders and the copy readout make of one item, teacher-forced on ``answer``:
-        ``.readout.attention`` (1, heads, positions, slots), ``.readout.memory.ids`` (what each slot
-        writes), ``.ids`` (the tokens at those positions) and ``.first`` (where the answer begins)."""
+        """What the encoders and the copy readout make of one item, teacher-forced on ``answer``
+        (:class:`~diekae_rag.knowledge.Encoded`: the readout's attention and slots, the answer's start)."""
         copy = self.copy.with_overrides(copy)
         prompts, passages = self.prepare([question], [knowledge])
         answers = None if answer is None else [self.prompter.answer_ids(answer, with_eos=True)]
@@ -291,8 +285,8 @@ class DiekaeModel:
         gen_kwargs.setdefault("do_sample", False)
         copy = self._copy(copy)
         abstain = [False] * len(prompts)  # a caller that passes the gate has handled abstention
-        if gate is None:  # None from _gate itself costs nothing: the gate cannot close
-            gate, abstain = self._gate(prompts, passages, mode, copy)
+        if gate is None:  # None from call_gate costs nothing: the gate cannot close
+            gate, abstain = call_gate(self.knowledge, prompts, passages, mode, copy)
         if all(abstain):
             return [None] * len(prompts)
         with torch.inference_mode():
