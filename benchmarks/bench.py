@@ -1,6 +1,7 @@
 """The benchmark helpers behind ``python benchmarks/run.py`` and the other scripts here.
 
-In one process, on the same question and passages, for none / in_context / diekae at
+The default workload is real retrieval (`articles.py`): whole articles in a store, new questions
+over its top-k chunks, in a fresh process. Then, in one process, on the same question and passages, for none / in_context / diekae at
 k = 1, 3, 5, 10 passages of about 120 tokens: time to first token, latency for 32 new tokens,
 decode-step time, tokens the decoder reads and peak memory; medians over repeats. Also
 training cost (phase 1 with cached Δ vs recomputing the teacher; peak memory of phases 1 and 2),
@@ -423,7 +424,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--ks", type=int, nargs="+", default=[1, 3, 5, 10])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--skip", nargs="*", default=[],
-                    choices=["latency", "fresh", "batch", "training", "retrieval", "load"])
+                    choices=["articles", "latency", "fresh", "batch", "training", "retrieval", "load"])
+    ap.add_argument("--article-ks", type=int, nargs="+", default=[1, 5, 10, 20],
+                    help="k of the real-retrieval rows (benchmarks/articles.py)")
+    ap.add_argument("--questions", type=int, default=15, help="timed questions a k in the real-retrieval rows")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--fresh-runs", type=int, default=3, help="new processes timed by the fresh-process row")
     ap.add_argument("--compiled", nargs="?", const="auto", default=None, metavar="MODE",
@@ -447,6 +451,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     def save() -> None:  # after every section, so that an interrupted run keeps what it measured
         atomic_write_text(out / "bench.json", json.dumps(res, indent=2))
 
+    if "articles" not in args.skip:
+        from articles import bench_articles
+        res["articles"] = bench_articles(model, args.checkpoint, args.article_ks, args.questions)
+        save()
     with torch.inference_mode():
         if "latency" not in args.skip:
             res["latency"] = bench_latency(model, args.ks, repeats=args.repeats)
@@ -469,4 +477,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         res["load"] = bench_load()
         save()
     print(json.dumps({k: res[k] for k in ("hardware", "ratios", "training", "load") if k in res}, indent=2))
+    if "articles" in res:
+        print(json.dumps({"articles": [{k: v for k, v in r.items() if k != "times"} for r in res["articles"]["rows"]],
+                          "store": res["articles"]["store"]}, indent=2))
     return 0
