@@ -1,4 +1,4 @@
-"""Stored passage states: quality of float16 and int8 storage against encoding, and their size.
+"""Stored passage states: quality of float16, int8 and int4 storage against encoding, and their size.
 
     python benchmarks/state_store.py [CHECKPOINT] [--n 60]
 
@@ -23,7 +23,7 @@ from diekae_rag.data.mixture import DataSpec
 from diekae_rag.evaluation import evaluate_items
 from diekae_rag.indexing import attach_states, index_states
 
-DTYPES = ("float16", "int8")
+DTYPES = ("float16", "int8", "int4")
 
 
 def main() -> None:

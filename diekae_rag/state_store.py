@@ -19,7 +19,9 @@ is a hash of the encoder weights: states from other weights are refused with the
 rebuilds them. New segments go into a new shard (temp file, fsync, rename), then the manifest is
 replaced atomically, so a crash leaves the previous manifest pointing at complete shards.
 
-``dtype``: ``float16`` (default), ``float32``, or ``int8`` (one float16 scale per vector).
+``dtype``: ``float16`` (default), ``float32``, ``int8`` (one float16 scale per vector) or ``int4``
+(two values a byte, one float16 scale per channel of a segment: about 3.6 KB a knowledge token
+where float16 takes 14.6 KB; see docs/results.md, "Stored states").
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from .keys import reader_key, segment_key, text_key, tokens_key
 from .passage_cache import SegmentState
 
 FORMAT = "diekae-rag-states/1"
-DTYPES = ("float16", "float32", "int8")
+DTYPES = ("float16", "float32", "int8", "int4")
 
 
 class StateStoreError(ValueError):
@@ -63,6 +65,13 @@ def _pack(t: torch.Tensor, dtype: str) -> dict[str, torch.Tensor]:
     if dtype == "int8":
         scale = t.abs().amax(-1, keepdim=True).clamp_min(1e-8) / 127
         return {"q": torch.round(t / scale).to(torch.int8), "s": scale.to(torch.float16)}
+    if dtype == "int4":  # tensors are (..., tokens, channels): one scale per channel over the tokens
+        if t.dim() < 2 or t.shape[-1] % 2:
+            raise ValueError(f"int4 states need (..., tokens, channels) tensors with an even number of channels, "
+                             f"got shape {tuple(t.shape)}; store them as int8 or float16.")
+        scale = t.abs().amax(-2, keepdim=True).clamp_min(1e-8) / 7
+        q = (torch.round(t / scale).clamp(-7, 7) + 8).to(torch.uint8)
+        return {"q4": (q[..., 0::2] | (q[..., 1::2] << 4)).contiguous(), "s": scale.to(torch.float16)}
     return {"x": t.to(getattr(torch, dtype))}
 
 
@@ -70,6 +79,10 @@ def _unpack(get, name: str, stored: str, dtype: Optional[torch.dtype]) -> torch.
     """A stored tensor in ``dtype``; ``None``: as stored if a float type, float32 from int8."""
     if stored == "int8":
         return (get(f"{name}.q").to(torch.float32) * get(f"{name}.s").to(torch.float32)).to(dtype or torch.float32)
+    if stored == "int4":
+        packed = get(f"{name}.q4")
+        q = torch.stack([packed & 15, packed >> 4], -1).flatten(-2).to(torch.float32) - 8
+        return (q * get(f"{name}.s").to(torch.float32)).to(dtype or torch.float32)
     x = get(f"{name}.x")
     return x if dtype is None else x.to(dtype)
 
@@ -242,7 +255,7 @@ class PassageStateStore:
         total = 0
         for shard in self._shards:
             with safe_open(str(self.folder / shard), framework="pt") as f:
-                total += sum(f.get_slice(n).get_shape()[0] for n in f.keys() if n.endswith("/ids"))
+                total += sum(f.get_slice(n).get_shape()[0] for n in f.keys() if n.endswith("/ids") and _is_segment(n))
         return total
 
 
