@@ -15,6 +15,12 @@ passage's states after those n layers depend on the passage alone, so they are c
 passage is indexed and stored with its encoder states (:meth:`AnswerStartReader.passage_sides`);
 a question then costs its own n layers plus the joint top layers over k passages.
 
+With ``ReaderConfig.joint = "cross"`` every layer reads the passage alone (its side is stored whole)
+and one cross-attention (:class:`CrossReading`) reads each passage word-piece against the question's
+word-pieces, in an order whose cost per passage word-piece does not grow with the model's width
+squared: a question then costs its own layers and about 2 × heads × its length multiply-adds per
+passage word-piece and hidden unit (late interaction, as in ColBERT and DensePhrases).
+
 Markdown markup that never starts an answer (heading, list and quote markers, emphasis asterisks)
 is blanked before the reader reads a passage (:func:`without_markup`): its MiniLM was trained on
 prose, and put half its mass on the "#" of a heading.
@@ -74,6 +80,7 @@ class ReaderConfig:
     separate_layers: int = 0  # the first layers read question and passage apart (0: every layer reads them together)
     passage_position: int = 16  # position id of a passage's first word-piece when it is read alone
     layers: Optional[list[int]] = None  # which of the base's layers the reader keeps, in order (None: all)
+    joint: str = "layers"     # "layers": the top layers read both; "cross": one cross-attention does (CrossReading)
 
     @classmethod
     def from_dict(cls, data: dict) -> "ReaderConfig":
@@ -104,6 +111,7 @@ class AnswerStartReader(nn.Module):
         if self.config.layers is not None:
             self._keep(self.config.layers)
         self.head = nn.Linear(self.bert.config.hidden_size, 1)
+        self.cross = CrossReading(self.bert.config) if self.config.joint == "cross" else None
         self.check_config()
         self._lock = threading.Lock()  # a fast tokenizer with truncation/padding is not thread-safe
         self._recent = LRU(256)  # the last answers, by (question, passages)
@@ -115,6 +123,8 @@ class AnswerStartReader(nn.Module):
     def check_config(self) -> None:
         """Raise if the config does not fit the base model."""
         n_layers = len(self.bert.encoder.layer)
+        if self.config.joint not in JOINTS:
+            raise ValueError(f"joint must be one of {JOINTS}, got {self.config.joint!r}.")
         if not 0 <= self.config.separate_layers < n_layers:
             raise ValueError(f"separate_layers must be in [0, {n_layers - 1}] for {self.config.base_path()} "
                              f"({n_layers} layers), got {self.config.separate_layers}.")
@@ -172,8 +182,20 @@ class AnswerStartReader(nn.Module):
 
     @property
     def separate(self) -> int:
-        """How many of the first layers read the passage alone (0: none)."""
-        return self.config.separate_layers
+        """How many of the first layers read the passage alone (0: none; all of them with a cross joint)."""
+        return len(self.bert.encoder.layer) if self.cross is not None else self.config.separate_layers
+
+    def to_cross(self) -> "AnswerStartReader":
+        """Make this reader one whose every layer reads the passage alone and whose cross-attention
+        reads it against the question (``joint="cross"``), the cross-attention started from the last
+        layer's self-attention (a reader to distil from the joint one it was)."""
+        self.config = replace(self.config, joint="cross", separate_layers=0)
+        self.cross = CrossReading(self.bert.config).to(self.device)
+        self.cross.start_from(self.bert.encoder.layer[-1].attention)
+        self.check_config()
+        self.clear(passages=True)
+        self._fingerprint = None
+        return self
 
     def fingerprint(self) -> str:
         """A hash of the config and weights: what a stored passage side depends on (computed once;
@@ -264,16 +286,25 @@ class AnswerStartReader(nn.Module):
         lps, null = joint_char_log_probs(logits.cpu(), batch, len(passages))
         return lps, null, every_window_no_answer(logits[:, 0].cpu(), null)
 
-    def read_pairs(self, questions: Sequence[str], passages: Sequence[str]) -> tuple[torch.Tensor, dict]:
+    def read_pairs(self, questions: Sequence[str], passages: Sequence[str], hidden: bool = False
+                   ) -> tuple[torch.Tensor, dict]:
         """(W, T) start logits over the windows of (question, passage) pairs (as :meth:`forward`), and
         the windows' ``spans`` and ``pair``. With separate layers, each passage's side comes from
-        :meth:`passage_sides` (kept, stored, or read now) and only the question is read per call."""
+        :meth:`passage_sides` (kept, stored, or read now) and only the question is read per call.
+        With ``hidden``, the batch also holds ``hidden``: the (W, T, H) states the head read."""
         if not self.separate:
             batch = self.windows(questions, passages)
-            return self(batch), batch
+            kw = {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask", "token_type_ids")
+                  if batch.get(k) is not None}
+            h = self.bert(**kw).last_hidden_state
+            if hidden:
+                batch["hidden"] = h
+            return self._start_logits(h, batch["spans"]), batch
         sides = self.passage_sides(passages)
         unique = list(dict.fromkeys(questions))
         qside = dict(zip(unique, self._question_sides(unique)))
+        if self.cross is not None:
+            return self._read_across(questions, passages, sides, qside, hidden)
         rows, spans, pair = [], [], []
         for j, (q, p) in enumerate(zip(questions, passages)):
             side, hq = sides[p], qside[q]
@@ -288,7 +319,38 @@ class AnswerStartReader(nn.Module):
         batch = {"spans": nn.utils.rnn.pad_sequence(spans, batch_first=True, padding_value=-1),
                  "pair": torch.tensor(pair)}
         h = self._layers(h, mask.to(self.device), self.separate, len(self.bert.encoder.layer))
+        if hidden:
+            batch["hidden"] = h
         return self._start_logits(h, batch["spans"]), batch
+
+    def _read_across(self, questions: Sequence[str], passages: Sequence[str], sides: dict[str, "PassageSide"],
+                     qside: dict[str, torch.Tensor], hidden: bool) -> tuple[torch.Tensor, dict]:
+        """The cross joint: every window of every pair, its passage side against its question's."""
+        order = list(qside)
+        hp, mp, sp, pair, which = [], [], [], [], []
+        for j, (q, p) in enumerate(zip(questions, passages)):
+            side = sides[p]
+            hp.append(side.hidden)
+            mp.append(side.mask)
+            sp.append(side.spans)
+            pair += [j] * side.hidden.shape[0]
+            which += [order.index(q)] * side.hidden.shape[0]
+        T = max(h.shape[1] for h in hp)
+        pad = lambda x, v: nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, T - x.shape[1]), value=v)  # noqa: E731
+        Hp = torch.cat([pad(h, 0.0) for h in hp])
+        Mp = torch.cat([pad(m, False) for m in mp])
+        Sp = torch.cat([pad(s.long(), -1) for s in sp])
+        qs = [qside[q] for q in order]
+        Hq = nn.utils.rnn.pad_sequence(qs, batch_first=True)
+        Mq = nn.utils.rnn.pad_sequence([torch.ones(len(x), dtype=torch.bool) for x in qs], batch_first=True)
+        idx = torch.tensor(which, device=Hq.device)
+        z, z_null = self.cross(Hp.to(Hq.dtype), Mp.to(Hq.device), Hq[idx], Mq.to(Hq.device)[idx])
+        h = torch.cat([z_null[:, None], z], 1)
+        spans = torch.cat([torch.full((Sp.shape[0], 1, 2), -1, dtype=torch.long), Sp.cpu()], 1)
+        batch = {"spans": spans, "pair": torch.tensor(pair)}
+        if hidden:
+            batch["hidden"] = h
+        return self._start_logits(h, spans), batch
 
     def use_store(self, store) -> None:
         """Read passage sides from a :class:`~diekae_rag.state_store.PassageStateStore` (those stored
@@ -421,6 +483,74 @@ def serving_dtype(device: torch.device) -> torch.dtype:
     except AttributeError:  # a torch without these probes
         native = False
     return torch.bfloat16 if native else torch.float32
+
+
+JOINTS = ("layers", "cross")
+
+
+class CrossReading(nn.Module):
+    """One multi-head cross-attention each way between a passage read alone and its question read
+    alone, then the reader's head reads its output.
+
+    Starts: each passage word-piece attends over the question's word-pieces, ``z = LN(h + out)``.
+    "No answer": the question's [CLS] attends over the window's word-pieces, ``z0 = LN(q_cls + out0)``.
+    Both are computed with the projections folded onto the question's side (scores ``h · (Wq_h^T Wk_h q_j)``,
+    outputs ``Σ α (Wo_h Wv_h q_j)``; for "no answer" the passage states are pooled before ``Wo_h Wv_h``),
+    so a passage word-piece costs about 2 × heads × question length multiply-adds per hidden unit and no
+    hidden × hidden product."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        H, self.heads = config.hidden_size, config.num_attention_heads
+        self.hd = H // self.heads
+        self.q, self.k, self.v, self.o = (nn.Linear(H, H) for _ in range(4))        # passage -> question
+        self.q0, self.k0, self.v0, self.o0 = (nn.Linear(H, H) for _ in range(4))    # [CLS] -> passage
+        self.norm, self.norm0 = nn.LayerNorm(H, eps=config.layer_norm_eps), nn.LayerNorm(H, eps=config.layer_norm_eps)
+
+    def start_from(self, attention: nn.Module) -> None:
+        """Copy a BERT layer's self-attention (query, key, value, output dense and LayerNorm) into both ways."""
+        own = attention.self
+        with torch.no_grad():
+            for mine in ((self.q, self.k, self.v, self.o, self.norm), (self.q0, self.k0, self.v0, self.o0, self.norm0)):
+                for m, theirs in zip(mine, (own.query, own.key, own.value, attention.output.dense,
+                                            attention.output.LayerNorm)):
+                    m.load_state_dict(theirs.state_dict())
+
+    def _heads(self, lin: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+        """(heads, hd, H) weight and (heads, hd) bias of a projection."""
+        return lin.weight.view(self.heads, self.hd, -1), lin.bias.view(self.heads, self.hd)
+
+    def forward(self, hp: torch.Tensor, mp: torch.Tensor, hq: torch.Tensor, mq: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``hp`` (W, T, H) passage windows, ``mp`` (W, T) False on padding, ``hq`` (W, L, H) each
+        window's question, ``mq`` (W, L): the (W, T, H) states at the word-pieces and the (W, H)
+        "no answer" states."""
+        scale = self.hd ** -0.5
+        wq, bq = self._heads(self.q)
+        wk, bk = self._heads(self.k)
+        wv, bv = self._heads(self.v)
+        wo = self.o.weight.view(-1, self.heads, self.hd)                      # (H, heads, hd)
+        kq = torch.einsum("nhd,wld->wnlh", wk, hq) + bk[None, :, None]        # (W, n, L, hd) question keys
+        keys = torch.einsum("nhe,wnlh->wnle", wq, kq) * scale                 # (W, n, L, H): Wq^T k
+        kbias = torch.einsum("nh,wnlh->wnl", bq, kq) * scale                  # the query bias's part
+        vq = torch.einsum("nhd,wld->wnlh", wv, hq) + bv[None, :, None]        # (W, n, L, hd)
+        outs = torch.einsum("enh,wnlh->wnle", wo, vq)                         # (W, n, L, H): Wo_n v
+        att = torch.einsum("wte,wnle->wntl", hp, keys) + kbias[:, :, None]
+        att = att.masked_fill(~mq[:, None, None, :], torch.finfo(att.dtype).min).softmax(-1)
+        z = self.norm(hp + torch.einsum("wntl,wnle->wte", att, outs) + self.o.bias)
+        # "no answer": the question's [CLS] over the window's word-pieces
+        wq0, bq0 = self._heads(self.q0)
+        wk0, bk0 = self._heads(self.k0)
+        wv0, bv0 = self._heads(self.v0)
+        cls = hq[:, 0]
+        q0 = torch.einsum("nhd,wd->wnh", wq0, cls) + bq0                      # (W, n, hd)
+        u = torch.einsum("nhe,wnh->wne", wk0, q0) * scale                     # (W, n, H): Wk^T q
+        att0 = torch.einsum("wte,wne->wnt", hp, u) + (torch.einsum("nh,wnh->wn", bk0, q0) * scale)[..., None]
+        att0 = att0.masked_fill(~mp[:, None], torch.finfo(att0.dtype).min).softmax(-1)
+        pooled = torch.einsum("wnt,wte->wne", att0, hp)                       # (W, n, H)
+        v0 = torch.einsum("nhe,wne->wnh", wv0, pooled) + bv0                  # (W, n, hd)
+        z0 = self.norm0(cls + self.o0(v0.reshape(v0.shape[0], -1)))
+        return z, z0
 
 
 @dataclass

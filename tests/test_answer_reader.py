@@ -484,3 +484,148 @@ def test_a_question_longer_than_a_window_is_read_from_its_end_with_a_warning(rea
     with pytest.warns(QuestionCutWarning):
         probs = reader.char_log_probs(long, [passage])
     assert len(probs) == 1 and probs[0]
+
+
+@pytest.fixture(scope="module")
+def cross_reader(reader):
+    """The joint test reader made a cross-joint one: every layer reads the passage alone."""
+    torch.manual_seed(2)
+    r = AnswerStartReader(reader.config)
+    r.load_state_dict(reader.state_dict())
+    return r.to_cross().eval()
+
+
+def test_cross_reading_in_its_folded_order_is_a_cross_attention_each_way(cross_reader):
+    """The folded projections give what plain multi-head attention gives: passage word-pieces over the
+    question's (padding left out), and the question's [CLS] over the window's word-pieces."""
+    c = cross_reader.cross
+    torch.manual_seed(3)
+    W, T, L, H = 3, 7, 5, 384
+    hp, hq = torch.randn(W, T, H), torch.randn(W, L, H)
+    mp, mq = torch.ones(W, T, dtype=torch.bool), torch.ones(W, L, dtype=torch.bool)
+    mq[0, 3:], mp[1, 5:] = False, False
+
+    def attend(x, y, mask, q, k, v, o):
+        split = lambda t: t.view(W, -1, c.heads, c.hd).transpose(1, 2)  # noqa: E731
+        a = (split(q(x)) @ split(k(y)).transpose(-1, -2)) * c.hd ** -0.5
+        a = a.masked_fill(~mask[:, None, None, :], -1e30).softmax(-1)
+        return o((a @ split(v(y))).transpose(1, 2).reshape(W, -1, H))
+    with torch.no_grad():
+        z, z0 = c(hp, mp, hq, mq)
+        assert torch.allclose(z, c.norm(hp + attend(hp, hq, mq, c.q, c.k, c.v, c.o)), atol=1e-4)
+        assert torch.allclose(z0, c.norm0(hq[:, 0] + attend(hq[:, :1], hp, mp, c.q0, c.k0, c.v0, c.o0)[:, 0]), atol=1e-4)
+
+
+def test_a_cross_reader_reads_each_passage_once_stores_its_side_and_saves(cross_reader, tmp_path, monkeypatch):
+    from test_per_step import _per_step_model
+
+    from diekae_rag.state_store import PassageStateStore
+    q, ps = "Who is Marsul married to?", ["Marsul is married to Ithpelith. " + "Calgra is cold. " * 6, "Calgra is cold."]
+    assert cross_reader.separate == len(cross_reader.bert.encoder.layer), "every layer reads the passage alone"
+    cross_reader.clear(passages=True)
+    want = cross_reader.char_log_probs(q, ps)
+    assert 0 in want[0] and 21 in want[0] and ps[0].rindex("cold") in want[0], "every word-piece of a long passage"
+    assert 0.0 < sum(math.exp(v) for d in want for v in d.values()) <= 1.0 + 1e-5
+    monkeypatch.setattr(cross_reader, "_read_alone", lambda texts: pytest.fail("read again"))
+    assert cross_reader.char_log_probs("Where does Marsul live?", ps)[1] != want[1], "a new question, the same sides"
+    monkeypatch.undo()
+    store = PassageStateStore(tmp_path / "states", _per_step_model(isolation=True).encoder, dtype="int4")
+    store.add({}, sides=cross_reader.passage_sides(ps), reader=cross_reader.fingerprint())
+    cross_reader.clear(passages=True)
+    cross_reader.use_store(store)
+    try:
+        monkeypatch.setattr(cross_reader, "_read_alone", lambda texts: pytest.fail("not read from the store"))
+        got = cross_reader.char_log_probs(q + " ", ps)  # a new question: no kept answer
+        assert got[0].keys() == want[0].keys()
+    finally:
+        cross_reader.use_store(None)
+        monkeypatch.undo()
+    cross_reader.save_pretrained(tmp_path / "r")
+    back = AnswerStartReader.from_pretrained(tmp_path / "r")
+    assert back.config.joint == "cross" and back.cross is not None
+    assert back.no_answer_log_prob(q, ps) == pytest.approx(cross_reader.no_answer_log_prob(q, ps), abs=2e-2)
+    with pytest.raises(ValueError, match="joint must be one of"):
+        AnswerStartReader(ReaderConfig(joint="late"))
+
+
+def test_distilling_a_cross_reader_with_the_layerwise_loss(reader, cross_reader):
+    """The layer-wise loss is 0 against itself and positive against the joint teacher; training falls."""
+    from dataclasses import replace as _replace
+    ex = Example("Who is Marsul married to?", ["Marsul is married to Ithpelith. Ithpelith weaves.", "Calgra is cold."],
+                 "Ithpelith", "Mortel")
+    teacher = reader.eval()
+    with torch.no_grad():
+        same = batch_losses(teacher, [ex], teacher, distill=0.0, layerwise=1.0)[0]
+        assert same == pytest.approx(float(batch_losses(teacher, [ex])[0]), abs=1e-5)
+        assert batch_losses(cross_reader, [ex], teacher, distill=0.0, layerwise=1.0)[0] > \
+            batch_losses(cross_reader, [ex])[0] + 1e-3
+    student = AnswerStartReader(_replace(cross_reader.config))
+    student.load_state_dict(cross_reader.state_dict())
+    student.train()
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for _ in range(5):
+        loss = batch_losses(student, [ex], teacher, distill=1.0, layerwise=1.0)[0].mean()
+        losses.append(float(loss.detach()))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[-1] < losses[0]
+
+
+def _squad_files(folder):
+    """Four tiny SQuAD-format training files: one article of three paragraphs, the others of one."""
+    import json
+    from diekae_rag.data.squad import TRAIN_FILES
+    paras = [("Marsul lives in Calgra. Marsul weaves baskets.", "Where does Marsul live?", "Calgra"),
+             ("Calgra is a cold town by the sea.", "What is Calgra by?", "the sea"),
+             ("The Thornvale railway opened in 1881.", "When did the Thornvale railway open?", "1881")]
+    for i, name in enumerate(TRAIN_FILES):
+        chosen = paras if i == 0 else paras[:1]
+        data = {"data": [{"title": f"article{i}", "paragraphs": [
+            {"context": c, "qas": [{"question": q + " " * i, "answers": [{"text": a, "answer_start": c.index(a)}]}]}
+            for c, q, a in chosen]}]}
+        (folder / name).write_text(json.dumps(data))
+    return folder
+
+
+def test_same_article_items_take_their_passages_and_negatives_from_their_article(tmp_path):
+    from diekae_rag.training.reader import SameArticle
+    spec = {"k": [3], "negatives": 0.5, "ramp": [10, 20], "seed": 1}
+    articles = SameArticle(spec, held={"Where does Marsul live?"}, data_dir=_squad_files(tmp_path))
+    assert "Where does Marsul live?" not in [f.question for f in articles.facts], "held-out questions stay out"
+    assert articles.negatives(0) == 0.0 and articles.negatives(15) == pytest.approx(0.25)
+    assert articles.negatives(20) == articles.negatives(99) == 0.5
+    by_question = {f.question: i for i, f in enumerate(articles.facts)}
+    i = by_question["What is Calgra by?"]
+    early = [articles.example(i, step) for step in range(10)]
+    assert all(ex.answerable and "Calgra is a cold town by the sea." in ex.passages for ex in early)
+    assert all(len(ex.passages) == 2 for ex in early), "the other paragraphs of its own article, not another's"
+    assert articles.example(i, 30) == articles.example(i, 30), "an (item, step) is drawn the same way every time"
+    late = [articles.example(i, step) for step in range(30, 90)]
+    negatives = [ex for ex in late if not ex.answerable]
+    assert 10 < len(negatives) < 50
+    assert all("the sea" not in p for ex in negatives for p in ex.passages), "a negative's passages lack the answer"
+
+
+def test_a_reader_run_resumes_from_its_last_point(reader, tmp_path):
+    from diekae_rag.training.reader import _load_resume, _save_resume
+    student = AnswerStartReader(reader.config)
+    student.load_state_dict(reader.state_dict())
+    student.train()
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-3)
+    ex = Example("Who is Marsul married to?", ["Marsul is married to Ithpelith."], "Ithpelith", "Mortel")
+    loss = batch_losses(student, [ex])[0].mean()
+    loss.backward()
+    opt.step()
+    _save_resume(tmp_path, student, opt, 7, [{"step": 7}], {"lr": 1e-3})
+    _save_resume(tmp_path, student, opt, 8, [{"step": 8}], {"lr": 1e-3})
+    assert len(list(tmp_path.glob("step-*"))) == 1, "only the last point's weights are kept"
+    fresh = AnswerStartReader(reader.config)
+    fresh_opt = torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad], lr=1e-3)
+    point = _load_resume(tmp_path, fresh, fresh_opt)
+    assert point["step"] == 8 and point["history"] == [{"step": 8}] and point["config"] == {"lr": 1e-3}
+    mine, theirs = student.state_dict(), fresh.state_dict()
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine), "the reader's weights as they were"
+    assert fresh_opt.state_dict()["state"].keys() == opt.state_dict()["state"].keys()
+    assert _load_resume(tmp_path / "none", fresh, fresh_opt) is None

@@ -13,6 +13,22 @@ term next to the gold loss), so that what the gate's threshold was chosen on car
 ``layers`` keeps only some of ``init``'s layers (e.g. ``[0, 2, 4]``: a reader that reads in half
 the time), to be distilled from ``init`` in the same way.
 
+``joint="cross"`` turns ``init`` into a reader whose every layer reads the passage alone and whose
+one cross-attention reads it against the question (:class:`~diekae_rag.answer_reader.CrossReading`),
+to be distilled from ``teacher``; ``layerwise`` then weighs DeFormer's layer-wise loss on the
+passage side: the mean squared distance between the states its head reads at each passage
+word-piece and the teacher's last states at the same word-piece.
+
+``same_article`` trains on every SQuAD-Shifts training question (but the held-out ones), each over its
+paragraph and up to ``k - 1`` other paragraphs of the same article (:class:`SameArticle`); the share of
+negatives (paragraphs of the same article without the answer, "no answer" their target) grows from 0
+to ``negatives`` between the steps of ``ramp``, so that "no answer" is learned on same-topic passages
+after the starts are.
+
+A run keeps a resume point in ``out/resume`` (the reader, optimizer state and step, written atomically
+every ``eval_every`` steps): started again with the same config, it goes on from there, so a long
+distillation can be run across sessions of ``max_minutes``.
+
 ``conversations`` mixes in follow-up questions read as the gate reads them, with their earlier turns
 (:func:`~diekae_rag.data.followups.conversation_question`): fictional ones
 (:func:`~diekae_rag.data.followups.make_followups`) and SQuAD-format ones
@@ -60,6 +76,9 @@ class ReaderTrainConfig:
     teacher: str = ""        # a saved reader to distil from ("init": the one it starts from; "": the gold loss alone)
     distill: float = 1.0     # weight of the KL to the teacher
     conversations: dict = field(default_factory=dict)  # {"fictional": n, "squad": n, "k": 3, "seed": s}: follow-ups mixed in
+    joint: Optional[str] = None  # "cross": make init a cross-joint reader (AnswerStartReader.to_cross); None: keep init's
+    layerwise: float = 0.0       # weight of the layer-wise states loss to the teacher (needs teacher)
+    same_article: dict = field(default_factory=dict)  # {"k": [1, 2, 3], "negatives": 0.4, "ramp": [a, b], "seed": s}
 
     @classmethod
     def from_file(cls, path: str) -> "ReaderTrainConfig":
@@ -106,25 +125,48 @@ def _kl_to_teacher(lg: torch.Tensor, batch: dict, target: tuple[list[dict[int, f
     return (t.exp() * (t - torch.log_softmax(flat, 0))).sum()
 
 
+def _states_by_piece(h: torch.Tensor, batch: dict) -> dict[tuple[int, int], torch.Tensor]:
+    """{(pair, character): the state at that passage word-piece} of one item's windows (the first window's)."""
+    out: dict[tuple[int, int], torch.Tensor] = {}
+    starts = batch["spans"][:, :, 0]
+    for w in range(h.shape[0]):
+        p = int(batch["pair"][w])
+        for t in torch.nonzero(starts[w] >= 0)[:, 0].tolist():
+            out.setdefault((p, int(starts[w, t])), h[w, t])
+    return out
+
+
+def _layerwise(h: torch.Tensor, sub: dict, t_h: torch.Tensor, t_sub: dict) -> torch.Tensor:
+    """Mean squared distance between the reader's and the teacher's states at the word-pieces both read."""
+    mine, theirs = _states_by_piece(h, sub), _states_by_piece(t_h, t_sub)
+    both = [key for key in mine if key in theirs]
+    if not both:
+        return h.sum() * 0.0
+    return (torch.stack([mine[k] for k in both]) - torch.stack([theirs[k] for k in both]).to(h)).pow(2).mean()
+
+
 def _per_item(batch: dict, owner: torch.Tensor, i: int) -> tuple[torch.Tensor, dict]:
     sel = torch.nonzero(owner == i)[:, 0]
     return sel, {"spans": batch["spans"][sel], "pair": batch["pair"][sel] - int(batch["pair"][sel].min())}
 
 
 def batch_losses(reader: AnswerStartReader, items: Sequence[Example], teacher: Optional[AnswerStartReader] = None,
-                 distill: float = 1.0, taught: Optional[Sequence[bool]] = None) -> tuple[torch.Tensor, list[bool]]:
-    """Per item, -log P(gold start) (plus ``distill`` × the KL to ``teacher``'s distribution, on the
-    items ``taught`` marks, default all) and whether its top start is a gold start. All (question,
-    passage) pairs of the batch go through the reader in one forward."""
+                 distill: float = 1.0, taught: Optional[Sequence[bool]] = None, layerwise: float = 0.0
+                 ) -> tuple[torch.Tensor, list[bool]]:
+    """Per item, -log P(gold start) (plus ``distill`` × the KL to ``teacher``'s distribution and
+    ``layerwise`` × the distance to its last states, on the items ``taught`` marks, default all) and
+    whether its top start is a gold start. All (question, passage) pairs of the batch go through the
+    reader in one forward."""
     pairs = [(ex.question, p, i) for i, ex in enumerate(items) for p in ex.passages]
     questions, passages = [q for q, _, _ in pairs], [p for _, p, _ in pairs]
     def owners(windows: dict) -> torch.Tensor:  # the item each window belongs to
         return torch.tensor([pairs[int(w)][2] for w in windows["pair"]])
-    start, batch = reader.read_pairs(questions, passages)
+    states = bool(layerwise) and teacher is not None
+    start, batch = reader.read_pairs(questions, passages, hidden=states)
     owner = owners(batch)
     if teacher is not None:
         with torch.no_grad():
-            t_start, t_batch = teacher.read_pairs(questions, passages)
+            t_start, t_batch = teacher.read_pairs(questions, passages, hidden=states)
         t_owner = owners(t_batch)
     losses, right = [], []
     for i, ex in enumerate(items):
@@ -135,6 +177,9 @@ def batch_losses(reader: AnswerStartReader, items: Sequence[Example], teacher: O
             t_sel, t_sub = _per_item(t_batch, t_owner, i)
             target = joint_char_log_probs(t_start[t_sel.to(t_start.device)].cpu(), t_sub, len(ex.passages))
             loss = loss + distill * _kl_to_teacher(lg, sub, target)
+            if states:
+                loss = loss + layerwise * _layerwise(batch["hidden"][sel.to(start.device)], sub,
+                                                     t_batch["hidden"][t_sel.to(t_start.device)], t_sub)
         losses.append(loss)
         right.append(ok)
     return torch.stack(losses), right
@@ -213,6 +258,74 @@ def held_out_questions(n_dev: int) -> set[str]:
     return {ex.question for d in sets for ex in d} | turns
 
 
+class SameArticle:
+    """Every SQuAD-Shifts training question (but ``held``), each read over its paragraph and other
+    paragraphs of its article; a ``negatives(step)`` share gets only paragraphs of its article that do
+    not hold its answer. Each (item, step) is drawn from its own seed, so a resumed run sees the same."""
+
+    def __init__(self, spec: dict, held: set[str], data_dir=None) -> None:
+        from ..data.squad import TRAIN_FILES, load_squad_items
+        self.spec = spec
+        self.facts = [f for f in load_squad_items(TRAIN_FILES, data_dir, seed=spec.get("seed", 0))
+                      if f.question not in held]
+        self.pools: dict[str, list[str]] = {}
+        for f in self.facts:
+            pool = self.pools.setdefault(f.subject, [])
+            if f.passage not in pool:
+                pool.append(f.passage)
+
+    def __len__(self) -> int:
+        return len(self.facts)
+
+    def negatives(self, step: int) -> float:
+        """The share of negatives at ``step``: 0 before ``ramp[0]``, ``negatives`` from ``ramp[1]``."""
+        a, b = self.spec.get("ramp", [0, 0])
+        top = self.spec.get("negatives", 0.0)
+        return top if step >= b else 0.0 if step < a else top * (step - a) / max(b - a, 1)
+
+    def example(self, i: int, step: int) -> Example:
+        f = self.facts[i]
+        rng = random.Random(f"{self.spec.get('seed', 0)}/{i}/{step}")
+        k = rng.choice(list(self.spec.get("k", [1, 2, 3])))
+        others = [p for p in self.pools[f.subject] if p != f.passage and f.answer not in p]
+        negative = bool(others) and rng.random() < self.negatives(step)
+        picked = rng.sample(others, min(len(others), k if negative else k - 1))
+        passages = picked if negative else picked + [f.passage]
+        rng.shuffle(passages)
+        return Example(f.question, passages, f.answer, f.distractor, answerable=not negative)
+
+
+def _load_resume(folder: Path, reader: AnswerStartReader, opt) -> Optional[dict]:
+    """The resume point in ``folder`` (its reader weights loaded into ``reader``, its optimizer state
+    into ``opt``), or None."""
+    if not (folder / "trainer.pt").exists():
+        return None
+    from safetensors.torch import load_file
+    from ..answer_reader import READER_WEIGHTS
+    point = torch.load(folder / "trainer.pt", weights_only=False)
+    state = load_file(str(folder / point["weights"]))
+    reader.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    opt.load_state_dict(point["optimizer"])
+    return point
+
+
+def _save_resume(folder: Path, reader: AnswerStartReader, opt, step: int, history: list, config: dict) -> None:
+    """Write the resume point: the reader's float32 weights, then the optimizer state and step (last,
+    atomically, so a run killed while saving resumes from the point before)."""
+    from safetensors.torch import save_file
+    from ..answer_reader import FROZEN, READER_WEIGHTS
+    from ..atomic import atomic_write
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().contiguous().cpu() for k, v in reader.state_dict().items() if not k.endswith(FROZEN)}
+    name = f"step-{step}-{READER_WEIGHTS}"
+    atomic_write(folder / name, lambda tmp: save_file(weights, str(tmp)))
+    point = {"optimizer": opt.state_dict(), "step": step, "history": history, "config": config, "weights": name}
+    atomic_write(folder / "trainer.pt", lambda tmp: torch.save(point, tmp))
+    for old in folder.glob(f"step-*-{READER_WEIGHTS}"):
+        if old.name != name:
+            old.unlink()
+
+
 def train_reader(cfg: ReaderTrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
@@ -225,6 +338,8 @@ def train_reader(cfg: ReaderTrainConfig) -> dict:
     if cfg.separate_layers is not None:
         reader.config = replace(reader.config, separate_layers=cfg.separate_layers)
         reader.check_config()
+    if cfg.joint == "cross" and reader.cross is None:
+        reader.to_cross()
     teacher_path = cfg.init if cfg.teacher == "init" else cfg.teacher
     teacher = AnswerStartReader.from_pretrained(teacher_path).eval() if teacher_path else None
     reader.train()
@@ -234,24 +349,35 @@ def train_reader(cfg: ReaderTrainConfig) -> dict:
     held = held_out_questions(cfg.n_dev)
     items = [ex for ex in items if ex.question not in held]
     followups = conversation_items(cfg.conversations, held) if cfg.conversations else []
+    articles = SameArticle(cfg.same_article, held) if cfg.same_article else None
     plain = len(items)
-    items = [(ex, True) for ex in items] + [(ex, False) for ex in followups]  # (item, taught by the teacher)
-    heads = [p for n, p in reader.named_parameters() if n.split(".")[0] == "head"]
-    body = [p for n, p in reader.named_parameters() if p.requires_grad and n.split(".")[0] != "head"]
+    # (item, taught by the teacher); an int is an index into ``articles``, drawn anew at each step
+    items = [(ex, True) for ex in items] + [(ex, False) for ex in followups] + \
+        [(i, True) for i in range(len(articles) if articles else 0)]
+    heads = [p for n, p in reader.named_parameters() if n.split(".")[0] in ("head", "cross")]
+    body = [p for n, p in reader.named_parameters() if p.requires_grad and n.split(".")[0] not in ("head", "cross")]
     opt = torch.optim.AdamW([{"params": body, "lr": cfg.lr},
                              {"params": heads, "lr": cfg.head_lr}], weight_decay=0.01)
     steps = min(cfg.max_steps, len(items) // cfg.items_per_step)
-    history = [{"step": 0, **dev_row(reader, dev)}]
-    print(json.dumps(history[-1]), flush=True)
-    t0, step, recent = time.time(), 0, []
-    bar = tqdm(total=steps, desc="reader")
     rng.shuffle(items)
+    resume = Path(cfg.out) / "resume"
+    point = _load_resume(resume, reader, opt)
+    if point is not None and point["config"] != asdict(cfg):
+        raise ValueError(f"{resume} holds a run of another config; use another `out`, or delete {resume} "
+                         "to start this one afresh.")
+    step, history = (point["step"], point["history"]) if point else (0, [{"step": 0, **dev_row(reader, dev)}])
+    if point is None:
+        print(json.dumps(history[-1]), flush=True)
+    t0, recent = time.time(), []
+    bar = tqdm(total=steps, initial=step, desc="reader")
     while step < steps and (time.time() - t0) < cfg.max_minutes * 60:
         frac = step / steps
         for g, base in zip(opt.param_groups, (cfg.lr, cfg.head_lr)):
             g["lr"] = base * min(1.0, (step + 1) / 50) * max(0.05, 1 - frac)
-        batch = items[step * cfg.items_per_step: (step + 1) * cfg.items_per_step]
-        loss = batch_losses(reader, [ex for ex, _ in batch], teacher, cfg.distill, [t for _, t in batch])[0].mean()
+        batch = [(articles.example(ex, step) if isinstance(ex, int) else ex, taught)
+                 for ex, taught in items[step * cfg.items_per_step: (step + 1) * cfg.items_per_step]]
+        loss = batch_losses(reader, [ex for ex, _ in batch], teacher, cfg.distill, [t for _, t in batch],
+                            cfg.layerwise)[0].mean()
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(body, 1.0)
@@ -262,16 +388,19 @@ def train_reader(cfg: ReaderTrainConfig) -> dict:
         bar.set_postfix(loss=sum(recent[-50:]) / len(recent[-50:]))
         if step % cfg.eval_every == 0:
             history.append({"step": step, "loss": sum(recent[-50:]) / len(recent[-50:]),
-                            **dev_row(reader, dev)})
+                            **({"negatives": articles.negatives(step)} if articles else {}), **dev_row(reader, dev)})
             print(json.dumps(history[-1]), flush=True)
             reader.save_pretrained(cfg.out)
+            _save_resume(resume, reader, opt, step, history, asdict(cfg))
     bar.close()
-    history.append({"step": step, "loss": sum(recent[-50:]) / max(len(recent[-50:]), 1),
-                    **dev_row(reader, dev)})
-    print(json.dumps(history[-1]), flush=True)
+    if not history or history[-1]["step"] != step:
+        history.append({"step": step, "loss": sum(recent[-50:]) / max(len(recent[-50:]), 1), **dev_row(reader, dev)})
+        print(json.dumps(history[-1]), flush=True)
+        _save_resume(resume, reader, opt, step, history, asdict(cfg))
     reader.save_pretrained(cfg.out)
-    summary = {"config": asdict(cfg), "steps": step, "minutes": (time.time() - t0) / 60,
-               "items": {"plain": plain, "conversations": len(followups)}, "history": history}
+    summary = {"config": asdict(cfg), "steps": step, "of_steps": steps, "minutes": (time.time() - t0) / 60,
+               "items": {"plain": plain, "conversations": len(followups), "same_article": len(articles or [])},
+               "history": history}
     atomic_write_text(Path(cfg.out) / "summary.json", json.dumps(summary, indent=2))
     plot_history(history, Path(cfg.out) / "summary.png")
     return summary
@@ -284,8 +413,9 @@ def plot_history(history: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for name in [k for k in history[0] if k != "step"]:
-        ax.plot([h["step"] for h in history], [h[name] for h in history], marker="o", label=name)
+    for name in [k for k in history[-1] if k not in ("step", "loss")]:
+        pts = [(h["step"], h[name]) for h in history if name in h]
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=name)
     ax.set_xlabel("step")
     ax.set_ylabel("top start is the answer's")
     ax.set_ylim(0, 1)
