@@ -83,7 +83,8 @@ def questions_for(ks, n: int, articles: list[dict]) -> dict[str, list[str]]:
     return {str(k): picked[i * (n + 1): (i + 1) * (n + 1)] for i, k in enumerate(ks)}
 
 
-def bench_articles(model, checkpoint: Optional[str], ks=(1, 5, 10, 20), n: int = 15) -> dict:
+def bench_articles(model, checkpoint: Optional[str], ks=(1, 5, 10, 20), n: int = 15,
+                   states_dtype: Optional[str] = None) -> dict:
     """Time to the first token per mode and k over real retrieval (the module docstring): medians,
     ratios, and the store's size (chunks, knowledge tokens, bytes of stored states per chunk and per
     knowledge token)."""
@@ -96,7 +97,7 @@ def bench_articles(model, checkpoint: Optional[str], ks=(1, 5, 10, 20), n: int =
         docs.mkdir()
         for a in articles:
             (docs / f"{a['title']}.txt").write_text("\n\n".join(p["context"] for p in a["paragraphs"]), encoding="utf-8")
-        store = open_or_build(docs, Path(tmp) / "store", model=model, progress=False)
+        store = open_or_build(docs, Path(tmp) / "store", model=model, progress=False, states_dtype=states_dtype)
         states = model.knowledge.state_store
         size = {"chunks": len(store), "knowledge_tokens": states.knowledge_tokens(), "state_bytes": states.bytes,
                 "states_dtype": states.dtype}

@@ -428,6 +428,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--article-ks", type=int, nargs="+", default=[1, 5, 10, 20],
                     help="k of the real-retrieval rows (benchmarks/articles.py)")
     ap.add_argument("--questions", type=int, default=15, help="timed questions a k in the real-retrieval rows")
+    ap.add_argument("--states-dtype", default=None, choices=["float16", "float32", "int8", "int4"],
+                    help="how the real-retrieval store keeps passage states (default: the store's default)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--fresh-runs", type=int, default=3, help="new processes timed by the fresh-process row")
     ap.add_argument("--compiled", nargs="?", const="auto", default=None, metavar="MODE",
@@ -453,7 +455,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     if "articles" not in args.skip:
         from articles import bench_articles
-        res["articles"] = bench_articles(model, args.checkpoint, args.article_ks, args.questions)
+        res["articles"] = bench_articles(model, args.checkpoint, args.article_ks, args.questions,
+                                         args.states_dtype)
         save()
     with torch.inference_mode():
         if "latency" not in args.skip:

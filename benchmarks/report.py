@@ -104,8 +104,25 @@ def readme_negatives(path):
               f"**{_f(d['acc'])}** / {_f(d['f1'])} / {_f(d['copy'])} | {_f(d.get('gated'))} |")
 
 
+def readme_articles(bench_path):
+    """Time to the first token over real retrieval (benchmarks/articles.py), one row per k."""
+    r = json.load(open(bench_path))
+    if "articles" not in r:
+        return
+    a, st = r["articles"], r["articles"]["store"]
+    print(f"| top-k chunks of {st['chunks']} (4 articles) | no knowledge | in-context RAG | **DIEKÆ**, states from the store "
+          "| DIEKÆ / none | DIEKÆ / in-context |")
+    print("|---|---|---|---|---|---|")
+    for x in a["rows"]:
+        print(f"| k={x['k']} | {x['none_ttft_s'] * 1000:.0f} ms | {x['in_context_ttft_s'] * 1000:.0f} ms | "
+              f"**{x['diekae_ttft_s'] * 1000:.0f} ms** | {x['diekae/none']:.2f}× | {x['diekae/in_context']:.2f}× |")
+    print(f"\nStored states: {st['bytes_per_knowledge_token'] / 1024:.1f} KB a knowledge token ({st['states_dtype']}), "
+          f"{st['bytes_per_chunk'] / 2**20:.2f} MB a chunk.\n")
+
+
 def readme_cost(bench_path, step_path):
     """TTFT and decode step at k=5, one row per configuration."""
+    readme_articles(bench_path)
     r, steps = json.load(open(bench_path)), json.load(open(step_path))
     lat = {x["mode"]: x for x in r["latency"] if x["k"] == 5}
     step = next(x for x in steps["rows"] if x["k"] == 5)

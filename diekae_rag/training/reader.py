@@ -25,8 +25,8 @@ negatives (paragraphs of the same article without the answer, "no answer" their 
 to ``negatives`` between the steps of ``ramp``, so that "no answer" is learned on same-topic passages
 after the starts are.
 
-A run keeps a resume point in ``out/resume`` (the reader, optimizer state and step, written atomically
-every ``eval_every`` steps): started again with the same config, it goes on from there, so a long
+A run keeps a resume point in ``out/resume`` (the reader, optimizer state and step, safetensors + JSON,
+written atomically every ``eval_every`` steps): started again with the same config, it goes on from there, so a long
 distillation can be run across sessions of ``max_minutes``.
 
 ``conversations`` mixes in follow-up questions read as the gate reads them, with their earlier turns
@@ -298,31 +298,35 @@ class SameArticle:
 def _load_resume(folder: Path, reader: AnswerStartReader, opt) -> Optional[dict]:
     """The resume point in ``folder`` (its reader weights loaded into ``reader``, its optimizer state
     into ``opt``), or None."""
-    if not (folder / "trainer.pt").exists():
+    if not (folder / "trainer.json").exists():
         return None
     from safetensors.torch import load_file
-    from ..answer_reader import READER_WEIGHTS
-    point = torch.load(folder / "trainer.pt", weights_only=False)
+    from .trainer import _load_optimizer_state
+    point = json.loads((folder / "trainer.json").read_text())
     state = load_file(str(folder / point["weights"]))
     reader.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-    opt.load_state_dict(point["optimizer"])
+    _load_optimizer_state(opt, load_file(str(folder / point["optimizer_tensors"])), point["optimizer"])
     return point
 
 
 def _save_resume(folder: Path, reader: AnswerStartReader, opt, step: int, history: list, config: dict) -> None:
-    """Write the resume point: the reader's float32 weights, then the optimizer state and step (last,
-    atomically, so a run killed while saving resumes from the point before)."""
+    """Write the resume point (safetensors + JSON): the reader's float32 weights and the optimizer's
+    tensors under new names, then ``trainer.json`` naming them (last, atomically, so a run killed while
+    saving resumes from the point before); then the older files go."""
     from safetensors.torch import save_file
-    from ..answer_reader import FROZEN, READER_WEIGHTS
+    from ..answer_reader import FROZEN
     from ..atomic import atomic_write
+    from .trainer import _optimizer_state
     folder.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().contiguous().cpu() for k, v in reader.state_dict().items() if not k.endswith(FROZEN)}
-    name = f"step-{step}-{READER_WEIGHTS}"
-    atomic_write(folder / name, lambda tmp: save_file(weights, str(tmp)))
-    point = {"optimizer": opt.state_dict(), "step": step, "history": history, "config": config, "weights": name}
-    atomic_write(folder / "trainer.pt", lambda tmp: torch.save(point, tmp))
-    for old in folder.glob(f"step-*-{READER_WEIGHTS}"):
-        if old.name != name:
+    tensors, meta = _optimizer_state(opt)
+    names = {"weights": f"step-{step}-reader.safetensors", "optimizer_tensors": f"step-{step}-optimizer.safetensors"}
+    atomic_write(folder / names["weights"], lambda tmp: save_file(weights, str(tmp)))
+    atomic_write(folder / names["optimizer_tensors"], lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write_text(folder / "trainer.json", json.dumps({"step": step, "history": history, "config": config,
+                                                           "optimizer": meta, **names}))
+    for old in folder.glob("step-*.safetensors"):
+        if old.name not in names.values():
             old.unlink()
 
 
