@@ -326,7 +326,7 @@ class AnswerStartReader(nn.Module):
     def _read_across(self, questions: Sequence[str], passages: Sequence[str], sides: dict[str, "PassageSide"],
                      qside: dict[str, torch.Tensor], hidden: bool) -> tuple[torch.Tensor, dict]:
         """The cross joint: every window of every pair, its passage side against its question's."""
-        order = list(qside)
+        order = {q: i for i, q in enumerate(qside)}
         hp, mp, sp, pair, which = [], [], [], [], []
         for j, (q, p) in enumerate(zip(questions, passages)):
             side = sides[p]
@@ -334,7 +334,7 @@ class AnswerStartReader(nn.Module):
             mp.append(side.mask)
             sp.append(side.spans)
             pair += [j] * side.hidden.shape[0]
-            which += [order.index(q)] * side.hidden.shape[0]
+            which += [order[q]] * side.hidden.shape[0]
         T = max(h.shape[1] for h in hp)
         pad = lambda x, v: nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, T - x.shape[1]), value=v)  # noqa: E731
         Hp = torch.cat([pad(h, 0.0) for h in hp])

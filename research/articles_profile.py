@@ -61,15 +61,11 @@ def main() -> None:
             prof.disable()
             times.append(time.perf_counter() - t)
     text = io.StringIO()
-    text.write(f"checkpoint {args.checkpoint or 'shipped'}, k={args.k}, states {store_dtype(args)}, "
+    text.write(f"checkpoint {args.checkpoint or 'shipped'}, k={args.k}, states {args.states_dtype or 'float16'}, "
                f"{args.calls} calls: median {statistics.median(times) * 1000:.0f} ms to the first token\n\n")
     pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(r"diekae_rag|modeling_llama.py:427|_prefill", 40)
     atomic_write_text(args.out, text.getvalue())
     print(text.getvalue())
-
-
-def store_dtype(args) -> str:
-    return args.states_dtype or "float16"
 
 
 if __name__ == "__main__":
