@@ -30,6 +30,8 @@ _ASK = """
 import json, sys, time
 import torch
 torch.set_num_threads(int(sys.argv[3]))
+sys.path.insert(0, sys.argv[5])
+from articles import forget_kept
 from diekae_rag import DiekaeModel
 from diekae_rag.retrievers import PassageStore
 from diekae_rag.state_store import states_folder
@@ -39,16 +41,6 @@ store = PassageStore.load(sys.argv[1])
 attach_states(model, states_folder(sys.argv[1]))
 warm_up(model)
 plan = json.loads(sys.argv[2])
-know = model.knowledge
-readers = [r for r in (model.answer_reader,) if r is not None]
-
-def forget():  # what one call kept: the next one reads states from the store and the question anew
-    know.passage_cache.clear()
-    for r in readers:
-        r.clear(passages=True)
-    if model.passage_prior is not None and hasattr(model.passage_prior, "clear"):
-        model.passage_prior.clear()
-
 out = {}
 for k in plan["ks"]:
     times = {m: [] for m in plan["modes"]}
@@ -57,7 +49,7 @@ for k in plan["ks"]:
         passages = [p.text for p in store.search(q, k)]  # retrieval embeds the question; the prior and gate reuse it
         modes = plan["modes"][i % len(plan["modes"]):] + plan["modes"][:i % len(plan["modes"])]
         for m in modes:
-            forget()
+            forget_kept(model)
             t = time.perf_counter()
             with torch.inference_mode():
                 model.generate(q, passages, mode=m, max_new_tokens=1)
@@ -66,6 +58,16 @@ for k in plan["ks"]:
     out[str(k)] = times
 print(json.dumps(out))
 """
+
+
+def forget_kept(model) -> None:
+    """Forget what the last call kept in memory (passage states, the reader's answers and passage
+    sides, the prior's vectors), so that the next call reads states from the store and its question anew."""
+    model.knowledge.passage_cache.clear()
+    if model.answer_reader is not None:
+        model.answer_reader.clear(passages=True)
+    if model.passage_prior is not None and hasattr(model.passage_prior, "clear"):
+        model.passage_prior.clear()
 
 
 def load_articles(path: Path = ARTICLES) -> list[dict]:
@@ -104,7 +106,7 @@ def bench_articles(model, checkpoint: Optional[str], ks=(1, 5, 10, 20), n: int =
         model.knowledge.attach_store(attached, model.encoder)
         plan = {"ks": list(ks), "modes": list(MODES), "questions": questions_for(ks, n, articles)}
         run = subprocess.run([sys.executable, "-c", _ASK, str(Path(tmp) / "store"), json.dumps(plan),
-                              str(torch.get_num_threads()), checkpoint or ""],
+                              str(torch.get_num_threads()), checkpoint or "", str(Path(__file__).parent)],
                              capture_output=True, text=True)
         if run.returncode:
             raise RuntimeError(f"The articles benchmark's process failed:\n{run.stderr[-3000:]}")

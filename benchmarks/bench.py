@@ -1,9 +1,10 @@
 """The benchmark helpers behind ``python benchmarks/run.py`` and the other scripts here.
 
 The default workload is real retrieval (`articles.py`): whole articles in a store, new questions
-over its top-k chunks, in a fresh process. Then, in one process, on the same question and passages, for none / in_context / diekae at
-k = 1, 3, 5, 10 passages of about 120 tokens: time to first token, latency for 32 new tokens,
-decode-step time, tokens the decoder reads and peak memory; medians over repeats. Also
+over its top-k chunks, in a fresh process. Then, in one process, on the same question and
+passages, for none / in_context / diekae at k = 1, 3, 5, 10 passages of about 120 tokens: time
+to first token, latency for 32 new tokens, decode-step time, tokens the decoder reads and peak
+memory; medians over repeats. Also
 training cost (phase 1 with cached Δ vs recomputing the teacher; peak memory of phases 1 and 2),
 batch throughput and FAISS retrieval at 10k / 100k chunks. Writes JSON and PNG plots.
 """

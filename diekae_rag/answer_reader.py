@@ -254,9 +254,13 @@ class AnswerStartReader(nn.Module):
     def forward(self, batch: dict) -> torch.Tensor:
         """(W, T) start logits; positions that cannot start an answer (question, padding,
         special tokens except [CLS]) are -inf."""
+        return self._start_logits(self._joint_states(batch), batch["spans"])
+
+    def _joint_states(self, batch: dict) -> torch.Tensor:
+        """(W, T, H) last states of MiniLM over :meth:`windows`' (question, passage) windows."""
         kw = {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask", "token_type_ids")
               if batch.get(k) is not None}
-        return self._start_logits(self.bert(**kw).last_hidden_state, batch["spans"])
+        return self.bert(**kw).last_hidden_state
 
     def char_log_probs(self, question: str, passages: Sequence[str]) -> list[dict[int, float]]:
         """For each passage, {character offset: log P(answer starts at the word-piece there)},
@@ -294,9 +298,7 @@ class AnswerStartReader(nn.Module):
         With ``hidden``, the batch also holds ``hidden``: the (W, T, H) states the head read."""
         if not self.separate:
             batch = self.windows(questions, passages)
-            kw = {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask", "token_type_ids")
-                  if batch.get(k) is not None}
-            h = self.bert(**kw).last_hidden_state
+            h = self._joint_states(batch)
             if hidden:
                 batch["hidden"] = h
             return self._start_logits(h, batch["spans"]), batch
@@ -343,8 +345,8 @@ class AnswerStartReader(nn.Module):
         qs = [qside[q] for q in order]
         Hq = nn.utils.rnn.pad_sequence(qs, batch_first=True)
         Mq = nn.utils.rnn.pad_sequence([torch.ones(len(x), dtype=torch.bool) for x in qs], batch_first=True)
-        idx = torch.tensor(which, device=Hq.device)
-        z, z_null = self.cross(Hp.to(Hq.dtype), Mp.to(Hq.device), Hq[idx], Mq.to(Hq.device)[idx])
+        z, z_null = self.cross(Hp.to(Hq.dtype), Mp.to(Hq.device), Hq, Mq.to(Hq.device),
+                               torch.tensor(which, device=Hq.device))
         h = torch.cat([z_null[:, None], z], 1)
         spans = torch.cat([torch.full((Sp.shape[0], 1, 2), -1, dtype=torch.long), Sp.cpu()], 1)
         batch = {"spans": spans, "pair": torch.tensor(pair)}
@@ -520,29 +522,31 @@ class CrossReading(nn.Module):
         """(heads, hd, H) weight and (heads, hd) bias of a projection."""
         return lin.weight.view(self.heads, self.hd, -1), lin.bias.view(self.heads, self.hd)
 
-    def forward(self, hp: torch.Tensor, mp: torch.Tensor, hq: torch.Tensor, mq: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``hp`` (W, T, H) passage windows, ``mp`` (W, T) False on padding, ``hq`` (W, L, H) each
-        window's question, ``mq`` (W, L): the (W, T, H) states at the word-pieces and the (W, H)
-        "no answer" states."""
+    def forward(self, hp: torch.Tensor, mp: torch.Tensor, hq: torch.Tensor, mq: torch.Tensor,
+                which: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``hp`` (W, T, H) passage windows, ``mp`` (W, T) False on padding, ``hq`` (U, L, H) the
+        questions, ``mq`` (U, L), ``which`` (W,) each window's question (default: window i reads
+        question i): the (W, T, H) states at the word-pieces and the (W, H) "no answer" states. A
+        question's folded keys and outputs are made once, however many windows read it."""
+        which = torch.arange(hp.shape[0], device=hp.device) if which is None else which
         scale = self.hd ** -0.5
         wq, bq = self._heads(self.q)
         wk, bk = self._heads(self.k)
         wv, bv = self._heads(self.v)
         wo = self.o.weight.view(-1, self.heads, self.hd)                      # (H, heads, hd)
-        kq = torch.einsum("nhd,wld->wnlh", wk, hq) + bk[None, :, None]        # (W, n, L, hd) question keys
-        keys = torch.einsum("nhe,wnlh->wnle", wq, kq) * scale                 # (W, n, L, H): Wq^T k
-        kbias = torch.einsum("nh,wnlh->wnl", bq, kq) * scale                  # the query bias's part
-        vq = torch.einsum("nhd,wld->wnlh", wv, hq) + bv[None, :, None]        # (W, n, L, hd)
-        outs = torch.einsum("enh,wnlh->wnle", wo, vq)                         # (W, n, L, H): Wo_n v
-        att = torch.einsum("wte,wnle->wntl", hp, keys) + kbias[:, :, None]
-        att = att.masked_fill(~mq[:, None, None, :], torch.finfo(att.dtype).min).softmax(-1)
-        z = self.norm(hp + torch.einsum("wntl,wnle->wte", att, outs) + self.o.bias)
+        kq = torch.einsum("nhd,uld->unlh", wk, hq) + bk[None, :, None]        # (U, n, L, hd) question keys
+        keys = torch.einsum("nhe,unlh->unle", wq, kq) * scale                 # (U, n, L, H): Wq^T k
+        kbias = torch.einsum("nh,unlh->unl", bq, kq) * scale                  # the query bias's part
+        vq = torch.einsum("nhd,uld->unlh", wv, hq) + bv[None, :, None]        # (U, n, L, hd)
+        outs = torch.einsum("enh,unlh->unle", wo, vq)                         # (U, n, L, H): Wo_n v
+        att = torch.einsum("wte,wnle->wntl", hp, keys[which]) + kbias[which][:, :, None]
+        att = att.masked_fill(~mq[which][:, None, None, :], torch.finfo(att.dtype).min).softmax(-1)
+        z = self.norm(hp + torch.einsum("wntl,wnle->wte", att, outs[which]) + self.o.bias)
         # "no answer": the question's [CLS] over the window's word-pieces
         wq0, bq0 = self._heads(self.q0)
         wk0, bk0 = self._heads(self.k0)
         wv0, bv0 = self._heads(self.v0)
-        cls = hq[:, 0]
+        cls = hq[which, 0]
         q0 = torch.einsum("nhd,wd->wnh", wq0, cls) + bq0                      # (W, n, hd)
         u = torch.einsum("nhe,wnh->wne", wk0, q0) * scale                     # (W, n, H): Wk^T q
         att0 = torch.einsum("wte,wne->wnt", hp, u) + (torch.einsum("nh,wnh->wn", bk0, q0) * scale)[..., None]

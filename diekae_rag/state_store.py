@@ -20,8 +20,8 @@ rebuilds them. New segments go into a new shard (temp file, fsync, rename), then
 replaced atomically, so a crash leaves the previous manifest pointing at complete shards.
 
 ``dtype``: ``float16`` (default), ``float32``, ``int8`` (one float16 scale per vector) or ``int4``
-(two values a byte, one float16 scale per channel of a segment: about 3.6 KB a knowledge token
-where float16 takes 14.6 KB; see docs/results.md, "Stored states").
+(two values a byte, one float16 scale per channel of a segment: 3.9 KB a knowledge token where
+float16 takes 14.7 KB; see docs/results.md, "Stored states").
 """
 
 from __future__ import annotations

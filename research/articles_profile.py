@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from articles import load_articles, questions_for  # noqa: E402
+from articles import forget_kept, load_articles, questions_for  # noqa: E402
 
 from diekae_rag import DiekaeModel  # noqa: E402
 from diekae_rag.atomic import atomic_write_text  # noqa: E402
@@ -49,11 +49,7 @@ def main() -> None:
         for q in questions_for([args.k], args.calls, articles)[str(args.k)][1:]:
             store.embedder.forget_queries()
             passages = [p.text for p in store.search(q, args.k)]  # embeds the question, as retrieval does
-            model.knowledge.passage_cache.clear()
-            if model.answer_reader is not None:
-                model.answer_reader.clear(passages=True)
-            if model.passage_prior is not None:
-                model.passage_prior.clear()
+            forget_kept(model)
             t = time.perf_counter()
             prof.enable()
             with torch.inference_mode():

@@ -624,9 +624,11 @@ def test_a_reader_run_resumes_from_its_last_point(reader, tmp_path):
         "only the last point's files are kept"
     fresh = AnswerStartReader(reader.config)
     fresh_opt = torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad], lr=1e-3)
-    point = _load_resume(tmp_path, fresh, fresh_opt)
+    with pytest.raises(ValueError, match="another config"):
+        _load_resume(tmp_path, fresh, fresh_opt, {"lr": 2e-3})
+    point = _load_resume(tmp_path, fresh, fresh_opt, {"lr": 1e-3})
     assert point["step"] == 8 and point["history"] == [{"step": 8}] and point["config"] == {"lr": 1e-3}
     mine, theirs = student.state_dict(), fresh.state_dict()
     assert all(torch.equal(mine[k], theirs[k]) for k in mine), "the reader's weights as they were"
     assert fresh_opt.state_dict()["state"].keys() == opt.state_dict()["state"].keys()
-    assert _load_resume(tmp_path / "none", fresh, fresh_opt) is None
+    assert _load_resume(tmp_path / "none", fresh, fresh_opt, {"lr": 1e-3}) is None

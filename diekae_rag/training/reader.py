@@ -295,14 +295,17 @@ class SameArticle:
         return Example(f.question, passages, f.answer, f.distractor, answerable=not negative)
 
 
-def _load_resume(folder: Path, reader: AnswerStartReader, opt) -> Optional[dict]:
+def _load_resume(folder: Path, reader: AnswerStartReader, opt, config: dict) -> Optional[dict]:
     """The resume point in ``folder`` (its reader weights loaded into ``reader``, its optimizer state
-    into ``opt``), or None."""
+    into ``opt``), or None; a point of another ``config`` is refused before anything is loaded."""
     if not (folder / "trainer.json").exists():
         return None
     from safetensors.torch import load_file
     from .trainer import _load_optimizer_state
     point = json.loads((folder / "trainer.json").read_text())
+    if point["config"] != config:
+        raise ValueError(f"{folder} holds a run of another config; use another `out`, or delete {folder} "
+                         "to start this one afresh.")
     state = load_file(str(folder / point["weights"]))
     reader.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     _load_optimizer_state(opt, load_file(str(folder / point["optimizer_tensors"])), point["optimizer"])
@@ -365,10 +368,7 @@ def train_reader(cfg: ReaderTrainConfig) -> dict:
     steps = min(cfg.max_steps, len(items) // cfg.items_per_step)
     rng.shuffle(items)
     resume = Path(cfg.out) / "resume"
-    point = _load_resume(resume, reader, opt)
-    if point is not None and point["config"] != asdict(cfg):
-        raise ValueError(f"{resume} holds a run of another config; use another `out`, or delete {resume} "
-                         "to start this one afresh.")
+    point = _load_resume(resume, reader, opt, asdict(cfg))
     step, history = (point["step"], point["history"]) if point else (0, [{"step": 0, **dev_row(reader, dev)}])
     if point is None:
         print(json.dumps(history[-1]), flush=True)
