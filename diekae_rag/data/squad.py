@@ -13,6 +13,7 @@ from .fictional import Fact
 
 TRAIN_FILES = ("new_wiki_v1.0.json", "nyt_v1.0.json", "reddit_v1.0.json", "amazon_reviews_v1.0.json")
 DEV_FILE = "squad_v1.1_dev_part_a.json"
+MAX_PASSAGE_CHARS = 900  # training items: paragraphs longer than this are left out by default
 
 
 def default_data_dir() -> Path:
@@ -74,7 +75,7 @@ def add_distractors(items: list[Fact], seed: int = 0) -> list[Fact]:
 
 
 def load_squad_items(files: Iterable[str], data_dir: Optional[Path] = None, n: Optional[int] = None,
-                     seed: int = 0, max_passage_chars: Optional[int] = 900) -> list[Fact]:
+                     seed: int = 0, max_passage_chars: Optional[int] = MAX_PASSAGE_CHARS) -> list[Fact]:
     """Items from several SQuAD files, shuffled, with distractors."""
     data_dir = data_dir or default_data_dir()
     items: list[Fact] = []

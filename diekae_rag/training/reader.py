@@ -260,16 +260,17 @@ def held_out_questions(n_dev: int) -> set[str]:
 
 
 class SameArticle:
-    """Every SQuAD-Shifts training question (but ``held``; with ``max_passage_chars``, default 900, only
-    those of shorter paragraphs: 28,070 before the held-out ones, against 37,636 with ``None``), each read over its paragraph and other
+    """Every SQuAD-Shifts training question (but ``held``; with the spec's ``max_passage_chars``, default
+    900, only those of shorter paragraphs: 28,070 before the held-out ones, against 37,636 with
+    ``None``), each read over its paragraph and other
     paragraphs of its article; a ``negatives(step)`` share gets only paragraphs of its article that do
     not hold its answer. Each (item, step) is drawn from its own seed, so a resumed run sees the same."""
 
     def __init__(self, spec: dict, held: set[str], data_dir=None) -> None:
-        from ..data.squad import TRAIN_FILES, load_squad_items
+        from ..data.squad import MAX_PASSAGE_CHARS, TRAIN_FILES, load_squad_items
         self.spec = spec
         self.facts = [f for f in load_squad_items(TRAIN_FILES, data_dir, seed=spec.get("seed", 0),
-                                                  max_passage_chars=spec.get("max_passage_chars", 900))
+                                                  max_passage_chars=spec.get("max_passage_chars", MAX_PASSAGE_CHARS))
                       if f.question not in held]
         self.pools: dict[str, list[str]] = {}
         for f in self.facts:
