@@ -636,6 +636,8 @@ def test_a_reader_run_resumes_from_its_last_point(reader, tmp_path):
     fresh_opt = torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad], lr=1e-3)
     with pytest.raises(ValueError, match="another config"):
         _load_resume(tmp_path, fresh, fresh_opt, {"lr": 2e-3})
+    point = _load_resume(tmp_path, fresh, fresh_opt, {"lr": 1e-3, "max_minutes": 90})
+    assert point is not None, "another time budget resumes the same run"
     point = _load_resume(tmp_path, fresh, fresh_opt, {"lr": 1e-3})
     assert point["step"] == 8 and point["history"] == [{"step": 8}] and point["config"] == {"lr": 1e-3}
     mine, theirs = student.state_dict(), fresh.state_dict()

@@ -299,15 +299,21 @@ class SameArticle:
         return Example(f.question, passages, f.answer, f.distractor, answerable=not negative)
 
 
+def _what_trains(config: dict) -> dict:
+    """A run's config less its time budget: a run resumed with another ``max_minutes`` is the same run."""
+    return {k: v for k, v in config.items() if k != "max_minutes"}
+
+
 def _load_resume(folder: Path, reader: AnswerStartReader, opt, config: dict) -> Optional[dict]:
     """The resume point in ``folder`` (its reader weights loaded into ``reader``, its optimizer state
-    into ``opt``), or None; a point of another ``config`` is refused before anything is loaded."""
+    into ``opt``), or None; a point of another ``config`` (but for ``max_minutes``) is refused before
+    anything is loaded."""
     if not (folder / "trainer.json").exists():
         return None
     from safetensors.torch import load_file
     from .trainer import _load_optimizer_state
     point = json.loads((folder / "trainer.json").read_text())
-    if point["config"] != config:
+    if _what_trains(point["config"]) != _what_trains(config):
         raise ValueError(f"{folder} holds a run of another config; use another `out`, or delete {folder} "
                          "to start this one afresh.")
     state = load_file(str(folder / point["weights"]))
