@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     ix.add_argument("docs")
     ix.add_argument("store_dir")
     ix.add_argument("--checkpoint", default=None, help="encoder folder (default: shipped)")
-    ix.add_argument("--states-dtype", choices=["float16", "float32", "int8", "int4"], default=None)
+    ix.add_argument("--states-dtype", choices=["float16", "float32", "int8", "int4"], default=None,
+                    help="how a new store keeps the passage states (default int4; an existing store keeps its own)")
     ix.set_defaults(func=_index)
     sh = sub.add_parser("ship", help="copy a checkpoint (float16) into the package as the default encoders")
     sh.add_argument("checkpoint")

@@ -33,7 +33,8 @@ def index_states(model: "DiekaeModel", passages: Sequence[Any], folder: Union[st
                  ) -> PassageStateStore:
     """Compute the passages' encoder states once (those not stored yet), keep them on disk in
     ``folder`` and attach them to ``model``: its queries then read a passage's states instead of
-    encoding it. ``dtype``: ``"float16"`` (the default for a new folder), ``"float32"``, ``"int8"`` or ``"int4"`` (:data:`~diekae_rag.state_store.DTYPES`).
+    encoding it. ``dtype``: ``"int4"`` (the default for a new folder), ``"float16"``, ``"float32"`` or
+    ``"int8"`` (:data:`~diekae_rag.state_store.DTYPES`).
     ``vectors``: {text: unit vector} already computed by the passage prior's embedder (e.g. the FAISS
     store's, when it uses the same model), so those passages are not embedded again."""
     _isolated(model, "Stored passage states")

@@ -19,9 +19,13 @@ is a hash of the encoder weights: states from other weights are refused with the
 rebuilds them. New segments go into a new shard (temp file, fsync, rename), then the manifest is
 replaced atomically, so a crash leaves the previous manifest pointing at complete shards.
 
-``dtype``: ``float16`` (default), ``float32``, ``int8`` (one float16 scale per vector) or ``int4``
-(two values a byte, one float16 scale per channel of a segment: 3.9 KB a knowledge token where
-float16 takes 14.7 KB; see docs/results.md, "Stored states").
+``dtype``: ``int4`` (default: two values a byte, one float16 scale per channel of a segment; about
+4 KB a knowledge token, a quarter of float16), ``float16``, ``float32`` or ``int8`` (one float16 scale
+per vector). Under int8 and int4 only the
+encoders' keys and values are quantised: the copy keys stay float16 (``keys_dtype`` in the manifest),
+as the copy's scores are sharp enough that int4 copy keys changed answers and int4 keys and values
+did not (docs/results.md, "Stored states"). A manifest without ``keys_dtype`` holds copy keys in its
+``dtype``.
 """
 
 from __future__ import annotations
@@ -41,6 +45,12 @@ from .passage_cache import SegmentState
 
 FORMAT = "diekae-rag-states/1"
 DTYPES = ("float16", "float32", "int8", "int4")
+DEFAULT_DTYPE = "int4"  # a new store's (docs/results.md, "Stored states": no dev answer changed against float16)
+
+
+def keys_dtype(dtype: str) -> str:
+    """How a store of ``dtype`` keeps the copy keys: float16 under an integer dtype, else ``dtype``."""
+    return "float16" if dtype in ("int8", "int4") else dtype
 
 
 class StateStoreError(ValueError):
@@ -76,13 +86,16 @@ def _pack(t: torch.Tensor, dtype: str) -> dict[str, torch.Tensor]:
 
 
 def _unpack(get, name: str, stored: str, dtype: Optional[torch.dtype]) -> torch.Tensor:
-    """A stored tensor in ``dtype``; ``None``: as stored if a float type, float32 from int8."""
+    """A stored tensor in ``dtype``; ``None``: as stored if a float type, float16 from int8 and int4
+    (their rounding to float16 is far below the quantisation step, and memory keeps half of float32)."""
     if stored == "int8":
-        return (get(f"{name}.q").to(torch.float32) * get(f"{name}.s").to(torch.float32)).to(dtype or torch.float32)
-    if stored == "int4":
-        packed = get(f"{name}.q4")
-        q = torch.stack([packed & 15, packed >> 4], -1).flatten(-2).to(torch.float32) - 8
-        return (q * get(f"{name}.s").to(torch.float32)).to(dtype or torch.float32)
+        return (get(f"{name}.q").to(torch.float32) * get(f"{name}.s").to(torch.float32)).to(dtype or torch.float16)
+    if stored == "int4":  # each byte's two values written straight into float32, then (q - 8) * scale in one op
+        packed, scale = get(f"{name}.q4"), get(f"{name}.s").to(torch.float32)
+        q = torch.empty((*packed.shape, 2), dtype=torch.float32)
+        q[..., 0] = packed & 15
+        q[..., 1] = packed >> 4
+        return torch.addcmul(scale * -8, q.flatten(-2), scale).to(dtype or torch.float16)
     x = get(f"{name}.x")
     return x if dtype is None else x.to(dtype)
 
@@ -96,7 +109,8 @@ class PassageStateStore:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}.")
         self.folder = Path(folder)
         self.encoder_sha = encoder_hash(encoder)
-        self.dtype = dtype or "float16"
+        self.dtype = dtype or DEFAULT_DTYPE
+        self.keys_dtype = keys_dtype(self.dtype)
         self._lock = threading.Lock()
         self._where: dict[str, str] = {}   # segment key -> shard file
         self._open: dict[str, object] = {}
@@ -124,6 +138,7 @@ class PassageStateStore:
                 f"these are {self.encoder_sha}). Rebuild them: delete {self.folder} and run "
                 "`diekae-rag index DOCS STORE_DIR` (or open_or_build(docs, store_dir, model=model)).")
         self.dtype, self._shards, self.bytes = m["dtype"], list(m["shards"]), int(m.get("bytes", 0))
+        self.keys_dtype = m.get("keys_dtype", self.dtype)
         for shard in self._shards:
             path = self.folder / shard
             if not path.exists():
@@ -141,8 +156,8 @@ class PassageStateStore:
     def get_many(self, keys: Iterable[str], device: torch.device, dtype: Optional[torch.dtype] = torch.float32
                  ) -> dict[str, SegmentState]:
         """The stored states of those ``keys`` that are stored (memory-mapped shards; tensors are
-        copied to ``device`` and ``dtype``; ``None``: kept in the stored float type, float32 from
-        int8, for :func:`~diekae_rag.passage_cache.assemble` to cast as it copies them)."""
+        copied to ``device`` and ``dtype``; ``None``: kept in the stored float type, float16 from
+        int8 and int4, for :func:`~diekae_rag.passage_cache.assemble` to cast as it copies them)."""
         out = {}
         for key in keys:
             shard = self._where.get(key)
@@ -154,7 +169,7 @@ class PassageStateStore:
             kv = tuple((_unpack(get, f"k{b}", self.dtype, dtype).to(device), _unpack(get, f"v{b}", self.dtype, dtype).to(device))
                        for b in range(n_blocks))
             has_keys = bool(get("has_keys").item())
-            pk = _unpack(get, "pk", self.dtype, dtype).to(device) if has_keys else None
+            pk = _unpack(get, "pk", self.keys_dtype, dtype).to(device) if has_keys else None
             out[key] = SegmentState(get("ids").to(device, torch.long), kv, pk, get("km").to(device, torch.bool))
         return out
 
@@ -233,7 +248,7 @@ class PassageStateStore:
                 for part, t in (("k", k), ("v", v)):
                     tensors.update({f"{key}/{part}{b}.{x}": y for x, y in _pack(t, self.dtype).items()})
             if s.pointer_keys is not None:
-                tensors.update({f"{key}/pk.{x}": y for x, y in _pack(s.pointer_keys, self.dtype).items()})
+                tensors.update({f"{key}/pk.{x}": y for x, y in _pack(s.pointer_keys, self.keys_dtype).items()})
         with self._lock:
             self.folder.mkdir(parents=True, exist_ok=True)
             shard = f"shard-{len(self._shards):05d}.safetensors"
@@ -245,7 +260,8 @@ class PassageStateStore:
             for k, s in self._where.items():
                 keys[s].append(k)
             atomic_write_text(self.folder / "manifest.json", json.dumps(
-                {"format": FORMAT, "encoder": self.encoder_sha, "dtype": self.dtype, "shards": self._shards,
+                {"format": FORMAT, "encoder": self.encoder_sha, "dtype": self.dtype, "keys_dtype": self.keys_dtype,
+                 "shards": self._shards,
                  "count": len(self), "bytes": self.bytes, "keys": keys}))
         return len(new)
 
@@ -265,4 +281,4 @@ def states_folder(store_dir: str | Path) -> Path:
 
 
 __all__ = ["PassageStateStore", "StateStoreError", "encoder_hash", "segment_key", "text_key", "reader_key", "tokens_key",
-           "states_folder", "DTYPES"]
+           "states_folder", "DTYPES", "DEFAULT_DTYPE"]

@@ -78,7 +78,7 @@ def test_states_are_added_incrementally_and_refused_for_other_weights(tmp_path):
     assert index_states(model, PASSAGES, tmp_path, progress=False).bytes == store.bytes, "nothing new: nothing written"
     (tmp_path / "shard-00009.safetensors.tmp").write_bytes(b"half a shard")  # a crash mid-write
     assert len(PassageStateStore(tmp_path, model.encoder)) == 4
-    with pytest.raises(StateStoreError, match="stored as float16, not int8"):
+    with pytest.raises(StateStoreError, match="stored as int4, not int8"):
         index_states(model, PASSAGES, tmp_path, dtype="int8", progress=False)
 
     other = _fresh()
@@ -97,7 +97,7 @@ def test_the_passage_priors_vectors_are_stored_and_read_back(tmp_path):
     ref = _per_step_model(isolation=True, passage_prior=30.0)
     ref.passage_prior = PassagePrior(embedder=TopicEmbedder())
     want = ref.score(Q[1], "north", K[1])
-    index_states(ref, PASSAGES, tmp_path, progress=False)
+    index_states(ref, PASSAGES, tmp_path, dtype="float16", progress=False)
     model = _per_step_model(isolation=True, passage_prior=30.0)
     embedder = TopicEmbedder()
     model.passage_prior = PassagePrior(embedder=embedder)
@@ -203,7 +203,7 @@ def test_what_the_copy_needs_of_a_passages_tokens_is_stored_and_read_back(tmp_pa
 
     ref = fresh()
     want = ref.generate_batch(Q, K, max_new_tokens=N_NEW)
-    store = index_states(ref, PASSAGES, tmp_path, progress=False)
+    store = index_states(ref, PASSAGES, tmp_path, dtype="float16", progress=False)
     classes = ref.knowledge.classes
     stored = store.passage_tokens(PASSAGES + ["never indexed"])
     assert set(stored) == set(PASSAGES)
@@ -247,6 +247,35 @@ def test_a_passage_the_budget_cuts_takes_the_head_of_its_stored_states(tmp_path)
     assert cache.misses == 0 and cache.cut > 0, "the cut passage's states came from its whole, stored"
 
 
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_integer_stores_keep_the_copy_keys_float16_and_read_older_stores(tmp_path, dtype):
+    """Under int8 and int4 the encoders' keys and values are quantised and the copy keys are kept in
+    float16 (the manifest says so); a store written before, with copy keys in its own dtype and no
+    ``keys_dtype``, still reads its keys as it wrote them."""
+    ref = _fresh()
+    exact = index_states(ref, PASSAGES, tmp_path / "f16", dtype="float16", progress=False)
+    small = index_states(ref, PASSAGES, tmp_path / dtype, dtype=dtype, progress=False)
+    assert json.loads((tmp_path / dtype / "manifest.json").read_text())["keys_dtype"] == "float16"
+    import diekae_rag.state_store as ss
+    keys = [k for k in exact._where if ss._is_segment(k)]
+    want, got = exact.get_many(keys, torch.device("cpu")), small.get_many(keys, torch.device("cpu"))
+    assert want and all(torch.equal(want[k].pointer_keys, got[k].pointer_keys) for k in want)
+    assert any(not torch.equal(want[k].kv[0][0], got[k].kv[0][0]) for k in want), "keys and values are quantised"
+
+    older = tmp_path / "older"
+    with pytest.MonkeyPatch.context() as mp:  # the writer before: copy keys in the store's dtype, no keys_dtype
+        mp.setattr(ss, "keys_dtype", lambda d: d)
+        index_states(ref, PASSAGES, older, dtype=dtype, progress=False)
+    manifest = json.loads((older / "manifest.json").read_text())
+    manifest.pop("keys_dtype")
+    (older / "manifest.json").write_text(json.dumps(manifest))
+    reopened = PassageStateStore(older, ref.encoder)
+    assert reopened.keys_dtype == dtype
+    old = reopened.get_many(keys, torch.device("cpu"))
+    assert all(torch.allclose(old[k].pointer_keys, want[k].pointer_keys, atol=0.3) for k in want)
+    assert any(not torch.equal(old[k].pointer_keys, want[k].pointer_keys) for k in want)
+
+
 def test_int4_packs_two_values_a_byte_with_a_scale_per_channel():
     from diekae_rag.state_store import _pack, _unpack
     torch.manual_seed(0)
@@ -254,7 +283,9 @@ def test_int4_packs_two_values_a_byte_with_a_scale_per_channel():
     packed = _pack(t, "int4")
     assert packed["q4"].dtype == torch.uint8 and packed["q4"].shape == (2, 3, 17, 4)
     assert packed["s"].shape == (2, 3, 1, 8)
-    back = _unpack(lambda name: packed[name.split(".")[-1]], "x", "int4", None)
+    back = _unpack(lambda name: packed[name.split(".")[-1]], "x", "int4", torch.float32)
+    assert _unpack(lambda name: packed[name.split(".")[-1]], "x", "int4", None).dtype == torch.float16, \
+        "kept in memory as float16, as a float16 store's states are"
     step = t.abs().amax(-2, keepdim=True) / 7
     assert ((back - t).abs() <= step / 2 + 1e-3 * step + 1e-6).all(), "each value within half a step of its channel"
     with pytest.raises(ValueError, match="even number of channels"):
