@@ -110,12 +110,14 @@ def readme_articles(bench_path):
     if "articles" not in r:
         return
     a, st = r["articles"], r["articles"]["store"]
+    kept = all("diekae_reader_kept/none" in x for x in a["rows"])
     print(f"| top-k chunks of {st['chunks']} (4 articles) | no knowledge | in-context RAG | **DIEKÆ**, states from the store "
-          "| DIEKÆ / none | DIEKÆ / in-context |")
-    print("|---|---|---|---|---|---|")
+          "| DIEKÆ / none | DIEKÆ / in-context |" + (" without the reader's reading / none |" if kept else ""))
+    print("|---|---|---|---|---|---|" + ("---|" if kept else ""))
     for x in a["rows"]:
         print(f"| k={x['k']} | {x['none_ttft_s'] * 1000:.0f} ms | {x['in_context_ttft_s'] * 1000:.0f} ms | "
-              f"**{x['diekae_ttft_s'] * 1000:.0f} ms** | {x['diekae/none']:.2f}× | {x['diekae/in_context']:.2f}× |")
+              f"**{x['diekae_ttft_s'] * 1000:.0f} ms** | {x['diekae/none']:.2f}× | {x['diekae/in_context']:.2f}× |"
+              + (f" {x['diekae_reader_kept/none']:.2f}× |" if kept else ""))
     print(f"\nStored states: {st['bytes_per_knowledge_token'] / 1024:.1f} KB a knowledge token ({st['states_dtype']}), "
           f"{st['bytes_per_chunk'] / 2**20:.2f} MB a chunk.\n")
 

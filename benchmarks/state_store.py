@@ -5,7 +5,7 @@
 On dev items (fictional at k=5 and SQuAD-Shifts *train* items at k=1, seed 999: never the eval
 sets), the passages' states are computed into a store of each dtype, then every item is scored and
 answered by a fresh model that reads them from disk; the reference encodes the passages in the call.
-Reports accuracy, F1, mean answer NLL and answers that differ from the reference, bytes per knowledge
+Reports accuracy, exact match, F1, mean answer NLL and answers that differ from the reference, bytes per knowledge
 token, and the disk use extrapolated to 1,000, 10,000 and 100,000 chunks of the store's mean chunk
 length. Writes benchmarks/results/state_store.json.
 """
@@ -39,7 +39,7 @@ def main() -> None:
     ref.knowledge.passage_cache.max_segments = 0  # encode in every call
     reference = {name: evaluate_items(ref, items, "diekae") for name, items in sets.items()}
     result = {"checkpoint": args.checkpoint or "shipped", "n": args.n, "passages": len(passages),
-              "encoded": {name: {m: round(r[m], 4) for m in ("acc", "f1", "nll")} for name, r in reference.items()}}
+              "encoded": {name: {m: round(r[m], 4) for m in ("acc", "em", "f1", "nll")} for name, r in reference.items()}}
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in DTYPES:
             store = index_states(ref, passages, Path(tmp) / dtype, dtype=dtype)
@@ -53,7 +53,7 @@ def main() -> None:
             for name, items in sets.items():
                 r = evaluate_items(model, items, "diekae")
                 differ = sum(a["output"] != b["output"] for a, b in zip(r["records"], reference[name]["records"]))
-                row[name] = {**{m: round(r[m], 4) for m in ("acc", "f1", "nll")}, "answers_differ": differ,
+                row[name] = {**{m: round(r[m], 4) for m in ("acc", "em", "f1", "nll")}, "answers_differ": differ,
                              "stored_reads": model.knowledge.passage_cache.stored}
             result[dtype] = row
             print(json.dumps({dtype: row}), flush=True)
