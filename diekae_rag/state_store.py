@@ -166,8 +166,15 @@ class PassageStateStore:
             f = self._shard(shard)
             get = lambda name, f=f: f.get_tensor(f"{key}/{name}")  # noqa: E731
             n_blocks = int(get("n_blocks").item())
-            kv = tuple((_unpack(get, f"k{b}", self.dtype, dtype).to(device), _unpack(get, f"v{b}", self.dtype, dtype).to(device))
-                       for b in range(n_blocks))
+            if self.dtype in ("int8", "int4"):  # every block's keys and values (one shape) unpacked in one go
+                names = [f"{part}{b}" for b in range(n_blocks) for part in "kv"]
+                stacked = lambda name, get=get, names=names: torch.stack(  # noqa: E731
+                    [get(f"{n}.{name.split('.', 1)[1]}") for n in names])
+                flat = _unpack(stacked, "kv", self.dtype, dtype).to(device).unbind(0)
+                kv = tuple((flat[2 * b], flat[2 * b + 1]) for b in range(n_blocks))
+            else:
+                kv = tuple((_unpack(get, f"k{b}", self.dtype, dtype).to(device),
+                            _unpack(get, f"v{b}", self.dtype, dtype).to(device)) for b in range(n_blocks))
             has_keys = bool(get("has_keys").item())
             pk = _unpack(get, "pk", self.keys_dtype, dtype).to(device) if has_keys else None
             out[key] = SegmentState(get("ids").to(device, torch.long), kv, pk, get("km").to(device, torch.bool))
