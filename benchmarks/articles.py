@@ -137,3 +137,34 @@ def bench_articles(model, checkpoint: Optional[str], ks=(1, 5, 10, 20), n: int =
     print(f"store: {size['chunks']} chunks, {size['bytes_per_chunk'] / 1024:.0f} KB of states a chunk, "
           f"{size['bytes_per_knowledge_token'] / 1024:.1f} KB a knowledge token ({size['states_dtype']})", flush=True)
     return {"store": size, "rows": rows}
+
+
+LABELS = {"none": "bare decoder", "in_context": "in-context RAG", "diekae": "DIEKÆ",
+          "diekae_reader_kept": "DIEKÆ without the reader's reading"}
+
+
+def plot_articles(result: dict, path: Path) -> None:
+    """Time to the first token against k per mode (log scale) and DIEKÆ's ratio to the bare decoder,
+    from :func:`bench_articles`' result, as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = result["rows"]
+    ks = [r["k"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for m in MODES:
+        left.plot(ks, [r[f"{m}_ttft_s"] * 1000 for r in rows], marker="o", label=LABELS[m])
+    left.set_yscale("log")
+    left.set_ylabel("time to the first token (ms)")
+    left.legend(fontsize=8)
+    for key, label in (("diekae/none", "DIEKÆ"), ("diekae_reader_kept/none", LABELS["diekae_reader_kept"])):
+        right.plot(ks, [r[key] for r in rows], marker="o", label=label)
+    right.axhline(1.0, color="grey", lw=0.8)
+    right.set_ylabel("× the bare decoder")
+    right.legend(fontsize=8)
+    for ax in (left, right):
+        ax.set_xlabel(f"top-k chunks of {result['store']['chunks']} (4 articles, stored {result['store']['states_dtype']} states)")
+        ax.set_xticks(ks)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -455,9 +455,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         atomic_write_text(out / "bench.json", json.dumps(res, indent=2))
 
     if "articles" not in args.skip:
-        from articles import bench_articles
+        from articles import bench_articles, plot_articles
         res["articles"] = bench_articles(model, args.checkpoint, args.article_ks, args.questions,
                                          args.states_dtype)
+        plot_articles(res["articles"], out / "articles.png")
         save()
     with torch.inference_mode():
         if "latency" not in args.skip:
