@@ -21,11 +21,10 @@ replaced atomically, so a crash leaves the previous manifest pointing at complet
 
 ``dtype``: ``int4`` (default: two values a byte, one float16 scale per channel of a segment; about
 4 KB a knowledge token, a quarter of float16), ``float16``, ``float32`` or ``int8`` (one float16 scale
-per vector). Under int8 and int4 only the
-encoders' keys and values are quantised: the copy keys stay float16 (``keys_dtype`` in the manifest),
-as the copy's scores are sharp enough that int4 copy keys changed answers and int4 keys and values
-did not (docs/results.md, "Stored states"). A manifest without ``keys_dtype`` holds copy keys in its
-``dtype``.
+per vector). Under int8 and int4 only the encoders' keys and values are quantised: the copy keys stay
+float16 (``keys_dtype`` in the manifest), as the copy's scores are sharp enough that int4 copy keys
+changed answers and int4 keys and values did not (docs/results.md, "Stored states"). A manifest
+without ``keys_dtype`` holds copy keys in its ``dtype``.
 """
 
 from __future__ import annotations
@@ -45,12 +44,13 @@ from .passage_cache import SegmentState
 
 FORMAT = "diekae-rag-states/1"
 DTYPES = ("float16", "float32", "int8", "int4")
+QUANTISED = ("int8", "int4")  # integer dtypes: values and a float16 scale
 DEFAULT_DTYPE = "int4"  # a new store's (docs/results.md, "Stored states": no dev answer changed against float16)
 
 
 def keys_dtype(dtype: str) -> str:
     """How a store of ``dtype`` keeps the copy keys: float16 under an integer dtype, else ``dtype``."""
-    return "float16" if dtype in ("int8", "int4") else dtype
+    return "float16" if dtype in QUANTISED else dtype
 
 
 class StateStoreError(ValueError):
@@ -166,7 +166,7 @@ class PassageStateStore:
             f = self._shard(shard)
             get = lambda name, f=f: f.get_tensor(f"{key}/{name}")  # noqa: E731
             n_blocks = int(get("n_blocks").item())
-            if self.dtype in ("int8", "int4"):  # every block's keys and values (one shape) unpacked in one go
+            if self.dtype in QUANTISED:  # every block's keys and values (one shape) unpacked in one go
                 names = [f"{part}{b}" for b in range(n_blocks) for part in "kv"]
                 stacked = lambda name, get=get, names=names: torch.stack(  # noqa: E731
                     [get(f"{n}.{name.split('.', 1)[1]}") for n in names])
