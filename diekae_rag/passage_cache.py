@@ -22,9 +22,45 @@ from .lru import LRU
 
 
 @dataclass(frozen=True)
+class Int4States:
+    """Keys or values as an int4 store keeps them (two values a byte, a float16 scale a channel), held
+    so in memory and unpacked only where :func:`assemble` copies them: a quarter of float16's memory."""
+
+    q4: torch.Tensor     # (..., L, C // 2) uint8: value + 8 of channel 2j in the low nibble, of 2j + 1 in the high
+    scale: torch.Tensor  # (..., 1, C) float16
+    requires_grad = False
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((*self.q4.shape[:-1], 2 * self.q4.shape[-1]))
+
+    @property
+    def device(self) -> torch.device:
+        return self.q4.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32  # what it unpacks to unless asked otherwise
+
+    def head(self, n: int) -> "Int4States":
+        """The first ``n`` tokens (their scales are the segment's)."""
+        return Int4States(self.q4[..., :n, :], self.scale)
+
+    def unpack_into(self, out: torch.Tensor) -> torch.Tensor:
+        """Write the values, (q - 8) * scale, into ``out`` (a float tensor of :attr:`shape`)."""
+        pairs = out.unflatten(-1, (-1, 2))
+        pairs[..., 0] = self.q4 & 15
+        pairs[..., 1] = self.q4 >> 4
+        return out.sub_(8).mul_(self.scale.to(out.dtype))
+
+    def unpack(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.unpack_into(torch.empty(self.shape, dtype=dtype, device=self.device))
+
+
+@dataclass(frozen=True)
 class SegmentState:
     ids: torch.Tensor                      # (L,)
-    kv: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per block: (n, h, L, hd) each
+    kv: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per block: (n, h, L, hd) each (or Int4States)
     pointer_keys: Optional[torch.Tensor]   # (ph, L, dk): the copy memory's keys
     knowledge: torch.Tensor                # (L,) bool: copyable passage tokens
 
@@ -63,7 +99,7 @@ def _left_padded(parts: Sequence[Sequence[torch.Tensor]], length: int, dim: int,
     (default: the first part's) with ``room`` spare positions after ``length`` along ``dim`` (left out
     of the view returned), so :func:`~diekae_rag.encoder.append_kv` extends it in place; under
     autograd it is cat, pad and stack, with no in-place writes, so training through it stays cheap."""
-    if torch.is_grad_enabled() and any(t.requires_grad for ts in parts for t in ts):
+    if torch.is_grad_enabled() and any(t.requires_grad for ts in parts for t in ts):  # (never Int4States)
         padded = []
         for ts in parts:
             t = torch.cat(list(ts), dim)
@@ -73,13 +109,14 @@ def _left_padded(parts: Sequence[Sequence[torch.Tensor]], length: int, dim: int,
     shape = list(first.shape)
     shape[dim] = length + room
     shape.insert(stack_dim, len(parts))
-    out = first.new_empty(shape, dtype=dtype).narrow(dim + (stack_dim <= dim), 0, length)
+    out = torch.empty(shape, dtype=dtype or first.dtype, device=first.device).narrow(dim + (stack_dim <= dim), 0, length)
     for b, ts in enumerate(parts):
         row = out.select(stack_dim, b)
         at = length - sum(t.shape[dim] for t in ts)
         row.narrow(dim, 0, at).zero_()
         for t in ts:
-            row.narrow(dim, at, t.shape[dim]).copy_(t)
+            part = row.narrow(dim, at, t.shape[dim])
+            t.unpack_into(part) if isinstance(t, Int4States) else part.copy_(t)
             at += t.shape[dim]
     return out
 
@@ -114,7 +151,7 @@ def assemble(items: Sequence[Sequence[SegmentState]], room: int = 0, dtype: Opti
 
 def head_of(state: SegmentState, n: int) -> SegmentState:
     """The states of a segment's first ``n`` tokens."""
-    kv = tuple((k[:, :, :n], v[:, :, :n]) for k, v in state.kv)
+    kv = tuple(tuple(t.head(n) if isinstance(t, Int4States) else t[:, :, :n] for t in kv) for kv in state.kv)
     pk = state.pointer_keys[:, :n] if state.pointer_keys is not None else None
     return SegmentState(state.ids[:n], kv, pk, state.knowledge[:n])
 

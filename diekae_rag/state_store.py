@@ -40,7 +40,7 @@ import torch
 from .atomic import atomic_write, atomic_write_text
 from .encoder import DiekaeEncoder
 from .keys import reader_key, segment_key, text_key, tokens_key
-from .passage_cache import SegmentState
+from .passage_cache import Int4States, SegmentState
 
 FORMAT = "diekae-rag-states/1"
 DTYPES = ("float16", "float32", "int8", "int4")
@@ -87,15 +87,11 @@ def _pack(t: torch.Tensor, dtype: str) -> dict[str, torch.Tensor]:
 
 def _unpack(get, name: str, stored: str, dtype: Optional[torch.dtype]) -> torch.Tensor:
     """A stored tensor in ``dtype``; ``None``: as stored if a float type, float16 from int8 and int4
-    (their rounding to float16 is far below the quantisation step, and memory keeps half of float32)."""
+    (their rounding to float16 is far below the quantisation step)."""
     if stored == "int8":
         return (get(f"{name}.q").to(torch.float32) * get(f"{name}.s").to(torch.float32)).to(dtype or torch.float16)
-    if stored == "int4":  # each byte's two values written straight into float32, then (q - 8) * scale in one op
-        packed, scale = get(f"{name}.q4"), get(f"{name}.s").to(torch.float32)
-        q = torch.empty((*packed.shape, 2), dtype=torch.float32)
-        q[..., 0] = packed & 15
-        q[..., 1] = packed >> 4
-        return torch.addcmul(scale * -8, q.flatten(-2), scale).to(dtype or torch.float16)
+    if stored == "int4":
+        return Int4States(get(f"{name}.q4"), get(f"{name}.s")).unpack(torch.float32).to(dtype or torch.float16)
     x = get(f"{name}.x")
     return x if dtype is None else x.to(dtype)
 
@@ -157,7 +153,8 @@ class PassageStateStore:
                  ) -> dict[str, SegmentState]:
         """The stored states of those ``keys`` that are stored (memory-mapped shards; tensors are
         copied to ``device`` and ``dtype``; ``None``: kept in the stored float type, float16 from
-        int8 and int4, for :func:`~diekae_rag.passage_cache.assemble` to cast as it copies them)."""
+        int8, packed from int4 (:class:`~diekae_rag.passage_cache.Int4States`), for
+        :func:`~diekae_rag.passage_cache.assemble` to cast or unpack as it copies them)."""
         out = {}
         for key in keys:
             shard = self._where.get(key)
@@ -166,7 +163,10 @@ class PassageStateStore:
             f = self._shard(shard)
             get = lambda name, f=f: f.get_tensor(f"{key}/{name}")  # noqa: E731
             n_blocks = int(get("n_blocks").item())
-            if self.dtype in QUANTISED:  # every block's keys and values (one shape) unpacked in one go
+            if self.dtype == "int4" and dtype is None:  # kept packed, unpacked as they are assembled
+                kv = tuple((Int4States(get(f"k{b}.q4").to(device), get(f"k{b}.s").to(device)),
+                            Int4States(get(f"v{b}.q4").to(device), get(f"v{b}.s").to(device))) for b in range(n_blocks))
+            elif self.dtype in QUANTISED:  # every block's keys and values (one shape) unpacked in one go
                 names = [f"{part}{b}" for b in range(n_blocks) for part in "kv"]
                 stacked = lambda name, get=get, names=names: torch.stack(  # noqa: E731
                     [get(f"{n}.{name.split('.', 1)[1]}") for n in names])

@@ -276,6 +276,35 @@ def test_integer_stores_keep_the_copy_keys_float16_and_read_older_stores(tmp_pat
     assert any(not torch.equal(old[k].pointer_keys, want[k].pointer_keys) for k in want)
 
 
+def test_int4_states_stay_packed_in_memory_and_are_unpacked_as_they_are_assembled(tmp_path):
+    """The memory cache keeps an int4 store's keys and values packed (a quarter of float16's bytes);
+    assembling them gives what unpacking them first gives, and a cut passage's head stays packed."""
+    from diekae_rag.passage_cache import Int4States, assemble, head_of
+    ref = _fresh()
+    index_states(ref, PASSAGES, tmp_path, dtype="int4", progress=False)
+    model = _fresh()
+    attach_states(model, tmp_path)
+    from_disk = model.score(Q[1], "north", K[1])
+    cache = model.knowledge.passage_cache
+    cache.max_segments = 8
+    assert model.score(Q[1], "north", K[1]) == from_disk
+    kept = list(cache._kept._data.values())
+    assert kept and all(isinstance(t, Int4States) for s in kept for kv in s.kv for t in kv)
+    assert all(t.q4.numel() * 2 == t.shape.numel() and t.q4.dtype == torch.uint8 for s in kept for kv in s.kv for t in kv)
+    assert model.score(Q[1], "north", K[1]) == from_disk and cache.hits > 0, "read from memory this time"
+
+    store = PassageStateStore(tmp_path, model.encoder)
+    keys = [k for k in store._where if not k.startswith(("text-", "read-", "tok-"))]
+    packed, eager = store.get_many(keys, torch.device("cpu"), None), store.get_many(keys, torch.device("cpu"))
+    items = [[packed[k] for k in keys[:2]], [packed[keys[2]]]]
+    want = assemble([[eager[s] for s in keys[:2]], [eager[keys[2]]]], room=4, dtype=torch.float32)
+    got = assemble(items, room=4, dtype=torch.float32)
+    assert all(torch.equal(g, w) for gs, ws in zip(got.cache.kv, want.cache.kv) for g, w in zip(gs, ws))
+    head = head_of(packed[keys[1]], 2)
+    assert isinstance(head.kv[0][0], Int4States)
+    assert torch.equal(head.kv[0][0].unpack(), eager[keys[1]].kv[0][0][:, :, :2])
+
+
 def test_int4_packs_two_values_a_byte_with_a_scale_per_channel():
     from diekae_rag.state_store import _pack, _unpack
     torch.manual_seed(0)
@@ -284,8 +313,7 @@ def test_int4_packs_two_values_a_byte_with_a_scale_per_channel():
     assert packed["q4"].dtype == torch.uint8 and packed["q4"].shape == (2, 3, 17, 4)
     assert packed["s"].shape == (2, 3, 1, 8)
     back = _unpack(lambda name: packed[name.split(".")[-1]], "x", "int4", torch.float32)
-    assert _unpack(lambda name: packed[name.split(".")[-1]], "x", "int4", None).dtype == torch.float16, \
-        "kept in memory as float16, as a float16 store's states are"
+    assert _unpack(lambda name: packed[name.split(".")[-1]], "x", "int4", None).dtype == torch.float16
     step = t.abs().amax(-2, keepdim=True) / 7
     assert ((back - t).abs() <= step / 2 + 1e-3 * step + 1e-6).all(), "each value within half a step of its channel"
     with pytest.raises(ValueError, match="even number of channels"):
