@@ -53,20 +53,29 @@ def test_smaller_stored_states_stay_close(tmp_path, dtype, tol):
     assert model.knowledge.passage_cache.misses == 0
 
 
+def _kept_after_reading(folder, dtype: str):
+    """A fresh model over a store of ``dtype`` in ``folder`` that keeps what it reads: the model, its
+    score read from disk, and the segment states its memory cache kept from a second call."""
+    index_states(_fresh(), PASSAGES, folder, dtype=dtype, progress=False)
+    model = _fresh()
+    attach_states(model, folder)
+    from_disk = model.score(Q[1], "north", K[1])
+    model.knowledge.passage_cache.max_segments = 8
+    assert model.score(Q[1], "north", K[1]) == from_disk
+    return model, from_disk, list(model.knowledge.passage_cache._kept._data.values())
+
+
+def _scores_the_same_from_memory(model, from_disk: float) -> None:
+    assert model.score(Q[1], "north", K[1]) == from_disk and model.knowledge.passage_cache.hits > 0, \
+        "read from memory this time"
+
+
 def test_float16_states_stay_float16_in_memory_and_are_cast_as_they_are_assembled(tmp_path):
     """The memory cache keeps states read from a float16 store as they are stored (half the memory of
     float32), and the encoders get them cast: the same score whether they came from disk or memory."""
-    ref = _fresh()
-    index_states(ref, PASSAGES, tmp_path, dtype="float16", progress=False)
-    model = _fresh()
-    attach_states(model, tmp_path)
-    from_disk = model.score(Q[1], "north", K[1])
-    cache = model.knowledge.passage_cache
-    cache.max_segments = 8
-    assert model.score(Q[1], "north", K[1]) == from_disk
-    kept = list(cache._kept._data.values())
+    model, from_disk, kept = _kept_after_reading(tmp_path, "float16")
     assert kept and all(k.dtype == v.dtype == torch.float16 for s in kept for k, v in s.kv)
-    assert model.score(Q[1], "north", K[1]) == from_disk and cache.hits > 0, "read from memory this time"
+    _scores_the_same_from_memory(model, from_disk)
 
 
 def test_states_are_added_incrementally_and_refused_for_other_weights(tmp_path):
@@ -280,21 +289,14 @@ def test_int4_states_stay_packed_in_memory_and_are_unpacked_as_they_are_assemble
     """The memory cache keeps an int4 store's keys and values packed (a quarter of float16's bytes);
     assembling them gives what unpacking them first gives, and a cut passage's head stays packed."""
     from diekae_rag.passage_cache import Int4States, assemble, head_of
-    ref = _fresh()
-    index_states(ref, PASSAGES, tmp_path, dtype="int4", progress=False)
-    model = _fresh()
-    attach_states(model, tmp_path)
-    from_disk = model.score(Q[1], "north", K[1])
-    cache = model.knowledge.passage_cache
-    cache.max_segments = 8
-    assert model.score(Q[1], "north", K[1]) == from_disk
-    kept = list(cache._kept._data.values())
+    from diekae_rag.state_store import _is_segment
+    model, from_disk, kept = _kept_after_reading(tmp_path, "int4")
     assert kept and all(isinstance(t, Int4States) for s in kept for kv in s.kv for t in kv)
     assert all(t.q4.numel() * 2 == t.shape.numel() and t.q4.dtype == torch.uint8 for s in kept for kv in s.kv for t in kv)
-    assert model.score(Q[1], "north", K[1]) == from_disk and cache.hits > 0, "read from memory this time"
+    _scores_the_same_from_memory(model, from_disk)
 
     store = PassageStateStore(tmp_path, model.encoder)
-    keys = [k for k in store._where if not k.startswith(("text-", "read-", "tok-"))]
+    keys = [k for k in store._where if _is_segment(k)]
     packed, eager = store.get_many(keys, torch.device("cpu"), None), store.get_many(keys, torch.device("cpu"))
     items = [[packed[k] for k in keys[:2]], [packed[keys[2]]]]
     want = assemble([[eager[s] for s in keys[:2]], [eager[keys[2]]]], room=4, dtype=torch.float32)
