@@ -166,12 +166,6 @@ class PassageStateStore:
             if self.dtype == "int4" and dtype is None:  # kept packed, unpacked as they are assembled
                 kv = tuple((Int4States(get(f"k{b}.q4").to(device), get(f"k{b}.s").to(device)),
                             Int4States(get(f"v{b}.q4").to(device), get(f"v{b}.s").to(device))) for b in range(n_blocks))
-            elif self.dtype in QUANTISED:  # every block's keys and values (one shape) unpacked in one go
-                names = [f"{part}{b}" for b in range(n_blocks) for part in "kv"]
-                stacked = lambda name, get=get, names=names: torch.stack(  # noqa: E731
-                    [get(f"{n}.{name.split('.', 1)[1]}") for n in names])
-                flat = _unpack(stacked, "kv", self.dtype, dtype).to(device).unbind(0)
-                kv = tuple((flat[2 * b], flat[2 * b + 1]) for b in range(n_blocks))
             else:
                 kv = tuple((_unpack(get, f"k{b}", self.dtype, dtype).to(device),
                             _unpack(get, f"v{b}", self.dtype, dtype).to(device)) for b in range(n_blocks))
